@@ -1,0 +1,646 @@
+//! The three rate-limiting algorithms (SPEC §3) and their exact arithmetic.
+//!
+//! Every store evaluates the same functions: [`MemoryStore`](crate::MemoryStore) calls
+//! them directly, and the Lua scripts under `src/store/lua/` are line-for-line ports
+//! (Redis Lua numbers are IEEE doubles, so every quantity stays below 2^53 and the one
+//! fractional step, the sliding-window weight, is computed with the same operations in
+//! the same order on both sides).
+//!
+//! # Units
+//!
+//! Time is in microseconds since the Unix epoch (`now`), durations in microseconds.
+//! Quotas and costs are whole units (requests or tokens), at most [`MAX_UNITS`].
+//! Counters are signed so that `charge` can record debt; they saturate at
+//! ±[`MAX_COUNTER`].
+//!
+//! # The rules (all algorithms)
+//!
+//! * A take of `cost` is allowed iff it fits: `used + cost <= limit` (bucket:
+//!   `tokens >= cost`). A denied take writes nothing. A take of cost 0 is a read.
+//! * `charge(n)` always records, past the limit if need be (debt).
+//! * `refund(n)` gives units back, never beyond a full budget.
+//! * Every state written carries a TTL no longer than the state can matter:
+//!   fixed window: until the window ends; sliding window: until the end of the next
+//!   window; bucket: until it has refilled to full. A state equal to "absent" is deleted.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// The largest quota or cost accepted: 2^40 (about 1.1 × 10^12) units.
+///
+/// Keeps every intermediate value of the Lua port exact in an IEEE double.
+pub const MAX_UNITS: u64 = 1 << 40;
+
+/// Counters (usage or bucket tokens, including debt) saturate at ± this value (2^52).
+pub const MAX_COUNTER: i64 = 1 << 52;
+
+/// The shortest window or refill interval accepted: 1 ms.
+pub const MIN_WINDOW: Duration = Duration::from_millis(1);
+
+/// The longest window or refill interval accepted: 10 years of 365 days.
+pub const MAX_WINDOW: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// TTLs are capped here (about 140 years, in ms) so a huge debt still expires.
+const MAX_TTL_US: i64 = 1 << 52;
+
+fn check_units(what: &str, value: u64) -> Result<(), Error> {
+    if value == 0 || value > MAX_UNITS {
+        return Err(Error::invalid_input(format!(
+            "{what} must be between 1 and {MAX_UNITS}, got {value}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_window(what: &str, window: Duration) -> Result<u64, Error> {
+    if window < MIN_WINDOW || window > MAX_WINDOW {
+        return Err(Error::invalid_input(format!(
+            "{what} must be between {MIN_WINDOW:?} and {MAX_WINDOW:?}, got {window:?}"
+        )));
+    }
+    // In range, so the microsecond count fits easily in u64 (and below 2^53).
+    Ok(window.as_micros() as u64)
+}
+
+/// Windows aligned to multiples of `window` since the Unix epoch; at most `limit` units
+/// per window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FixedWindow {
+    limit: u64,
+    window_us: u64,
+}
+
+impl FixedWindow {
+    /// `limit` units per `window`. Errors if `limit` is 0 or above [`MAX_UNITS`], or the
+    /// window is outside [`MIN_WINDOW`]..=[`MAX_WINDOW`].
+    pub fn new(limit: u64, window: Duration) -> Result<Self, Error> {
+        check_units("fixed window limit", limit)?;
+        let window_us = check_window("fixed window length", window)?;
+        Ok(Self { limit, window_us })
+    }
+
+    /// The quota per window.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window length.
+    pub fn window(&self) -> Duration {
+        Duration::from_micros(self.window_us)
+    }
+}
+
+/// A sliding window: the current window's count plus the previous window's count
+/// weighted by the share of the previous window still inside the sliding span.
+///
+/// With elapsed time `e` into the current window of length `W`:
+/// `used = current + ceil(previous × (W − e) / W)`. Rounding up never lets more
+/// through than the exact weighted count would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SlidingWindow {
+    limit: u64,
+    window_us: u64,
+}
+
+impl SlidingWindow {
+    /// `limit` units per sliding `window`. Same bounds as [`FixedWindow::new`].
+    pub fn new(limit: u64, window: Duration) -> Result<Self, Error> {
+        check_units("sliding window limit", limit)?;
+        let window_us = check_window("sliding window length", window)?;
+        Ok(Self { limit, window_us })
+    }
+
+    /// The quota per window.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window length.
+    pub fn window(&self) -> Duration {
+        Duration::from_micros(self.window_us)
+    }
+}
+
+/// A token bucket that starts full with `capacity` units and gains `refill` units every
+/// `interval` (in whole intervals), capped at `capacity`.
+///
+/// The refill clock starts when a full bucket is first drawn from: a bucket that is full
+/// has nothing to refill, so its phase is irrelevant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TokenBucket {
+    capacity: u64,
+    refill: u64,
+    interval_us: u64,
+}
+
+impl TokenBucket {
+    /// A bucket of `capacity` units refilled by `refill` units every `interval`.
+    pub fn new(capacity: u64, refill: u64, interval: Duration) -> Result<Self, Error> {
+        check_units("token bucket capacity", capacity)?;
+        check_units("token bucket refill", refill)?;
+        let interval_us = check_window("token bucket refill interval", interval)?;
+        Ok(Self {
+            capacity,
+            refill,
+            interval_us,
+        })
+    }
+
+    /// The bucket's capacity (its quota).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Units added per interval.
+    pub fn refill(&self) -> u64 {
+        self.refill
+    }
+
+    /// The refill interval.
+    pub fn interval(&self) -> Duration {
+        Duration::from_micros(self.interval_us)
+    }
+}
+
+/// One of the three algorithms with its quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// See [`FixedWindow`].
+    FixedWindow(FixedWindow),
+    /// See [`SlidingWindow`].
+    SlidingWindow(SlidingWindow),
+    /// See [`TokenBucket`].
+    TokenBucket(TokenBucket),
+}
+
+impl From<FixedWindow> for Algorithm {
+    fn from(a: FixedWindow) -> Self {
+        Algorithm::FixedWindow(a)
+    }
+}
+impl From<SlidingWindow> for Algorithm {
+    fn from(a: SlidingWindow) -> Self {
+        Algorithm::SlidingWindow(a)
+    }
+}
+impl From<TokenBucket> for Algorithm {
+    fn from(a: TokenBucket) -> Self {
+        Algorithm::TokenBucket(a)
+    }
+}
+
+impl Algorithm {
+    /// The quota: units per window, or the bucket's capacity.
+    pub fn limit(&self) -> u64 {
+        match self {
+            Algorithm::FixedWindow(a) => a.limit,
+            Algorithm::SlidingWindow(a) => a.limit,
+            Algorithm::TokenBucket(a) => a.capacity,
+        }
+    }
+
+    /// The time over which the quota applies: the window, or the time a bucket takes to
+    /// refill from empty (used for `RateLimit-Policy` headers).
+    pub fn period(&self) -> Duration {
+        match self {
+            Algorithm::FixedWindow(a) => a.window(),
+            Algorithm::SlidingWindow(a) => a.window(),
+            Algorithm::TokenBucket(a) => {
+                let intervals = a.capacity.div_ceil(a.refill);
+                Duration::from_micros(intervals.saturating_mul(a.interval_us))
+            }
+        }
+    }
+
+    /// The parameters as sent to the Lua scripts: `[code, p1, p2, p3]`.
+    pub(crate) fn script_params(&self) -> [u64; 4] {
+        match self {
+            Algorithm::FixedWindow(a) => [1, a.limit, a.window_us, 0],
+            Algorithm::SlidingWindow(a) => [2, a.limit, a.window_us, 0],
+            Algorithm::TokenBucket(a) => [3, a.capacity, a.refill, a.interval_us],
+        }
+    }
+}
+
+/// Persisted state of one key. Field meaning depends on the algorithm:
+///
+/// | algorithm | `a`          | `b`            | `c`              |
+/// |-----------|--------------|----------------|------------------|
+/// | fixed     | window index | used           | –                |
+/// | sliding   | window index | used (current) | used (previous)  |
+/// | bucket    | tokens       | last refill µs | –                |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) struct State {
+    pub a: i64,
+    pub b: i64,
+    pub c: i64,
+}
+
+/// What one evaluation concluded, in microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub allowed: bool,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_after_us: u64,
+    /// `None`: the cost can never pass (cost > limit), or the decision was allowed.
+    pub retry_after_us: Option<u64>,
+}
+
+/// The write an evaluation asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Write {
+    /// Leave the key as it is.
+    None,
+    /// Store this state with this TTL (µs, > 0).
+    Put(State, u64),
+    /// The new state equals "absent": delete the key.
+    Delete,
+}
+
+fn clamp_counter(v: i64) -> i64 {
+    v.clamp(-MAX_COUNTER, MAX_COUNTER)
+}
+
+fn remaining_of(limit: u64, used: i64) -> u64 {
+    (limit as i64 - used).max(0) as u64
+}
+
+fn ttl(us: i64) -> u64 {
+    us.clamp(1, MAX_TTL_US) as u64
+}
+
+/// `ceil(previous × (W − e) / W)` with the exact double operations the Lua port uses.
+fn sliding_weighted(previous: i64, window_us: i64, elapsed_us: i64) -> i64 {
+    if previous <= 0 {
+        return previous.max(0);
+    }
+    let w = (previous as f64) * ((window_us - elapsed_us) as f64) / (window_us as f64);
+    w.ceil() as i64
+}
+
+/// Normalized per-algorithm view at time `now`.
+struct View {
+    /// fixed/sliding: current-window used; bucket: tokens.
+    current: i64,
+    /// sliding: previous-window used.
+    previous: i64,
+    /// fixed/sliding: window index; bucket: last refill time.
+    anchor: i64,
+}
+
+fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
+    match alg {
+        Algorithm::FixedWindow(a) => {
+            let idx = now / a.window_us as i64;
+            let current = match state {
+                // A window from the future (a clock stepped back) still counts.
+                Some(s) if s.a >= idx => s.b,
+                _ => 0,
+            };
+            View {
+                current,
+                previous: 0,
+                anchor: idx,
+            }
+        }
+        Algorithm::SlidingWindow(a) => {
+            let idx = now / a.window_us as i64;
+            let (current, previous) = match state {
+                Some(s) if s.a >= idx => (s.b, s.c),
+                Some(s) if s.a == idx - 1 => (0, s.b),
+                _ => (0, 0),
+            };
+            View {
+                current,
+                previous,
+                anchor: idx,
+            }
+        }
+        Algorithm::TokenBucket(b) => {
+            let cap = b.capacity as i64;
+            let (tokens, last) = match state {
+                None => (cap, now),
+                Some(s) => {
+                    let intervals = (now - s.b).max(0) / b.interval_us as i64;
+                    let refilled = (intervals as i128 * b.refill as i128 + s.a as i128)
+                        .min(cap as i128) as i64;
+                    if refilled >= cap {
+                        (cap, now)
+                    } else {
+                        (refilled, s.b + intervals * b.interval_us as i64)
+                    }
+                }
+            };
+            View {
+                current: tokens,
+                previous: 0,
+                anchor: last,
+            }
+        }
+    }
+}
+
+/// Units in use at `now` for a window view (sliding: weighted).
+fn used(alg: &Algorithm, v: &View, now: i64) -> i64 {
+    match alg {
+        Algorithm::FixedWindow(_) => v.current,
+        Algorithm::SlidingWindow(a) => {
+            let w = a.window_us as i64;
+            v.current + sliding_weighted(v.previous, w, now - v.anchor * w)
+        }
+        Algorithm::TokenBucket(b) => b.capacity as i64 - v.current,
+    }
+}
+
+/// Time until the budget is fully restored (fixed window: until the window rolls).
+fn reset_after(alg: &Algorithm, v: &View, now: i64) -> i64 {
+    match alg {
+        Algorithm::FixedWindow(a) => (v.anchor + 1) * a.window_us as i64 - now,
+        Algorithm::SlidingWindow(a) => {
+            let w = a.window_us as i64;
+            if v.current > 0 {
+                (v.anchor + 2) * w - now
+            } else if v.previous > 0 {
+                (v.anchor + 1) * w - now
+            } else {
+                0
+            }
+        }
+        Algorithm::TokenBucket(b) => {
+            let missing = b.capacity as i64 - v.current;
+            if missing <= 0 {
+                0
+            } else {
+                let intervals = (missing as u64).div_ceil(b.refill) as i64;
+                v.anchor + intervals * b.interval_us as i64 - now
+            }
+        }
+    }
+}
+
+/// Earliest time from `now` at which `cost` (≤ limit) would fit, if nothing else happens.
+fn retry_after(alg: &Algorithm, v: &View, now: i64, cost: i64) -> i64 {
+    match alg {
+        Algorithm::FixedWindow(a) => (v.anchor + 1) * a.window_us as i64 - now,
+        Algorithm::SlidingWindow(a) => {
+            let w = a.window_us as i64;
+            let wf = w as f64;
+            let limit = a.limit as i64;
+            let elapsed = now - v.anchor * w;
+            let room = limit - cost - v.current;
+            if room >= 0 {
+                // Wait in this window until ceil(previous × (W − e)/W) ≤ room.
+                let e = (wf - (room as f64) * wf / (v.previous as f64)).ceil() as i64;
+                (e - elapsed).max(1)
+            } else {
+                // Next window: the current count becomes the previous one.
+                let to_next = (v.anchor + 1) * w - now;
+                let room_next = limit - cost;
+                if v.current <= room_next {
+                    to_next.max(1)
+                } else {
+                    let e = (wf - (room_next as f64) * wf / (v.current as f64)).ceil() as i64;
+                    to_next + e.max(0)
+                }
+            }
+        }
+        Algorithm::TokenBucket(b) => {
+            let missing = (cost - v.current) as u64;
+            let intervals = missing.div_ceil(b.refill) as i64;
+            (v.anchor + intervals * b.interval_us as i64 - now).max(1)
+        }
+    }
+}
+
+fn state_of(alg: &Algorithm, v: &View) -> State {
+    match alg {
+        Algorithm::FixedWindow(_) => State {
+            a: v.anchor,
+            b: v.current,
+            c: 0,
+        },
+        Algorithm::SlidingWindow(_) => State {
+            a: v.anchor,
+            b: v.current,
+            c: v.previous,
+        },
+        Algorithm::TokenBucket(_) => State {
+            a: v.current,
+            b: v.anchor,
+            c: 0,
+        },
+    }
+}
+
+fn is_empty_state(alg: &Algorithm, v: &View) -> bool {
+    match alg {
+        Algorithm::FixedWindow(_) => v.current == 0,
+        Algorithm::SlidingWindow(_) => v.current == 0 && v.previous == 0,
+        Algorithm::TokenBucket(b) => v.current >= b.capacity as i64,
+    }
+}
+
+fn write_of(alg: &Algorithm, v: &View, now: i64) -> Write {
+    if is_empty_state(alg, v) {
+        Write::Delete
+    } else {
+        // The state matters exactly until the budget is fully restored.
+        Write::Put(state_of(alg, v), ttl(reset_after(alg, v, now)))
+    }
+}
+
+fn outcome(alg: &Algorithm, v: &View, now: i64, allowed: bool, retry: Option<i64>) -> Outcome {
+    let limit = alg.limit();
+    Outcome {
+        allowed,
+        limit,
+        remaining: remaining_of(limit, used(alg, v, now)),
+        reset_after_us: reset_after(alg, v, now).max(0) as u64,
+        retry_after_us: retry.map(|r| r.max(1) as u64),
+    }
+}
+
+/// Decide whether `cost` fits at `now`; when `take` is set and it fits, take it.
+///
+/// `take = false` evaluates the same condition without writing (the `CheckRemaining`
+/// mode uses it with cost 1: "allowed iff remaining > 0").
+pub(crate) fn decide(
+    alg: &Algorithm,
+    state: Option<State>,
+    now: i64,
+    cost: u64,
+    take: bool,
+) -> (Outcome, Write) {
+    let mut v = view(alg, state, now);
+    let cost_i = cost as i64;
+    let fits = used(alg, &v, now) + cost_i <= alg.limit() as i64;
+    if !fits {
+        let retry = if cost > alg.limit() {
+            None
+        } else {
+            Some(retry_after(alg, &v, now, cost_i))
+        };
+        return (outcome(alg, &v, now, false, retry), Write::None);
+    }
+    if !take || cost == 0 {
+        return (outcome(alg, &v, now, true, None), Write::None);
+    }
+    match alg {
+        Algorithm::TokenBucket(_) => v.current -= cost_i,
+        _ => v.current += cost_i,
+    }
+    let write = write_of(alg, &v, now);
+    (outcome(alg, &v, now, true, None), write)
+}
+
+/// Apply a forced debit (`delta > 0`, may create debt) or a refund (`delta < 0`, never
+/// beyond a full budget). The outcome's `allowed` says whether the budget is within its
+/// limit afterwards (`used <= limit`).
+pub(crate) fn adjust(
+    alg: &Algorithm,
+    state: Option<State>,
+    now: i64,
+    delta: i64,
+) -> (Outcome, Write) {
+    let mut v = view(alg, state, now);
+    if delta != 0 {
+        match alg {
+            Algorithm::FixedWindow(_) => v.current = clamp_counter(v.current + delta).max(0),
+            Algorithm::SlidingWindow(_) => {
+                if delta > 0 {
+                    v.current = clamp_counter(v.current + delta);
+                } else {
+                    // Give back from the current window first, then from the previous.
+                    let back = -delta;
+                    let from_current = back.min(v.current);
+                    v.current -= from_current;
+                    v.previous = (v.previous - (back - from_current)).max(0);
+                }
+            }
+            Algorithm::TokenBucket(b) => {
+                v.current = clamp_counter(v.current - delta).min(b.capacity as i64);
+            }
+        }
+    }
+    let within = used(alg, &v, now) <= alg.limit() as i64;
+    let write = if delta == 0 {
+        Write::None
+    } else {
+        write_of(alg, &v, now)
+    };
+    (outcome(alg, &v, now, within, None), write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000;
+
+    fn run(alg: &Algorithm, st: &mut Option<State>, now: i64, cost: u64) -> Outcome {
+        let (o, w) = decide(alg, *st, now, cost, true);
+        match w {
+            Write::None => {}
+            Write::Delete => *st = None,
+            Write::Put(s, _) => *st = Some(s),
+        }
+        o
+    }
+
+    #[test]
+    fn fixed_window_allows_limit_then_denies_until_roll() {
+        let alg: Algorithm = FixedWindow::new(3, Duration::from_secs(10)).unwrap().into();
+        let mut st = None;
+        let t0 = 1_000 * 10 * S + 2 * S;
+        for i in 0..3 {
+            let o = run(&alg, &mut st, t0, 1);
+            assert!(o.allowed);
+            assert_eq!(o.remaining, 2 - i);
+        }
+        let o = run(&alg, &mut st, t0, 1);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after_us, Some(8 * S as u64));
+        assert!(run(&alg, &mut st, t0 + 8 * S, 1).allowed);
+    }
+
+    #[test]
+    fn sliding_window_weights_previous_window() {
+        let alg: Algorithm = SlidingWindow::new(10, Duration::from_secs(10))
+            .unwrap()
+            .into();
+        let mut st = None;
+        let t0 = 500 * 10 * S;
+        assert!(run(&alg, &mut st, t0, 10).allowed);
+        // 2.5 s into the next window, 75% of the previous 10 still counts: 8 used.
+        let o = run(&alg, &mut st, t0 + 12 * S + S / 2, 0);
+        assert_eq!(o.remaining, 2);
+        let o = run(&alg, &mut st, t0 + 12 * S + S / 2, 3);
+        assert!(!o.allowed);
+        // ceil(10 × (W − e)/W) ≤ 7 ⇔ e ≥ 3 s: 0.5 s from now.
+        assert_eq!(o.retry_after_us, Some(S as u64 / 2));
+        assert!(run(&alg, &mut st, t0 + 13 * S, 3).allowed);
+    }
+
+    #[test]
+    fn bucket_refills_in_whole_intervals() {
+        let alg: Algorithm = TokenBucket::new(5, 2, Duration::from_secs(1))
+            .unwrap()
+            .into();
+        let mut st = None;
+        let t0 = 1_000 * S;
+        assert!(run(&alg, &mut st, t0, 5).allowed);
+        let o = run(&alg, &mut st, t0 + S / 2, 1);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after_us, Some(S as u64 / 2));
+        assert_eq!(o.reset_after_us, 3 * S as u64 - S as u64 / 2);
+        assert!(run(&alg, &mut st, t0 + S, 2).allowed);
+        assert!(!run(&alg, &mut st, t0 + S, 1).allowed);
+    }
+
+    #[test]
+    fn charge_creates_debt_and_refund_caps_at_full() {
+        let alg: Algorithm = TokenBucket::new(10, 10, Duration::from_secs(1))
+            .unwrap()
+            .into();
+        let (o, w) = adjust(&alg, None, 0, 25);
+        assert!(!o.allowed);
+        assert_eq!(o.remaining, 0);
+        let Write::Put(s, ttl_us) = w else {
+            panic!("{w:?}")
+        };
+        assert_eq!(s.a, -15);
+        assert_eq!(ttl_us, 3 * S as u64);
+        let (o, w) = adjust(&alg, Some(s), 0, -1000);
+        assert_eq!(o.remaining, 10);
+        assert_eq!(w, Write::Delete);
+    }
+
+    #[test]
+    fn cost_above_limit_never_retries() {
+        for alg in [
+            Algorithm::from(FixedWindow::new(5, Duration::from_secs(1)).unwrap()),
+            SlidingWindow::new(5, Duration::from_secs(1))
+                .unwrap()
+                .into(),
+            TokenBucket::new(5, 1, Duration::from_secs(1))
+                .unwrap()
+                .into(),
+        ] {
+            let (o, w) = decide(&alg, None, 0, 6, true);
+            assert!(!o.allowed);
+            assert_eq!(o.retry_after_us, None);
+            assert_eq!(w, Write::None);
+        }
+    }
+
+    #[test]
+    fn bad_quotas_are_rejected() {
+        assert!(FixedWindow::new(0, Duration::from_secs(1)).is_err());
+        assert!(FixedWindow::new(1, Duration::ZERO).is_err());
+        assert!(SlidingWindow::new(u64::MAX, Duration::from_secs(1)).is_err());
+        assert!(TokenBucket::new(1, 0, Duration::from_secs(1)).is_err());
+        assert!(TokenBucket::new(1, 1, Duration::MAX).is_err());
+    }
+}

@@ -1,0 +1,219 @@
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::{CostFn, LimitConfig, Limits, MissingUsage, Ratelimited, TokenMode};
+use crate::algorithm::{Algorithm, MAX_UNITS};
+use crate::error::Error;
+use crate::identifier::FromRequest;
+use crate::llm::Usage;
+use crate::store::{MemoryStore, Store, identifier_tag, validate_prefix};
+
+/// Applies [`Ratelimited`] to a service. Built with [`RatelimitLayer::builder`].
+///
+/// Clones share the limiter state (the same store and configuration).
+pub struct RatelimitLayer<X = FromRequest> {
+    limits: Arc<Limits>,
+    extractor: X,
+}
+
+impl<X: Clone> Clone for RatelimitLayer<X> {
+    fn clone(&self) -> Self {
+        Self {
+            limits: self.limits.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<X: std::fmt::Debug> std::fmt::Debug for RatelimitLayer<X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RatelimitLayer")
+            .field("requests", &self.limits.requests)
+            .field("tokens", &self.limits.tokens)
+            .field("token_mode", &self.limits.token_mode)
+            .field("extractor", &self.extractor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RatelimitLayer<FromRequest> {
+    /// Start configuring a layer. Defaults: in-memory store, key prefix
+    /// `llm-ratelimit`, identifiers from the request ([`FromRequest`]),
+    /// [`TokenMode::CheckRemaining`], prompt tokens only, [`MissingUsage::ChargeReservation`].
+    pub fn builder() -> RatelimitLayerBuilder<FromRequest> {
+        RatelimitLayerBuilder {
+            store: None,
+            prefix: "llm-ratelimit".to_owned(),
+            requests: None,
+            tokens: None,
+            token_mode: TokenMode::default(),
+            include_output_tokens: false,
+            cost_fn: None,
+            missing_usage: MissingUsage::default(),
+            default_estimate: 1,
+            fallback_identifier: None,
+            extractor: FromRequest,
+        }
+    }
+}
+
+impl<S, X: Clone> Layer<S> for RatelimitLayer<X> {
+    type Service = Ratelimited<S, X>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Ratelimited::new(inner, self.limits.clone(), self.extractor.clone())
+    }
+}
+
+/// Configures a [`RatelimitLayer`]; [`build`](Self::build) checks the configuration.
+#[must_use = "call .build() to get the layer"]
+pub struct RatelimitLayerBuilder<X> {
+    store: Option<Arc<dyn Store>>,
+    prefix: String,
+    requests: Option<Algorithm>,
+    tokens: Option<Algorithm>,
+    token_mode: TokenMode,
+    include_output_tokens: bool,
+    cost_fn: Option<CostFn>,
+    missing_usage: MissingUsage,
+    default_estimate: u64,
+    fallback_identifier: Option<Vec<u8>>,
+    extractor: X,
+}
+
+impl<X> RatelimitLayerBuilder<X> {
+    /// Keep state in `store` (default: a new [`MemoryStore`]).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Keep state in a store already behind an `Arc`.
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Key prefix (default `llm-ratelimit`); the request limit's keys are
+    /// `<prefix>:requests:{id}`, the token limit's `<prefix>:tokens:{id}`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Count requests: each call takes 1 before dispatch.
+    pub fn request_limit(mut self, algorithm: impl Into<Algorithm>) -> Self {
+        self.requests = Some(algorithm.into());
+        self
+    }
+
+    /// Count tokens: checked or reserved before dispatch ([`TokenMode`]), settled to the
+    /// reported usage after.
+    pub fn token_limit(mut self, algorithm: impl Into<Algorithm>) -> Self {
+        self.tokens = Some(algorithm.into());
+        self
+    }
+
+    /// How the token limit is applied before a call (default
+    /// [`TokenMode::CheckRemaining`]).
+    pub fn token_mode(mut self, mode: TokenMode) -> Self {
+        self.token_mode = mode;
+        self
+    }
+
+    /// Charge prompt + completion tokens instead of prompt tokens only.
+    pub fn include_output_tokens(mut self, include: bool) -> Self {
+        self.include_output_tokens = include;
+        self
+    }
+
+    /// Charge `f(&usage)` tokens instead (overrides `include_output_tokens`).
+    pub fn cost_fn(mut self, f: impl Fn(&Usage) -> u64 + Send + Sync + 'static) -> Self {
+        self.cost_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// What to charge when a response reports no usage.
+    pub fn missing_usage(mut self, policy: MissingUsage) -> Self {
+        self.missing_usage = policy;
+        self
+    }
+
+    /// The reservation for requests that cannot estimate themselves, in `Reserve` mode
+    /// (default 1).
+    pub fn default_estimate(mut self, tokens: u64) -> Self {
+        self.default_estimate = tokens;
+        self
+    }
+
+    /// Use this identifier for requests that carry none, instead of failing them with
+    /// [`Error::MissingIdentifier`].
+    pub fn fallback_identifier(mut self, identifier: impl AsRef<[u8]>) -> Self {
+        self.fallback_identifier = Some(identifier.as_ref().to_vec());
+        self
+    }
+
+    /// Take identifiers with `extractor` (see [`crate::identifier`]).
+    pub fn identifier<Y>(self, extractor: Y) -> RatelimitLayerBuilder<Y> {
+        RatelimitLayerBuilder {
+            store: self.store,
+            prefix: self.prefix,
+            requests: self.requests,
+            tokens: self.tokens,
+            token_mode: self.token_mode,
+            include_output_tokens: self.include_output_tokens,
+            cost_fn: self.cost_fn,
+            missing_usage: self.missing_usage,
+            default_estimate: self.default_estimate,
+            fallback_identifier: self.fallback_identifier,
+            extractor,
+        }
+    }
+
+    /// Check the configuration and build the layer. Fails if no limit is configured, the
+    /// prefix is invalid, the default estimate is out of range, or the fallback
+    /// identifier is invalid.
+    pub fn build(self) -> Result<RatelimitLayer<X>, Error> {
+        if self.requests.is_none() && self.tokens.is_none() {
+            return Err(Error::invalid_input(
+                "configure a request_limit, a token_limit, or both",
+            ));
+        }
+        validate_prefix(&self.prefix)?;
+        let requests_prefix = format!("{}:requests", self.prefix);
+        let tokens_prefix = format!("{}:tokens", self.prefix);
+        validate_prefix(&requests_prefix)?;
+        validate_prefix(&tokens_prefix)?;
+        if self.default_estimate > MAX_UNITS {
+            return Err(Error::invalid_input(format!(
+                "default estimate {} is more than the maximum of {MAX_UNITS}",
+                self.default_estimate
+            )));
+        }
+        if let Some(id) = &self.fallback_identifier {
+            identifier_tag(id)?;
+        }
+        let limits = Limits {
+            store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            requests: self.requests.map(|algorithm| LimitConfig {
+                algorithm,
+                prefix: requests_prefix,
+            }),
+            tokens: self.tokens.map(|algorithm| LimitConfig {
+                algorithm,
+                prefix: tokens_prefix,
+            }),
+            token_mode: self.token_mode,
+            include_output_tokens: self.include_output_tokens,
+            cost_fn: self.cost_fn,
+            missing_usage: self.missing_usage,
+            default_estimate: self.default_estimate,
+            fallback_identifier: self.fallback_identifier,
+        };
+        Ok(RatelimitLayer {
+            limits: Arc::new(limits),
+            extractor: self.extractor,
+        })
+    }
+}

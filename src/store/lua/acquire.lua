@@ -1,0 +1,43 @@
+
+-- acquire.lua: evaluate several limits atomically, all-or-nothing.
+--
+-- KEYS[i]  state key of limit i; all keys share one hash tag (one cluster slot).
+-- ARGV     six values per limit i, starting at ARGV[6*(i-1)+1]:
+--          algorithm (1 fixed, 2 sliding, 3 bucket), p1 (limit or capacity),
+--          p2 (window us, or bucket refill), p3 (bucket interval us, else 0),
+--          cost, take (1: take the cost if it fits; 0: only check that it fits).
+-- Reply    { allowed_all (0|1), then per limit: allowed (0|1), limit, remaining,
+--          reset_after_us, retry_after_us (-1: none, or the cost can never pass) }.
+-- Writes   nothing if any limit denies; otherwise each taken cost, with a TTL.
+
+local now = now_us()
+local n = #KEYS
+local views, allowed, retries = {}, {}, {}
+local all = true
+for i = 1, n do
+  local o = 6 * (i - 1)
+  local alg, p1, p2, p3 = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
+  local cost = tonumber(ARGV[o + 5])
+  local v = view(alg, p1, p2, p3, load_state(KEYS[i]), now)
+  views[i] = v
+  if used(alg, p1, p2, v, now) + cost <= p1 then
+    allowed[i] = true
+  else
+    allowed[i] = false
+    all = false
+    if cost <= p1 then retries[i] = retry_after(alg, p1, p2, p3, v, now, cost) end
+  end
+end
+local reply = { all and 1 or 0 }
+for i = 1, n do
+  local o = 6 * (i - 1)
+  local alg, p1, p2, p3 = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
+  local cost, take = tonumber(ARGV[o + 5]), ARGV[o + 6] == '1'
+  local v = views[i]
+  if all and take and cost > 0 then
+    if alg == 3 then v.cur = v.cur - cost else v.cur = v.cur + cost end
+    write(KEYS[i], alg, p1, p2, p3, v, now)
+  end
+  push_outcome(reply, alg, p1, p2, p3, v, now, allowed[i], retries[i])
+end
+return reply

@@ -1,0 +1,140 @@
+-- Shared algorithm functions: a line-for-line port of src/algorithm.rs (read that file
+-- for the math). Prepended to acquire.lua and adjust.lua at compile time; defines no
+-- KEYS, ARGV or reply of its own.
+--
+-- Redis Lua numbers are IEEE doubles: every quantity stays below 2^53, and the one
+-- fractional step (the sliding-window weight) uses the same operations in the same order
+-- as the Rust code, so both stores decide identically.
+--
+-- State is one string "a:b:c" per key:
+--   fixed:   a = window index, b = used
+--   sliding: a = window index, b = used in current window, c = used in previous window
+--   bucket:  a = tokens (negative = debt), b = last refill time (microseconds)
+
+local MAX_COUNTER = 4503599627370496 -- 2^52
+local MAX_TTL_US = 4503599627370496
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function clamp_counter(v)
+  if v > MAX_COUNTER then return MAX_COUNTER end
+  if v < -MAX_COUNTER then return -MAX_COUNTER end
+  return v
+end
+
+local function load_state(key)
+  local raw = redis.call('GET', key)
+  if not raw then return nil end
+  local a, b, c = string.match(raw, '^(-?%d+):(-?%d+):(-?%d+)$')
+  if not a then return nil end
+  return { tonumber(a), tonumber(b), tonumber(c) }
+end
+
+-- The state normalized to `now`: cur, prev, anchor (see View in algorithm.rs).
+local function view(alg, p1, p2, p3, st, now)
+  if alg == 1 then
+    local idx = math.floor(now / p2)
+    local cur = 0
+    if st and st[1] >= idx then cur = st[2] end
+    return { cur = cur, prev = 0, anchor = idx }
+  elseif alg == 2 then
+    local idx = math.floor(now / p2)
+    local cur, prev = 0, 0
+    if st and st[1] >= idx then
+      cur, prev = st[2], st[3]
+    elseif st and st[1] == idx - 1 then
+      cur, prev = 0, st[2]
+    end
+    return { cur = cur, prev = prev, anchor = idx }
+  else
+    local cap = p1
+    if not st then return { cur = cap, prev = 0, anchor = now } end
+    local elapsed = now - st[2]
+    if elapsed < 0 then elapsed = 0 end
+    local intervals = math.floor(elapsed / p3)
+    local refilled = st[1] + intervals * p2
+    if refilled >= cap then return { cur = cap, prev = 0, anchor = now } end
+    return { cur = refilled, prev = 0, anchor = st[2] + intervals * p3 }
+  end
+end
+
+local function sliding_weighted(prev, w, elapsed)
+  if prev <= 0 then return 0 end
+  return math.ceil(prev * (w - elapsed) / w)
+end
+
+local function used(alg, p1, p2, v, now)
+  if alg == 1 then return v.cur end
+  if alg == 2 then return v.cur + sliding_weighted(v.prev, p2, now - v.anchor * p2) end
+  return p1 - v.cur
+end
+
+local function reset_after(alg, p1, p2, p3, v, now)
+  if alg == 1 then return (v.anchor + 1) * p2 - now end
+  if alg == 2 then
+    if v.cur > 0 then return (v.anchor + 2) * p2 - now end
+    if v.prev > 0 then return (v.anchor + 1) * p2 - now end
+    return 0
+  end
+  local missing = p1 - v.cur
+  if missing <= 0 then return 0 end
+  return v.anchor + math.ceil(missing / p2) * p3 - now
+end
+
+local function retry_after(alg, p1, p2, p3, v, now, cost)
+  if alg == 1 then return (v.anchor + 1) * p2 - now end
+  if alg == 2 then
+    local w = p2
+    local elapsed = now - v.anchor * w
+    local room = p1 - cost - v.cur
+    if room >= 0 then
+      local e = math.ceil(w - room * w / v.prev)
+      return math.max(e - elapsed, 1)
+    end
+    local to_next = (v.anchor + 1) * w - now
+    local room_next = p1 - cost
+    if v.cur <= room_next then return math.max(to_next, 1) end
+    local e = math.ceil(w - room_next * w / v.cur)
+    return to_next + math.max(e, 0)
+  end
+  local missing = cost - v.cur
+  return math.max(v.anchor + math.ceil(missing / p2) * p3 - now, 1)
+end
+
+local function is_empty(alg, p1, v)
+  if alg == 1 then return v.cur == 0 end
+  if alg == 2 then return v.cur == 0 and v.prev == 0 end
+  return v.cur >= p1
+end
+
+-- Persist v (or delete the key when v equals "absent"), with a TTL of exactly as long as
+-- the state can matter.
+local function write(key, alg, p1, p2, p3, v, now)
+  if is_empty(alg, p1, v) then
+    redis.call('DEL', key)
+    return
+  end
+  local a, b, c
+  if alg == 3 then a, b, c = v.cur, v.anchor, 0 else a, b, c = v.anchor, v.cur, v.prev end
+  local ttl_us = reset_after(alg, p1, p2, p3, v, now)
+  if ttl_us < 1 then ttl_us = 1 end
+  if ttl_us > MAX_TTL_US then ttl_us = MAX_TTL_US end
+  redis.call('SET', key, string.format('%.0f:%.0f:%.0f', a, b, c), 'PX', math.ceil(ttl_us / 1000))
+end
+
+-- The five reply fields of one decision.
+local function push_outcome(reply, alg, p1, p2, p3, v, now, allowed, retry)
+  local remaining = p1 - used(alg, p1, p2, v, now)
+  if remaining < 0 then remaining = 0 end
+  local reset = reset_after(alg, p1, p2, p3, v, now)
+  if reset < 0 then reset = 0 end
+  if retry == nil then retry = -1 elseif retry < 1 then retry = 1 end
+  reply[#reply + 1] = allowed and 1 or 0
+  reply[#reply + 1] = p1
+  reply[#reply + 1] = remaining
+  reply[#reply + 1] = reset
+  reply[#reply + 1] = retry
+end

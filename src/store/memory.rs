@@ -1,0 +1,297 @@
+//! The embedded store: sharded hash maps behind mutexes, no setup, one process.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture};
+use crate::algorithm::{self, State, Write};
+
+/// A source of "now" in microseconds since the Unix epoch.
+pub trait Clock: Send + Sync + 'static {
+    /// Microseconds since the Unix epoch.
+    fn now_micros(&self) -> i64;
+}
+
+/// The system's wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_micros(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that moves only when told to; for tests of windows and refills.
+#[derive(Clone, Debug)]
+pub struct ManualClock {
+    now: Arc<AtomicI64>,
+}
+
+impl ManualClock {
+    /// A clock standing at `start` after the Unix epoch.
+    pub fn new(start: Duration) -> Self {
+        Self {
+            now: Arc::new(AtomicI64::new(start.as_micros() as i64)),
+        }
+    }
+
+    /// Move forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        self.now.fetch_add(by.as_micros() as i64, Ordering::SeqCst);
+    }
+
+    /// Set the time to `at` after the Unix epoch.
+    pub fn set(&self, at: Duration) {
+        self.now.store(at.as_micros() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_micros(&self) -> i64 {
+        self.now.load(Ordering::SeqCst)
+    }
+}
+
+const SHARDS: usize = 64;
+/// A shard sweeps out expired entries once it has seen at least this many writes and at
+/// least as many writes as it holds entries, so sweeping costs O(1) amortized per write.
+const MIN_WRITES_BETWEEN_SWEEPS: usize = 256;
+
+struct Entry {
+    state: State,
+    expires_at: i64,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<Box<str>, Entry>,
+    writes_since_sweep: usize,
+}
+
+impl Shard {
+    fn get(&self, key: &str, now: i64) -> Option<State> {
+        self.map
+            .get(key)
+            .filter(|e| e.expires_at > now)
+            .map(|e| e.state)
+    }
+
+    fn apply(&mut self, key: &str, write: Write, now: i64) {
+        match write {
+            Write::None => return,
+            Write::Delete => {
+                self.map.remove(key);
+            }
+            Write::Put(state, ttl_us) => {
+                let expires_at = now.saturating_add(ttl_us as i64);
+                match self.map.get_mut(key) {
+                    Some(e) => *e = Entry { state, expires_at },
+                    None => {
+                        self.map.insert(key.into(), Entry { state, expires_at });
+                    }
+                }
+            }
+        }
+        self.writes_since_sweep += 1;
+        if self.writes_since_sweep >= MIN_WRITES_BETWEEN_SWEEPS.max(self.map.len()) {
+            self.map.retain(|_, e| e.expires_at > now);
+            self.writes_since_sweep = 0;
+        }
+    }
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    clock: Box<dyn Clock>,
+}
+
+/// The embedded store: no setup, one process, bounded memory.
+///
+/// State of an identifier is dropped once it can no longer matter (its TTL passed):
+/// reads ignore expired entries and each shard sweeps them out as it is written to.
+/// Cloning is cheap and clones share state.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.len())
+            .finish()
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding the lock cannot leave a shard half-written (every write is
+    // one map operation), so a poisoned lock is safe to keep using.
+    shard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemoryStore {
+    /// A store on the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(SystemClock)
+    }
+
+    /// A store on the given clock (for example a [`ManualClock`] in tests).
+    pub fn with_clock(clock: impl Clock) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+        Self {
+            inner: Arc::new(Inner {
+                shards,
+                hasher: RandomState::new(),
+                clock: Box::new(clock),
+            }),
+        }
+    }
+
+    fn shard_of(&self, key: &str) -> usize {
+        (self.inner.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    /// Live (unexpired) entries: `(key, time to live)`. For inspection and tests.
+    pub fn entries(&self) -> Vec<(String, Duration)> {
+        let now = self.inner.clock.now_micros();
+        let mut out = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let shard = lock(shard);
+            for (k, e) in shard.map.iter().filter(|(_, e)| e.expires_at > now) {
+                out.push((
+                    k.to_string(),
+                    Duration::from_micros((e.expires_at - now) as u64),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Entries held, including expired ones not yet swept out.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Synchronous form of [`Store::acquire`].
+    pub fn acquire_now(&self, checks: &[LimitCheck]) -> Vec<Decision> {
+        let now = self.inner.clock.now_micros();
+        if let [check] = checks {
+            // The common single-limit case: one lock, no bookkeeping.
+            let mut shard = lock(&self.inner.shards[self.shard_of(&check.key)]);
+            let state = shard.get(&check.key, now);
+            let (o, w) = algorithm::decide(&check.algorithm, state, now, check.cost, check.take);
+            shard.apply(&check.key, w, now);
+            return vec![o.into()];
+        }
+        let keys: Vec<&str> = checks.iter().map(|c| c.key.as_str()).collect();
+        let mut guards = self.lock_all(&keys);
+        let mut results = Vec::with_capacity(checks.len());
+        let mut writes = Vec::with_capacity(checks.len());
+        for (i, c) in checks.iter().enumerate() {
+            let shard = guards.shard(i);
+            let (o, w) =
+                algorithm::decide(&c.algorithm, shard.get(&c.key, now), now, c.cost, c.take);
+            results.push(Decision::from(o));
+            writes.push(w);
+        }
+        if results.iter().all(|d| d.allowed) {
+            for (i, (c, w)) in checks.iter().zip(writes).enumerate() {
+                guards.shard(i).apply(&c.key, w, now);
+            }
+        }
+        results
+    }
+
+    /// Synchronous form of [`Store::adjust`].
+    pub fn adjust_now(&self, adjustments: &[Adjustment]) -> Vec<Decision> {
+        let now = self.inner.clock.now_micros();
+        let keys: Vec<&str> = adjustments.iter().map(|a| a.key.as_str()).collect();
+        let mut guards = self.lock_all(&keys);
+        adjustments
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let shard = guards.shard(i);
+                let (o, w) = algorithm::adjust(&a.algorithm, shard.get(&a.key, now), now, a.delta);
+                shard.apply(&a.key, w, now);
+                Decision::from(o)
+            })
+            .collect()
+    }
+
+    /// Synchronous form of [`Store::delete`].
+    pub fn delete_now(&self, keys: &[String]) {
+        for k in keys {
+            lock(&self.inner.shards[self.shard_of(k)])
+                .map
+                .remove(k.as_str());
+        }
+    }
+
+    fn lock_all(&self, keys: &[&str]) -> Guards<'_> {
+        let of_key: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
+        let mut order = of_key.clone();
+        order.sort_unstable();
+        order.dedup();
+        let guards = order
+            .iter()
+            .map(|&i| (i, lock(&self.inner.shards[i])))
+            .collect();
+        Guards { of_key, guards }
+    }
+}
+
+/// Shard guards held for one multi-key operation, taken in ascending shard order so
+/// concurrent operations cannot deadlock.
+struct Guards<'a> {
+    of_key: Vec<usize>,
+    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+}
+
+impl Guards<'_> {
+    fn shard(&mut self, key_index: usize) -> &mut Shard {
+        let want = self.of_key[key_index];
+        let pos = self
+            .guards
+            .iter()
+            .position(|(i, _)| *i == want)
+            .unwrap_or(0);
+        &mut self.guards[pos].1
+    }
+}
+
+impl Store for MemoryStore {
+    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
+        let out = self.acquire_now(&checks);
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn adjust(&self, adjustments: Vec<Adjustment>) -> StoreFuture<Vec<Decision>> {
+        let out = self.adjust_now(&adjustments);
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
+        self.delete_now(&keys);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

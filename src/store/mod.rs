@@ -1,0 +1,207 @@
+//! Where limiter state lives (SPEC §4): [`MemoryStore`] (embedded, the default) and
+//! [`RedisStore`] (Lua scripts, shared by every instance of an application).
+//!
+//! A store answers three operations, each atomic and, on Redis, one round trip:
+//!
+//! * [`Store::acquire`]: evaluate several limits at once, all-or-nothing. If any denies,
+//!   nothing is written to any of them.
+//! * [`Store::adjust`]: charge (forced debit, may create debt) or refund units.
+//! * [`Store::delete`]: forget keys (used by [`Ratelimit::reset`](crate::Ratelimit::reset)).
+//!
+//! Both stores evaluate the exact same arithmetic, in [`crate::algorithm`], and the
+//! conformance suite (`tests/conformance.rs`) checks that they agree decision for
+//! decision.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::algorithm::{Algorithm, Outcome};
+use crate::error::{Error, StoreError};
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+pub use memory::{Clock, ManualClock, MemoryStore, SystemClock};
+#[cfg(feature = "redis")]
+pub use redis::{RedisOptions, RedisStore};
+
+/// A boxed, `'static` future returned by a [`Store`] (so it can outlive its caller when a
+/// call is cancelled and its settlement must still finish).
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// The result of trying to take a cost from one limit (SPEC §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the cost fit (for charges and refunds: whether the budget is within its
+    /// limit afterwards).
+    pub allowed: bool,
+    /// The limit's quota.
+    pub limit: u64,
+    /// Units left after this decision, clamped at 0.
+    pub remaining: u64,
+    /// Time until the budget is fully restored, or the fixed window rolls.
+    pub reset_after: Duration,
+    /// When denied: the earliest time the same cost could pass if nothing else is taken;
+    /// `None` when allowed, or when the cost exceeds the limit and can never pass.
+    pub retry_after: Option<Duration>,
+}
+
+impl From<Outcome> for Decision {
+    fn from(o: Outcome) -> Self {
+        Decision {
+            allowed: o.allowed,
+            limit: o.limit,
+            remaining: o.remaining,
+            reset_after: Duration::from_micros(o.reset_after_us),
+            retry_after: o.retry_after_us.map(Duration::from_micros),
+        }
+    }
+}
+
+/// One limit's part in an [`acquire`](Store::acquire).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitCheck {
+    /// The state key (see [`state_key`]); distinct across the checks of one acquire.
+    pub key: String,
+    /// The algorithm and quota.
+    pub algorithm: Algorithm,
+    /// Units to take (0 reads).
+    pub cost: u64,
+    /// Whether to take `cost` when it fits; `false` only checks that it would fit.
+    pub take: bool,
+}
+
+/// One limit's part in an [`adjust`](Store::adjust).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adjustment {
+    /// The state key.
+    pub key: String,
+    /// The algorithm and quota.
+    pub algorithm: Algorithm,
+    /// Positive: charge (forced debit). Negative: refund. Magnitude at most
+    /// [`MAX_UNITS`](crate::algorithm::MAX_UNITS).
+    pub delta: i64,
+}
+
+/// A place to keep limiter state. Implementations must make each operation atomic.
+pub trait Store: Send + Sync + 'static {
+    /// Evaluate every check; if all are allowed, take each `take` check's cost; if any is
+    /// denied, write nothing. Returns one decision per check, in order.
+    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>>;
+
+    /// Apply every adjustment (charges always land; refunds stop at a full budget).
+    fn adjust(&self, adjustments: Vec<Adjustment>) -> StoreFuture<Vec<Decision>>;
+
+    /// Delete these keys.
+    fn delete(&self, keys: Vec<String>) -> StoreFuture<()>;
+}
+
+/// Longest identifier kept verbatim in keys; longer ones (and any with bytes outside
+/// `[A-Za-z0-9._@-]`) are replaced by a hash.
+pub const MAX_VERBATIM_IDENTIFIER: usize = 64;
+
+/// Longest identifier accepted at all (1 MiB): anything larger is a bug upstream.
+pub const MAX_IDENTIFIER: usize = 1 << 20;
+
+/// Longest key prefix accepted.
+pub const MAX_PREFIX: usize = 128;
+
+/// Checks a key prefix: 1..=128 bytes of printable ASCII without `{` or `}` (which would
+/// change the Redis Cluster hash slot).
+pub fn validate_prefix(prefix: &str) -> Result<(), Error> {
+    if prefix.is_empty() || prefix.len() > MAX_PREFIX {
+        return Err(Error::invalid_input(format!(
+            "key prefix must be 1 to {MAX_PREFIX} bytes, got {}",
+            prefix.len()
+        )));
+    }
+    if let Some(c) = prefix
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || *c == '{' || *c == '}')
+    {
+        return Err(Error::invalid_input(format!(
+            "key prefix {prefix:?} contains {c:?}; use printable ASCII without braces"
+        )));
+    }
+    Ok(())
+}
+
+/// The hash tag that stands for an identifier in keys.
+///
+/// Short identifiers of safe bytes are kept as they are (readable in `redis-cli`);
+/// everything else becomes `#` and 32 hex digits of its SHA-256, so no byte of an
+/// identifier can change which keys or which hash slot are used, and raw secrets never
+/// reach Redis. `#` is not a safe byte, so the two forms cannot collide.
+pub fn identifier_tag(identifier: &[u8]) -> Result<String, Error> {
+    if identifier.is_empty() {
+        return Err(Error::invalid_input("identifier is empty"));
+    }
+    if identifier.len() > MAX_IDENTIFIER {
+        return Err(Error::invalid_input(format!(
+            "identifier is {} bytes, more than the maximum of {MAX_IDENTIFIER}",
+            identifier.len()
+        )));
+    }
+    let safe = identifier.len() <= MAX_VERBATIM_IDENTIFIER
+        && identifier
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    if safe {
+        // Safe bytes are ASCII.
+        return Ok(String::from_utf8_lossy(identifier).into_owned());
+    }
+    let digest = Sha256::digest(identifier);
+    let mut tag = String::with_capacity(33);
+    tag.push('#');
+    for b in &digest[..16] {
+        use std::fmt::Write;
+        let _ = write!(tag, "{b:02x}");
+    }
+    Ok(tag)
+}
+
+/// The key of one limit's state for one identifier tag: `<prefix>:{<tag>}`.
+///
+/// Every key of one identifier carries the same `{tag}`, so all the limits of one call
+/// live in one Redis Cluster hash slot and one script can touch them together.
+pub fn state_key(prefix: &str, tag: &str) -> String {
+    let mut key = String::with_capacity(prefix.len() + tag.len() + 3);
+    key.push_str(prefix);
+    key.push_str(":{");
+    key.push_str(tag);
+    key.push('}');
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_keep_safe_identifiers_and_hash_the_rest() {
+        assert_eq!(identifier_tag(b"user-42").unwrap(), "user-42");
+        let braces = identifier_tag(b"a}{b:c").unwrap();
+        assert!(braces.starts_with('#') && braces.len() == 33);
+        assert!(!braces.contains('{') && !braces.contains('}'));
+        let long = vec![b'a'; 65];
+        assert_ne!(
+            identifier_tag(&long).unwrap(),
+            String::from_utf8(long).unwrap()
+        );
+        assert!(identifier_tag(b"").is_err());
+        assert!(identifier_tag(&vec![0u8; MAX_IDENTIFIER + 1]).is_err());
+        assert_eq!(state_key("p", "t"), "p:{t}");
+    }
+
+    #[test]
+    fn prefixes_without_braces() {
+        assert!(validate_prefix("llm:req").is_ok());
+        assert!(validate_prefix("").is_err());
+        assert!(validate_prefix("a{b").is_err());
+        assert!(validate_prefix("a b").is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! The Redis store: every operation is one Lua script, one round trip.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture};
+use crate::error::StoreError;
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/lib.lua"),
+        include_str!("lua/acquire.lua")
+    ))
+});
+
+static ADJUST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/lib.lua"),
+        include_str!("lua/adjust.lua")
+    ))
+});
+
+/// Connection settings of a [`RedisStore`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// How long one store operation may take before it fails with a timeout
+    /// ([`StoreError::is_timeout`]). The script may still have run in Redis.
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// Set [`connect_timeout`](Self::connect_timeout).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Set [`response_timeout`](Self::response_timeout).
+    pub fn response_timeout(mut self, t: Duration) -> Self {
+        self.response_timeout = t;
+        self
+    }
+}
+
+struct Shared {
+    conn: ConnectionManager,
+    response_timeout: Duration,
+}
+
+/// Limiter state in Redis (or any server speaking its protocol with Lua scripting).
+///
+/// * One shared multiplexed connection ([`ConnectionManager`]) that reconnects by itself;
+///   concurrent operations are pipelined over it.
+/// * Every decision is one `EVALSHA` (the script is loaded again on `NOSCRIPT`, e.g.
+///   after a Redis restart).
+/// * Time is the Redis server's clock (`TIME` inside the script), so every application
+///   instance agrees whatever its own clock says.
+/// * All keys of one script share one hash tag; every key written has a TTL.
+///
+/// Cloning is cheap and clones share the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("response_timeout", &self.shared.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connect to `url` (`redis://[user:password@]host:port[/db]`) with default options.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// Connect to `url` with these options.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        let client = Client::open(url)
+            .map_err(|e| StoreError::with_source(format!("invalid Redis URL {url:?}"), e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| StoreError::with_source("cannot connect to Redis", e))?;
+        Ok(Self::from_connection_manager(
+            conn,
+            options.response_timeout,
+        ))
+    }
+
+    /// Use an existing connection manager; each operation may take `response_timeout`.
+    pub fn from_connection_manager(conn: ConnectionManager, response_timeout: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                conn,
+                response_timeout,
+            }),
+        }
+    }
+
+    async fn run(
+        shared: Arc<Shared>,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<i64>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut conn = shared.conn.clone();
+        let mut invocation = script.prepare_invoke();
+        for k in &keys {
+            invocation.key(k.as_str());
+        }
+        for a in &args {
+            invocation.arg(*a);
+        }
+        match tokio::time::timeout(
+            shared.response_timeout,
+            invocation.invoke_async::<Vec<i64>>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::timeout(shared.response_timeout)),
+            Ok(Err(e)) => Err(StoreError::with_source("Redis script failed", e)),
+            Err(_) => Err(StoreError::timeout(shared.response_timeout)),
+        }
+    }
+}
+
+/// Parse `count` decisions of five integers each from `fields`.
+fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreError> {
+    if fields.len() != count * 5 {
+        return Err(StoreError::new(format!(
+            "unexpected script reply: {} fields for {count} limits",
+            fields.len()
+        )));
+    }
+    Ok(fields
+        .chunks_exact(5)
+        .map(|f| Decision {
+            allowed: f[0] == 1,
+            limit: f[1].max(0) as u64,
+            remaining: f[2].max(0) as u64,
+            reset_after: Duration::from_micros(f[3].max(0) as u64),
+            retry_after: (f[4] >= 0).then(|| Duration::from_micros(f[4] as u64)),
+        })
+        .collect())
+}
+
+fn algorithm_args(params: [u64; 4], args: &mut Vec<i64>) {
+    args.extend(params.iter().map(|&p| p as i64));
+}
+
+impl Store for RedisStore {
+    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let count = checks.len();
+            let mut args = Vec::with_capacity(count * 6);
+            let mut keys = Vec::with_capacity(count);
+            for c in checks {
+                algorithm_args(c.algorithm.script_params(), &mut args);
+                args.push(c.cost as i64);
+                args.push(c.take as i64);
+                keys.push(c.key);
+            }
+            let reply = Self::run(shared, &ACQUIRE, keys, args).await?;
+            match reply.split_first() {
+                Some((_, rest)) => parse_decisions(rest, count),
+                None => Err(StoreError::new("empty script reply")),
+            }
+        })
+    }
+
+    fn adjust(&self, adjustments: Vec<Adjustment>) -> StoreFuture<Vec<Decision>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let count = adjustments.len();
+            let mut args = Vec::with_capacity(count * 5);
+            let mut keys = Vec::with_capacity(count);
+            for a in adjustments {
+                algorithm_args(a.algorithm.script_params(), &mut args);
+                args.push(a.delta);
+                keys.push(a.key);
+            }
+            let reply = Self::run(shared, &ADJUST, keys, args).await?;
+            parse_decisions(&reply, count)
+        })
+    }
+
+    fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut conn = shared.conn.clone();
+            let mut cmd = redis::cmd("DEL");
+            for k in &keys {
+                cmd.arg(k.as_str());
+            }
+            match tokio::time::timeout(shared.response_timeout, cmd.query_async::<i64>(&mut conn))
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(StoreError::with_source("Redis DEL failed", e)),
+                Err(_) => Err(StoreError::timeout(shared.response_timeout)),
+            }
+        })
+    }
+}

@@ -1,0 +1,340 @@
+//! One conformance suite for every algorithm, run against `MemoryStore` (manual clock)
+//! and `RedisStore` (a test-owned redis-server, real time with 1 s windows). Both stores
+//! must give the same decisions for the same sequence.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_llm_ratelimit::{
+    Algorithm, FixedWindow, ManualClock, MemoryStore, Ratelimit, RedisStore, SlidingWindow, Store,
+    TokenBucket,
+};
+
+const W: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Fixed,
+    Sliding,
+    Bucket,
+}
+
+impl Kind {
+    /// Limit 5 per 1 s window; the bucket holds 5 and refills 5 every second.
+    fn algorithm(self) -> Algorithm {
+        match self {
+            Kind::Fixed => FixedWindow::new(5, W).unwrap().into(),
+            Kind::Sliding => SlidingWindow::new(5, W).unwrap().into(),
+            Kind::Bucket => TokenBucket::new(5, 5, W).unwrap().into(),
+        }
+    }
+
+    /// The longest a key of this algorithm may live after a write within the budget:
+    /// fixed one window, sliding two, bucket the time to refill to full.
+    fn ttl_bound(self) -> Duration {
+        match self {
+            Kind::Fixed => W,
+            Kind::Sliding => 2 * W,
+            Kind::Bucket => W,
+        }
+    }
+
+    /// After this long without writes, the budget is full again.
+    fn full_reset(self) -> Duration {
+        match self {
+            Kind::Fixed | Kind::Bucket => W,
+            Kind::Sliding => 2 * W,
+        }
+    }
+}
+
+struct Env {
+    store: Arc<dyn Store>,
+    memory: Option<(MemoryStore, ManualClock)>,
+    redis_url: Option<String>,
+    prefix: String,
+}
+
+impl Env {
+    async fn memory(name: &str) -> Env {
+        // 20 ms into a whole second, like the Redis runs after alignment.
+        let clock = ManualClock::new(Duration::from_millis(1_700_000_000_020));
+        let store = MemoryStore::with_clock(clock.clone());
+        Env {
+            store: Arc::new(store.clone()),
+            memory: Some((store, clock)),
+            redis_url: None,
+            prefix: common::unique_prefix(name),
+        }
+    }
+
+    async fn redis(name: &str) -> Env {
+        let url = common::redis_url();
+        let store = RedisStore::connect(&url)
+            .await
+            .expect("connect to test redis");
+        common::align_to_window(W).await;
+        Env {
+            store: Arc::new(store),
+            memory: None,
+            redis_url: Some(url),
+            prefix: common::unique_prefix(name),
+        }
+    }
+
+    fn limit(&self, kind: Kind) -> Ratelimit {
+        Ratelimit::with_shared_store(kind.algorithm(), self.store.clone(), &self.prefix).unwrap()
+    }
+
+    /// Let `d` pass: exactly on the manual clock, with a small margin in real time.
+    async fn sleep(&self, d: Duration) {
+        match &self.memory {
+            Some((_, clock)) => clock.advance(d),
+            None => tokio::time::sleep(d + Duration::from_millis(30)).await,
+        }
+    }
+
+    fn is_memory(&self) -> bool {
+        self.memory.is_some()
+    }
+
+    /// Every key under the prefix has a TTL in (0, bound].
+    fn check_ttls(&self, bound: Duration) -> usize {
+        let ttls: Vec<(String, Duration)> = match (&self.memory, &self.redis_url) {
+            (Some((store, _)), _) => store
+                .entries()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(&self.prefix))
+                .collect(),
+            (None, Some(url)) => common::redis_keys(url, &self.prefix)
+                .into_iter()
+                .map(|(k, ttl)| {
+                    assert!(ttl > 0, "key {k} has PTTL {ttl}: every key must expire");
+                    (k, Duration::from_millis(ttl as u64))
+                })
+                .collect(),
+            _ => unreachable!(),
+        };
+        for (k, ttl) in &ttls {
+            assert!(!ttl.is_zero(), "key {k} has no TTL");
+            assert!(
+                *ttl <= bound + Duration::from_millis(1),
+                "key {k} lives {ttl:?} > {bound:?}"
+            );
+        }
+        ttls.len()
+    }
+
+    /// The raw stored state of `key` (Redis value, or the memory entry's TTL).
+    fn raw(&self, key: &str) -> Option<String> {
+        match (&self.memory, &self.redis_url) {
+            (Some((store, _)), _) => store
+                .entries()
+                .into_iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, ttl)| format!("{ttl:?}")),
+            (None, Some(url)) => {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut c = client.get_connection().unwrap();
+                redis::cmd("GET").arg(key).query(&mut c).unwrap()
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn allow_up_to_limit_then_deny(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        for expected in (0..5).rev() {
+            let d = rl.limit("alice", 1).await.unwrap();
+            assert!(d.allowed, "{kind:?}: {d:?}");
+            assert_eq!(d.remaining, expected);
+            assert_eq!(d.limit, 5);
+            assert_eq!(d.retry_after, None);
+            assert_eq!(env.check_ttls(kind.ttl_bound()), 1);
+        }
+        let d = rl.limit("alice", 1).await.unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.remaining, 0);
+        let retry = d.retry_after.expect("cost 1 can pass later");
+        assert!(
+            !retry.is_zero() && retry <= kind.full_reset(),
+            "{kind:?}: {retry:?}"
+        );
+        // Another identifier is untouched.
+        assert_eq!(rl.remaining("bob").await.unwrap(), 5);
+    }
+
+    pub async fn denied_decision_writes_nothing(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        assert!(rl.limit("alice", 3).await.unwrap().allowed);
+        let key = rl.key("alice").unwrap();
+        let before = env.raw(&key);
+        let d = rl.limit("alice", 3).await.unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.remaining, 2);
+        assert_eq!(env.raw(&key), before, "a denial changed the stored state");
+        assert_eq!(rl.remaining("alice").await.unwrap(), 2);
+        let d = rl.limit("alice", 2).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 0);
+        env.check_ttls(kind.ttl_bound());
+    }
+
+    pub async fn cost_above_limit_never_passes(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        let d = rl.limit("alice", 6).await.unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, None, "cost > limit can never pass");
+        assert_eq!(rl.remaining("alice").await.unwrap(), 5);
+        assert_eq!(env.check_ttls(kind.ttl_bound()), 0, "a denial wrote a key");
+        // Cost 0 is a read: allowed, nothing written.
+        let d = rl.limit("alice", 0).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 5);
+        assert_eq!(env.check_ttls(kind.ttl_bound()), 0, "a read wrote a key");
+    }
+
+    pub async fn charge_creates_debt_until_time_pays_it(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        let d = rl.charge("alice", 8).await.unwrap();
+        assert!(!d.allowed, "8 > 5 is over the limit");
+        assert_eq!(d.remaining, 0);
+        env.check_ttls(2 * W);
+        let d = rl.limit("alice", 1).await.unwrap();
+        assert!(!d.allowed);
+        let retry = d.retry_after.unwrap();
+        assert!(retry <= 2 * W, "{retry:?}");
+        if env.is_memory() {
+            env.sleep(retry - Duration::from_micros(1)).await;
+            assert!(
+                !rl.limit("alice", 1).await.unwrap().allowed,
+                "passed before retry_after"
+            );
+            env.sleep(Duration::from_micros(1)).await;
+        } else {
+            env.sleep(retry).await;
+        }
+        let d = rl.limit("alice", 1).await.unwrap();
+        assert!(
+            d.allowed,
+            "{kind:?} still blocked after retry_after {retry:?}: {d:?}"
+        );
+        env.check_ttls(2 * W);
+    }
+
+    pub async fn refund_never_exceeds_full_budget(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        assert!(rl.limit("alice", 2).await.unwrap().allowed);
+        let d = rl.refund("alice", 10).await.unwrap();
+        assert_eq!(d.remaining, 5);
+        for _ in 0..5 {
+            assert!(rl.limit("alice", 1).await.unwrap().allowed);
+        }
+        assert!(!rl.limit("alice", 1).await.unwrap().allowed);
+        env.check_ttls(kind.ttl_bound());
+    }
+
+    pub async fn windows_roll_and_buckets_refill(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        assert!(rl.limit("alice", 5).await.unwrap().allowed);
+        assert!(!rl.limit("alice", 1).await.unwrap().allowed);
+        env.sleep(kind.full_reset()).await;
+        let d = rl.limit("alice", 1).await.unwrap();
+        assert!(d.allowed, "{kind:?}: {d:?}");
+        assert_eq!(d.remaining, 4);
+        env.check_ttls(kind.ttl_bound());
+    }
+
+    pub async fn reset_clears_the_identifier(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        assert!(rl.limit("alice", 5).await.unwrap().allowed);
+        assert!(rl.limit("bob", 1).await.unwrap().allowed);
+        rl.reset("alice").await.unwrap();
+        assert_eq!(
+            env.check_ttls(kind.ttl_bound()),
+            1,
+            "only bob's key is left"
+        );
+        let d = rl.limit("alice", 1).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 4);
+        assert_eq!(rl.remaining("bob").await.unwrap(), 4);
+    }
+
+    pub async fn bad_input_is_an_error(env: Env, kind: Kind) {
+        let rl = env.limit(kind);
+        assert!(rl.limit("", 1).await.is_err(), "empty identifier");
+        assert!(
+            rl.limit(vec![b'x'; 2 << 20], 1).await.is_err(),
+            "2 MiB identifier"
+        );
+        assert!(rl.limit("alice", u64::MAX).await.is_err(), "huge cost");
+        assert!(rl.charge("alice", u64::MAX).await.is_err(), "huge charge");
+        assert!(rl.refund("alice", u64::MAX).await.is_err(), "huge refund");
+        // Odd but valid identifiers work, hashed into one safe key each.
+        for id in [&b"a}{b:c"[..], &[0xff, 0, 0xfe][..], &[b'k'; 10_000][..]] {
+            let d = rl.limit(id, 1).await.unwrap();
+            assert!(d.allowed);
+            assert_eq!(d.remaining, 4);
+        }
+        assert_eq!(env.check_ttls(kind.ttl_bound()), 3);
+    }
+}
+
+macro_rules! conformance {
+    ($module:ident, $env:expr, $kind:expr) => {
+        mod $module {
+            use super::*;
+
+            async fn env() -> Env {
+                ($env)(stringify!($module)).await
+            }
+
+            #[tokio::test]
+            async fn allow_up_to_limit_then_deny() {
+                cases::allow_up_to_limit_then_deny(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn denied_decision_writes_nothing() {
+                cases::denied_decision_writes_nothing(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn cost_above_limit_never_passes() {
+                cases::cost_above_limit_never_passes(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn charge_creates_debt_until_time_pays_it() {
+                cases::charge_creates_debt_until_time_pays_it(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn refund_never_exceeds_full_budget() {
+                cases::refund_never_exceeds_full_budget(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn windows_roll_and_buckets_refill() {
+                cases::windows_roll_and_buckets_refill(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn reset_clears_the_identifier() {
+                cases::reset_clears_the_identifier(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn bad_input_is_an_error() {
+                cases::bad_input_is_an_error(env().await, $kind).await
+            }
+        }
+    };
+}
+
+conformance!(memory_fixed, Env::memory, Kind::Fixed);
+conformance!(memory_sliding, Env::memory, Kind::Sliding);
+conformance!(memory_bucket, Env::memory, Kind::Bucket);
+conformance!(redis_fixed, Env::redis, Kind::Fixed);
+conformance!(redis_sliding, Env::redis, Kind::Sliding);
+conformance!(redis_bucket, Env::redis, Kind::Bucket);
