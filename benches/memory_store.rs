@@ -1,1 +1,122 @@
-fn main() {}
+//! MemoryStore decisions: ns per decision over a keyed workload (100 identifiers).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tower::{Service, ServiceExt, service_fn};
+use tower_llm_ratelimit::store::{LimitCheck, identifier_tag, state_key};
+use tower_llm_ratelimit::{
+    Algorithm, FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer,
+    SlidingWindow, TokenBucket, Usage,
+};
+
+fn algorithms() -> [(&'static str, Algorithm); 3] {
+    // Quotas large enough that the benchmark measures allowed decisions.
+    let w = Duration::from_secs(3600);
+    [
+        ("fixed", FixedWindow::new(1 << 40, w).unwrap().into()),
+        ("sliding", SlidingWindow::new(1 << 40, w).unwrap().into()),
+        (
+            "bucket",
+            TokenBucket::new(1 << 40, 1 << 30, w).unwrap().into(),
+        ),
+    ]
+}
+
+fn decisions(c: &mut Criterion) {
+    let keys: Vec<String> = (0..100)
+        .map(|i| {
+            state_key(
+                "bench",
+                &identifier_tag(format!("user-{i}").as_bytes()).unwrap(),
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("memory_store");
+    for (name, algorithm) in algorithms() {
+        let store = MemoryStore::new();
+        let mut i = 0usize;
+        group.bench_function(format!("acquire_now/{name}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                let check = [LimitCheck {
+                    key: keys[i].clone(),
+                    algorithm,
+                    cost: 1,
+                    take: true,
+                }];
+                black_box(store.acquire_now(&check))
+            })
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for (name, algorithm) in algorithms() {
+        let rl = Ratelimit::new(algorithm, MemoryStore::new(), "bench").unwrap();
+        let ids: Vec<String> = (0..100).map(|i| format!("user-{i}")).collect();
+        let mut i = 0usize;
+        group.bench_function(format!("ratelimit_limit/{name}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % ids.len();
+                black_box(rt.block_on(rl.limit(&ids[i], 1)).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
+fn layer_overhead(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let llm = service_fn(|_: LlmRequest| async {
+        Ok::<_, std::convert::Infallible>(LlmResponse {
+            text: String::new(),
+            usage: Some(Usage::new(1, 1)),
+        })
+    });
+    let layer = RatelimitLayer::builder()
+        .request_limit(FixedWindow::new(1 << 40, Duration::from_secs(3600)).unwrap())
+        .token_limit(SlidingWindow::new(1 << 40, Duration::from_secs(3600)).unwrap())
+        .build()
+        .unwrap();
+    let limited = tower::Layer::layer(&layer, llm);
+    let request = LlmRequest::new("user-1", "hello");
+    let mut group = c.benchmark_group("layer");
+    group.bench_function("bare_service", |b| {
+        let mut svc = llm;
+        b.iter(|| {
+            rt.block_on(async {
+                black_box(
+                    svc.ready()
+                        .await
+                        .unwrap()
+                        .call(request.clone())
+                        .await
+                        .unwrap(),
+                )
+            })
+        })
+    });
+    group.bench_function("ratelimited_service", |b| {
+        let mut svc = limited.clone();
+        b.iter(|| {
+            rt.block_on(async {
+                black_box(
+                    svc.ready()
+                        .await
+                        .unwrap()
+                        .call(request.clone())
+                        .await
+                        .unwrap(),
+                )
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decisions, layer_overhead);
+criterion_main!(benches);

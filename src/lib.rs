@@ -35,3 +35,8 @@ pub use ratelimit::Ratelimit;
 pub use store::{Decision, ManualClock, MemoryStore, Store};
 #[cfg(feature = "redis")]
 pub use store::{RedisOptions, RedisStore};
+
+/// The README's code blocks, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

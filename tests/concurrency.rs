@@ -1,0 +1,133 @@
+//! Exactness under real concurrency on Redis: many tasks in one process, and several OS
+//! processes, racing on one identifier.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_llm_ratelimit::{
+    Algorithm, FixedWindow, Ratelimit, RedisStore, SlidingWindow, TokenBucket,
+};
+
+const LIMIT: u64 = 50;
+
+fn algorithms() -> Vec<(&'static str, Algorithm)> {
+    let minute = Duration::from_secs(60);
+    vec![
+        ("fixed", FixedWindow::new(LIMIT, minute).unwrap().into()),
+        ("sliding", SlidingWindow::new(LIMIT, minute).unwrap().into()),
+        ("bucket", TokenBucket::new(LIMIT, 1, minute).unwrap().into()),
+    ]
+}
+
+fn algorithm(name: &str) -> Algorithm {
+    algorithms()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap()
+        .1
+}
+
+/// Run `tasks` concurrent decisions of cost 1; returns how many were allowed.
+async fn race(url: &str, prefix: &str, alg: Algorithm, tasks: usize) -> u64 {
+    let store = RedisStore::connect(url).await.unwrap();
+    let rl = Arc::new(Ratelimit::new(alg, store, prefix).unwrap());
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let rl = rl.clone();
+            tokio::spawn(async move { rl.limit("shared-user", 1).await.unwrap().allowed })
+        })
+        .collect();
+    let mut allowed = 0;
+    for h in handles {
+        allowed += h.await.unwrap() as u64;
+    }
+    allowed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_tasks_exactly_fifty_allowed() {
+    let url = common::redis_url();
+    for (name, alg) in algorithms() {
+        let prefix = common::unique_prefix(&format!("tasks-{name}"));
+        let allowed = race(&url, &prefix, alg, 200).await;
+        assert_eq!(
+            allowed, LIMIT,
+            "{name}: {allowed} allowed under a limit of {LIMIT}"
+        );
+    }
+}
+
+/// The child side of the multi-process test: run only when the parent sets the variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by four_processes_exactly_fifty_allowed as a child process"]
+async fn child_process_race() {
+    let (Ok(url), Ok(prefix), Ok(alg)) = (
+        std::env::var("TLR_CHILD_URL"),
+        std::env::var("TLR_CHILD_PREFIX"),
+        std::env::var("TLR_CHILD_ALGORITHM"),
+    ) else {
+        panic!("child_process_race is started by four_processes_exactly_fifty_allowed");
+    };
+    // Start together: wait for the go file the parent creates once all children are up.
+    let go = std::path::PathBuf::from(std::env::var("TLR_CHILD_GO").unwrap());
+    while !go.exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let allowed = race(&url, &prefix, algorithm(&alg), 50).await;
+    println!("\nALLOWED={allowed}");
+}
+
+#[test]
+fn four_processes_exactly_fifty_allowed() {
+    let url = common::redis_url();
+    let exe = std::env::current_exe().unwrap();
+    for (name, _) in algorithms() {
+        let prefix = common::unique_prefix(&format!("procs-{name}"));
+        let go = std::env::temp_dir().join(format!("{prefix}.go"));
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(&exe)
+                    .args([
+                        "--ignored",
+                        "--exact",
+                        "child_process_race",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
+                    .env("TLR_CHILD_URL", &url)
+                    .env("TLR_CHILD_PREFIX", &prefix)
+                    .env("TLR_CHILD_ALGORITHM", name)
+                    .env("TLR_CHILD_GO", &go)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(&go, b"go").unwrap();
+        let mut total = 0u64;
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "child failed: {out:?}");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let allowed: u64 = stdout
+                .lines()
+                .find_map(|l| l.split_once("ALLOWED=").map(|(_, n)| n))
+                .unwrap_or_else(|| panic!("no ALLOWED= line in {stdout}"))
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            total += allowed;
+        }
+        let _ = std::fs::remove_file(&go);
+        assert_eq!(
+            total, LIMIT,
+            "{name}: 4 processes × 50 calls allowed {total} under {LIMIT}"
+        );
+    }
+}
