@@ -18,6 +18,7 @@
 
 pub mod algorithm;
 mod error;
+pub mod http;
 pub mod identifier;
 pub mod layer;
 mod llm;
@@ -26,6 +27,7 @@ pub mod store;
 
 pub use algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
 pub use error::{BoxError, Error, ErrorKind, LimitExceeded, StoreError};
+pub use http::{HttpRatelimitLayer, HttpRatelimited};
 pub use layer::{MissingUsage, RatelimitLayer, Ratelimited, TokenMode};
 pub use llm::{
     HasIdentifier, LlmRequest, LlmResponse, ReportsUsage, TokenEstimate, Usage,

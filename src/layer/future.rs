@@ -8,9 +8,8 @@ use tower_service::Service;
 
 use super::Limits;
 use super::settlement::Settlement;
-use crate::error::{BoxError, Error, LimitExceeded};
+use crate::error::{BoxError, Error};
 use crate::llm::ReportsUsage;
-use crate::store::Decision;
 
 pin_project! {
     /// Response future of [`Ratelimited`](super::Ratelimited): acquire, call, settle.
@@ -71,35 +70,6 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
     }
 }
 
-/// The error for a denied acquire: the request limit if it denied, else the token limit.
-fn denial(limits: &Limits, decisions: &[Decision], tag: &str) -> Error {
-    let mut index = 0;
-    let mut denied = |configured: bool| -> Option<LimitExceeded> {
-        if !configured {
-            return None;
-        }
-        let d = decisions.get(index)?;
-        index += 1;
-        (!d.allowed).then_some(LimitExceeded {
-            limit: d.limit,
-            remaining: d.remaining,
-            retry_after: d.retry_after,
-            reset_after: d.reset_after,
-        })
-    };
-    let requests = denied(limits.requests.is_some());
-    let tokens = denied(limits.tokens.is_some());
-    let error = match (requests, tokens) {
-        (Some(l), _) => Error::RequestLimitReached(l),
-        (None, Some(l)) => Error::TokenLimitReached(l),
-        (None, None) => Error::Store(crate::error::StoreError::new(
-            "store denied without a denying decision",
-        )),
-    };
-    tracing::info!(identifier = tag, %error, "rate limit denied a call");
-    error
-}
-
 impl<S, R> Future for ResponseFuture<S, R>
 where
     S: Service<R>,
@@ -135,9 +105,10 @@ where
                     if !decisions.iter().all(|d| d.allowed) {
                         let limits = this.limits.as_deref();
                         let error = match limits {
-                            Some(l) => denial(l, &decisions, this.tag),
+                            Some(l) => l.denial(&decisions).1,
                             None => Error::invalid_input("missing limits"),
                         };
+                        tracing::info!(identifier = %this.tag, %error, "rate limit denied a call");
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }

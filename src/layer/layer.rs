@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{CostFn, LimitConfig, Limits, MissingUsage, Ratelimited, TokenMode};
+use super::{CostFn, HttpConfig, LimitConfig, Limits, MissingUsage, Ratelimited, TokenMode};
 use crate::algorithm::{Algorithm, MAX_UNITS};
 use crate::error::Error;
 use crate::identifier::FromRequest;
@@ -53,6 +53,11 @@ impl RatelimitLayer<FromRequest> {
             missing_usage: MissingUsage::default(),
             default_estimate: 1,
             fallback_identifier: None,
+            http: HttpConfig {
+                usage_format: Arc::new(crate::http::OpenAiAnthropic),
+                inject_stream_usage: true,
+                max_request_body: 4 * 1024 * 1024,
+            },
             extractor: FromRequest,
         }
     }
@@ -79,6 +84,7 @@ pub struct RatelimitLayerBuilder<X> {
     missing_usage: MissingUsage,
     default_estimate: u64,
     fallback_identifier: Option<Vec<u8>>,
+    http: HttpConfig,
     extractor: X,
 }
 
@@ -154,6 +160,37 @@ impl<X> RatelimitLayerBuilder<X> {
         self
     }
 
+    /// HTTP: how usage is read from response bodies (default
+    /// [`OpenAiAnthropic`](crate::http::OpenAiAnthropic)).
+    pub fn usage_format(mut self, format: impl crate::http::UsageFormat) -> Self {
+        self.http.usage_format = Arc::new(format);
+        self
+    }
+
+    /// HTTP: add `stream_options.include_usage=true` to streamed OpenAI requests that do
+    /// not ask for usage, and remove the usage chunk from their response (default on).
+    pub fn inject_stream_usage(mut self, inject: bool) -> Self {
+        self.http.inject_stream_usage = inject;
+        self
+    }
+
+    /// HTTP: the largest request body the layer reads to estimate tokens (default
+    /// 4 MiB); larger requests get `413 Payload Too Large`.
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.http.max_request_body = bytes;
+        self
+    }
+
+    /// Build the layer for `http::Request` services (axum, hyper, tonic): denials become
+    /// 429 responses (or gRPC statuses) and usage is read from response bodies.
+    pub fn build_http(self) -> Result<crate::http::HttpRatelimitLayer<X>, Error> {
+        let layer = self.build()?;
+        Ok(crate::http::HttpRatelimitLayer::new(
+            layer.limits,
+            layer.extractor,
+        ))
+    }
+
     /// Take identifiers with `extractor` (see [`crate::identifier`]).
     pub fn identifier<Y>(self, extractor: Y) -> RatelimitLayerBuilder<Y> {
         RatelimitLayerBuilder {
@@ -167,6 +204,7 @@ impl<X> RatelimitLayerBuilder<X> {
             missing_usage: self.missing_usage,
             default_estimate: self.default_estimate,
             fallback_identifier: self.fallback_identifier,
+            http: self.http,
             extractor,
         }
     }
@@ -210,6 +248,7 @@ impl<X> RatelimitLayerBuilder<X> {
             missing_usage: self.missing_usage,
             default_estimate: self.default_estimate,
             fallback_identifier: self.fallback_identifier,
+            http: self.http,
         };
         Ok(RatelimitLayer {
             limits: Arc::new(limits),

@@ -75,7 +75,7 @@ mod future;
 #[allow(clippy::module_inception)]
 mod layer;
 mod service;
-mod settlement;
+pub(crate) mod settlement;
 
 pub use future::ResponseFuture;
 pub use layer::{RatelimitLayer, RatelimitLayerBuilder};
@@ -84,8 +84,9 @@ pub use service::Ratelimited;
 use std::sync::Arc;
 
 use crate::algorithm::{Algorithm, MAX_UNITS};
+use crate::error::{Error, LimitExceeded};
 use crate::llm::Usage;
-use crate::store::Store;
+use crate::store::{Decision, LimitCheck, Store, state_key};
 
 /// How the token limit is applied before a call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,9 +133,104 @@ pub(crate) struct Limits {
     pub missing_usage: MissingUsage,
     pub default_estimate: u64,
     pub fallback_identifier: Option<Vec<u8>>,
+    pub http: HttpConfig,
+}
+
+/// Settings only the HTTP service uses.
+#[derive(Clone)]
+pub(crate) struct HttpConfig {
+    pub usage_format: Arc<dyn crate::http::UsageFormat>,
+    pub inject_stream_usage: bool,
+    pub max_request_body: usize,
+}
+
+/// The store operation for one call, before dispatch.
+pub(crate) struct Plan {
+    pub checks: Vec<LimitCheck>,
+    pub token_key: Option<String>,
+    pub reserved: u64,
 }
 
 impl Limits {
+    /// The checks for one call of the identifier with hash tag `tag`; `estimate` is
+    /// asked for only in `Reserve` mode.
+    pub(crate) fn plan(&self, tag: &str, estimate: impl FnOnce() -> Option<u64>) -> Plan {
+        let mut checks = Vec::with_capacity(2);
+        if let Some(requests) = &self.requests {
+            checks.push(LimitCheck {
+                key: state_key(&requests.prefix, tag),
+                algorithm: requests.algorithm,
+                cost: 1,
+                take: true,
+            });
+        }
+        let mut reserved = 0;
+        let token_key = self.tokens.as_ref().map(|tokens| {
+            let key = state_key(&tokens.prefix, tag);
+            let (cost, take) = match self.token_mode {
+                // "Allowed iff remaining > 0" is "a cost of 1 fits", without taking it.
+                TokenMode::CheckRemaining => (1, false),
+                TokenMode::Reserve => {
+                    reserved = estimate()
+                        .unwrap_or(self.default_estimate)
+                        .clamp(1, MAX_UNITS);
+                    (reserved, true)
+                }
+            };
+            checks.push(LimitCheck {
+                key: key.clone(),
+                algorithm: tokens.algorithm,
+                cost,
+                take,
+            });
+            key
+        });
+        Plan {
+            checks,
+            token_key,
+            reserved,
+        }
+    }
+
+    /// The error for a denied acquire: the request limit if it denied, else the token
+    /// limit. Also says which (`"requests"` or `"tokens"`).
+    pub(crate) fn denial(&self, decisions: &[Decision]) -> (&'static str, Error) {
+        let mut index = 0;
+        let mut denied = |configured: bool| -> Option<LimitExceeded> {
+            if !configured {
+                return None;
+            }
+            let d = decisions.get(index)?;
+            index += 1;
+            (!d.allowed).then_some(LimitExceeded {
+                limit: d.limit,
+                remaining: d.remaining,
+                retry_after: d.retry_after,
+                reset_after: d.reset_after,
+            })
+        };
+        let requests = denied(self.requests.is_some());
+        let tokens = denied(self.tokens.is_some());
+        match (requests, tokens) {
+            (Some(l), _) => ("requests", Error::RequestLimitReached(l)),
+            (None, Some(l)) => ("tokens", Error::TokenLimitReached(l)),
+            (None, None) => (
+                "requests",
+                Error::Store(crate::error::StoreError::new(
+                    "store denied without a denying decision",
+                )),
+            ),
+        }
+    }
+
+    /// `(name, period)` of each configured limit, in decision order.
+    pub(crate) fn names(&self) -> impl Iterator<Item = (&'static str, std::time::Duration)> + '_ {
+        self.requests
+            .iter()
+            .map(|l| ("requests", l.algorithm.period()))
+            .chain(self.tokens.iter().map(|l| ("tokens", l.algorithm.period())))
+    }
+
     /// Tokens to charge for a reported usage, clamped to [`MAX_UNITS`] with a warning.
     pub(crate) fn tokens_for(&self, usage: &Usage) -> u64 {
         let tokens = match &self.cost_fn {

@@ -4,12 +4,11 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::settlement::Settlement;
-use super::{Limits, ResponseFuture, TokenMode};
-use crate::algorithm::MAX_UNITS;
+use super::{Limits, ResponseFuture};
 use crate::error::{BoxError, Error};
 use crate::identifier::ExtractIdentifier;
 use crate::llm::{ReportsUsage, TokenEstimate};
-use crate::store::{LimitCheck, identifier_tag, state_key};
+use crate::store::identifier_tag;
 
 /// A service rate-limited by a [`RatelimitLayer`](super::RatelimitLayer).
 ///
@@ -95,40 +94,9 @@ where
             Err(error) => return ResponseFuture::failed(error),
         };
         let limits = &self.limits;
-        let mut checks = Vec::with_capacity(2);
-        if let Some(requests) = &limits.requests {
-            checks.push(LimitCheck {
-                key: state_key(&requests.prefix, &tag),
-                algorithm: requests.algorithm,
-                cost: 1,
-                take: true,
-            });
-        }
-        let mut reserved = 0;
-        let token_key = limits.tokens.as_ref().map(|tokens| {
-            let key = state_key(&tokens.prefix, &tag);
-            let (cost, take) = match limits.token_mode {
-                // "Allowed iff remaining > 0" is "a cost of 1 fits", without taking it.
-                TokenMode::CheckRemaining => (1, false),
-                TokenMode::Reserve => {
-                    let estimate = request
-                        .estimated_tokens()
-                        .unwrap_or(limits.default_estimate)
-                        .clamp(1, MAX_UNITS);
-                    reserved = estimate;
-                    (estimate, true)
-                }
-            };
-            checks.push(LimitCheck {
-                key: key.clone(),
-                algorithm: tokens.algorithm,
-                cost,
-                take,
-            });
-            key
-        });
-        let acquire = limits.store.acquire(checks);
-        let settlement = Settlement::new(limits.clone(), token_key, reserved, acquire);
+        let plan = limits.plan(&tag, || request.estimated_tokens());
+        let acquire = limits.store.acquire(plan.checks);
+        let settlement = Settlement::new(limits.clone(), plan.token_key, plan.reserved, acquire);
         // The service that was driven to readiness goes into the future; this one keeps
         // a fresh clone (tower's usual pattern for deferred calls).
         let clone = self.inner.clone();

@@ -1,0 +1,364 @@
+//! Bodies: [`RatelimitBody`] (responses, metered as they stream) and [`RequestBody`]
+//! (requests, passed on as they came or re-built after the layer read them).
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use memchr::memmem;
+use pin_project_lite::pin_project;
+
+use super::usage::UsageParser;
+use crate::error::BoxError;
+use crate::layer::settlement::Settlement;
+
+/// What the response body still owes the store, and how it reads usage.
+pub(crate) struct Meter {
+    parser: Option<Box<dyn UsageParser>>,
+    settlement: Option<Settlement>,
+    /// Whether the upstream answered with success (2xx): otherwise, without usage, the
+    /// call is settled like a failed call (the reservation is refunded).
+    success: bool,
+    filter: Option<UsageChunkFilter>,
+    pending: Option<Bytes>,
+    ended: bool,
+    settled: bool,
+}
+
+impl Meter {
+    pub(crate) fn new(
+        parser: Option<Box<dyn UsageParser>>,
+        settlement: Settlement,
+        success: bool,
+        filter_usage_chunk: bool,
+    ) -> Self {
+        Self {
+            parser,
+            settlement: Some(settlement),
+            success,
+            filter: filter_usage_chunk.then(UsageChunkFilter::default),
+            pending: None,
+            ended: false,
+            settled: false,
+        }
+    }
+
+    fn start_settlement(&mut self, finished: bool) {
+        let usage = match &mut self.parser {
+            Some(p) if finished => p.finish(),
+            Some(p) => p.usage(),
+            None => None,
+        };
+        if let Some(s) = &mut self.settlement {
+            // An error status without usage means the model produced nothing to charge.
+            let delivered = self.success || usage.is_some();
+            s.start(usage.as_ref(), delivered);
+        }
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if !self.settled && !self.ended {
+            // Dropped mid-stream (client went away, or a body error): charge what was
+            // seen; the settlement's own drop finishes the write in the background.
+            self.start_settlement(false);
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of a rate-limited HTTP service: the inner body's frames passed
+    /// through unchanged (usage is read as they go by; nothing is buffered beyond the
+    /// current SSE line or the `usage` member), or the JSON body of a response the layer
+    /// produced itself (429, 401, 413, 503).
+    ///
+    /// The call is settled before the end of the stream is handed on, so a client that
+    /// saw the whole body sees the charge in its next call; if the body errors or is
+    /// dropped early, it is settled once, in the background, on the usage seen so far.
+    pub struct RatelimitBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Full { data: Option<Bytes> },
+        Metered { #[pin] body: B, meter: Meter },
+        Plain { #[pin] body: B },
+    }
+}
+
+impl<B> RatelimitBody<B> {
+    /// A body the layer produced itself.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: Some(data.into()),
+            },
+        }
+    }
+
+    pub(crate) fn metered(body: B, meter: Meter) -> Self {
+        Self {
+            kind: Kind::Metered { body, meter },
+        }
+    }
+
+    pub(crate) fn plain(body: B) -> Self {
+        Self {
+            kind: Kind::Plain { body },
+        }
+    }
+}
+
+impl<B> Body for RatelimitBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Plain { body } => body.poll_frame(cx),
+            KindProj::Metered { mut body, meter } => loop {
+                if let Some(bytes) = meter.pending.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                if meter.ended {
+                    if !meter.settled {
+                        if let Some(s) = &mut meter.settlement {
+                            ready!(s.poll_write(cx));
+                        }
+                        meter.settled = true;
+                    }
+                    return Poll::Ready(None);
+                }
+                match ready!(body.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        let frame = match frame.into_data() {
+                            Ok(data) => {
+                                if let Some(p) = &mut meter.parser {
+                                    p.feed(&data);
+                                }
+                                match &mut meter.filter {
+                                    Some(f) => match f.push(data) {
+                                        Some(out) => Frame::data(out),
+                                        None => continue,
+                                    },
+                                    None => Frame::data(data),
+                                }
+                            }
+                            Err(frame) => frame,
+                        };
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    Some(Err(e)) => {
+                        meter.start_settlement(false);
+                        meter.ended = true;
+                        meter.settled = true;
+                        // Finish the write in the background: the error goes out now.
+                        meter.settlement = None;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    None => {
+                        if let Some(f) = &mut meter.filter {
+                            meter.pending = f.flush();
+                        }
+                        meter.start_settlement(true);
+                        meter.ended = true;
+                    }
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Plain { body } => body.is_end_stream(),
+            // Not until the settlement has been written: the end must be polled for.
+            Kind::Metered { meter, .. } => meter.settled && meter.pending.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Plain { body } => body.size_hint(),
+            Kind::Metered { body, meter } if meter.filter.is_none() => body.size_hint(),
+            Kind::Metered { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// Largest SSE event held back while looking for its end; beyond, bytes pass through.
+const MAX_HELD_EVENT: usize = 1024 * 1024;
+
+/// Removes the usage-only chunk (`"choices":[]` with a `usage` object) that the layer
+/// asked for with `stream_options.include_usage` from a client that did not ask for it.
+/// Works on whole SSE events, so it holds back at most the current event.
+#[derive(Default)]
+pub(crate) struct UsageChunkFilter {
+    held: BytesMut,
+}
+
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn is_usage_only_chunk(event: &[u8]) -> bool {
+    if memmem::find(event, b"\"usage\"").is_none() {
+        return false;
+    }
+    event
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .any(|data| {
+            let data = data.strip_suffix(b"\r").unwrap_or(data);
+            match serde_json::from_slice::<serde_json::Value>(data) {
+                Ok(v) => {
+                    v.get("choices")
+                        .and_then(|c| c.as_array())
+                        .is_some_and(|c| c.is_empty())
+                        && v.get("usage").is_some_and(|u| u.is_object())
+                }
+                Err(_) => false,
+            }
+        })
+}
+
+impl UsageChunkFilter {
+    /// Add bytes; returns the complete events to pass on, if any.
+    fn push(&mut self, data: Bytes) -> Option<Bytes> {
+        self.held.extend_from_slice(&data);
+        let mut out = BytesMut::new();
+        while let Some(end) = event_end(&self.held) {
+            let event = self.held.split_to(end);
+            if !is_usage_only_chunk(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        if self.held.len() > MAX_HELD_EVENT {
+            out.extend_from_slice(&self.held.split());
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    /// The end of the stream: whatever is held goes out.
+    fn flush(&mut self) -> Option<Bytes> {
+        let rest = self.held.split();
+        (!rest.is_empty() && !is_usage_only_chunk(&rest)).then(|| rest.freeze())
+    }
+}
+
+pin_project! {
+    /// The request body handed to the inner service: the original body untouched, or the
+    /// bytes the layer read (to estimate tokens) and possibly rewrote (to ask for usage).
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Streaming { #[pin] body: B },
+        Buffered { data: Option<Bytes> },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn streaming(body: B) -> Self {
+        Self {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+
+    pub(crate) fn buffered(data: Bytes) -> Self {
+        Self {
+            kind: RequestKind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Streaming { body } => body.poll_frame(cx).map_err(Into::into),
+            RequestKindProj::Buffered { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.is_end_stream(),
+            RequestKind::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.size_hint(),
+            RequestKind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_drops_only_the_usage_chunk_at_any_split() {
+        let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n\
+data: [DONE]\n\n";
+        let expected = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n";
+        for split in 1..stream.len() {
+            let mut f = UsageChunkFilter::default();
+            let mut out = Vec::new();
+            for chunk in stream.chunks(split) {
+                if let Some(b) = f.push(Bytes::copy_from_slice(chunk)) {
+                    out.extend_from_slice(&b);
+                }
+            }
+            if let Some(b) = f.flush() {
+                out.extend_from_slice(&b);
+            }
+            assert_eq!(out, expected.to_vec(), "split {split}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Rate-limit response headers (OpenAI-style and IETF) and the responses the layer
+//! produces itself: 429 (OpenAI error JSON, or gRPC `RESOURCE_EXHAUSTED`), 401, 413, 503.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
+
+use super::body::RatelimitBody;
+use crate::error::LimitExceeded;
+use crate::store::Decision;
+
+/// One limit's state as reported in headers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LimitInfo {
+    /// `requests` or `tokens`.
+    pub name: &'static str,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_after: Duration,
+    /// The quota's period, for `RateLimit-Policy`.
+    pub period: Duration,
+}
+
+impl LimitInfo {
+    pub(crate) fn new(name: &'static str, decision: &Decision, period: Duration) -> Self {
+        Self {
+            name,
+            limit: decision.limit,
+            remaining: decision.remaining,
+            reset_after: decision.reset_after,
+            period,
+        }
+    }
+}
+
+/// Whole seconds, rounded up.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// OpenAI's duration format for `x-ratelimit-reset-*`: `250ms`, `7s`, `1m0s`, `2h3m4s`.
+pub(crate) fn openai_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        return format!(
+            "{}ms",
+            d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0)
+        );
+    }
+    let total = ceil_secs(d);
+    let (h, m, s) = (total / 3600, (total % 3600) / 60, total % 60);
+    let mut out = String::new();
+    if h > 0 {
+        let _ = write!(out, "{h}h{m}m{s}s");
+    } else if m > 0 {
+        let _ = write!(out, "{m}m{s}s");
+    } else {
+        let _ = write!(out, "{s}s");
+    }
+    out
+}
+
+fn set(headers: &mut HeaderMap, name: &str, value: String) {
+    if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+        headers.insert(n, v);
+    }
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, `RateLimit-Policy` and
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for these limits.
+pub(crate) fn insert_rate_limit_headers(headers: &mut HeaderMap, infos: &[LimitInfo]) {
+    if infos.is_empty() {
+        return;
+    }
+    let mut policy = String::new();
+    let mut state = String::new();
+    for (i, info) in infos.iter().enumerate() {
+        set(
+            headers,
+            &format!("x-ratelimit-limit-{}", info.name),
+            info.limit.to_string(),
+        );
+        set(
+            headers,
+            &format!("x-ratelimit-remaining-{}", info.name),
+            info.remaining.to_string(),
+        );
+        set(
+            headers,
+            &format!("x-ratelimit-reset-{}", info.name),
+            openai_duration(info.reset_after),
+        );
+        let sep = if i == 0 { "" } else { ", " };
+        let _ = write!(
+            policy,
+            "{sep}\"{}\";q={};w={}",
+            info.name,
+            info.limit,
+            ceil_secs(info.period)
+        );
+        let _ = write!(
+            state,
+            "{sep}\"{}\";r={};t={}",
+            info.name,
+            info.remaining,
+            ceil_secs(info.reset_after)
+        );
+    }
+    set(headers, "ratelimit-policy", policy);
+    set(headers, "ratelimit", state);
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// An OpenAI-shaped JSON error: `{"error":{"message","type","param":null,"code"}}`.
+pub(crate) fn json_error<B>(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: &str,
+) -> Response<RatelimitBody<B>> {
+    let body = format!(
+        "{{\"error\":{{\"message\":{},\"type\":{},\"param\":null,\"code\":{}}}}}",
+        json_string(message),
+        json_string(kind),
+        json_string(code)
+    );
+    let mut response = Response::new(RatelimitBody::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// gRPC status codes the layer answers with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum GrpcCode {
+    InvalidArgument = 3,
+    ResourceExhausted = 8,
+    Unavailable = 14,
+    Unauthenticated = 16,
+}
+
+/// Percent-encoding of `grpc-message` (gRPC over HTTP/2 spec).
+fn grpc_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// A trailers-only gRPC error response (HTTP 200 with `grpc-status` in the headers), as
+/// tonic clients expect.
+pub(crate) fn grpc_error<B>(code: GrpcCode, message: &str) -> Response<RatelimitBody<B>> {
+    let mut response = Response::new(RatelimitBody::full(bytes::Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    set(headers, "grpc-status", (code as u8).to_string());
+    set(headers, "grpc-message", grpc_message(message));
+    response
+}
+
+/// The response for a rate-limit denial: 429 with `Retry-After` and the OpenAI error
+/// JSON, or gRPC `RESOURCE_EXHAUSTED` with `retry-after` metadata.
+pub(crate) fn denial<B>(
+    limit_name: &str,
+    message: &str,
+    exceeded: &LimitExceeded,
+    infos: &[LimitInfo],
+    grpc: bool,
+) -> Response<RatelimitBody<B>> {
+    let code = format!("{}_limit_reached", limit_name.trim_end_matches('s'));
+    let mut response = if grpc {
+        grpc_error(GrpcCode::ResourceExhausted, message)
+    } else {
+        json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            &code,
+            message,
+        )
+    };
+    let headers = response.headers_mut();
+    insert_rate_limit_headers(headers, infos);
+    if let Some(retry) = exceeded.retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(retry)));
+        set(headers, "retry-after-ms", retry.as_millis().to_string());
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_openai_format() {
+        assert_eq!(openai_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(openai_duration(Duration::from_micros(250_500)), "251ms");
+        assert_eq!(openai_duration(Duration::from_secs(7)), "7s");
+        assert_eq!(openai_duration(Duration::from_millis(6_100)), "7s");
+        assert_eq!(openai_duration(Duration::from_secs(60)), "1m0s");
+        assert_eq!(openai_duration(Duration::from_secs(7384)), "2h3m4s");
+        assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_message("a b%c\né"), "a b%25c%0A%C3%A9");
+    }
+}

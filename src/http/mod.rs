@@ -1,0 +1,105 @@
+//! HTTP integration (SPEC §7): [`HttpRatelimitLayer`] for `http::Request` services —
+//! axum routers, hyper services, tonic servers.
+//!
+//! * A denial is a **response**, not an error, so it works on an axum `Router` without
+//!   `HandleErrorLayer`: `429 Too Many Requests` with `Retry-After` (whole seconds,
+//!   rounded up, the real time left), OpenAI-style `x-ratelimit-*` headers, IETF
+//!   `RateLimit-Policy`/`RateLimit`, and an OpenAI-shaped JSON error body, so OpenAI SDKs
+//!   raise their `RateLimitError`. gRPC requests (`content-type: application/grpc`) get
+//!   `RESOURCE_EXHAUSTED` with `retry-after` metadata instead.
+//! * Allowed responses carry the same `x-ratelimit-*` and `RateLimit*` headers.
+//! * Usage is read from the response body as it streams ([`RatelimitBody`]): OpenAI
+//!   JSON and SSE, Anthropic JSON and SSE, or your own [`UsageFormat`]. The call is
+//!   settled before the end of the body is handed on; a body dropped early is settled on
+//!   what was seen.
+//! * In `Reserve` mode the estimate comes from the JSON request body
+//!   (`max_completion_tokens`/`max_tokens`, or the default, plus prompt text / 4).
+//! * Streamed OpenAI requests that do not ask for usage get
+//!   `stream_options.include_usage=true`; the usage-only chunk this produces is removed
+//!   from what the client receives.
+//! * Missing identifier: `401` with a JSON error (gRPC `UNAUTHENTICATED`), unless a
+//!   fallback identifier is configured.
+//!
+//! The inner service receives `Request<RequestBody<B>>`: the original body, or the bytes
+//! the layer read. axum's `Router`, tonic's `Routes` and any service generic over the
+//! body accept it.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_llm_ratelimit::BoxError> {
+//! use std::time::Duration;
+//! use axum::{Router, routing::post};
+//! use tower::ServiceBuilder;
+//! use tower_llm_ratelimit::{FixedWindow, RatelimitLayer, identifier::Header};
+//!
+//! let ratelimit = RatelimitLayer::builder()
+//!     .request_limit(FixedWindow::new(10, Duration::from_secs(60))?)
+//!     .token_limit(FixedWindow::new(10_000, Duration::from_secs(60))?)
+//!     .identifier(Header::new("x-user-id"))
+//!     .build_http()?;
+//! let app: Router = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "..." }))
+//!     .layer(ServiceBuilder::new().layer(ratelimit));
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod future;
+mod headers;
+mod inspect;
+mod service;
+mod usage;
+
+pub use body::{RatelimitBody, RequestBody};
+pub use future::HttpResponseFuture;
+pub use service::HttpRatelimited;
+pub use usage::{JsonUsage, OpenAiAnthropic, SseUsage, UsageFormat, UsageParser, usage_from_json};
+
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use crate::identifier::FromRequest;
+use crate::layer::Limits;
+
+/// Applies [`HttpRatelimited`] to an `http::Request` service. Built with
+/// [`RatelimitLayerBuilder::build_http`](crate::layer::RatelimitLayerBuilder::build_http).
+pub struct HttpRatelimitLayer<X = FromRequest> {
+    limits: Arc<Limits>,
+    extractor: X,
+}
+
+impl<X> HttpRatelimitLayer<X> {
+    pub(crate) fn new(limits: Arc<Limits>, extractor: X) -> Self {
+        Self { limits, extractor }
+    }
+}
+
+impl<X: Clone> Clone for HttpRatelimitLayer<X> {
+    fn clone(&self) -> Self {
+        Self {
+            limits: self.limits.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<X: std::fmt::Debug> std::fmt::Debug for HttpRatelimitLayer<X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRatelimitLayer")
+            .field("extractor", &self.extractor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, X: Clone> Layer<S> for HttpRatelimitLayer<X> {
+    type Service = HttpRatelimited<S, X>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpRatelimited::new(inner, self.limits.clone(), self.extractor.clone())
+    }
+}
