@@ -45,7 +45,7 @@ pub(crate) fn openai_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         return format!(
             "{}ms",
-            d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0)
+            d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000))
         );
     }
     let total = ceil_secs(d);
