@@ -11,6 +11,20 @@ pub trait ExtractIdentifier<R>: Clone + Send + Sync + 'static {
     fn extract<'r>(&self, request: &'r R) -> Option<Cow<'r, [u8]>>;
 }
 
+/// The first identifier `A` finds, else `B`'s (e.g. a user header, else the API key).
+#[derive(Clone, Debug, Default)]
+pub struct Or<A, B>(pub A, pub B);
+
+impl<R, A, B> ExtractIdentifier<R> for Or<A, B>
+where
+    A: ExtractIdentifier<R>,
+    B: ExtractIdentifier<R>,
+{
+    fn extract<'r>(&self, request: &'r R) -> Option<Cow<'r, [u8]>> {
+        self.0.extract(request).or_else(|| self.1.extract(request))
+    }
+}
+
 /// The request's own identifier ([`HasIdentifier`]); the default.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FromRequest;
