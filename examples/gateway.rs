@@ -549,7 +549,7 @@ pub async fn build(config: &Config) -> Result<Gateway, BoxError> {
                 )
                 .into());
             }
-            let client = Client::builder(TokioExecutor::new()).build_http();
+            let client = Arc::new(Client::builder(TokioExecutor::new()).build_http());
             Upstream::Proxy {
                 client,
                 base: url.trim_end_matches('/').to_owned(),
