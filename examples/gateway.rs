@@ -397,7 +397,7 @@ where
 pub enum Upstream {
     Mock,
     Proxy {
-        client: Client<HttpConnector, RequestBody<Incoming>>,
+        client: Arc<Client<HttpConnector, RequestBody<Incoming>>>,
         base: String,
     },
 }
