@@ -1,6 +1,7 @@
 //! Bodies: [`RatelimitBody`] (responses, metered as they stream) and [`RequestBody`]
 //! (requests, passed on as they came or re-built after the layer read them).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -21,7 +22,8 @@ pub(crate) struct Meter {
     /// call is settled like a failed call (the reservation is refunded).
     success: bool,
     filter: Option<UsageChunkFilter>,
-    pending: Option<Bytes>,
+    /// The last frames, held until the settlement is written.
+    pending: VecDeque<Frame<Bytes>>,
     ended: bool,
     settled: bool,
 }
@@ -38,7 +40,7 @@ impl Meter {
             settlement: Some(settlement),
             success,
             filter: filter_usage_chunk.then(UsageChunkFilter::default),
-            pending: None,
+            pending: VecDeque::new(),
             ended: false,
             settled: false,
         }
@@ -130,17 +132,17 @@ where
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Plain { body } => body.poll_frame(cx),
             KindProj::Metered { mut body, meter } => loop {
-                if let Some(bytes) = meter.pending.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
-                }
                 if meter.ended {
                     if !meter.settled {
+                        // The charge is written before the last bytes go out: a client
+                        // that has the whole body (by length or end of stream) also has
+                        // the charge behind it.
                         if let Some(s) = &mut meter.settlement {
                             ready!(s.poll_write(cx));
                         }
                         meter.settled = true;
                     }
-                    return Poll::Ready(None);
+                    return Poll::Ready(meter.pending.pop_front().map(Ok));
                 }
                 match ready!(body.as_mut().poll_frame(cx)) {
                     Some(Ok(frame)) => {
@@ -150,16 +152,25 @@ where
                                     p.feed(&data);
                                 }
                                 match &mut meter.filter {
-                                    Some(f) => match f.push(data) {
-                                        Some(out) => Frame::data(out),
-                                        None => continue,
-                                    },
-                                    None => Frame::data(data),
+                                    Some(f) => f.push(data).map(Frame::data),
+                                    None => Some(Frame::data(data)),
                                 }
                             }
-                            Err(frame) => frame,
+                            Err(frame) => Some(frame),
                         };
-                        return Poll::Ready(Some(Ok(frame)));
+                        if body.is_end_stream() {
+                            // That was the last frame: hold it until settled.
+                            let rest = meter.filter.as_mut().and_then(|f| f.flush());
+                            meter.pending.extend(frame);
+                            meter.pending.extend(rest.map(Frame::data));
+                            meter.start_settlement(true);
+                            meter.ended = true;
+                            continue;
+                        }
+                        match frame {
+                            Some(frame) => return Poll::Ready(Some(Ok(frame))),
+                            None => continue,
+                        }
                     }
                     Some(Err(e)) => {
                         meter.start_settlement(false);
@@ -170,9 +181,8 @@ where
                         return Poll::Ready(Some(Err(e)));
                     }
                     None => {
-                        if let Some(f) = &mut meter.filter {
-                            meter.pending = f.flush();
-                        }
+                        let rest = meter.filter.as_mut().and_then(|f| f.flush());
+                        meter.pending.extend(rest.map(Frame::data));
                         meter.start_settlement(true);
                         meter.ended = true;
                     }
@@ -186,7 +196,7 @@ where
             Kind::Full { data } => data.is_none(),
             Kind::Plain { body } => body.is_end_stream(),
             // Not until the settlement has been written: the end must be polled for.
-            Kind::Metered { meter, .. } => meter.settled && meter.pending.is_none(),
+            Kind::Metered { meter, .. } => meter.settled && meter.pending.is_empty(),
         }
     }
 
