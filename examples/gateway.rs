@@ -549,7 +549,9 @@ pub async fn build(config: &Config) -> Result<Gateway, BoxError> {
                 )
                 .into());
             }
-            let client = Arc::new(Client::builder(TokioExecutor::new()).build_http());
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            let client = Arc::new(Client::builder(TokioExecutor::new()).build(connector));
             Upstream::Proxy {
                 client,
                 base: url.trim_end_matches('/').to_owned(),
@@ -576,6 +578,8 @@ where
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // SSE is many small writes: without NODELAY, Nagle + delayed ACKs stall them.
+        let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(service.clone());
         tokio::spawn(async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

@@ -9,6 +9,10 @@
 //! numbers that are negative, fractional, strings or beyond `u64` are ignored with a
 //! warning (the call is then charged as one without usage, SPEC §5.3).
 
+use std::collections::VecDeque;
+use std::sync::LazyLock;
+
+use bytes::Bytes;
 use memchr::memmem;
 use serde_json::Value;
 
@@ -16,10 +20,11 @@ use crate::llm::Usage;
 
 /// Reads usage from a body's bytes, fed in whatever chunks the body arrives in.
 pub trait UsageParser: Send + 'static {
-    /// The next bytes of the body.
-    fn feed(&mut self, bytes: &[u8]);
+    /// The next frame of the body (a cheap reference-counted handle: a parser may keep
+    /// it instead of copying).
+    fn feed(&mut self, chunk: &Bytes);
     /// The usage read so far (also used when the body is dropped mid-stream).
-    fn usage(&self) -> Option<Usage>;
+    fn usage(&mut self) -> Option<Usage>;
     /// The body ended: flush anything pending and return the final usage.
     fn finish(&mut self) -> Option<Usage> {
         self.usage()
@@ -187,13 +192,13 @@ impl JsonUsage {
 }
 
 impl UsageParser for JsonUsage {
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+    fn feed(&mut self, chunk: &Bytes) {
+        for &b in chunk.iter() {
             self.step(b);
         }
     }
 
-    fn usage(&self) -> Option<Usage> {
+    fn usage(&mut self) -> Option<Usage> {
         self.usage
     }
 
@@ -209,10 +214,9 @@ impl UsageParser for JsonUsage {
 /// The longest SSE line kept; longer lines are skipped (usage lines are short).
 const MAX_SSE_LINE: usize = 1024 * 1024;
 
-/// Reads usage from an OpenAI or Anthropic `text/event-stream` body, line by line. Only
-/// `data:` lines that mention `"usage"` are parsed as JSON.
-#[derive(Default)]
-pub struct SseUsage {
+/// Reads usage from SSE lines. Only `data:` lines with a `"usage"` object are parsed.
+#[derive(Clone, Default)]
+struct SseLines {
     line: Vec<u8>,
     skipping_long_line: bool,
     usage: Option<Usage>,
@@ -220,7 +224,7 @@ pub struct SseUsage {
     anthropic_input: Option<u64>,
 }
 
-impl SseUsage {
+impl SseLines {
     fn line_done(&mut self) {
         let mut line = std::mem::take(&mut self.line);
         if line.last() == Some(&b'\r') {
@@ -235,7 +239,7 @@ impl SseUsage {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if memmem::find(data, b"\"usage\"").is_none() {
+        if !mentions_usage_object(data) {
             return;
         }
         let event: Value = match serde_json::from_slice(data) {
@@ -280,40 +284,53 @@ impl SseUsage {
     }
 }
 
-impl UsageParser for SseUsage {
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
+/// Whether `hay` has a `"usage"` key followed by an object (not `null`), or one cut off
+/// at the end of `hay`. Lets the SSE reader skip most lines without parsing them: with
+/// `include_usage`, OpenAI puts `"usage":null` in every chunk.
+fn mentions_usage_object(hay: &[u8]) -> bool {
+    USAGE_KEY.find_iter(hay).any(|at| {
+        let mut rest = hay[at + 7..].iter().filter(|b| !b.is_ascii_whitespace());
+        match rest.next() {
+            None => true,
+            Some(b':') => matches!(rest.next(), None | Some(b'{')),
+            Some(_) => false,
+        }
+    })
+}
+
+impl SseLines {
     fn feed(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            match memchr::memchr(b'\n', bytes) {
-                Some(i) => {
-                    if self.skipping_long_line {
-                        self.skipping_long_line = false;
-                        self.line.clear();
-                    } else if self.line.len() + i <= MAX_SSE_LINE {
-                        self.line.extend_from_slice(&bytes[..i]);
-                        self.line_done();
-                    } else {
-                        self.line.clear();
-                    }
-                    bytes = &bytes[i + 1..];
-                }
-                None => {
-                    if !self.skipping_long_line {
-                        if self.line.len() + bytes.len() <= MAX_SSE_LINE {
-                            self.line.extend_from_slice(bytes);
-                        } else {
-                            warn_bad_usage("SSE line longer than 1 MiB skipped");
-                            self.line.clear();
-                            self.skipping_long_line = true;
-                        }
-                    }
-                    bytes = &[];
+        if !self.line.is_empty() || self.skipping_long_line {
+            // Finish the line carried over from the previous chunk.
+            let Some(i) = memchr::memchr(b'\n', bytes) else {
+                self.carry(bytes);
+                return;
+            };
+            self.carry(&bytes[..i]);
+            if self.skipping_long_line {
+                self.skipping_long_line = false;
+                self.line.clear();
+            } else {
+                self.line_done();
+            }
+            bytes = &bytes[i + 1..];
+        }
+        // Whole lines inside this chunk are read in place; most are skipped by one scan.
+        let (whole, partial) = match memchr::memrchr(b'\n', bytes) {
+            Some(i) => (&bytes[..i + 1], &bytes[i + 1..]),
+            None => (&[][..], bytes),
+        };
+        if mentions_usage_object(whole) {
+            for line in whole.split(|&b| b == b'\n') {
+                if mentions_usage_object(line) {
+                    self.handle_line(line.strip_suffix(b"\r").unwrap_or(line));
                 }
             }
         }
-    }
-
-    fn usage(&self) -> Option<Usage> {
-        self.usage
+        self.carry(partial);
     }
 
     fn finish(&mut self) -> Option<Usage> {
@@ -321,6 +338,95 @@ impl UsageParser for SseUsage {
             self.line_done();
         }
         self.usage
+    }
+
+    /// Keep part of an unfinished line, up to the line limit.
+    fn carry(&mut self, bytes: &[u8]) {
+        if self.skipping_long_line || bytes.is_empty() {
+            return;
+        }
+        if self.line.len() + bytes.len() <= MAX_SSE_LINE {
+            self.line.extend_from_slice(bytes);
+        } else {
+            warn_bad_usage("SSE line longer than 1 MiB skipped");
+            self.line.clear();
+            self.skipping_long_line = true;
+        }
+    }
+}
+
+/// Bytes at the start of a stream read as they arrive (Anthropic's `message_start`).
+const SSE_HEAD: usize = 4 * 1024;
+/// Bytes at the end of a stream kept (as frame handles, not copies) and read at the end
+/// (OpenAI's usage chunk, Anthropic's last `message_delta`).
+const SSE_TAIL: usize = 8 * 1024;
+
+/// Reads usage from an OpenAI or Anthropic `text/event-stream` body.
+///
+/// Usage lives at the ends of a stream: Anthropic's input tokens in `message_start` (the
+/// first event), OpenAI's usage chunk and Anthropic's final `message_delta` just before
+/// the end. So the first 4 KiB are read as they arrive, and the frames of the last
+/// 8 KiB are kept by reference and read when the stream ends (or is dropped): memory
+/// stays bounded, and the frames in between cost a reference count, not a scan.
+#[derive(Default)]
+pub struct SseUsage {
+    head: SseLines,
+    head_seen: usize,
+    tail: VecDeque<Bytes>,
+    tail_len: usize,
+    /// Frames left the tail window: the head's unfinished line does not continue into it.
+    evicted: bool,
+}
+
+impl SseUsage {
+    fn push_tail(&mut self, chunk: Bytes) {
+        self.tail_len += chunk.len();
+        self.tail.push_back(chunk);
+        while self.tail.len() > 1 && self.tail_len - self.tail[0].len() >= SSE_TAIL {
+            if let Some(front) = self.tail.pop_front() {
+                self.tail_len -= front.len();
+            }
+            self.evicted = true;
+        }
+    }
+
+    fn read_tail(&self) -> Option<Usage> {
+        let mut lines = if self.evicted {
+            SseLines {
+                usage: self.head.usage,
+                anthropic_input: self.head.anthropic_input,
+                ..SseLines::default()
+            }
+        } else {
+            self.head.clone()
+        };
+        for chunk in &self.tail {
+            lines.feed(chunk);
+        }
+        lines.finish()
+    }
+}
+
+impl UsageParser for SseUsage {
+    fn feed(&mut self, chunk: &Bytes) {
+        if self.head_seen < SSE_HEAD {
+            let take = (SSE_HEAD - self.head_seen).min(chunk.len());
+            self.head.feed(&chunk[..take]);
+            self.head_seen += take;
+            if take < chunk.len() {
+                self.push_tail(chunk.slice(take..));
+            }
+        } else {
+            self.push_tail(chunk.clone());
+        }
+    }
+
+    fn usage(&mut self) -> Option<Usage> {
+        self.read_tail()
+    }
+
+    fn finish(&mut self) -> Option<Usage> {
+        self.read_tail()
     }
 }
 
@@ -330,9 +436,35 @@ mod tests {
 
     fn parse(p: &mut dyn UsageParser, body: &[u8], split: usize) -> Option<Usage> {
         for chunk in body.chunks(split.max(1)) {
-            p.feed(chunk);
+            p.feed(&Bytes::copy_from_slice(chunk));
         }
         p.finish()
+    }
+
+    #[test]
+    fn sse_usage_at_both_ends_of_a_long_stream() {
+        let mut body = b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n".to_vec();
+        for i in 0..20_000 {
+            body.extend_from_slice(
+                format!(
+                    "data: {{\"type\":\"content_block_delta\",\"delta\":{{\"text\":\"{i}\"}}}}\n\n"
+                )
+                .as_bytes(),
+            );
+        }
+        body.extend_from_slice(
+            b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":20000}}\n\n",
+        );
+        assert!(body.len() > SSE_HEAD + SSE_TAIL);
+        for split in [7, 1000, 70_000] {
+            let mut p = SseUsage::default();
+            assert_eq!(
+                parse(&mut p, &body, split),
+                Some(Usage::new(9, 20000)),
+                "split {split}"
+            );
+            assert!(p.tail_len < SSE_TAIL + split, "the tail window is bounded");
+        }
     }
 
     const OPENAI_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"the \"usage\": {not this}"}}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42},"system_fingerprint":null}"#;
