@@ -495,3 +495,47 @@ async fn axum_router_without_handle_error_layer() {
     assert!(r.header("retry-after").parse::<u64>().unwrap() <= 60);
     assert_eq!(r.header("x-ratelimit-remaining-tokens"), "986");
 }
+
+#[tokio::test]
+async fn axum_with_a_timeout_inside_the_limit_refunds_the_reservation() {
+    use axum::error_handling::HandleErrorLayer;
+    use axum::{Router, routing::post as axum_post};
+    use tower::ServiceBuilder;
+
+    let prefix = common::unique_prefix("axum-timeout");
+    let layer = tower_llm_ratelimit::RatelimitLayer::builder()
+        .store(RedisStore::connect(&common::redis_url()).await.unwrap())
+        .prefix(prefix.clone())
+        .request_limit(FixedWindow::new(5, Duration::from_secs(60)).unwrap())
+        .token_limit(FixedWindow::new(1000, Duration::from_secs(60)).unwrap())
+        .token_mode(tower_llm_ratelimit::TokenMode::Reserve)
+        .identifier(Header::new("x-user-id"))
+        .build_http()
+        .unwrap();
+    // Outermost: the rate limit (one request per call); inside it, a timeout whose error
+    // HandleErrorLayer turns into a 504 response.
+    let app: Router = Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum_post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "too late"
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(layer)
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async { StatusCode::GATEWAY_TIMEOUT }))
+                .timeout(Duration::from_millis(50)),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut body = chat("x");
+    body["max_tokens"] = json!(300);
+    let r = post(addr, "/v1/chat/completions", &[("x-user-id", "kim")], body).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), "4", "the request counts");
+    // Nothing was produced: the 300+ token reservation is back.
+    assert_eq!(tokens_remaining(&prefix, 1000, "kim").await, 1000);
+}
