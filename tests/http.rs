@@ -525,7 +525,9 @@ async fn axum_with_a_timeout_inside_the_limit_refunds_the_reservation() {
         .layer(
             ServiceBuilder::new()
                 .layer(layer)
-                .layer(HandleErrorLayer::new(|_: tower::BoxError| async { StatusCode::GATEWAY_TIMEOUT }))
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    StatusCode::GATEWAY_TIMEOUT
+                }))
                 .timeout(Duration::from_millis(50)),
         );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -535,7 +537,11 @@ async fn axum_with_a_timeout_inside_the_limit_refunds_the_reservation() {
     body["max_tokens"] = json!(300);
     let r = post(addr, "/v1/chat/completions", &[("x-user-id", "kim")], body).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(r.header("x-ratelimit-remaining-requests"), "4", "the request counts");
+    assert_eq!(
+        r.header("x-ratelimit-remaining-requests"),
+        "4",
+        "the request counts"
+    );
     // Nothing was produced: the 300+ token reservation is back.
     assert_eq!(tokens_remaining(&prefix, 1000, "kim").await, 1000);
 }
