@@ -45,6 +45,7 @@ fn decisions(c: &mut Criterion) {
                     algorithm,
                     cost: 1,
                     take: true,
+                    slot: 0,
                 }];
                 black_box(store.acquire_now(&check))
             })

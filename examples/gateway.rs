@@ -44,7 +44,7 @@ use tower_llm_ratelimit::http::{HttpRatelimited, RatelimitBody, RequestBody};
 use tower_llm_ratelimit::identifier::{ApiKey, Header, Or};
 use tower_llm_ratelimit::{
     Algorithm, FixedWindow, MemoryStore, RatelimitLayer, RedisStore, SlidingWindow, Store,
-    TokenBucket, TokenMode,
+    StoreErrorPolicy, TokenBucket, TokenMode,
 };
 
 /// The gateway's command line.
@@ -519,8 +519,14 @@ pub async fn build(config: &Config) -> Result<Gateway, BoxError> {
             config.on_store_error
         );
     }
+    let policy = match config.on_store_error.as_str() {
+        "open" => StoreErrorPolicy::FailOpen,
+        "local" => StoreErrorPolicy::Local,
+        _ => StoreErrorPolicy::FailClosed,
+    };
     let mut builder = RatelimitLayer::builder()
         .shared_store(store)
+        .on_store_error(policy)
         .prefix(config.prefix.clone())
         .include_output_tokens(config.include_output_tokens)
         .token_mode(if config.reserve {

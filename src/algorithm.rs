@@ -163,7 +163,92 @@ impl TokenBucket {
     }
 }
 
-/// One of the three algorithms with its quota.
+/// At most `max` calls in flight per identifier. Each call holds a slot until it ends,
+/// or until its `lease` runs out if the process holding it died (crash safety): choose a
+/// lease longer than your longest call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConcurrencyLimit {
+    max: u64,
+    lease_us: u64,
+}
+
+impl ConcurrencyLimit {
+    /// At most `max` calls in flight, each slot expiring after `lease` at the latest.
+    pub fn new(max: u64, lease: Duration) -> Result<Self, Error> {
+        check_units("concurrency limit", max)?;
+        let lease_us = check_window("concurrency lease", lease)?;
+        Ok(Self { max, lease_us })
+    }
+
+    /// Calls allowed in flight.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// How long a slot lives if never released.
+    pub fn lease(&self) -> Duration {
+        Duration::from_micros(self.lease_us)
+    }
+}
+
+/// In-flight slots of one identifier: `(slot id, lease end µs)`.
+pub(crate) type Slots = Vec<(u64, i64)>;
+
+/// Take (when `take`) slot `slot` if fewer than `max` unexpired slots are held.
+/// Expired slots are dropped first. `reset_after` and `retry_after` are the time until
+/// the earliest lease ends: an upper bound on when a slot frees up.
+pub(crate) fn decide_slots(
+    limit: &ConcurrencyLimit,
+    slots: &mut Slots,
+    now: i64,
+    slot: u64,
+    take: bool,
+) -> (Outcome, bool) {
+    slots.retain(|(_, end)| *end > now);
+    let held = slots.len() as u64;
+    let allowed = held < limit.max;
+    let wrote = allowed && take;
+    if wrote {
+        slots.push((slot, now + limit.lease_us as i64));
+    }
+    let earliest = slots
+        .iter()
+        .map(|(_, end)| *end)
+        .min()
+        .map_or(0, |end| (end - now).max(0) as u64);
+    let outcome = Outcome {
+        allowed,
+        limit: limit.max,
+        remaining: limit.max.saturating_sub(slots.len() as u64),
+        reset_after_us: earliest,
+        retry_after_us: (!allowed).then_some(earliest.max(1)),
+    };
+    (outcome, wrote)
+}
+
+/// Release slot `slot` (a no-op if it already expired).
+pub(crate) fn release_slot(
+    limit: &ConcurrencyLimit,
+    slots: &mut Slots,
+    now: i64,
+    slot: u64,
+) -> Outcome {
+    slots.retain(|(id, end)| *end > now && *id != slot);
+    let earliest = slots
+        .iter()
+        .map(|(_, end)| *end)
+        .min()
+        .map_or(0, |end| (end - now).max(0) as u64);
+    Outcome {
+        allowed: true,
+        limit: limit.max,
+        remaining: limit.max.saturating_sub(slots.len() as u64),
+        reset_after_us: earliest,
+        retry_after_us: None,
+    }
+}
+
+/// One of the algorithms with its quota.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algorithm {
     /// See [`FixedWindow`].
@@ -172,6 +257,15 @@ pub enum Algorithm {
     SlidingWindow(SlidingWindow),
     /// See [`TokenBucket`].
     TokenBucket(TokenBucket),
+    /// See [`ConcurrencyLimit`]. Used by the layer, which releases each call's slot;
+    /// through [`Ratelimit`](crate::Ratelimit) a slot is only freed by its lease.
+    Concurrency(ConcurrencyLimit),
+}
+
+impl From<ConcurrencyLimit> for Algorithm {
+    fn from(a: ConcurrencyLimit) -> Self {
+        Algorithm::Concurrency(a)
+    }
 }
 
 impl From<FixedWindow> for Algorithm {
@@ -197,6 +291,7 @@ impl Algorithm {
             Algorithm::FixedWindow(a) => a.limit,
             Algorithm::SlidingWindow(a) => a.limit,
             Algorithm::TokenBucket(a) => a.capacity,
+            Algorithm::Concurrency(a) => a.max,
         }
     }
 
@@ -210,6 +305,7 @@ impl Algorithm {
                 let intervals = a.capacity.div_ceil(a.refill);
                 Duration::from_micros(intervals.saturating_mul(a.interval_us))
             }
+            Algorithm::Concurrency(a) => a.lease(),
         }
     }
 
@@ -219,6 +315,8 @@ impl Algorithm {
             Algorithm::FixedWindow(a) => [1, a.limit, a.window_us, 0],
             Algorithm::SlidingWindow(a) => [2, a.limit, a.window_us, 0],
             Algorithm::TokenBucket(a) => [3, a.capacity, a.refill, a.interval_us],
+            // p3 carries the call's slot id, filled in per call.
+            Algorithm::Concurrency(a) => [4, a.max, a.lease_us, 0],
         }
     }
 }
@@ -339,6 +437,12 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
                 anchor: last,
             }
         }
+        // Slots are not counters; stores handle them with `decide_slots`.
+        Algorithm::Concurrency(_) => View {
+            current: 0,
+            previous: 0,
+            anchor: 0,
+        },
     }
 }
 
@@ -351,6 +455,7 @@ fn used(alg: &Algorithm, v: &View, now: i64) -> i64 {
             v.current + sliding_weighted(v.previous, w, now - v.anchor * w)
         }
         Algorithm::TokenBucket(b) => b.capacity as i64 - v.current,
+        Algorithm::Concurrency(_) => v.current,
     }
 }
 
@@ -377,6 +482,7 @@ fn reset_after(alg: &Algorithm, v: &View, now: i64) -> i64 {
                 v.anchor + intervals * b.interval_us as i64 - now
             }
         }
+        Algorithm::Concurrency(_) => 0,
     }
 }
 
@@ -411,6 +517,7 @@ fn retry_after(alg: &Algorithm, v: &View, now: i64, cost: i64) -> i64 {
             let intervals = missing.div_ceil(b.refill) as i64;
             (v.anchor + intervals * b.interval_us as i64 - now).max(1)
         }
+        Algorithm::Concurrency(_) => 1,
     }
 }
 
@@ -426,7 +533,7 @@ fn state_of(alg: &Algorithm, v: &View) -> State {
             b: v.current,
             c: v.previous,
         },
-        Algorithm::TokenBucket(_) => State {
+        Algorithm::TokenBucket(_) | Algorithm::Concurrency(_) => State {
             a: v.current,
             b: v.anchor,
             c: 0,
@@ -439,6 +546,7 @@ fn is_empty_state(alg: &Algorithm, v: &View) -> bool {
         Algorithm::FixedWindow(_) => v.current == 0,
         Algorithm::SlidingWindow(_) => v.current == 0 && v.previous == 0,
         Algorithm::TokenBucket(b) => v.current >= b.capacity as i64,
+        Algorithm::Concurrency(_) => true,
     }
 }
 
@@ -522,6 +630,7 @@ pub(crate) fn adjust(
             Algorithm::TokenBucket(b) => {
                 v.current = clamp_counter(v.current - delta).min(b.capacity as i64);
             }
+            Algorithm::Concurrency(_) => {}
         }
     }
     let within = used(alg, &v, now) <= alg.limit() as i64;

@@ -25,10 +25,10 @@ mod llm;
 mod ratelimit;
 pub mod store;
 
-pub use algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
+pub use algorithm::{Algorithm, ConcurrencyLimit, FixedWindow, SlidingWindow, TokenBucket};
 pub use error::{BoxError, Error, ErrorKind, LimitExceeded, StoreError};
 pub use http::{HttpRatelimitLayer, HttpRatelimited};
-pub use layer::{MissingUsage, RatelimitLayer, Ratelimited, TokenMode};
+pub use layer::{MissingUsage, RatelimitLayer, Ratelimited, StoreErrorPolicy, TokenMode};
 pub use llm::{
     HasIdentifier, LlmRequest, LlmResponse, ReportsUsage, TokenEstimate, Usage,
     estimate_prompt_tokens,

@@ -106,6 +106,7 @@ impl Ratelimit {
             algorithm: self.algorithm,
             cost,
             take: true,
+            slot: 0,
         };
         first(self.store.acquire(vec![check]).await?)
     }
@@ -147,8 +148,9 @@ impl Ratelimit {
             key: self.key(identifier)?,
             algorithm: self.algorithm,
             delta,
+            slot: 0,
         };
-        first(self.store.adjust(vec![adjustment]).await?)
+        first(self.store.adjust(vec![adjustment], None).await?)
     }
 
     /// Take `cost` units, waiting (by the decisions' `retry_after`) up to `timeout` for

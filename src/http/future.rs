@@ -38,6 +38,7 @@ pin_project! {
         grpc: bool,
         filter_usage_chunk: bool,
         decisions: Vec<Decision>,
+        fallback: Option<&'static str>,
     }
 }
 
@@ -121,6 +122,7 @@ where
             grpc,
             filter_usage_chunk: false,
             decisions: Vec::new(),
+            fallback: None,
         }
     }
 
@@ -153,6 +155,7 @@ where
             grpc,
             filter_usage_chunk: false,
             decisions: Vec::new(),
+            fallback: None,
         }
     }
 
@@ -177,13 +180,12 @@ where
             grpc,
             filter_usage_chunk,
             decisions: Vec::new(),
+            fallback: None,
         }
     }
 
     fn start_acquire(limits: &Arc<Limits>, tag: &str, estimate: Option<u64>) -> Settlement {
-        let plan = limits.plan(tag, || estimate);
-        let acquire = limits.store.acquire(plan.checks);
-        Settlement::new(limits.clone(), plan.token_key, plan.reserved, acquire)
+        Settlement::new(limits.clone(), limits.plan(tag, || estimate))
     }
 }
 
@@ -279,7 +281,9 @@ where
                         this.state.set(State::Done);
                         continue;
                     };
-                    match ready!(settlement.poll_acquire(cx)) {
+                    let acquired = ready!(settlement.poll_acquire(cx));
+                    *this.fallback = settlement.decider().label();
+                    match acquired {
                         Err(error) => {
                             tracing::error!(identifier = %this.tag, %error, "rate-limit store failed");
                             let message = format!("rate limiter unavailable: {error}");
@@ -301,7 +305,7 @@ where
                             let (name, error) = limits.denial(&decisions);
                             tracing::info!(identifier = %this.tag, %error, "rate limit denied a request");
                             let infos = infos(&limits, &decisions);
-                            let response = match error.limit_exceeded() {
+                            let mut response = match error.limit_exceeded() {
                                 Some(exceeded) => headers::denial(
                                     name,
                                     &error.to_string(),
@@ -311,6 +315,7 @@ where
                                 ),
                                 None => refusal(&error, *this.grpc),
                             };
+                            headers::insert_fallback(response.headers_mut(), *this.fallback);
                             this.state.set(State::Respond {
                                 response: Some(response),
                             });

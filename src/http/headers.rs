@@ -111,6 +111,13 @@ pub(crate) fn insert_rate_limit_headers(headers: &mut HeaderMap, infos: &[LimitI
     set(headers, "ratelimit", state);
 }
 
+/// `x-ratelimit-fallback: open|local` when the decision was taken without the store.
+pub(crate) fn insert_fallback(headers: &mut HeaderMap, fallback: Option<&'static str>) {
+    if let Some(label) = fallback {
+        headers.insert("x-ratelimit-fallback", HeaderValue::from_static(label));
+    }
+}
+
 fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }

@@ -2,8 +2,9 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
+use super::reliability::{Breaker, SettlementQueue, StoreErrorPolicy};
 use super::{CostFn, HttpConfig, LimitConfig, Limits, MissingUsage, Ratelimited, TokenMode};
-use crate::algorithm::{Algorithm, MAX_UNITS};
+use crate::algorithm::{Algorithm, ConcurrencyLimit, MAX_UNITS};
 use crate::error::Error;
 use crate::identifier::FromRequest;
 use crate::llm::Usage;
@@ -47,6 +48,10 @@ impl RatelimitLayer<FromRequest> {
             prefix: "llm-ratelimit".to_owned(),
             requests: None,
             tokens: None,
+            concurrency: None,
+            store_timeout: std::time::Duration::from_secs(1),
+            on_store_error: StoreErrorPolicy::default(),
+            queue_capacity: 100_000,
             token_mode: TokenMode::default(),
             include_output_tokens: false,
             cost_fn: None,
@@ -60,6 +65,24 @@ impl RatelimitLayer<FromRequest> {
             },
             extractor: FromRequest,
         }
+    }
+}
+
+impl<X> RatelimitLayer<X> {
+    /// Settlements waiting for the store to come back.
+    pub fn pending_settlements(&self) -> usize {
+        self.limits.queue.len()
+    }
+
+    /// Settlements given up because the retry queue was full.
+    pub fn dropped_settlements(&self) -> u64 {
+        self.limits.queue.dropped()
+    }
+
+    /// Graceful shutdown: wait up to `deadline` for queued settlements to land. Returns
+    /// how many are still pending (0: nothing was lost).
+    pub async fn flush(&self, deadline: std::time::Duration) -> usize {
+        self.limits.queue.flush(deadline).await
     }
 }
 
@@ -78,6 +101,10 @@ pub struct RatelimitLayerBuilder<X> {
     prefix: String,
     requests: Option<Algorithm>,
     tokens: Option<Algorithm>,
+    concurrency: Option<Algorithm>,
+    store_timeout: std::time::Duration,
+    on_store_error: StoreErrorPolicy,
+    queue_capacity: usize,
     token_mode: TokenMode,
     include_output_tokens: bool,
     cost_fn: Option<CostFn>,
@@ -118,6 +145,34 @@ impl<X> RatelimitLayerBuilder<X> {
     /// reported usage after.
     pub fn token_limit(mut self, algorithm: impl Into<Algorithm>) -> Self {
         self.tokens = Some(algorithm.into());
+        self
+    }
+
+    /// Limit calls in flight per identifier, taken in the same store operation as the
+    /// other limits and released when the call ends (response, error, cancellation, end
+    /// or drop of the response body), or when its lease runs out.
+    pub fn concurrency_limit(mut self, limit: ConcurrencyLimit) -> Self {
+        self.concurrency = Some(limit.into());
+        self
+    }
+
+    /// What calls do when the store fails or is slower than the store timeout (default
+    /// [`StoreErrorPolicy::FailClosed`]).
+    pub fn on_store_error(mut self, policy: StoreErrorPolicy) -> Self {
+        self.on_store_error = policy;
+        self
+    }
+
+    /// The longest a store call may take before it counts as failed (default 1 s).
+    pub fn store_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// Settlements kept for retry while the store is down (default 100 000); beyond,
+    /// new ones are dropped with an error log.
+    pub fn settlement_queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity;
         self
     }
 
@@ -198,6 +253,10 @@ impl<X> RatelimitLayerBuilder<X> {
             prefix: self.prefix,
             requests: self.requests,
             tokens: self.tokens,
+            concurrency: self.concurrency,
+            store_timeout: self.store_timeout,
+            on_store_error: self.on_store_error,
+            queue_capacity: self.queue_capacity,
             token_mode: self.token_mode,
             include_output_tokens: self.include_output_tokens,
             cost_fn: self.cost_fn,
@@ -213,9 +272,9 @@ impl<X> RatelimitLayerBuilder<X> {
     /// prefix is invalid, the default estimate is out of range, or the fallback
     /// identifier is invalid.
     pub fn build(self) -> Result<RatelimitLayer<X>, Error> {
-        if self.requests.is_none() && self.tokens.is_none() {
+        if self.requests.is_none() && self.tokens.is_none() && self.concurrency.is_none() {
             return Err(Error::invalid_input(
-                "configure a request_limit, a token_limit, or both",
+                "configure a request_limit, a token_limit or a concurrency_limit",
             ));
         }
         validate_prefix(&self.prefix)?;
@@ -232,8 +291,23 @@ impl<X> RatelimitLayerBuilder<X> {
         if let Some(id) = &self.fallback_identifier {
             identifier_tag(id)?;
         }
+        if self.store_timeout.is_zero() {
+            return Err(Error::invalid_input("store timeout must be more than zero"));
+        }
+        let concurrency_prefix = format!("{}:inflight", self.prefix);
+        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let limits = Limits {
-            store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            store_is_local: store.is_local(),
+            store,
+            concurrency: self.concurrency.map(|algorithm| LimitConfig {
+                algorithm,
+                prefix: concurrency_prefix,
+            }),
+            store_timeout: self.store_timeout,
+            on_store_error: self.on_store_error,
+            local: MemoryStore::new(),
+            breaker: Breaker::new(std::time::Duration::from_secs(1)),
+            queue: Arc::new(SettlementQueue::new(self.queue_capacity.max(1))),
             requests: self.requests.map(|algorithm| LimitConfig {
                 algorithm,
                 prefix: requests_prefix,

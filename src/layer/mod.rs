@@ -74,11 +74,13 @@
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
+pub(crate) mod reliability;
 mod service;
 pub(crate) mod settlement;
 
 pub use future::ResponseFuture;
 pub use layer::{RatelimitLayer, RatelimitLayerBuilder};
+pub use reliability::StoreErrorPolicy;
 pub use service::Ratelimited;
 
 use std::sync::Arc;
@@ -125,8 +127,17 @@ pub(crate) struct LimitConfig {
 /// Everything the middleware shares across clones.
 pub(crate) struct Limits {
     pub store: Arc<dyn Store>,
+    /// The store is in-process: no timeouts, breaker or fallback needed.
+    pub store_is_local: bool,
     pub requests: Option<LimitConfig>,
     pub tokens: Option<LimitConfig>,
+    pub concurrency: Option<LimitConfig>,
+    pub store_timeout: std::time::Duration,
+    pub on_store_error: StoreErrorPolicy,
+    /// Decides under [`StoreErrorPolicy::Local`].
+    pub local: crate::store::MemoryStore,
+    pub breaker: reliability::Breaker,
+    pub queue: Arc<reliability::SettlementQueue>,
     pub token_mode: TokenMode,
     pub include_output_tokens: bool,
     pub cost_fn: Option<CostFn>,
@@ -148,6 +159,7 @@ pub(crate) struct HttpConfig {
 pub(crate) struct Plan {
     pub checks: Vec<LimitCheck>,
     pub token_key: Option<String>,
+    pub slot: Option<(String, Algorithm, u64)>,
     pub reserved: u64,
 }
 
@@ -155,13 +167,14 @@ impl Limits {
     /// The checks for one call of the identifier with hash tag `tag`; `estimate` is
     /// asked for only in `Reserve` mode.
     pub(crate) fn plan(&self, tag: &str, estimate: impl FnOnce() -> Option<u64>) -> Plan {
-        let mut checks = Vec::with_capacity(2);
+        let mut checks = Vec::with_capacity(3);
         if let Some(requests) = &self.requests {
             checks.push(LimitCheck {
                 key: state_key(&requests.prefix, tag),
                 algorithm: requests.algorithm,
                 cost: 1,
                 take: true,
+                slot: 0,
             });
         }
         let mut reserved = 0;
@@ -182,12 +195,26 @@ impl Limits {
                 algorithm: tokens.algorithm,
                 cost,
                 take,
+                slot: 0,
             });
             key
+        });
+        let slot = self.concurrency.as_ref().map(|c| {
+            let key = state_key(&c.prefix, tag);
+            let slot = reliability::next_id();
+            checks.push(LimitCheck {
+                key: key.clone(),
+                algorithm: c.algorithm,
+                cost: 1,
+                take: true,
+                slot,
+            });
+            (key, c.algorithm, slot)
         });
         Plan {
             checks,
             token_key,
+            slot,
             reserved,
         }
     }
@@ -211,10 +238,12 @@ impl Limits {
         };
         let requests = denied(self.requests.is_some());
         let tokens = denied(self.tokens.is_some());
-        match (requests, tokens) {
-            (Some(l), _) => ("requests", Error::RequestLimitReached(l)),
-            (None, Some(l)) => ("tokens", Error::TokenLimitReached(l)),
-            (None, None) => (
+        let concurrency = denied(self.concurrency.is_some());
+        match (requests, tokens, concurrency) {
+            (Some(l), _, _) => ("requests", Error::RequestLimitReached(l)),
+            (None, Some(l), _) => ("tokens", Error::TokenLimitReached(l)),
+            (None, None, Some(l)) => ("concurrency", Error::ConcurrencyLimitReached(l)),
+            (None, None, None) => (
                 "requests",
                 Error::Store(crate::error::StoreError::new(
                     "store denied without a denying decision",
@@ -229,6 +258,11 @@ impl Limits {
             .iter()
             .map(|l| ("requests", l.algorithm.period()))
             .chain(self.tokens.iter().map(|l| ("tokens", l.algorithm.period())))
+            .chain(
+                self.concurrency
+                    .iter()
+                    .map(|l| ("concurrency", l.algorithm.period())),
+            )
     }
 
     /// Tokens to charge for a reported usage, clamped to [`MAX_UNITS`] with a warning.

@@ -95,8 +95,7 @@ where
         };
         let limits = &self.limits;
         let plan = limits.plan(&tag, || request.estimated_tokens());
-        let acquire = limits.store.acquire(plan.checks);
-        let settlement = Settlement::new(limits.clone(), plan.token_key, plan.reserved, acquire);
+        let settlement = Settlement::new(limits.clone(), plan);
         // The service that was driven to readiness goes into the future; this one keeps
         // a fresh clone (tower's usual pattern for deferred calls).
         let clone = self.inner.clone();

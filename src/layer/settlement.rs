@@ -1,52 +1,117 @@
-//! Settlement of one call: exactly once on every path, including cancellation.
+//! Settlement of one call: exactly once on every path, including cancellation and store
+//! outages.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use super::{Limits, MissingUsage};
+use super::reliability::{Decider, fallback_decisions, next_id, with_timeout};
+use super::{Limits, MissingUsage, Plan};
+use crate::algorithm::Algorithm;
+use crate::error::StoreError;
 use crate::llm::Usage;
-use crate::store::{Adjustment, Decision, StoreFuture};
+use crate::store::{Adjustment, Decision, LimitCheck};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type AcquireFuture = BoxFuture<Result<(Vec<Decision>, Decider), StoreError>>;
 
 /// Where a call's settlement stands. Whatever phase it is in when dropped, [`Drop`]
-/// finishes it in the background, so dropping a call never leaks a reservation.
+/// finishes it in the background, so dropping a call never leaks a reservation or slot.
 enum Phase {
     /// The pre-dispatch acquire is in flight; if it turns out allowed, the reservation
-    /// must be refunded should the call not continue.
-    Acquiring(StoreFuture<Vec<Decision>>),
-    /// Acquired; the call is running. Dropped here: refund the reservation.
+    /// must be refunded (and the slot released) should the call not continue.
+    Acquiring(AcquireFuture),
+    /// Acquired; the call is running. Dropped here: refund and release.
     Armed,
-    /// The settling write is in flight; dropped here: let it finish.
-    Writing(StoreFuture<Vec<Decision>>),
+    /// The settling write is in flight (it queues itself if the store fails).
+    Writing(BoxFuture<()>),
     /// Nothing left to do.
     Done,
 }
 
-/// A call's debt to the store: the token reservation taken before dispatch, to be
-/// settled against the reported usage after it.
+/// A call's debt to the store: the token reservation and concurrency slot taken before
+/// dispatch, settled against the reported usage after it.
 pub(crate) struct Settlement {
     limits: Arc<Limits>,
     /// Key of the token limit for this identifier, when a token limit is configured.
     token_key: Option<String>,
+    /// Concurrency key, limit and this call's slot, when a concurrency limit is configured.
+    slot: Option<(String, Algorithm, u64)>,
     /// Tokens taken before dispatch (`Reserve` mode), 0 otherwise.
     reserved: u64,
+    /// Dedupes retried writes of this settlement in the store.
+    id: u64,
+    decider: Decider,
     phase: Phase,
 }
 
+/// The acquire for `checks`: on the store (with a timeout), else per the failure policy.
+fn acquire(limits: Arc<Limits>, checks: Vec<LimitCheck>) -> AcquireFuture {
+    Box::pin(async move {
+        if limits.store_is_local {
+            return Ok((limits.store.acquire(checks).await?, Decider::Store));
+        }
+        let error = if limits.breaker.is_open() {
+            StoreError::new("store unavailable (recent failures; retrying shortly)")
+        } else {
+            // Kept only when a fallback may need the checks.
+            let retained = (limits.on_store_error != super::StoreErrorPolicy::FailClosed)
+                .then(|| checks.clone());
+            match with_timeout(limits.store_timeout, limits.store.acquire(checks)).await {
+                Ok(decisions) => {
+                    limits.breaker.reset();
+                    return Ok((decisions, Decider::Store));
+                }
+                Err(error) => {
+                    limits.breaker.trip();
+                    tracing::error!(%error, policy = ?limits.on_store_error, "rate-limit store failed");
+                    match retained {
+                        Some(checks) => {
+                            return fallback_decisions(
+                                limits.on_store_error,
+                                &limits.local,
+                                &checks,
+                            )
+                            .map(|(d, decider)| {
+                                tracing::warn!(?decider, "rate limit decided without the store");
+                                (d, decider)
+                            })
+                            .ok_or(error);
+                        }
+                        None => return Err(error),
+                    }
+                }
+            }
+        };
+        // The breaker is open: the same policy, without waiting for another timeout.
+        let checks_for_fallback = checks;
+        fallback_decisions(limits.on_store_error, &limits.local, &checks_for_fallback)
+            .map(|(d, decider)| {
+                tracing::warn!(?decider, "rate limit decided without the store");
+                (d, decider)
+            })
+            .ok_or(error)
+    })
+}
+
 impl Settlement {
-    pub(crate) fn new(
-        limits: Arc<Limits>,
-        token_key: Option<String>,
-        reserved: u64,
-        acquire: StoreFuture<Vec<Decision>>,
-    ) -> Self {
+    pub(crate) fn new(limits: Arc<Limits>, plan: Plan) -> Self {
+        let fut = acquire(limits.clone(), plan.checks);
         Self {
             limits,
-            token_key,
-            reserved,
-            phase: Phase::Acquiring(acquire),
+            token_key: plan.token_key,
+            slot: plan.slot,
+            reserved: plan.reserved,
+            id: next_id(),
+            decider: Decider::Store,
+            phase: Phase::Acquiring(fut),
         }
+    }
+
+    /// How the acquire was decided (known once it finished).
+    pub(crate) fn decider(&self) -> Decider {
+        self.decider
     }
 
     /// Drive the acquire. Ready(Ok(decisions)) arms the settlement if all were allowed
@@ -54,20 +119,33 @@ impl Settlement {
     pub(crate) fn poll_acquire(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Vec<Decision>, crate::error::StoreError>> {
+    ) -> Poll<Result<Vec<Decision>, StoreError>> {
         let Phase::Acquiring(fut) = &mut self.phase else {
             return Poll::Ready(Ok(Vec::new()));
         };
         let result = std::task::ready!(fut.as_mut().poll(cx));
-        self.phase = match &result {
-            Ok(d) if d.iter().all(|d| d.allowed) => Phase::Armed,
-            _ => Phase::Done,
-        };
-        Poll::Ready(result)
+        self.phase = Phase::Done;
+        Poll::Ready(result.map(|(decisions, decider)| {
+            self.arm(&decisions, decider);
+            decisions
+        }))
     }
 
-    /// The token delta to write for this outcome: `Some(usage)` for a delivered response
-    /// with usage, `None` for one without; `delivered = false` for an inner error.
+    fn arm(&mut self, decisions: &[Decision], decider: Decider) {
+        self.decider = decider;
+        if decider == Decider::Open {
+            // Nothing was taken anywhere: the usage is all there is to write.
+            self.reserved = 0;
+            self.slot = None;
+        }
+        if decisions.iter().all(|d| d.allowed) {
+            self.phase = Phase::Armed;
+        }
+    }
+
+    /// The token delta against the reservation for this outcome: `Some(usage)` for a
+    /// delivered response with usage, `None` for one without; `delivered = false` for an
+    /// inner error.
     fn delta(&self, usage: Option<&Usage>, delivered: bool) -> i64 {
         let reserved = self.reserved as i64;
         if !delivered {
@@ -92,45 +170,100 @@ impl Settlement {
         }
     }
 
-    /// Start the settling write for this outcome (nothing is sent when the delta is 0).
+    /// The writes for a token `delta` against the reservation: `(to the store, to the
+    /// in-process fallback store)`.
+    fn writes(&self, delta: i64) -> (Vec<Adjustment>, Vec<Adjustment>) {
+        let token = |delta: i64| {
+            let (Some(key), Some(tokens)) = (&self.token_key, &self.limits.tokens) else {
+                return None;
+            };
+            (delta != 0).then(|| Adjustment {
+                key: key.clone(),
+                algorithm: tokens.algorithm,
+                delta,
+                slot: 0,
+            })
+        };
+        let release = self.slot.as_ref().map(|(key, algorithm, slot)| Adjustment {
+            key: key.clone(),
+            algorithm: *algorithm,
+            delta: -1,
+            slot: *slot,
+        });
+        match self.decider {
+            Decider::Store | Decider::Open => (
+                token(delta).into_iter().chain(release).collect(),
+                Vec::new(),
+            ),
+            // The local store holds the reservation and slot; the shared store gets the
+            // usage itself, so the shared budget stays whole across the outage.
+            Decider::Local => {
+                let local = token(delta).into_iter().chain(release).collect();
+                let used = delta + self.reserved as i64;
+                (token(used.max(0)).into_iter().collect(), local)
+            }
+        }
+    }
+
+    /// The future that writes `delta`: local writes at once, the store's with a timeout,
+    /// queued for retry if the store fails. `None` when there is nothing to write.
+    fn write_future(&self, delta: i64) -> Option<BoxFuture<()>> {
+        let (remote, local) = self.writes(delta);
+        if !local.is_empty() {
+            self.limits.local.adjust_now(&local);
+        }
+        if remote.is_empty() {
+            return None;
+        }
+        let limits = self.limits.clone();
+        let id = self.id;
+        Some(Box::pin(async move {
+            if limits.store_is_local {
+                if let Err(error) = limits.store.adjust(remote, Some(id)).await {
+                    tracing::error!(%error, "could not write a settlement");
+                }
+                return;
+            }
+            if !limits.breaker.is_open() {
+                match with_timeout(
+                    limits.store_timeout,
+                    limits.store.adjust(remote.clone(), Some(id)),
+                )
+                .await
+                {
+                    Ok(_) => return,
+                    Err(error) => {
+                        limits.breaker.trip();
+                        tracing::warn!(%error, "settlement not written; queued for retry");
+                    }
+                }
+            }
+            limits
+                .queue
+                .push(limits.store.clone(), limits.store_timeout, remote, id);
+        }))
+    }
+
+    /// Start the settling write for this outcome (nothing is sent when there is nothing
+    /// to write).
     pub(crate) fn start(&mut self, usage: Option<&Usage>, delivered: bool) {
         if !matches!(self.phase, Phase::Armed) {
             return;
         }
         let delta = self.delta(usage, delivered);
-        self.phase = match self.write(delta) {
+        self.phase = match self.write_future(delta) {
             Some(fut) => Phase::Writing(fut),
             None => Phase::Done,
         };
     }
 
-    /// The token adjustment for `delta`, if there is anything to write.
-    fn adjustment(&self, delta: i64) -> Option<Adjustment> {
-        let (Some(key), Some(tokens)) = (&self.token_key, &self.limits.tokens) else {
-            return None;
-        };
-        (delta != 0).then(|| Adjustment {
-            key: key.clone(),
-            algorithm: tokens.algorithm,
-            delta,
-        })
-    }
-
-    fn write(&self, delta: i64) -> Option<StoreFuture<Vec<Decision>>> {
-        self.adjustment(delta)
-            .map(|a| self.limits.store.adjust(vec![a]))
-    }
-
-    /// Drive the settling write to completion. A failed write is logged, never turned
-    /// into a failure of a response the model already produced.
+    /// Drive the settling write to completion. It never fails: a write the store does not
+    /// take is queued and retried.
     pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Phase::Writing(fut) = &mut self.phase else {
             return Poll::Ready(());
         };
-        let result = std::task::ready!(fut.as_mut().poll(cx));
-        if let Err(error) = result {
-            tracing::error!(%error, "could not write the token charge of a call");
-        }
+        std::task::ready!(fut.as_mut().poll(cx));
         self.phase = Phase::Done;
         Poll::Ready(())
     }
@@ -138,37 +271,34 @@ impl Settlement {
 
 impl Drop for Settlement {
     fn drop(&mut self) {
-        let phase = std::mem::replace(&mut self.phase, Phase::Done);
-        // Built lazily: a store may apply an operation as soon as it is asked for it, and
-        // the refund must wait until the acquire is known to have been allowed.
-        let store = self.limits.store.clone();
-        let refund = self
-            .adjustment(-(self.reserved as i64))
-            .map(|a| async move { store.adjust(vec![a]).await });
-        match phase {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Done => {}
             Phase::Armed => {
-                if let Some(refund) = refund {
-                    finish_in_background(async move {
-                        if let Err(error) = refund.await {
-                            tracing::error!(%error, "could not refund a cancelled call's reservation");
-                        }
-                    });
+                // Cancelled while the call ran: give the reservation and the slot back.
+                if let Some(fut) = self.write_future(-(self.reserved as i64)) {
+                    finish_in_background(fut);
                 }
             }
-            Phase::Writing(write) => finish_in_background(async move {
-                if let Err(error) = write.await {
-                    tracing::error!(%error, "could not write the token charge of a dropped call");
-                }
-            }),
-            Phase::Acquiring(acquire) => finish_in_background(async move {
-                let allowed = matches!(acquire.await, Ok(d) if d.iter().all(|d| d.allowed));
-                if let (true, Some(refund)) = (allowed, refund)
-                    && let Err(error) = refund.await
-                {
-                    tracing::error!(%error, "could not refund a cancelled call's reservation");
-                }
-            }),
+            Phase::Writing(write) => finish_in_background(write),
+            Phase::Acquiring(acquire) => {
+                // The acquire may still land: wait for it, then undo it.
+                let mut undo = Settlement {
+                    limits: self.limits.clone(),
+                    token_key: self.token_key.take(),
+                    slot: self.slot.take(),
+                    reserved: self.reserved,
+                    id: self.id,
+                    decider: Decider::Store,
+                    phase: Phase::Done,
+                };
+                finish_in_background(async move {
+                    if let Ok((decisions, decider)) = acquire.await {
+                        undo.arm(&decisions, decider);
+                        // Dropping an armed settlement refunds and releases.
+                    }
+                    drop(undo);
+                });
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture};
-use crate::algorithm::{self, State, Write};
+use crate::algorithm::{self, Algorithm, Slots, State, Write};
 
 /// A source of "now" in microseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
@@ -64,8 +64,13 @@ const SHARDS: usize = 64;
 /// least as many writes as it holds entries, so sweeping costs O(1) amortized per write.
 const MIN_WRITES_BETWEEN_SWEEPS: usize = 256;
 
+enum Value {
+    Counter(State),
+    Slots(Slots),
+}
+
 struct Entry {
-    state: State,
+    value: Value,
     expires_at: i64,
 }
 
@@ -77,10 +82,49 @@ struct Shard {
 
 impl Shard {
     fn get(&self, key: &str, now: i64) -> Option<State> {
-        self.map
-            .get(key)
-            .filter(|e| e.expires_at > now)
-            .map(|e| e.state)
+        match self.map.get(key).filter(|e| e.expires_at > now) {
+            Some(Entry {
+                value: Value::Counter(state),
+                ..
+            }) => Some(*state),
+            _ => None,
+        }
+    }
+
+    fn slots(&self, key: &str, now: i64) -> Slots {
+        match self.map.get(key).filter(|e| e.expires_at > now) {
+            Some(Entry {
+                value: Value::Slots(slots),
+                ..
+            }) => slots.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn put_slots(&mut self, key: &str, slots: Slots, now: i64) {
+        match slots.iter().map(|(_, end)| *end).max() {
+            Some(expires_at) => {
+                self.map.insert(
+                    key.into(),
+                    Entry {
+                        value: Value::Slots(slots),
+                        expires_at,
+                    },
+                );
+            }
+            None => {
+                self.map.remove(key);
+            }
+        }
+        self.after_write(now);
+    }
+
+    fn after_write(&mut self, now: i64) {
+        self.writes_since_sweep += 1;
+        if self.writes_since_sweep >= MIN_WRITES_BETWEEN_SWEEPS.max(self.map.len()) {
+            self.map.retain(|_, e| e.expires_at > now);
+            self.writes_since_sweep = 0;
+        }
     }
 
     fn apply(&mut self, key: &str, write: Write, now: i64) {
@@ -91,19 +135,19 @@ impl Shard {
             }
             Write::Put(state, ttl_us) => {
                 let expires_at = now.saturating_add(ttl_us as i64);
+                let entry = Entry {
+                    value: Value::Counter(state),
+                    expires_at,
+                };
                 match self.map.get_mut(key) {
-                    Some(e) => *e = Entry { state, expires_at },
+                    Some(e) => *e = entry,
                     None => {
-                        self.map.insert(key.into(), Entry { state, expires_at });
+                        self.map.insert(key.into(), entry);
                     }
                 }
             }
         }
-        self.writes_since_sweep += 1;
-        if self.writes_since_sweep >= MIN_WRITES_BETWEEN_SWEEPS.max(self.map.len()) {
-            self.map.retain(|_, e| e.expires_at > now);
-            self.writes_since_sweep = 0;
-        }
+        self.after_write(now);
     }
 }
 
@@ -194,7 +238,9 @@ impl MemoryStore {
     /// Synchronous form of [`Store::acquire`].
     pub fn acquire_now(&self, checks: &[LimitCheck]) -> Vec<Decision> {
         let now = self.inner.clock.now_micros();
-        if let [check] = checks {
+        if let [check] = checks
+            && !matches!(check.algorithm, Algorithm::Concurrency(_))
+        {
             // The common single-limit case: one lock, no bookkeeping.
             let mut shard = lock(&self.inner.shards[self.shard_of(&check.key)]);
             let state = shard.get(&check.key, now);
@@ -208,14 +254,29 @@ impl MemoryStore {
         let mut writes = Vec::with_capacity(checks.len());
         for (i, c) in checks.iter().enumerate() {
             let shard = guards.shard(i);
-            let (o, w) =
-                algorithm::decide(&c.algorithm, shard.get(&c.key, now), now, c.cost, c.take);
-            results.push(Decision::from(o));
-            writes.push(w);
+            match &c.algorithm {
+                Algorithm::Concurrency(limit) => {
+                    let mut slots = shard.slots(&c.key, now);
+                    let (o, wrote) =
+                        algorithm::decide_slots(limit, &mut slots, now, c.slot, c.take);
+                    results.push(Decision::from(o));
+                    writes.push(Pending::Slots(wrote.then_some(slots)));
+                }
+                alg => {
+                    let (o, w) =
+                        algorithm::decide(alg, shard.get(&c.key, now), now, c.cost, c.take);
+                    results.push(Decision::from(o));
+                    writes.push(Pending::Counter(w));
+                }
+            }
         }
         if results.iter().all(|d| d.allowed) {
             for (i, (c, w)) in checks.iter().zip(writes).enumerate() {
-                guards.shard(i).apply(&c.key, w, now);
+                match w {
+                    Pending::Counter(w) => guards.shard(i).apply(&c.key, w, now),
+                    Pending::Slots(Some(slots)) => guards.shard(i).put_slots(&c.key, slots, now),
+                    Pending::Slots(None) => {}
+                }
             }
         }
         results
@@ -231,9 +292,19 @@ impl MemoryStore {
             .enumerate()
             .map(|(i, a)| {
                 let shard = guards.shard(i);
-                let (o, w) = algorithm::adjust(&a.algorithm, shard.get(&a.key, now), now, a.delta);
-                shard.apply(&a.key, w, now);
-                Decision::from(o)
+                match &a.algorithm {
+                    Algorithm::Concurrency(limit) => {
+                        let mut slots = shard.slots(&a.key, now);
+                        let o = algorithm::release_slot(limit, &mut slots, now, a.slot);
+                        shard.put_slots(&a.key, slots, now);
+                        Decision::from(o)
+                    }
+                    alg => {
+                        let (o, w) = algorithm::adjust(alg, shard.get(&a.key, now), now, a.delta);
+                        shard.apply(&a.key, w, now);
+                        Decision::from(o)
+                    }
+                }
             })
             .collect()
     }
@@ -258,6 +329,12 @@ impl MemoryStore {
             .collect();
         Guards { of_key, guards }
     }
+}
+
+/// A write decided during an acquire, applied only if every check allowed.
+enum Pending {
+    Counter(Write),
+    Slots(Option<Slots>),
 }
 
 /// Shard guards held for one multi-key operation, taken in ascending shard order so
@@ -285,7 +362,8 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(out)))
     }
 
-    fn adjust(&self, adjustments: Vec<Adjustment>) -> StoreFuture<Vec<Decision>> {
+    fn adjust(&self, adjustments: Vec<Adjustment>, _: Option<u64>) -> StoreFuture<Vec<Decision>> {
+        // In-process operations are never ambiguous, so there is nothing to deduplicate.
         let out = self.adjust_now(&adjustments);
         Box::pin(std::future::ready(Ok(out)))
     }
@@ -293,5 +371,9 @@ impl Store for MemoryStore {
     fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
         self.delete_now(&keys);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 }

@@ -48,6 +48,10 @@ pub struct Decision {
     /// When denied: the earliest time the same cost could pass if nothing else is taken;
     /// `None` when allowed, or when the cost exceeds the limit and can never pass.
     pub retry_after: Option<Duration>,
+    /// Decided without the store (it failed): by letting the call through
+    /// ([`StoreErrorPolicy::FailOpen`](crate::layer::StoreErrorPolicy::FailOpen)) or on the
+    /// in-process fallback store ([`StoreErrorPolicy::Local`](crate::layer::StoreErrorPolicy::Local)).
+    pub fallback: bool,
 }
 
 impl From<Outcome> for Decision {
@@ -58,6 +62,7 @@ impl From<Outcome> for Decision {
             remaining: o.remaining,
             reset_after: Duration::from_micros(o.reset_after_us),
             retry_after: o.retry_after_us.map(Duration::from_micros),
+            fallback: false,
         }
     }
 }
@@ -73,6 +78,8 @@ pub struct LimitCheck {
     pub cost: u64,
     /// Whether to take `cost` when it fits; `false` only checks that it would fit.
     pub take: bool,
+    /// For [`Algorithm::Concurrency`]: this call's slot id (unique per call); else 0.
+    pub slot: u64,
 }
 
 /// One limit's part in an [`adjust`](Store::adjust).
@@ -83,8 +90,11 @@ pub struct Adjustment {
     /// The algorithm and quota.
     pub algorithm: Algorithm,
     /// Positive: charge (forced debit). Negative: refund. Magnitude at most
-    /// [`MAX_UNITS`](crate::algorithm::MAX_UNITS).
+    /// [`MAX_UNITS`](crate::algorithm::MAX_UNITS). For [`Algorithm::Concurrency`], any
+    /// negative delta releases `slot`.
     pub delta: i64,
+    /// For [`Algorithm::Concurrency`]: the slot to release; else 0.
+    pub slot: u64,
 }
 
 /// A place to keep limiter state. Implementations must make each operation atomic.
@@ -94,10 +104,23 @@ pub trait Store: Send + Sync + 'static {
     fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>>;
 
     /// Apply every adjustment (charges always land; refunds stop at a full budget).
-    fn adjust(&self, adjustments: Vec<Adjustment>) -> StoreFuture<Vec<Decision>>;
+    ///
+    /// With a `settlement_id`, the store applies the batch at most once per id (for a
+    /// while): a retry after an ambiguous failure (a timeout after sending) is then safe.
+    fn adjust(
+        &self,
+        adjustments: Vec<Adjustment>,
+        settlement_id: Option<u64>,
+    ) -> StoreFuture<Vec<Decision>>;
 
     /// Delete these keys.
     fn delete(&self, keys: Vec<String>) -> StoreFuture<()>;
+
+    /// Whether the store lives in this process and cannot fail or stall (the layer then
+    /// skips timeouts and fallbacks). Default `false`.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// Longest identifier kept verbatim in keys; longer ones (and any with bytes outside

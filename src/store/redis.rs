@@ -164,8 +164,20 @@ fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreE
             remaining: f[2].max(0) as u64,
             reset_after: Duration::from_micros(f[3].max(0) as u64),
             retry_after: (f[4] >= 0).then(|| Duration::from_micros(f[4] as u64)),
+            fallback: false,
         })
         .collect())
+}
+
+/// How long a settlement id is remembered: far longer than any retry of an ambiguous
+/// write takes (retries come within seconds; a store that is down fails fast).
+const SETTLEMENT_MEMORY: Duration = Duration::from_secs(3600);
+
+fn with_slot(mut params: [u64; 4], slot: u64) -> [u64; 4] {
+    if params[0] == 4 {
+        params[3] = slot;
+    }
+    params
 }
 
 fn algorithm_args(params: [u64; 4], args: &mut Vec<i64>) {
@@ -180,7 +192,7 @@ impl Store for RedisStore {
             let mut args = Vec::with_capacity(count * 6);
             let mut keys = Vec::with_capacity(count);
             for c in checks {
-                algorithm_args(c.algorithm.script_params(), &mut args);
+                algorithm_args(with_slot(c.algorithm.script_params(), c.slot), &mut args);
                 args.push(c.cost as i64);
                 args.push(c.take as i64);
                 keys.push(c.key);
@@ -193,17 +205,28 @@ impl Store for RedisStore {
         })
     }
 
-    fn adjust(&self, adjustments: Vec<Adjustment>) -> StoreFuture<Vec<Decision>> {
+    fn adjust(
+        &self,
+        adjustments: Vec<Adjustment>,
+        settlement_id: Option<u64>,
+    ) -> StoreFuture<Vec<Decision>> {
         let shared = self.shared.clone();
         Box::pin(async move {
             let count = adjustments.len();
-            let mut args = Vec::with_capacity(count * 5);
-            let mut keys = Vec::with_capacity(count);
+            let mut args = Vec::with_capacity(2 + count * 5);
+            let mut keys = Vec::with_capacity(count + 1);
+            // ARGV[1]: the id (-1 for none), ARGV[2]: how long to remember it.
+            args.push(settlement_id.map_or(-1, |id| id as i64));
+            args.push(SETTLEMENT_MEMORY.as_millis() as i64);
+            let dedupe_key = settlement_id
+                .zip(adjustments.first())
+                .map(|(id, a)| format!("{}:settled:{id}", a.key));
             for a in adjustments {
-                algorithm_args(a.algorithm.script_params(), &mut args);
+                algorithm_args(with_slot(a.algorithm.script_params(), a.slot), &mut args);
                 args.push(a.delta);
                 keys.push(a.key);
             }
+            keys.extend(dedupe_key);
             let reply = Self::run(shared, &ADJUST, keys, args).await?;
             parse_decisions(&reply, count)
         })

@@ -138,3 +138,32 @@ local function push_outcome(reply, alg, p1, p2, p3, v, now, allowed, retry)
   reply[#reply + 1] = reset
   reply[#reply + 1] = retry
 end
+
+-- Concurrency slots (algorithm 4): a sorted set of slot id -> lease end (microseconds).
+-- Expired slots are dropped before counting, so a slot of a crashed process frees itself.
+local function slots_held(key, now)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key)
+end
+
+-- Time until the earliest lease ends (an upper bound on when a slot frees), or 0.
+local function slots_earliest(key, now)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #first == 0 then return 0 end
+  local left = tonumber(first[2]) - now
+  if left < 0 then return 0 end
+  return left
+end
+
+local function push_slots_outcome(reply, key, max, now, held, allowed)
+  local remaining = max - held
+  if remaining < 0 then remaining = 0 end
+  local earliest = slots_earliest(key, now)
+  local retry = -1
+  if not allowed then retry = math.max(earliest, 1) end
+  reply[#reply + 1] = allowed and 1 or 0
+  reply[#reply + 1] = max
+  reply[#reply + 1] = remaining
+  reply[#reply + 1] = earliest
+  reply[#reply + 1] = retry
+end
