@@ -353,9 +353,14 @@ where
                             &infos(limits, this.decisions),
                         );
                     }
+                    headers::insert_fallback(&mut parts.headers, *this.fallback);
                     let settlement = this.settlement.take();
                     let body = match (limits, settlement) {
-                        (Some(limits), Some(settlement)) if limits.tokens.is_some() => {
+                        // Settled at the end of the body: the token charge, and the
+                        // concurrency slot, which is held until the body is done.
+                        (Some(limits), Some(settlement))
+                            if limits.tokens.is_some() || limits.concurrency.is_some() =>
+                        {
                             let parser = limits.http.usage_format.parser(&parts);
                             let filter = *this.filter_usage_chunk && is_event_stream(&parts);
                             if filter {

@@ -148,7 +148,7 @@ impl Settlement {
     /// inner error.
     fn delta(&self, usage: Option<&Usage>, delivered: bool) -> i64 {
         let reserved = self.reserved as i64;
-        if !delivered {
+        if !delivered || self.token_key.is_none() {
             return -reserved;
         }
         match usage {

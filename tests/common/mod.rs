@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct RedisServer {
     pub port: u16,
     pub url: String,
+    pid: u32,
+    args: Vec<String>,
     child: Child,
 }
 
@@ -42,29 +44,64 @@ impl RedisServer {
             dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-        let script = format!(
-            "redis-server {} >/dev/null 2>&1 & pid=$!; echo started; read _; kill -9 $pid 2>/dev/null",
-            quoted.join(" ")
-        );
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect(
-                "cannot run redis-server: install it (apt-get install redis-server) or set REDIS_URL",
-            );
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, pid) = spawn(&args);
         let url = format!("redis://127.0.0.1:{port}/");
         wait_for_ping(&url);
-        RedisServer { port, url, child }
+        RedisServer {
+            port,
+            url,
+            pid,
+            args,
+            child,
+        }
     }
+
+    /// `kill -9` the server (no shutdown, no final save).
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.pid.to_string()])
+            .status();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Start the server again on the same port and directory.
+    pub fn restart(&mut self) {
+        let (child, pid) = spawn(&self.args);
+        drop(std::mem::replace(&mut self.child, child).stdin.take());
+        self.pid = pid;
+        wait_for_ping(&self.url);
+    }
+}
+
+/// Run redis-server under a shell that kills it when our end of its stdin closes; returns
+/// the shell and redis-server's pid.
+fn spawn(args: &[String]) -> (Child, u32) {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let script = format!(
+        "redis-server {} >/dev/null 2>&1 & pid=$!; echo $pid; read _; kill -9 $pid 2>/dev/null",
+        quoted.join(" ")
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect(
+            "cannot run redis-server: install it (apt-get install redis-server) or set REDIS_URL",
+        );
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = line.trim().parse().expect("redis-server pid");
+    (child, pid)
 }
 
 impl Drop for RedisServer {

@@ -1,0 +1,446 @@
+//! Faults, outages and cancellation: a test-owned redis-server behind a test-owned fault
+//! proxy; for each store-error policy, the documented outcome, no hang beyond the
+//! timeout, and after recovery every queued charge landed exactly once.
+
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use proxy::{FaultProxy, Mode};
+use tower::{BoxError, Service, ServiceExt, service_fn};
+use tower_llm_ratelimit::{
+    ConcurrencyLimit, ErrorKind, FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit,
+    RatelimitLayer, RedisOptions, RedisStore, Store, StoreErrorPolicy, TokenMode, Usage,
+};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_millis(200);
+/// Tokens the mock LLM reports per call (prompt + completion, output included).
+const PER_CALL: u64 = 15;
+const TOKENS: u64 = 1_000_000;
+
+fn mock_llm(
+    delay: Duration,
+    usage: Usage,
+) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
+{
+    service_fn(move |_: LlmRequest| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok::<_, BoxError>(LlmResponse {
+            text: "ok".into(),
+            usage: Some(usage),
+        })
+    })
+}
+
+async fn redis_via(url: &str) -> RedisStore {
+    let options = RedisOptions::default()
+        .response_timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT);
+    RedisStore::connect_with(url, options).await.unwrap()
+}
+
+async fn tokens_used(url: &str, prefix: &str, id: &str) -> u64 {
+    let store = RedisStore::connect(url).await.unwrap();
+    let rl = Ratelimit::new(
+        FixedWindow::new(TOKENS, MINUTE).unwrap(),
+        store,
+        &format!("{prefix}:tokens"),
+    )
+    .unwrap();
+    TOKENS - rl.remaining(id).await.unwrap()
+}
+
+/// Five calls; returns how many passed. Each must finish well within the timeout bound.
+async fn five_calls<S>(svc: &S, policy: StoreErrorPolicy, phase: &str, expect_ok: bool) -> u64
+where
+    S: Service<LlmRequest, Response = LlmResponse, Error = tower_llm_ratelimit::Error> + Clone,
+{
+    let mut ok = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let result = svc.clone().oneshot(LlmRequest::new("alice", "hi")).await;
+        let took = started.elapsed();
+        assert!(
+            took < TIMEOUT * 5,
+            "{policy:?}/{phase}: a call took {took:?}"
+        );
+        match result {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Store, "{policy:?}/{phase}: {e}");
+                assert!(!expect_ok, "{policy:?}/{phase}: failed with {e}");
+            }
+        }
+    }
+    if expect_ok {
+        assert_eq!(ok, 5, "{policy:?}/{phase}");
+    }
+    ok
+}
+
+async fn outage_for(policy: StoreErrorPolicy) {
+    let server = common::RedisServer::start();
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", server.port).parse().unwrap()).await;
+    let store = redis_via(&proxy.url()).await;
+    let prefix = common::unique_prefix(&format!("outage-{policy:?}"));
+    let layer = RatelimitLayer::builder()
+        .store(store)
+        .prefix(prefix.clone())
+        .request_limit(FixedWindow::new(1000, MINUTE).unwrap())
+        .token_limit(FixedWindow::new(TOKENS, MINUTE).unwrap())
+        .include_output_tokens(true)
+        .on_store_error(policy)
+        .store_timeout(TIMEOUT)
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(10, 5)));
+    let degraded_ok = policy != StoreErrorPolicy::FailClosed;
+    let mut ok = five_calls(&svc, policy, "healthy", true).await;
+
+    proxy.set_delay(TIMEOUT * 3);
+    ok += five_calls(&svc, policy, "latency", degraded_ok).await;
+    proxy.set(Mode::BlackHole);
+    ok += five_calls(&svc, policy, "black hole", degraded_ok).await;
+    proxy.set(Mode::Refuse);
+    proxy.drop_connections();
+    ok += five_calls(&svc, policy, "dropped", degraded_ok).await;
+
+    // Heal; the breaker lets the store be tried again within its cool-down.
+    proxy.set(Mode::Pass);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut recovered = false;
+    for _ in 0..50 {
+        if svc
+            .clone()
+            .oneshot(LlmRequest::new("alice", "hi"))
+            .await
+            .is_ok()
+        {
+            ok += 1;
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "{policy:?}: the layer did not recover");
+    ok += five_calls(&svc, policy, "recovered", true).await;
+    assert_eq!(
+        layer.flush(Duration::from_secs(10)).await,
+        0,
+        "{policy:?}: settlements still queued"
+    );
+    assert_eq!(layer.dropped_settlements(), 0);
+    // Every call that passed was charged exactly once, outage or not.
+    let used = tokens_used(&server.url, &prefix, "alice").await;
+    assert_eq!(used, PER_CALL * ok, "{policy:?}: {ok} calls passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fail_closed() {
+    outage_for(StoreErrorPolicy::FailClosed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fail_open() {
+    outage_for(StoreErrorPolicy::FailOpen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_local() {
+    outage_for(StoreErrorPolicy::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_policy_enforces_limits_in_process_and_flags_decisions() {
+    let server = common::RedisServer::start();
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", server.port).parse().unwrap()).await;
+    let layer = RatelimitLayer::builder()
+        .store(redis_via(&proxy.url()).await)
+        .prefix(common::unique_prefix("local"))
+        .request_limit(FixedWindow::new(3, MINUTE).unwrap())
+        .on_store_error(StoreErrorPolicy::Local)
+        .store_timeout(TIMEOUT)
+        .identifier(tower_llm_ratelimit::identifier::Header::new("x-user-id"))
+        .build_http()
+        .unwrap();
+    let svc = tower::Layer::layer(
+        &layer,
+        service_fn(|_: http::Request<_>| async {
+            Ok::<_, BoxError>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from("{}"),
+            )))
+        }),
+    );
+    proxy.set(Mode::BlackHole);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let req = http::Request::builder()
+            .header("x-user-id", "zoe")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(response.headers()["x-ratelimit-fallback"], "local");
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429],
+        "the local store enforces the limit"
+    );
+    proxy.set(Mode::Pass);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_restart_redis_under_load_loses_no_charge() {
+    // Persist every write, so what Redis acknowledged survives kill -9.
+    let mut server =
+        common::RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let url = server.url.clone();
+    let prefix = common::unique_prefix("kill9");
+    let layer = RatelimitLayer::builder()
+        .store(redis_via(&url).await)
+        .prefix(prefix.clone())
+        .request_limit(FixedWindow::new(100_000, MINUTE).unwrap())
+        .token_limit(FixedWindow::new(TOKENS, MINUTE).unwrap())
+        .include_output_tokens(true)
+        .on_store_error(StoreErrorPolicy::Local)
+        .store_timeout(TIMEOUT)
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(
+        &layer,
+        mock_llm(Duration::from_millis(5), Usage::new(10, 5)),
+    );
+    let ok = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (svc, ok) = (svc.clone(), ok.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut tasks = tokio::task::JoinSet::new();
+            while Instant::now() < deadline {
+                for _ in 0..8 {
+                    let (svc, ok) = (svc.clone(), ok.clone());
+                    tasks.spawn(async move {
+                        if svc.oneshot(LlmRequest::new("alice", "hi")).await.is_ok() {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            while tasks.join_next().await.is_some() {}
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::task::block_in_place(|| server.kill9());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::task::block_in_place(|| server.restart());
+    load.await.unwrap();
+    assert_eq!(
+        layer.flush(Duration::from_secs(15)).await,
+        0,
+        "settlements still queued"
+    );
+    let ok = ok.load(Ordering::SeqCst) as u64;
+    assert!(ok > 50, "only {ok} calls passed");
+    assert_eq!(tokens_used(&url, &prefix, "alice").await, PER_CALL * ok);
+    // And the layer works normally again (scripts reloaded after the restart).
+    let response = svc.oneshot(LlmRequest::new("alice", "hi")).await.unwrap();
+    assert_eq!(response.text, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_holds_and_releases_on_every_path() {
+    let redis: Arc<dyn Store> = Arc::new(RedisStore::connect(&common::redis_url()).await.unwrap());
+    for store in [Arc::new(MemoryStore::new()) as Arc<dyn Store>, redis] {
+        let prefix = common::unique_prefix("inflight");
+        let layer = RatelimitLayer::builder()
+            .shared_store(store.clone())
+            .prefix(prefix.clone())
+            .concurrency_limit(ConcurrencyLimit::new(2, MINUTE).unwrap())
+            .build()
+            .unwrap();
+        let svc = tower::Layer::layer(
+            &layer,
+            mock_llm(Duration::from_millis(200), Usage::new(1, 1)),
+        );
+        let tasks: Vec<_> = (0..5)
+            .map(|_| tokio::spawn(svc.clone().oneshot(LlmRequest::new("bob", "hi"))))
+            .collect();
+        let mut kinds = Vec::new();
+        for t in tasks {
+            kinds.push(t.await.unwrap().err().map(|e| e.kind()));
+        }
+        assert_eq!(kinds.iter().filter(|k| k.is_none()).count(), 2, "{kinds:?}");
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| **k == Some(ErrorKind::ConcurrencyLimitReached))
+                .count(),
+            3
+        );
+        // Released on success: two more pass.
+        for _ in 0..2 {
+            svc.clone()
+                .oneshot(LlmRequest::new("bob", "hi"))
+                .await
+                .unwrap();
+        }
+        // Released on cancellation.
+        for _ in 0..4 {
+            let call = svc.clone().oneshot(LlmRequest::new("bob", "hi"));
+            let _ = tokio::time::timeout(Duration::from_millis(20), call).await;
+        }
+        // Released on inner error.
+        let failing = tower::Layer::layer(
+            &layer,
+            service_fn(|_: LlmRequest| async { Err::<LlmResponse, BoxError>("boom".into()) }),
+        );
+        for _ in 0..4 {
+            assert_eq!(
+                failing
+                    .clone()
+                    .oneshot(LlmRequest::new("bob", "x"))
+                    .await
+                    .unwrap_err()
+                    .kind(),
+                ErrorKind::Inner
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let slots = Ratelimit::with_shared_store(
+            ConcurrencyLimit::new(2, MINUTE).unwrap(),
+            store.clone(),
+            &format!("{prefix}:inflight"),
+        )
+        .unwrap();
+        let d = slots.limit("bob", 1).await.unwrap();
+        assert_eq!(
+            d.remaining, 1,
+            "every slot was released (this probe holds one)"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_slot_of_a_dead_process_expires_after_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&common::redis_url()).await.unwrap());
+    let prefix = common::unique_prefix("lease");
+    let limit = ConcurrencyLimit::new(1, Duration::from_millis(300)).unwrap();
+    // A "crashed" holder: takes the only slot and never releases it.
+    let crashed =
+        Ratelimit::with_shared_store(limit, store.clone(), &format!("{prefix}:inflight")).unwrap();
+    assert!(crashed.limit("carl", 1).await.unwrap().allowed);
+    let layer = RatelimitLayer::builder()
+        .shared_store(store)
+        .prefix(prefix)
+        .concurrency_limit(limit)
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
+    let err = svc
+        .clone()
+        .oneshot(LlmRequest::new("carl", "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConcurrencyLimitReached);
+    assert!(err.retry_after().unwrap() <= Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    svc.oneshot(LlmRequest::new("carl", "hi")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_dropped_at_random_points_leave_nothing_behind() {
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&common::redis_url()).await.unwrap());
+    let prefix = common::unique_prefix("cancel");
+    let layer = RatelimitLayer::builder()
+        .shared_store(store.clone())
+        .prefix(prefix.clone())
+        .token_limit(FixedWindow::new(TOKENS, MINUTE).unwrap())
+        .token_mode(TokenMode::Reserve)
+        .concurrency_limit(ConcurrencyLimit::new(1000, MINUTE).unwrap())
+        .build()
+        .unwrap();
+    // Usage 0: any token still missing at the end is a leaked reservation.
+    let svc = tower::Layer::layer(&layer, mock_llm(Duration::from_millis(2), Usage::new(0, 0)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300u64 {
+        let svc = svc.clone();
+        tasks.spawn(async move {
+            let timeout = Duration::from_micros((i * 7919) % 5000);
+            let call = svc.oneshot(LlmRequest::new("dora", "").with_max_tokens(100));
+            let _ = tokio::time::timeout(timeout, call).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let tokens = Ratelimit::with_shared_store(
+        FixedWindow::new(TOKENS, MINUTE).unwrap(),
+        store.clone(),
+        &format!("{prefix}:tokens"),
+    )
+    .unwrap();
+    let mut remaining = 0;
+    for _ in 0..100 {
+        remaining = tokens.remaining("dora").await.unwrap();
+        if remaining == TOKENS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(remaining, TOKENS, "a reservation was left behind");
+    let inflight = format!("{prefix}:inflight");
+    let keys = common::redis_keys(&common::redis_url(), &inflight);
+    assert!(
+        keys.is_empty(),
+        "a concurrency slot was left behind: {keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_http_slot_is_held_until_the_body_ends_or_is_dropped() {
+    use http_body_util::BodyExt;
+    let layer = RatelimitLayer::builder()
+        .concurrency_limit(ConcurrencyLimit::new(1, MINUTE).unwrap())
+        .identifier(tower_llm_ratelimit::identifier::Header::new("x-user-id"))
+        .build_http()
+        .unwrap();
+    let svc = tower::Layer::layer(
+        &layer,
+        service_fn(|_: http::Request<_>| async {
+            let body = http_body_util::StreamBody::new(tokio_stream::iter(
+                ["data: a\n\n", "data: b\n\n"]
+                    .map(|s| Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from(s)))),
+            ));
+            Ok::<_, BoxError>(http::Response::new(body))
+        }),
+    );
+    let request = || {
+        http::Request::builder()
+            .header("x-user-id", "eve")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    // The first body is still open: its slot is held.
+    let second = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(second.status(), 429);
+    assert!(
+        String::from_utf8_lossy(&second.into_body().collect().await.unwrap().to_bytes())
+            .contains("Concurrency limit reached")
+    );
+    // Read to the end: released.
+    first.into_body().collect().await.unwrap();
+    let third = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(third.status(), 200);
+    // Dropped mid-stream: released too.
+    drop(third);
+    assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
+}
