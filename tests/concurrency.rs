@@ -131,3 +131,127 @@ fn four_processes_exactly_fifty_allowed() {
         );
     }
 }
+
+const LAYER_REQUESTS: u64 = 120;
+const LAYER_TOKENS: u64 = 10_000_000;
+
+/// Child side: 50 concurrent calls through the layer; prints ALLOWED= and USAGE=.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by four_processes_through_the_layer as a child process"]
+async fn child_layer_race() {
+    use tower::{BoxError, ServiceExt, service_fn};
+    use tower_llm_ratelimit::{LlmRequest, LlmResponse, RatelimitLayer, Usage};
+    let (Ok(url), Ok(prefix), Ok(go)) = (
+        std::env::var("TLR_CHILD_URL"),
+        std::env::var("TLR_CHILD_PREFIX"),
+        std::env::var("TLR_CHILD_GO"),
+    ) else {
+        panic!("child_layer_race is started by four_processes_through_the_layer");
+    };
+    let layer = RatelimitLayer::builder()
+        .store(RedisStore::connect(&url).await.unwrap())
+        .prefix(prefix)
+        .request_limit(FixedWindow::new(LAYER_REQUESTS, Duration::from_secs(60)).unwrap())
+        .token_limit(FixedWindow::new(LAYER_TOKENS, Duration::from_secs(60)).unwrap())
+        .include_output_tokens(true)
+        .build()
+        .unwrap();
+    // Each call reports its own usage: prompt tokens from the prompt, 3 completion tokens.
+    async fn llm(req: LlmRequest) -> Result<LlmResponse, BoxError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let prompt: u64 = req.prompt.parse()?;
+        Ok(LlmResponse {
+            text: String::new(),
+            usage: Some(Usage::new(prompt, 3)),
+        })
+    }
+    let svc = tower::Layer::layer(&layer, service_fn(llm));
+    while !std::path::Path::new(&go).exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let tasks: Vec<_> = (0..50u64)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let prompt = 1 + (std::process::id() as u64 + i) % 17;
+                svc.oneshot(LlmRequest::new("shared-user", prompt.to_string()))
+                    .await
+                    .ok()
+                    .map(|_| prompt + 3)
+            })
+        })
+        .collect();
+    let (mut allowed, mut usage) = (0u64, 0u64);
+    for t in tasks {
+        if let Some(u) = t.await.unwrap() {
+            allowed += 1;
+            usage += u;
+        }
+    }
+    println!("\nALLOWED={allowed} USAGE={usage}");
+}
+
+fn field(stdout: &str, name: &str) -> u64 {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn four_processes_through_the_layer() {
+    let url = common::redis_url();
+    let exe = std::env::current_exe().unwrap();
+    let prefix = common::unique_prefix("layer-procs");
+    let go = std::env::temp_dir().join(format!("{prefix}.go"));
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(&exe)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "child_layer_race",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("TLR_CHILD_URL", &url)
+                .env("TLR_CHILD_PREFIX", &prefix)
+                .env("TLR_CHILD_GO", &go)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, b"go").unwrap();
+    let (mut allowed, mut usage) = (0, 0);
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "child failed: {out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        allowed += field(&stdout, "ALLOWED=");
+        usage += field(&stdout, "USAGE=");
+    }
+    let _ = std::fs::remove_file(&go);
+    assert_eq!(
+        allowed, LAYER_REQUESTS,
+        "200 calls under a limit of {LAYER_REQUESTS}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let charged = rt.block_on(async {
+        let store = RedisStore::connect(&url).await.unwrap();
+        let rl = Ratelimit::new(
+            FixedWindow::new(LAYER_TOKENS, Duration::from_secs(60)).unwrap(),
+            store,
+            &format!("{prefix}:tokens"),
+        )
+        .unwrap();
+        LAYER_TOKENS - rl.remaining("shared-user").await.unwrap()
+    });
+    assert_eq!(
+        charged, usage,
+        "token charges in Redis equal the usage the mock reported"
+    );
+}

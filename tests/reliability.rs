@@ -444,3 +444,36 @@ async fn an_http_slot_is_held_until_the_body_ends_or_is_dropped() {
     drop(third);
     assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_settlement_id_is_applied_once() {
+    use tower_llm_ratelimit::store::Adjustment;
+    let store = RedisStore::connect(&common::redis_url()).await.unwrap();
+    let rl = Ratelimit::new(
+        FixedWindow::new(100, MINUTE).unwrap(),
+        store.clone(),
+        &common::unique_prefix("dedupe"),
+    )
+    .unwrap();
+    let charge = |id| {
+        let adjustment = Adjustment {
+            key: rl.key("fay").unwrap(),
+            algorithm: *rl.algorithm(),
+            delta: 7,
+            slot: 0,
+        };
+        store.adjust(vec![adjustment], id)
+    };
+    // A retry of the same settlement (as after a timeout) lands once…
+    charge(Some(42)).await.unwrap();
+    charge(Some(42)).await.unwrap();
+    assert_eq!(rl.remaining("fay").await.unwrap(), 93);
+    // …while distinct settlements, or writes without an id, all land.
+    charge(Some(43)).await.unwrap();
+    charge(None).await.unwrap();
+    charge(None).await.unwrap();
+    assert_eq!(rl.remaining("fay").await.unwrap(), 72);
+    // The dedupe key expires like every other key.
+    let keys = common::redis_keys(&common::redis_url(), rl.prefix());
+    assert!(keys.iter().all(|(_, ttl)| *ttl > 0), "{keys:?}");
+}

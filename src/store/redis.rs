@@ -60,6 +60,8 @@ impl RedisOptions {
 struct Shared {
     conn: ConnectionManager,
     response_timeout: Duration,
+    /// Tests only: decide at this clock's time instead of the server's.
+    clock: Option<crate::store::ManualClock>,
 }
 
 /// Limiter state in Redis (or any server speaking its protocol with Lua scripting).
@@ -116,7 +118,29 @@ impl RedisStore {
             shared: Arc::new(Shared {
                 conn,
                 response_timeout,
+                clock: None,
             }),
+        }
+    }
+
+    /// Tests only: decide at `clock`'s time instead of the Redis server's, so a test can
+    /// step time (the differential property test compares stores at the same instants).
+    #[doc(hidden)]
+    pub fn with_test_clock(self, clock: crate::store::ManualClock) -> Self {
+        let shared = Shared {
+            conn: self.shared.conn.clone(),
+            response_timeout: self.shared.response_timeout,
+            clock: Some(clock),
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    fn push_test_clock(&self, args: &mut Vec<i64>) {
+        if let Some(clock) = &self.shared.clock {
+            use crate::store::Clock;
+            args.push(clock.now_micros());
         }
     }
 
@@ -187,6 +211,7 @@ fn algorithm_args(params: [u64; 4], args: &mut Vec<i64>) {
 impl Store for RedisStore {
     fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
         let shared = self.shared.clone();
+        let this = self.clone();
         Box::pin(async move {
             let count = checks.len();
             let mut args = Vec::with_capacity(count * 6);
@@ -197,6 +222,7 @@ impl Store for RedisStore {
                 args.push(c.take as i64);
                 keys.push(c.key);
             }
+            this.push_test_clock(&mut args);
             let reply = Self::run(shared, &ACQUIRE, keys, args).await?;
             match reply.split_first() {
                 Some((_, rest)) => parse_decisions(rest, count),
@@ -211,6 +237,7 @@ impl Store for RedisStore {
         settlement_id: Option<u64>,
     ) -> StoreFuture<Vec<Decision>> {
         let shared = self.shared.clone();
+        let this = self.clone();
         Box::pin(async move {
             let count = adjustments.len();
             let mut args = Vec::with_capacity(2 + count * 5);
@@ -226,6 +253,7 @@ impl Store for RedisStore {
                 args.push(a.delta);
                 keys.push(a.key);
             }
+            this.push_test_clock(&mut args);
             keys.extend(dedupe_key);
             let reply = Self::run(shared, &ADJUST, keys, args).await?;
             parse_decisions(&reply, count)

@@ -9,11 +9,13 @@
 --          the cost if it fits; 0: only check that it fits).
 -- Reply    { allowed_all (0|1), then per limit: allowed (0|1), limit, remaining,
 --          reset_after_us, retry_after_us (-1: none, or the cost can never pass) }.
+-- ARGV[6n+1] (optional, tests only) "now" in microseconds instead of the server's TIME.
 -- Writes   nothing if any limit denies (beyond dropping expired concurrency slots);
 --          otherwise each taken cost or slot, with a TTL.
 
-local now = now_us()
 local n = #KEYS
+local now = tonumber(ARGV[6 * n + 1]) or now_us()
+if ARGV[6 * n + 1] then TTL_PAD_MS = 600000 end
 local views, allowed, retries = {}, {}, {}
 local all = true
 for i = 1, n do

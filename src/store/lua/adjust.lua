@@ -9,14 +9,16 @@
 --          algorithm (1 fixed, 2 sliding, 3 bucket, 4 concurrency), p1, p2, p3 (as in
 --          acquire.lua; for concurrency p3 is the slot to release), delta (> 0 charge,
 --          < 0 refund or release; a refund never goes beyond a full budget).
+-- ARGV[2+5n+1] (optional, tests only) "now" in microseconds instead of the server's TIME.
 -- Reply    per limit: within_limit (0|1), limit, remaining, reset_after_us, -1.
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
 --          the dedupe key; nothing when the dedupe key shows the id was applied already.
 
-local now = now_us()
 local dedupe = ARGV[1] ~= '-1'
 local n = #KEYS
 if dedupe then n = n - 1 end
+local now = tonumber(ARGV[2 + 5 * n + 1]) or now_us()
+if ARGV[2 + 5 * n + 1] then TTL_PAD_MS = 600000 end
 local apply = true
 if dedupe and redis.call('EXISTS', KEYS[n + 1]) == 1 then apply = false end
 local reply = {}

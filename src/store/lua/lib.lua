@@ -13,6 +13,10 @@
 
 local MAX_COUNTER = 4503599627370496 -- 2^52
 local MAX_TTL_US = 4503599627370496
+-- Added to every TTL when a test supplies "now": keys then cannot expire in real time
+-- before the test's virtual time is done with them. An expired state equals an absent
+-- one, so a longer TTL never changes a decision.
+local TTL_PAD_MS = 0
 
 local function now_us()
   local t = redis.call('TIME')
@@ -122,7 +126,7 @@ local function write(key, alg, p1, p2, p3, v, now)
   local ttl_us = reset_after(alg, p1, p2, p3, v, now)
   if ttl_us < 1 then ttl_us = 1 end
   if ttl_us > MAX_TTL_US then ttl_us = MAX_TTL_US end
-  redis.call('SET', key, string.format('%.0f:%.0f:%.0f', a, b, c), 'PX', math.ceil(ttl_us / 1000))
+  redis.call('SET', key, string.format('%.0f:%.0f:%.0f', a, b, c), 'PX', math.ceil(ttl_us / 1000) + TTL_PAD_MS)
 end
 
 -- The five reply fields of one decision.
