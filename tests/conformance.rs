@@ -2,6 +2,9 @@
 //! and `RedisStore` (a test-owned redis-server, real time with 1 s windows). Both stores
 //! must give the same decisions for the same sequence.
 
+#[cfg(feature = "cluster")]
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::sync::Arc;
@@ -54,6 +57,8 @@ struct Env {
     store: Arc<dyn Store>,
     memory: Option<(MemoryStore, ManualClock)>,
     redis_url: Option<String>,
+    #[cfg(feature = "cluster")]
+    cluster: bool,
     prefix: String,
 }
 
@@ -66,6 +71,8 @@ impl Env {
             store: Arc::new(store.clone()),
             memory: Some((store, clock)),
             redis_url: None,
+            #[cfg(feature = "cluster")]
+            cluster: false,
             prefix: common::unique_prefix(name),
         }
     }
@@ -80,6 +87,27 @@ impl Env {
             store: Arc::new(store),
             memory: None,
             redis_url: Some(url),
+            #[cfg(feature = "cluster")]
+            cluster: false,
+            prefix: common::unique_prefix(name),
+        }
+    }
+
+    #[cfg(feature = "cluster")]
+    async fn cluster(name: &str) -> Env {
+        let cluster = tokio::task::spawn_blocking(cluster::shared).await.unwrap();
+        let urls = cluster.urls();
+        let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let store =
+            RedisStore::connect_cluster(&nodes, tower_llm_ratelimit::RedisOptions::default())
+                .await
+                .expect("connect to the test cluster");
+        common::align_to_window(W).await;
+        Env {
+            store: Arc::new(store),
+            memory: None,
+            redis_url: None,
+            cluster: true,
             prefix: common::unique_prefix(name),
         }
     }
@@ -115,6 +143,15 @@ impl Env {
                     (k, Duration::from_millis(ttl as u64))
                 })
                 .collect(),
+            #[cfg(feature = "cluster")]
+            _ if self.cluster => cluster::shared()
+                .keys(&self.prefix)
+                .into_iter()
+                .map(|(k, ttl)| {
+                    assert!(ttl > 0, "key {k} has PTTL {ttl}: every key must expire");
+                    (k, Duration::from_millis(ttl as u64))
+                })
+                .collect(),
             _ => unreachable!(),
         };
         for (k, ttl) in &ttls {
@@ -140,6 +177,8 @@ impl Env {
                 let mut c = client.get_connection().unwrap();
                 redis::cmd("GET").arg(key).query(&mut c).unwrap()
             }
+            #[cfg(feature = "cluster")]
+            _ if self.cluster => cluster::shared().get(key),
             _ => unreachable!(),
         }
     }
@@ -338,3 +377,10 @@ conformance!(memory_bucket, Env::memory, Kind::Bucket);
 conformance!(redis_fixed, Env::redis, Kind::Fixed);
 conformance!(redis_sliding, Env::redis, Kind::Sliding);
 conformance!(redis_bucket, Env::redis, Kind::Bucket);
+
+#[cfg(feature = "cluster")]
+conformance!(cluster_fixed, Env::cluster, Kind::Fixed);
+#[cfg(feature = "cluster")]
+conformance!(cluster_sliding, Env::cluster, Kind::Sliding);
+#[cfg(feature = "cluster")]
+conformance!(cluster_bucket, Env::cluster, Kind::Bucket);

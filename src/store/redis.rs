@@ -57,8 +57,51 @@ impl RedisOptions {
     }
 }
 
+/// One multiplexed connection (reconnecting) or a cluster connection (slot-aware,
+/// follows MOVED/ASK and failovers).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            #[cfg(feature = "cluster")]
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 struct Shared {
-    conn: ConnectionManager,
+    conn: Connection,
     response_timeout: Duration,
     /// Tests only: decide at this clock's time instead of the server's.
     clock: Option<crate::store::ManualClock>,
@@ -112,8 +155,36 @@ impl RedisStore {
         ))
     }
 
+    /// Connect to a Redis Cluster through any of its nodes (`redis://host:port`, or
+    /// `rediss://` with the `tls` feature). The same scripts run there: every key one
+    /// script touches carries the identifier's hash tag, so it lives in one slot.
+    #[cfg(feature = "cluster")]
+    pub async fn connect_cluster(
+        nodes: &[&str],
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        let client = redis::cluster::ClusterClient::builder(nodes.iter().copied())
+            .connection_timeout(options.connect_timeout)
+            .response_timeout(options.response_timeout)
+            .retries(2)
+            .build()
+            .map_err(|e| StoreError::with_source(format!("invalid cluster nodes {nodes:?}"), e))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| StoreError::with_source("cannot connect to the Redis Cluster", e))?;
+        Ok(Self::with_connection(
+            Connection::Cluster(conn),
+            options.response_timeout,
+        ))
+    }
+
     /// Use an existing connection manager; each operation may take `response_timeout`.
     pub fn from_connection_manager(conn: ConnectionManager, response_timeout: Duration) -> Self {
+        Self::with_connection(Connection::Single(conn), response_timeout)
+    }
+
+    fn with_connection(conn: Connection, response_timeout: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
                 conn,

@@ -1,0 +1,132 @@
+//! Redis Cluster: the layer's multi-key scripts on a real 3-master cluster, through a
+//! manual failover (a replica promoted) under load, with no wrong decision.
+#![cfg(feature = "cluster")]
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tower::{BoxError, ServiceExt, service_fn};
+use tower_llm_ratelimit::{
+    ErrorKind, FixedWindow, LlmRequest, LlmResponse, RatelimitLayer, RedisOptions, RedisStore,
+    Usage,
+};
+
+const LIMIT: u64 = 50;
+
+async fn llm(_: LlmRequest) -> Result<LlmResponse, BoxError> {
+    Ok(LlmResponse {
+        text: String::new(),
+        usage: Some(Usage::new(2, 1)),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_load_makes_no_wrong_decision() {
+    let cluster = tokio::task::spawn_blocking(cluster::Cluster::start)
+        .await
+        .unwrap();
+    let urls = cluster.urls();
+    let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let store = RedisStore::connect_cluster(&nodes, RedisOptions::default())
+        .await
+        .unwrap();
+    let layer = RatelimitLayer::builder()
+        .store(store)
+        .prefix(common::unique_prefix("failover"))
+        .request_limit(FixedWindow::new(LIMIT, Duration::from_secs(120)).unwrap())
+        .token_limit(FixedWindow::new(1_000_000, Duration::from_secs(120)).unwrap())
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(&layer, service_fn(llm));
+    let ids: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    // identifier -> (allowed, store errors)
+    let tally: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+    let call = {
+        let (svc, tally) = (svc.clone(), tally.clone());
+        move |id: String| {
+            let (svc, tally) = (svc.clone(), tally.clone());
+            async move {
+                let result = svc.oneshot(LlmRequest::new(id.clone(), "hi")).await;
+                let mut t = tally.lock().unwrap();
+                let entry = t.entry(id).or_default();
+                match result {
+                    Ok(_) => entry.0 += 1,
+                    Err(e) if e.kind() == ErrorKind::RequestLimitReached => {}
+                    Err(_) => entry.1 += 1,
+                }
+            }
+        }
+    };
+    // Before: 20 calls per identifier.
+    for _ in 0..20 {
+        futures_join(ids.iter().map(|id| call(id.clone()))).await;
+    }
+    // During: load on every identifier while the master of user-0's slot fails over.
+    let (master, replica) = cluster.master_and_replica_of(&format!("{{{}}}", ids[0]));
+    let load = {
+        let ids = ids.clone();
+        let call = call.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                futures_join(ids.iter().map(|id| call(id.clone()))).await;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reply = cluster.cli(replica, &["cluster", "failover"]);
+    assert!(reply.contains("OK"), "CLUSTER FAILOVER: {reply}");
+    for _ in 0..200 {
+        if cluster.cli(replica, &["role"]).starts_with("master") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        cluster.cli(replica, &["role"]).starts_with("master"),
+        "the replica was not promoted"
+    );
+    for _ in 0..200 {
+        if cluster.cli(master, &["role"]).starts_with("slave") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        cluster.cli(master, &["role"]).starts_with("slave"),
+        "the old master did not step down"
+    );
+    load.await.unwrap();
+    tokio::task::block_in_place(|| cluster.wait_until_ok());
+    // After: call each identifier until denied.
+    for _ in 0..20 {
+        futures_join(ids.iter().map(|id| call(id.clone()))).await;
+    }
+    let tally = tally.lock().unwrap();
+    for id in &ids {
+        let (allowed, errors) = tally[id];
+        // Never more than the limit; fewer only by calls whose outcome was ambiguous.
+        assert!(allowed <= LIMIT, "{id}: {allowed} allowed under {LIMIT}");
+        assert!(
+            allowed + errors >= LIMIT,
+            "{id}: {allowed} allowed, {errors} errors"
+        );
+    }
+}
+
+/// Run the calls concurrently and wait for all of them.
+async fn futures_join<F>(futures: impl Iterator<Item = F>)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for f in futures {
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
+}

@@ -1,0 +1,159 @@
+//! A real Redis Cluster on loopback, started by the test binary: 3 masters with one
+//! replica each (`redis-server --cluster-enabled yes`, `redis-cli --cluster create`).
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::common::RedisServer;
+
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+            })
+            .collect();
+        let mut args = vec!["--cluster".to_string(), "create".to_string()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Cluster { nodes };
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url.clone()).collect()
+    }
+
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn wait_until_ok(&self) {
+        for _ in 0..300 {
+            if self.nodes.iter().all(|n| {
+                self.cli(n.port, &["cluster", "info"])
+                    .contains("cluster_state:ok")
+            }) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the cluster did not reach cluster_state:ok");
+    }
+
+    /// Every key under `prefix` (from every master) with its PTTL.
+    pub fn keys(&self, prefix: &str) -> Vec<(String, i64)> {
+        let mut out: Vec<(String, i64)> = Vec::new();
+        for n in &self.nodes {
+            if !self.cli(n.port, &["role"]).starts_with("master") {
+                continue;
+            }
+            for key in self
+                .cli(n.port, &["keys", &format!("{prefix}*")])
+                .lines()
+                .filter(|l| !l.is_empty())
+            {
+                let ttl: i64 = self
+                    .cli(n.port, &["pttl", key])
+                    .trim()
+                    .parse()
+                    .unwrap_or(-3);
+                out.push((key.to_string(), ttl));
+            }
+        }
+        out
+    }
+
+    /// The value of `key`, read on the master that owns its slot.
+    pub fn get(&self, key: &str) -> Option<String> {
+        for n in &self.nodes {
+            let reply = self.cli(n.port, &["get", key]);
+            if !reply.starts_with("MOVED") && !reply.starts_with("ASK") {
+                let v = reply.trim_end_matches('\n').to_string();
+                return (!v.is_empty()).then_some(v);
+            }
+        }
+        None
+    }
+
+    /// The port of the master serving `key`'s slot, and of one of its replicas.
+    pub fn master_and_replica_of(&self, key: &str) -> (u16, u16) {
+        let any = self.nodes[0].port;
+        let slot: u16 = self
+            .cli(any, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        let nodes = self.cli(any, &["cluster", "nodes"]);
+        let mut master = None;
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 8 && f[2].contains("master") {
+                let owns = f[8..].iter().any(|r| match r.split_once('-') {
+                    Some((a, b)) => {
+                        a.parse::<u16>().is_ok_and(|a| a <= slot)
+                            && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                    }
+                    None => r.parse::<u16>() == Ok(slot),
+                });
+                if owns {
+                    master = Some((f[0].to_string(), port_of(f[1])));
+                }
+            }
+        }
+        let (id, port) = master.expect("a master owns the slot");
+        let replica = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+            .map(|f| port_of(f[1]))
+            .expect("the master has a replica");
+        (port, replica)
+    }
+}
+
+fn port_of(addr: &str) -> u16 {
+    // 127.0.0.1:7000@17000
+    addr.split('@')
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// One cluster for the whole test binary.
+pub fn shared() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(Cluster::start)
+}
