@@ -80,7 +80,7 @@ impl RedisServer {
 
 /// Run redis-server under a shell that kills it when our end of its stdin closes; returns
 /// the shell and redis-server's pid.
-fn spawn(args: &[String]) -> (Child, u32) {
+pub fn spawn(args: &[String]) -> (Child, u32) {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
         "redis-server {} >/dev/null 2>&1 & pid=$!; echo $pid; read _; kill -9 $pid 2>/dev/null",
@@ -111,7 +111,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -122,10 +122,15 @@ fn free_port() -> u16 {
 pub fn wait_for_ping(url: &str) {
     let client = redis::Client::open(url).unwrap();
     for _ in 0..200 {
-        if let Ok(mut c) = client.get_connection()
-            && redis::cmd("PING").query::<String>(&mut c).is_ok()
-        {
-            return;
+        match client.get_connection() {
+            Ok(mut c) => match redis::cmd("PING").query::<String>(&mut c) {
+                Ok(_) => return,
+                // Up, but wants a password (ACL tests): that is an answer too.
+                Err(e) if e.to_string().to_ascii_lowercase().contains("auth") => return,
+                Err(_) => {}
+            },
+            Err(e) if e.to_string().to_ascii_lowercase().contains("auth") => return,
+            Err(_) => {}
         }
         std::thread::sleep(Duration::from_millis(25));
     }
