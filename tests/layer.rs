@@ -738,3 +738,82 @@ async fn block_until_ready_waits_for_the_window() {
         );
     }
 }
+
+/// A memory store that counts the acquires that reach it.
+#[derive(Clone)]
+struct CountingStore {
+    inner: MemoryStore,
+    acquires: Arc<AtomicUsize>,
+}
+
+impl Store for CountingStore {
+    fn acquire(
+        &self,
+        checks: Vec<tower_llm_ratelimit::store::LimitCheck>,
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        self.acquires.fetch_add(1, Ordering::SeqCst);
+        self.inner.acquire(checks)
+    }
+    fn adjust(
+        &self,
+        a: Vec<tower_llm_ratelimit::store::Adjustment>,
+        id: Option<u64>,
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        self.inner.adjust(a, id)
+    }
+    fn delete(&self, keys: Vec<String>) -> tower_llm_ratelimit::store::StoreFuture<()> {
+        self.inner.delete(keys)
+    }
+    fn is_local(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn denied_identifiers_are_not_asked_about_again_until_their_reset() {
+    for cache in [true, false] {
+        let store = CountingStore {
+            inner: MemoryStore::new(),
+            acquires: Arc::default(),
+        };
+        let layer = RatelimitLayer::builder()
+            .store(store.clone())
+            .request_limit(FixedWindow::new(2, Duration::from_millis(400)).unwrap())
+            .cache_denials(cache)
+            .build()
+            .unwrap();
+        let svc = layer.layer_service(mock_llm(Default::default(), None, Duration::ZERO));
+        // Start just after a window boundary so the whole sequence fits in one window.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        tokio::time::sleep(Duration::from_millis(400 - now % 400 + 10)).await;
+        let mut last_retry = Duration::MAX;
+        for i in 0..12 {
+            match svc.clone().oneshot(LlmRequest::new("ada", "x")).await {
+                Ok(_) => assert!(i < 2),
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::RequestLimitReached);
+                    let retry = e.retry_after().unwrap();
+                    assert!(retry <= last_retry && !retry.is_zero());
+                    last_retry = retry;
+                }
+            }
+        }
+        let expected = if cache { 3 } else { 12 };
+        assert_eq!(
+            store.acquires.load(Ordering::SeqCst),
+            expected,
+            "cache_denials({cache})"
+        );
+        // Once the window rolls, the identifier is asked about (and allowed) again.
+        tokio::time::sleep(last_retry + Duration::from_millis(5)).await;
+        assert!(
+            svc.clone()
+                .oneshot(LlmRequest::new("ada", "x"))
+                .await
+                .is_ok()
+        );
+    }
+}

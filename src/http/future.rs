@@ -106,6 +106,33 @@ where
         Self::respond(refusal(error, grpc), None, String::new(), grpc)
     }
 
+    /// The denial for an identifier the denied-cache still holds: no store call.
+    pub(crate) fn denied_from_cache(
+        name: &'static str,
+        error: &Error,
+        limits: &Limits,
+        grpc: bool,
+    ) -> Self {
+        let response = match error.limit_exceeded() {
+            Some(exceeded) => {
+                let period = limits
+                    .names()
+                    .find(|(n, _)| *n == name)
+                    .map_or(std::time::Duration::ZERO, |(_, p)| p);
+                let info = LimitInfo {
+                    name,
+                    limit: exceeded.limit,
+                    remaining: exceeded.remaining,
+                    reset_after: exceeded.reset_after,
+                    period,
+                };
+                headers::denial(name, &error.to_string(), exceeded, &[info], grpc)
+            }
+            None => refusal(error, grpc),
+        };
+        Self::respond(response, None, String::new(), grpc)
+    }
+
     fn respond(
         response: Response<RatelimitBody<ResBody>>,
         limits: Option<Arc<Limits>>,
@@ -303,6 +330,7 @@ where
                         }
                         Ok(decisions) if !decisions.iter().all(|d| d.allowed) => {
                             let (name, error) = limits.denial(&decisions);
+                            limits.remember_denial(this.tag, name, &error);
                             tracing::info!(identifier = %this.tag, %error, "rate limit denied a request");
                             let infos = infos(&limits, &decisions);
                             let mut response = match error.limit_exceeded() {

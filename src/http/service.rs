@@ -116,6 +116,9 @@ where
             Ok(tag) => tag,
             Err(error) => return HttpResponseFuture::rejected(&error, grpc),
         };
+        if let Some((name, error)) = self.limits.cached_denial(&tag) {
+            return HttpResponseFuture::denied_from_cache(name, &error, &self.limits, grpc);
+        }
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
         let limits = self.limits.clone();

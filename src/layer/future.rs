@@ -105,7 +105,11 @@ where
                     if !decisions.iter().all(|d| d.allowed) {
                         let limits = this.limits.as_deref();
                         let error = match limits {
-                            Some(l) => l.denial(&decisions).1,
+                            Some(l) => {
+                                let (name, error) = l.denial(&decisions);
+                                l.remember_denial(this.tag, name, &error);
+                                error
+                            }
                             None => Error::invalid_input("missing limits"),
                         };
                         tracing::info!(identifier = %this.tag, %error, "rate limit denied a call");

@@ -52,6 +52,7 @@ impl RatelimitLayer<FromRequest> {
             store_timeout: std::time::Duration::from_secs(1),
             on_store_error: StoreErrorPolicy::default(),
             queue_capacity: 100_000,
+            cache_denials: true,
             token_mode: TokenMode::default(),
             include_output_tokens: false,
             cost_fn: None,
@@ -105,6 +106,7 @@ pub struct RatelimitLayerBuilder<X> {
     store_timeout: std::time::Duration,
     on_store_error: StoreErrorPolicy,
     queue_capacity: usize,
+    cache_denials: bool,
     token_mode: TokenMode,
     include_output_tokens: bool,
     cost_fn: Option<CostFn>,
@@ -173,6 +175,14 @@ impl<X> RatelimitLayerBuilder<X> {
     /// new ones are dropped with an error log.
     pub fn settlement_queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity;
+        self
+    }
+
+    /// Remember identifiers denied by a limit that only time can lift (the request
+    /// limit; the token limit in `CheckRemaining` mode) until their `retry_after`, and
+    /// deny them locally without asking the store (default on).
+    pub fn cache_denials(mut self, cache: bool) -> Self {
+        self.cache_denials = cache;
         self
     }
 
@@ -257,6 +267,7 @@ impl<X> RatelimitLayerBuilder<X> {
             store_timeout: self.store_timeout,
             on_store_error: self.on_store_error,
             queue_capacity: self.queue_capacity,
+            cache_denials: self.cache_denials,
             token_mode: self.token_mode,
             include_output_tokens: self.include_output_tokens,
             cost_fn: self.cost_fn,
@@ -308,6 +319,7 @@ impl<X> RatelimitLayerBuilder<X> {
             local: MemoryStore::new(),
             breaker: Breaker::new(std::time::Duration::from_secs(1)),
             queue: Arc::new(SettlementQueue::new(self.queue_capacity.max(1))),
+            denied: self.cache_denials.then(super::denied::DeniedCache::new),
             requests: self.requests.map(|algorithm| LimitConfig {
                 algorithm,
                 prefix: requests_prefix,

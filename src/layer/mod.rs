@@ -71,6 +71,7 @@
 //! # }
 //! ```
 
+pub(crate) mod denied;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
@@ -138,6 +139,8 @@ pub(crate) struct Limits {
     pub local: crate::store::MemoryStore,
     pub breaker: reliability::Breaker,
     pub queue: Arc<reliability::SettlementQueue>,
+    /// Identifiers known to be denied until a given instant; `None` when turned off.
+    pub denied: Option<denied::DeniedCache>,
     pub token_mode: TokenMode,
     pub include_output_tokens: bool,
     pub cost_fn: Option<CostFn>,
@@ -250,6 +253,25 @@ impl Limits {
                 )),
             ),
         }
+    }
+
+    /// Remember a denial that only time can lift (see [`denied`]).
+    pub(crate) fn remember_denial(&self, tag: &str, name: &'static str, error: &Error) {
+        let cacheable = match name {
+            "requests" => true,
+            "tokens" => self.token_mode == TokenMode::CheckRemaining,
+            _ => false,
+        };
+        if let (true, Some(cache), Some(exceeded)) =
+            (cacheable, &self.denied, error.limit_exceeded())
+        {
+            cache.record(tag, name, exceeded);
+        }
+    }
+
+    /// A cached denial still in force for `tag`.
+    pub(crate) fn cached_denial(&self, tag: &str) -> Option<(&'static str, Error)> {
+        self.denied.as_ref()?.check(tag)
     }
 
     /// `(name, period)` of each configured limit, in decision order.

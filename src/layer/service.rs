@@ -94,6 +94,9 @@ where
             Err(error) => return ResponseFuture::failed(error),
         };
         let limits = &self.limits;
+        if let Some((_, error)) = limits.cached_denial(&tag) {
+            return ResponseFuture::failed(error);
+        }
         let plan = limits.plan(&tag, || request.estimated_tokens());
         let settlement = Settlement::new(limits.clone(), plan);
         // The service that was driven to readiness goes into the future; this one keeps
