@@ -16,12 +16,13 @@
 local n = #KEYS
 local now = tonumber(ARGV[6 * n + 1]) or now_us()
 if ARGV[6 * n + 1] then TTL_PAD_MS = 600000 end
-local views, allowed, retries = {}, {}, {}
+local views, allowed, retries, params = {}, {}, {}, {}
 local all = true
 for i = 1, n do
   local o = 6 * (i - 1)
   local alg, p1, p2, p3 = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
   local cost = tonumber(ARGV[o + 5])
+  params[i] = { alg, p1, p2, p3, cost }
   if alg == 4 then
     local held = slots_held(KEYS[i], now)
     views[i] = { held = held }
@@ -42,8 +43,9 @@ end
 local reply = { all and 1 or 0 }
 for i = 1, n do
   local o = 6 * (i - 1)
-  local alg, p1, p2, p3 = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
-  local cost, take = tonumber(ARGV[o + 5]), ARGV[o + 6] == '1'
+  local p = params[i]
+  local alg, p1, p2, p3, cost = p[1], p[2], p[3], p[4], p[5]
+  local take = ARGV[o + 6] == '1'
   local v = views[i]
   if alg == 4 then
     local held = v.held

@@ -1,0 +1,177 @@
+//! Drives N concurrent decisions against Redis (or the memory store) for D seconds and
+//! reports throughput and latency.
+//!
+//! ```sh
+//! cargo run --release --example loadgen -- --redis redis://127.0.0.1:6379/ --concurrency 64
+//! cargo run --release --example loadgen -- --through layer     # memory store, via the layer
+//! ```
+//!
+//! Flags: `--redis URL` (omit for memory), `--concurrency N` (64), `--duration SECS` (5),
+//! `--identifiers N` (100), `--through layer|limiter` (limiter: one request limit, fixed
+//! window, that never denies). The last line is exactly
+//! `decisions_per_sec=<number> p50_us=<number> p99_us=<number>`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tower::{Service, ServiceExt, service_fn};
+use tower_llm_ratelimit::{
+    FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer, RedisStore, Store,
+};
+
+struct Args {
+    redis: Option<String>,
+    concurrency: usize,
+    duration: Duration,
+    identifiers: usize,
+    through_layer: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args {
+        redis: None,
+        concurrency: 64,
+        duration: Duration::from_secs(5),
+        identifiers: 100,
+        through_layer: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let number = |v: String| v.parse::<u64>().map_err(|e| format!("{flag}: {v:?}: {e}"));
+        match flag.as_str() {
+            "--redis" => args.redis = Some(value()?),
+            "--concurrency" => args.concurrency = number(value()?)?.max(1) as usize,
+            "--duration" => args.duration = Duration::from_secs(number(value()?)?.max(1)),
+            "--identifiers" => args.identifiers = number(value()?)?.max(1) as usize,
+            "--through" => {
+                args.through_layer = match value()?.as_str() {
+                    "layer" => true,
+                    "limiter" => false,
+                    other => {
+                        return Err(format!("--through must be layer or limiter, not {other:?}"));
+                    }
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown flag {other:?}; usage: loadgen [--redis URL] [--concurrency N] \
+                     [--duration SECS] [--identifiers N] [--through layer|limiter]"
+                ));
+            }
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let store: Arc<dyn Store> = match &args.redis {
+        Some(url) => match RedisStore::connect(url).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                std::process::exit(1);
+            }
+        },
+        None => Arc::new(MemoryStore::new()),
+    };
+    let run = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let prefix = format!("loadgen-{run}");
+    // A limit that never denies: every decision is a full read-modify-write.
+    let never_denies = FixedWindow::new(1 << 40, Duration::from_secs(3600)).unwrap();
+    let ids: Arc<Vec<String>> =
+        Arc::new((0..args.identifiers).map(|i| format!("user-{i}")).collect());
+    let limiter =
+        Arc::new(Ratelimit::with_shared_store(never_denies, store.clone(), &prefix).unwrap());
+    let layer = RatelimitLayer::builder()
+        .shared_store(store)
+        .prefix(prefix.clone())
+        .request_limit(never_denies)
+        .build()
+        .unwrap();
+    let inner = service_fn(|_: LlmRequest| async { Ok::<_, Infallible>(LlmResponse::default()) });
+    let service = tower::Layer::layer(&layer, inner);
+
+    println!(
+        "loadgen: {} decisions in flight for {:?} over {} identifiers, through the {}, on {}",
+        args.concurrency,
+        args.duration,
+        args.identifiers,
+        if args.through_layer {
+            "layer"
+        } else {
+            "limiter"
+        },
+        args.redis.as_deref().unwrap_or("the memory store"),
+    );
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|w| {
+            let (ids, limiter, mut service) = (ids.clone(), limiter.clone(), service.clone());
+            let through_layer = args.through_layer;
+            tokio::spawn(async move {
+                let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
+                let mut errors = 0u64;
+                let mut i = w;
+                while Instant::now() < deadline {
+                    let id = &ids[i % ids.len()];
+                    i += 1;
+                    let t = Instant::now();
+                    let ok = if through_layer {
+                        match service.ready().await {
+                            Ok(s) => s.call(LlmRequest::new(id.clone(), "")).await.is_ok(),
+                            Err(_) => false,
+                        }
+                    } else {
+                        limiter.limit(id, 1).await.is_ok_and(|d| d.allowed)
+                    };
+                    let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    if ok {
+                        latencies.push(us);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut all: Vec<u32> = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if all.is_empty() {
+            0
+        } else {
+            all[((all.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    if errors > 0 {
+        println!("loadgen: {errors} decisions failed");
+    }
+    println!(
+        "decisions_per_sec={:.0} p50_us={} p99_us={}",
+        all.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.99)
+    );
+}
