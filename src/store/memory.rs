@@ -1,7 +1,7 @@
 //! The embedded store: sharded hash maps behind mutexes, no setup, one process.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -74,9 +74,13 @@ struct Entry {
     expires_at: i64,
 }
 
+/// Keys come from user identifiers, so the maps use a randomly seeded hasher; foldhash
+/// is the fast seeded hasher hashbrown itself defaults to.
+type Hasher = foldhash::fast::RandomState;
+
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Box<str>, Entry>,
+    map: HashMap<Box<str>, Entry, Hasher>,
     writes_since_sweep: usize,
 }
 
@@ -153,7 +157,7 @@ impl Shard {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    hasher: Hasher,
     clock: Box<dyn Clock>,
 }
 
@@ -199,7 +203,7 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Inner {
                 shards,
-                hasher: RandomState::new(),
+                hasher: Hasher::default(),
                 clock: Box::new(clock),
             }),
         }
@@ -233,6 +237,45 @@ impl MemoryStore {
     /// Whether no entry is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The single-limit fast path: try to take `cost` from `key` under `algorithm`,
+    /// synchronously and without allocating (beyond the key's first insertion). The
+    /// same decision as [`Store::acquire`] with one check. Not for
+    /// [`Algorithm::Concurrency`], which needs a slot id (denied here).
+    pub fn decide(&self, key: &str, algorithm: &Algorithm, cost: u64) -> Decision {
+        let now = self.inner.clock.now_micros();
+        if let Algorithm::Concurrency(limit) = algorithm {
+            let mut slots = Vec::new();
+            let (mut o, _) = algorithm::decide_slots(limit, &mut slots, now, 0, false);
+            o.allowed = false;
+            return o.into();
+        }
+        let mut shard = lock(&self.inner.shards[self.shard_of(key)]);
+        let shard = &mut *shard;
+        // One hash lookup for an existing key: decide and write in place.
+        if let Some(entry) = shard.map.get_mut(key) {
+            let state = match entry.value {
+                Value::Counter(s) if entry.expires_at > now => Some(s),
+                _ => None,
+            };
+            let (o, w) = algorithm::decide(algorithm, state, now, cost, true);
+            match w {
+                Write::None => return o.into(),
+                Write::Put(s, ttl_us) => {
+                    entry.value = Value::Counter(s);
+                    entry.expires_at = now.saturating_add(ttl_us as i64);
+                }
+                Write::Delete => {
+                    shard.map.remove(key);
+                }
+            }
+            shard.after_write(now);
+            return o.into();
+        }
+        let (o, w) = algorithm::decide(algorithm, None, now, cost, true);
+        shard.apply(key, w, now);
+        o.into()
     }
 
     /// Synchronous form of [`Store::acquire`].
