@@ -78,12 +78,6 @@ fn layer_overhead(c: &mut Criterion) {
             usage: Some(Usage::new(1, 1)),
         })
     });
-    let layer = RatelimitLayer::builder()
-        .request_limit(FixedWindow::new(1 << 40, Duration::from_secs(3600)).unwrap())
-        .token_limit(SlidingWindow::new(1 << 40, Duration::from_secs(3600)).unwrap())
-        .build()
-        .unwrap();
-    let limited = tower::Layer::layer(&layer, llm);
     let request = LlmRequest::new("user-1", "hello");
     let mut group = c.benchmark_group("layer");
     group.bench_function("bare_service", |b| {
@@ -101,21 +95,36 @@ fn layer_overhead(c: &mut Criterion) {
             })
         })
     });
-    group.bench_function("ratelimited_service", |b| {
-        let mut svc = limited.clone();
-        b.iter(|| {
-            rt.block_on(async {
-                black_box(
-                    svc.ready()
-                        .await
-                        .unwrap()
-                        .call(request.clone())
-                        .await
-                        .unwrap(),
-                )
+    let window = Duration::from_secs(3600);
+    let requests_only = RatelimitLayer::builder()
+        .request_limit(FixedWindow::new(1 << 40, window).unwrap())
+        .build()
+        .unwrap();
+    let requests_and_tokens = RatelimitLayer::builder()
+        .request_limit(FixedWindow::new(1 << 40, window).unwrap())
+        .token_limit(SlidingWindow::new(1 << 40, window).unwrap())
+        .build()
+        .unwrap();
+    for (name, layer) in [
+        ("ratelimited_requests", requests_only),
+        ("ratelimited_requests_and_tokens", requests_and_tokens),
+    ] {
+        let mut svc = tower::Layer::layer(&layer, llm);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    black_box(
+                        svc.ready()
+                            .await
+                            .unwrap()
+                            .call(request.clone())
+                            .await
+                            .unwrap(),
+                    )
+                })
             })
-        })
-    });
+        });
+    }
     group.finish();
 }
 

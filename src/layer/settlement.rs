@@ -22,6 +22,8 @@ enum Phase {
     /// The pre-dispatch acquire is in flight; if it turns out allowed, the reservation
     /// must be refunded (and the slot released) should the call not continue.
     Acquiring(AcquireFuture),
+    /// An in-process store already answered (no future needed).
+    Acquired(Option<Result<(Vec<Decision>, Decider), StoreError>>),
     /// Acquired; the call is running. Dropped here: refund and release.
     Armed,
     /// The settling write is in flight (it queues itself if the store fails).
@@ -97,7 +99,15 @@ fn acquire(limits: Arc<Limits>, checks: Vec<LimitCheck>) -> AcquireFuture {
 
 impl Settlement {
     pub(crate) fn new(limits: Arc<Limits>, plan: Plan) -> Self {
-        let fut = acquire(limits.clone(), plan.checks);
+        let sync = if limits.store_is_local {
+            limits.store.acquire_sync(&plan.checks)
+        } else {
+            None
+        };
+        let phase = match sync {
+            Some(decisions) => Phase::Acquired(Some(Ok((decisions, Decider::Store)))),
+            None => Phase::Acquiring(acquire(limits.clone(), plan.checks)),
+        };
         Self {
             limits,
             token_key: plan.token_key,
@@ -105,7 +115,7 @@ impl Settlement {
             reserved: plan.reserved,
             id: next_id(),
             decider: Decider::Store,
-            phase: Phase::Acquiring(fut),
+            phase,
         }
     }
 
@@ -120,10 +130,13 @@ impl Settlement {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Vec<Decision>, StoreError>> {
-        let Phase::Acquiring(fut) = &mut self.phase else {
-            return Poll::Ready(Ok(Vec::new()));
+        let result = match &mut self.phase {
+            Phase::Acquiring(fut) => std::task::ready!(fut.as_mut().poll(cx)),
+            Phase::Acquired(result) => result
+                .take()
+                .unwrap_or_else(|| Err(StoreError::new("acquire polled twice"))),
+            _ => return Poll::Ready(Ok(Vec::new())),
         };
-        let result = std::task::ready!(fut.as_mut().poll(cx));
         self.phase = Phase::Done;
         Poll::Ready(result.map(|(decisions, decider)| {
             self.arm(&decisions, decider);
@@ -215,6 +228,9 @@ impl Settlement {
         if remote.is_empty() {
             return None;
         }
+        if self.limits.store_is_local && self.limits.store.adjust_sync(&remote).is_some() {
+            return None;
+        }
         let limits = self.limits.clone();
         let id = self.id;
         Some(Box::pin(async move {
@@ -280,6 +296,17 @@ impl Drop for Settlement {
                 }
             }
             Phase::Writing(write) => finish_in_background(write),
+            Phase::Acquired(Some(Ok((decisions, decider)))) => {
+                // Taken but never used: give it back now.
+                self.arm(&decisions, decider);
+                if matches!(self.phase, Phase::Armed)
+                    && let Some(fut) = self.write_future(-(self.reserved as i64))
+                {
+                    finish_in_background(fut);
+                }
+                self.phase = Phase::Done;
+            }
+            Phase::Acquired(_) => {}
             Phase::Acquiring(acquire) => {
                 // The acquire may still land: wait for it, then undo it.
                 let mut undo = Settlement {

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use smallvec::SmallVec;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture};
@@ -291,10 +293,9 @@ impl MemoryStore {
             shard.apply(&check.key, w, now);
             return vec![o.into()];
         }
-        let keys: Vec<&str> = checks.iter().map(|c| c.key.as_str()).collect();
-        let mut guards = self.lock_all(&keys);
+        let mut guards = self.lock_all(checks.iter().map(|c| c.key.as_str()));
         let mut results = Vec::with_capacity(checks.len());
-        let mut writes = Vec::with_capacity(checks.len());
+        let mut writes: SmallVec<[Pending; 4]> = SmallVec::with_capacity(checks.len());
         for (i, c) in checks.iter().enumerate() {
             let shard = guards.shard(i);
             match &c.algorithm {
@@ -328,8 +329,7 @@ impl MemoryStore {
     /// Synchronous form of [`Store::adjust`].
     pub fn adjust_now(&self, adjustments: &[Adjustment]) -> Vec<Decision> {
         let now = self.inner.clock.now_micros();
-        let keys: Vec<&str> = adjustments.iter().map(|a| a.key.as_str()).collect();
-        let mut guards = self.lock_all(&keys);
+        let mut guards = self.lock_all(adjustments.iter().map(|a| a.key.as_str()));
         adjustments
             .iter()
             .enumerate()
@@ -361,8 +361,8 @@ impl MemoryStore {
         }
     }
 
-    fn lock_all(&self, keys: &[&str]) -> Guards<'_> {
-        let of_key: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
+    fn lock_all<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Guards<'_> {
+        let of_key: SmallVec<[usize; 4]> = keys.map(|k| self.shard_of(k)).collect();
         let mut order = of_key.clone();
         order.sort_unstable();
         order.dedup();
@@ -383,8 +383,8 @@ enum Pending {
 /// Shard guards held for one multi-key operation, taken in ascending shard order so
 /// concurrent operations cannot deadlock.
 struct Guards<'a> {
-    of_key: Vec<usize>,
-    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+    of_key: SmallVec<[usize; 4]>,
+    guards: SmallVec<[(usize, MutexGuard<'a, Shard>); 4]>,
 }
 
 impl Guards<'_> {
@@ -418,5 +418,13 @@ impl Store for MemoryStore {
 
     fn is_local(&self) -> bool {
         true
+    }
+
+    fn acquire_sync(&self, checks: &[LimitCheck]) -> Option<Vec<Decision>> {
+        Some(self.acquire_now(checks))
+    }
+
+    fn adjust_sync(&self, adjustments: &[Adjustment]) -> Option<Vec<Decision>> {
+        Some(self.adjust_now(adjustments))
     }
 }

@@ -121,6 +121,20 @@ pub trait Store: Send + Sync + 'static {
     fn is_local(&self) -> bool {
         false
     }
+
+    /// In-process stores: [`acquire`](Self::acquire) done synchronously, without a
+    /// future. `None` (the default) means "use `acquire`".
+    fn acquire_sync(&self, checks: &[LimitCheck]) -> Option<Vec<Decision>> {
+        let _ = checks;
+        None
+    }
+
+    /// In-process stores: [`adjust`](Self::adjust) done synchronously. `None` (the
+    /// default) means "use `adjust`".
+    fn adjust_sync(&self, adjustments: &[Adjustment]) -> Option<Vec<Decision>> {
+        let _ = adjustments;
+        None
+    }
 }
 
 /// Longest identifier kept verbatim in keys; longer ones (and any with bytes outside
