@@ -8,7 +8,8 @@
 //!
 //! Flags: `--redis URL` (omit for memory), `--concurrency N` (64), `--duration SECS` (5),
 //! `--identifiers N` (100), `--through layer|limiter` (limiter: one request limit, fixed
-//! window, that never denies). The last line is exactly
+//! window, that never denies), `--batching on|off` (Redis: batch concurrent acquires,
+//! default on). The last line is exactly
 //! `decisions_per_sec=<number> p50_us=<number> p99_us=<number>`.
 
 use std::convert::Infallible;
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tower::{Service, ServiceExt, service_fn};
 use tower_llm_ratelimit::{
-    FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer, RedisStore, Store,
+    FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer, RedisOptions,
+    RedisStore, Store,
 };
 
 struct Args {
@@ -26,6 +28,7 @@ struct Args {
     duration: Duration,
     identifiers: usize,
     through_layer: bool,
+    batching: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -35,6 +38,7 @@ fn parse() -> Result<Args, String> {
         duration: Duration::from_secs(5),
         identifiers: 100,
         through_layer: false,
+        batching: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -45,6 +49,13 @@ fn parse() -> Result<Args, String> {
             "--concurrency" => args.concurrency = number(value()?)?.max(1) as usize,
             "--duration" => args.duration = Duration::from_secs(number(value()?)?.max(1)),
             "--identifiers" => args.identifiers = number(value()?)?.max(1) as usize,
+            "--batching" => {
+                args.batching = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("--batching must be on or off, not {other:?}")),
+                }
+            }
             "--through" => {
                 args.through_layer = match value()?.as_str() {
                     "layer" => true,
@@ -75,13 +86,17 @@ async fn main() {
         }
     };
     let store: Arc<dyn Store> = match &args.redis {
-        Some(url) => match RedisStore::connect(url).await {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                eprintln!("loadgen: {e}");
-                std::process::exit(1);
+        Some(url) => {
+            match RedisStore::connect_with(url, RedisOptions::default().batching(args.batching))
+                .await
+            {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    eprintln!("loadgen: {e}");
+                    std::process::exit(1);
+                }
             }
-        },
+        }
         None => Arc::new(MemoryStore::new()),
     };
     let run = SystemTime::now()

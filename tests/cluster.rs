@@ -67,7 +67,8 @@ async fn a_failover_under_load_makes_no_wrong_decision() {
         futures_join(ids.iter().map(|id| call(id.clone()))).await;
     }
     // During: load on every identifier while the master of user-0's slot fails over.
-    let (master, replica) = cluster.master_and_replica_of(&format!("{{{}}}", ids[0]));
+    let key = format!("{{{}}}", ids[0]);
+    let (master, replica) = tokio::task::block_in_place(|| cluster.master_and_replica_of(&key));
     let load = {
         let ids = ids.clone();
         let call = call.clone();

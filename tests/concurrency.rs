@@ -255,3 +255,33 @@ fn four_processes_through_the_layer() {
         "token charges in Redis equal the usage the mock reported"
     );
 }
+
+/// Concurrent acquires are batched into fewer scripts, and stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquires_are_batched_and_exact() {
+    let server = common::RedisServer::start();
+    let evalsha_calls = || {
+        let out = Command::new("redis-cli")
+            .args(["-p", &server.port.to_string(), "info", "commandstats"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let allowed = race(
+        &server.url,
+        &common::unique_prefix("batched"),
+        algorithm("fixed"),
+        400,
+    )
+    .await;
+    assert_eq!(allowed, LIMIT);
+    let calls = evalsha_calls();
+    assert!(
+        calls < 400,
+        "{calls} scripts for 400 decisions: nothing was batched"
+    );
+}

@@ -16,6 +16,18 @@ static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+static ACQUIRE_BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/lib.lua"),
+        include_str!("lua/acquire_batch.lua")
+    ))
+});
+
+/// Most calls' acquires sent in one batch script.
+const MAX_BATCH: usize = 32;
+/// Batches in flight at once; while all are out, new acquires queue up and go together.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
 static ADJUST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/lib.lua"),
@@ -32,6 +44,10 @@ pub struct RedisOptions {
     /// How long one store operation may take before it fails with a timeout
     /// ([`StoreError::is_timeout`]). The script may still have run in Redis.
     pub response_timeout: Duration,
+    /// Send the acquires of concurrent calls together in one script when Redis is
+    /// already busy with earlier ones (single Redis only; default on). A call that finds
+    /// Redis idle goes alone at once, so batching adds no latency.
+    pub batching: bool,
 }
 
 impl Default for RedisOptions {
@@ -39,6 +55,7 @@ impl Default for RedisOptions {
         Self {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
+            batching: true,
         }
     }
 }
@@ -47,6 +64,12 @@ impl RedisOptions {
     /// Set [`connect_timeout`](Self::connect_timeout).
     pub fn connect_timeout(mut self, t: Duration) -> Self {
         self.connect_timeout = t;
+        self
+    }
+
+    /// Set [`batching`](Self::batching).
+    pub fn batching(mut self, batching: bool) -> Self {
+        self.batching = batching;
         self
     }
 
@@ -100,8 +123,16 @@ impl redis::aio::ConnectionLike for Connection {
     }
 }
 
+/// One call's acquire waiting for a batch.
+struct Queued {
+    checks: Vec<LimitCheck>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Decision>, StoreError>>,
+}
+
 struct Shared {
     conn: Connection,
+    /// Where acquires go to be batched; `None`: each is sent on its own.
+    batcher: Option<tokio::sync::mpsc::UnboundedSender<Queued>>,
     response_timeout: Duration,
     /// Tests only: decide at this clock's time instead of the server's.
     clock: Option<crate::store::ManualClock>,
@@ -149,10 +180,12 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| StoreError::with_source("cannot connect to Redis", e))?;
-        Ok(Self::from_connection_manager(
-            conn,
-            options.response_timeout,
-        ))
+        let store = Self::from_connection_manager(conn, options.response_timeout);
+        Ok(if options.batching {
+            store.with_batching()
+        } else {
+            store
+        })
     }
 
     /// Connect to a Redis Cluster through any of its nodes (`redis://host:port`, or
@@ -184,10 +217,31 @@ impl RedisStore {
         Self::with_connection(Connection::Single(conn), response_timeout)
     }
 
+    /// Batch concurrent acquires (see [`RedisOptions::batching`]). Needs a Tokio runtime
+    /// (without one, acquires are sent one by one).
+    fn with_batching(self) -> Self {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return self;
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let unbatched = self.clone();
+        handle.spawn(batch_worker(unbatched, rx));
+        let shared = Shared {
+            conn: self.shared.conn.clone(),
+            batcher: Some(tx),
+            response_timeout: self.shared.response_timeout,
+            clock: self.shared.clock.clone(),
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
     fn with_connection(conn: Connection, response_timeout: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
                 conn,
+                batcher: None,
                 response_timeout,
                 clock: None,
             }),
@@ -200,6 +254,7 @@ impl RedisStore {
     pub fn with_test_clock(self, clock: crate::store::ManualClock) -> Self {
         let shared = Shared {
             conn: self.shared.conn.clone(),
+            batcher: None,
             response_timeout: self.shared.response_timeout,
             clock: Some(clock),
         };
@@ -279,8 +334,9 @@ fn algorithm_args(params: [u64; 4], args: &mut Vec<i64>) {
     args.extend(params.iter().map(|&p| p as i64));
 }
 
-impl Store for RedisStore {
-    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
+impl RedisStore {
+    /// One call's acquire as its own script.
+    fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
         let shared = self.shared.clone();
         let this = self.clone();
         Box::pin(async move {
@@ -300,6 +356,104 @@ impl Store for RedisStore {
                 None => Err(StoreError::new("empty script reply")),
             }
         })
+    }
+
+    /// Several calls' acquires as one script; each call gets its own decisions.
+    async fn acquire_batch(&self, batch: Vec<Queued>) {
+        let calls = batch.len();
+        let total: usize = batch.iter().map(|q| q.checks.len()).sum();
+        let mut args = Vec::with_capacity(1 + calls + total * 6);
+        let mut keys = Vec::with_capacity(total);
+        let mut replies = Vec::with_capacity(calls);
+        args.push(calls as i64);
+        args.extend(batch.iter().map(|q| q.checks.len() as i64));
+        for q in batch {
+            for c in &q.checks {
+                algorithm_args(with_slot(c.algorithm.script_params(), c.slot), &mut args);
+                args.push(c.cost as i64);
+                args.push(c.take as i64);
+            }
+            replies.push((q.checks.len(), q.reply));
+            keys.extend(q.checks.into_iter().map(|c| c.key));
+        }
+        self.push_test_clock(&mut args);
+        match Self::run(self.shared.clone(), &ACQUIRE_BATCH, keys, args).await {
+            Ok(reply) => {
+                let mut rest = &reply[..];
+                for (count, tx) in replies {
+                    let size = 1 + count * 5;
+                    let result = if rest.len() >= size {
+                        let decisions = parse_decisions(&rest[1..size], count);
+                        rest = &rest[size..];
+                        decisions
+                    } else {
+                        Err(StoreError::new("short batch reply"))
+                    };
+                    let _ = tx.send(result);
+                }
+            }
+            Err(error) => {
+                for (_, tx) in replies {
+                    let each = if error.is_timeout() {
+                        StoreError::timeout(self.shared.response_timeout)
+                    } else {
+                        StoreError::new(format!("batched acquire failed: {error}"))
+                    };
+                    let _ = tx.send(Err(each));
+                }
+            }
+        }
+    }
+}
+
+/// Sends queued acquires: alone when Redis is idle, together when earlier batches are
+/// still out (up to [`MAX_BATCHES_IN_FLIGHT`] at once). Ends when every store handle
+/// that could queue is gone.
+async fn batch_worker(store: RedisStore, mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        // Everything that queued up while waiting goes in this batch.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(q) => batch.push(q),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            if batch.len() == 1 {
+                if let Some(q) = batch.pop() {
+                    let result = store.acquire_unbatched(q.checks).await;
+                    let _ = q.reply.send(result);
+                }
+            } else {
+                store.acquire_batch(batch).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+impl Store for RedisStore {
+    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
+        if let Some(batcher) = &self.shared.batcher {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if batcher.send(Queued { checks, reply }).is_ok() {
+                return Box::pin(async move {
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Err(StoreError::new("the batching task stopped")))
+                });
+            }
+            return Box::pin(std::future::ready(Err(StoreError::new(
+                "the batching task stopped",
+            ))));
+        }
+        self.acquire_unbatched(checks)
     }
 
     fn adjust(

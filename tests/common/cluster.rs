@@ -104,8 +104,19 @@ impl Cluster {
         None
     }
 
-    /// The port of the master serving `key`'s slot, and of one of its replicas.
+    /// The port of the master serving `key`'s slot, and of one of its replicas (waiting
+    /// for the topology to spread through the cluster's gossip).
     pub fn master_and_replica_of(&self, key: &str) -> (u16, u16) {
+        for _ in 0..200 {
+            if let Some(found) = self.try_master_and_replica_of(key) {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no master with a replica found for {key}");
+    }
+
+    fn try_master_and_replica_of(&self, key: &str) -> Option<(u16, u16)> {
         let any = self.nodes[0].port;
         let slot: u16 = self
             .cli(any, &["cluster", "keyslot", key])
@@ -129,14 +140,13 @@ impl Cluster {
                 }
             }
         }
-        let (id, port) = master.expect("a master owns the slot");
+        let (id, port) = master?;
         let replica = nodes
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
-            .map(|f| port_of(f[1]))
-            .expect("the master has a replica");
-        (port, replica)
+            .map(|f| port_of(f[1]))?;
+        Some((port, replica))
     }
 }
 

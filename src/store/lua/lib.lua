@@ -171,3 +171,58 @@ local function push_slots_outcome(reply, key, max, now, held, allowed)
   reply[#reply + 1] = earliest
   reply[#reply + 1] = retry
 end
+
+-- Evaluate one call's limits atomically, all-or-nothing: the group of `n` keys starting
+-- after keys[k0], with their six parameters each starting after args[a0]. Appends
+-- allowed_all and five fields per limit to `reply` (see acquire.lua).
+local function acquire_group(keys, k0, n, args, a0, now, reply)
+  local views, allowed, retries, params = {}, {}, {}, {}
+  local all = true
+  for i = 1, n do
+    local key = keys[k0 + i]
+    local o = a0 + 6 * (i - 1)
+    local alg, p1, p2, p3 = tonumber(args[o + 1]), tonumber(args[o + 2]), tonumber(args[o + 3]), tonumber(args[o + 4])
+    local cost = tonumber(args[o + 5])
+    params[i] = { alg, p1, p2, p3, cost }
+    if alg == 4 then
+      local held = slots_held(key, now)
+      views[i] = { held = held }
+      allowed[i] = held < p1
+      if not allowed[i] then all = false end
+    else
+      local v = view(alg, p1, p2, p3, load_state(key), now)
+      views[i] = v
+      if used(alg, p1, p2, v, now) + cost <= p1 then
+        allowed[i] = true
+      else
+        allowed[i] = false
+        all = false
+        if cost <= p1 then retries[i] = retry_after(alg, p1, p2, p3, v, now, cost) end
+      end
+    end
+  end
+  reply[#reply + 1] = all and 1 or 0
+  for i = 1, n do
+    local key = keys[k0 + i]
+    local o = a0 + 6 * (i - 1)
+    local p = params[i]
+    local alg, p1, p2, p3, cost = p[1], p[2], p[3], p[4], p[5]
+    local take = args[o + 6] == '1'
+    local v = views[i]
+    if alg == 4 then
+      local held = v.held
+      if all and take then
+        redis.call('ZADD', key, now + p2, args[o + 4])
+        redis.call('PEXPIRE', key, math.ceil(p2 / 1000))
+        held = held + 1
+      end
+      push_slots_outcome(reply, key, p1, now, held, allowed[i])
+    else
+      if all and take and cost > 0 then
+        if alg == 3 then v.cur = v.cur - cost else v.cur = v.cur + cost end
+        write(key, alg, p1, p2, p3, v, now)
+      end
+      push_outcome(reply, alg, p1, p2, p3, v, now, allowed[i], retries[i])
+    end
+  end
+end
