@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-5}"
-PORT="${BENCH_REDIS_PORT:-6391}"
+PORT="${BENCH_REDIS_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 DIR="$(mktemp -d)"
 
 command -v redis-server >/dev/null || { echo "needs redis-server (apt-get install redis-server)"; exit 1; }
@@ -18,6 +18,7 @@ redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$D
   --pidfile "$DIR/redis.pid" >/dev/null
 trap 'kill "$(cat "$DIR/redis.pid")" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+redis-cli -p "$PORT" ping >/dev/null || { echo "redis-server did not start on port $PORT"; exit 1; }
 URL="redis://127.0.0.1:$PORT/"
 
 echo "# machine"
@@ -32,7 +33,7 @@ for through in limiter layer; do
   echo "ours/memory/$through: $($LOADGEN --duration "$SECS" --through $through | tail -1)"
 done
 for through in limiter layer; do
-  echo "ours/redis/$through: $($LOADGEN --redis "$URL" --duration "$SECS" --through $through | tail -1)"
+  echo "ours/redis/$through: $($LOADGEN --redis "$URL" --duration "$SECS" --through $through 2>&1 | tail -1)"
 done
 
 (cd bench && [ -d node_modules/rate-limiter-flexible ] || npm install --silent --no-audit --no-fund)
