@@ -8,10 +8,9 @@ use tower_service::Service;
 
 use super::body::RequestBody;
 use super::future::HttpResponseFuture;
-use crate::error::{BoxError, Error};
+use crate::error::BoxError;
 use crate::identifier::ExtractIdentifier;
 use crate::layer::{Limits, TokenMode};
-use crate::store::identifier_tag;
 
 /// An `http::Request` service rate-limited by an
 /// [`HttpRatelimitLayer`](super::HttpRatelimitLayer).
@@ -105,14 +104,10 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let grpc = is_grpc(&request);
-        let tag = match self.extractor.extract(&request) {
-            Some(id) => identifier_tag(&id),
-            None => match &self.limits.fallback_identifier {
-                Some(id) => identifier_tag(id),
-                None => Err(Error::MissingIdentifier),
-            },
-        };
-        let tag = match tag {
+        let tag = match self
+            .limits
+            .tag_for(self.extractor.extract(&request).as_deref())
+        {
             Ok(tag) => tag,
             Err(error) => return HttpResponseFuture::rejected(&error, grpc),
         };

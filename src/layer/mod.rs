@@ -7,8 +7,8 @@
 //!    checks that some tokens remain ([`TokenMode::CheckRemaining`], the default) or
 //!    reserves an estimate ([`TokenMode::Reserve`]). If any limit denies, nothing is
 //!    taken from any of them and the inner service is not called: the call fails with
-//!    [`Error::RequestLimitReached`](crate::Error::RequestLimitReached) or
-//!    [`Error::TokenLimitReached`](crate::Error::TokenLimitReached), with `limit`,
+//!    [`Error::RequestLimitReached`] or
+//!    [`Error::TokenLimitReached`], with `limit`,
 //!    `remaining` and `retry_after`.
 //! 2. **After the response**, the reported usage (prompt tokens; prompt + completion with
 //!    [`include_output_tokens`](RatelimitLayerBuilder::include_output_tokens); or a
@@ -37,7 +37,7 @@
 //!   is outside the retries, so one logical call counts one request however many
 //!   attempts the retry layer makes.
 //! * `ServiceBuilder::new().layer(RetryLayer::new(..)).layer(ratelimit)`: each attempt
-//!   counts. A denial is an [`Error`](crate::Error) the retry policy can inspect
+//!   counts. A denial is an [`Error`] the retry policy can inspect
 //!   ([`Error::retry_after`](crate::Error::retry_after)).
 //!
 //! A `TimeoutLayer` outside the rate limit that fires drops the call's future: the
@@ -167,6 +167,16 @@ pub(crate) struct Plan {
 }
 
 impl Limits {
+    /// The hash tag of the request's identifier, or of the fallback identifier when the
+    /// request has none.
+    pub(crate) fn tag_for(&self, identifier: Option<&[u8]>) -> Result<String, Error> {
+        match (identifier, &self.fallback_identifier) {
+            (Some(id), _) => crate::store::identifier_tag(id),
+            (None, Some(fallback)) => crate::store::identifier_tag(fallback),
+            (None, None) => Err(Error::MissingIdentifier),
+        }
+    }
+
     /// The checks for one call of the identifier with hash tag `tag`; `estimate` is
     /// asked for only in `Reserve` mode.
     pub(crate) fn plan(&self, tag: &str, estimate: impl FnOnce() -> Option<u64>) -> Plan {

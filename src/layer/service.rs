@@ -8,7 +8,6 @@ use super::{Limits, ResponseFuture};
 use crate::error::{BoxError, Error};
 use crate::identifier::ExtractIdentifier;
 use crate::llm::{ReportsUsage, TokenEstimate};
-use crate::store::identifier_tag;
 
 /// A service rate-limited by a [`RatelimitLayer`](super::RatelimitLayer).
 ///
@@ -82,14 +81,10 @@ where
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        let tag = match self.extractor.extract(&request) {
-            Some(id) => identifier_tag(&id),
-            None => match &self.limits.fallback_identifier {
-                Some(id) => identifier_tag(id),
-                None => Err(Error::MissingIdentifier),
-            },
-        };
-        let tag = match tag {
+        let tag = match self
+            .limits
+            .tag_for(self.extractor.extract(&request).as_deref())
+        {
             Ok(tag) => tag,
             Err(error) => return ResponseFuture::failed(error),
         };
