@@ -478,8 +478,12 @@ fn reset_after(alg: &Algorithm, v: &View, now: i64) -> i64 {
             if missing <= 0 {
                 0
             } else {
+                // Saturating: a huge debt under a long interval is "practically never".
                 let intervals = (missing as u64).div_ceil(b.refill) as i64;
-                v.anchor + intervals * b.interval_us as i64 - now
+                intervals
+                    .saturating_mul(b.interval_us as i64)
+                    .saturating_add(v.anchor)
+                    .saturating_sub(now)
             }
         }
         Algorithm::Concurrency(_) => 0,
@@ -515,7 +519,11 @@ fn retry_after(alg: &Algorithm, v: &View, now: i64, cost: i64) -> i64 {
         Algorithm::TokenBucket(b) => {
             let missing = (cost - v.current) as u64;
             let intervals = missing.div_ceil(b.refill) as i64;
-            (v.anchor + intervals * b.interval_us as i64 - now).max(1)
+            intervals
+                .saturating_mul(b.interval_us as i64)
+                .saturating_add(v.anchor)
+                .saturating_sub(now)
+                .max(1)
         }
         Algorithm::Concurrency(_) => 1,
     }
@@ -565,8 +573,9 @@ fn outcome(alg: &Algorithm, v: &View, now: i64, allowed: bool, retry: Option<i64
         allowed,
         limit,
         remaining: remaining_of(limit, used(alg, v, now)),
-        reset_after_us: reset_after(alg, v, now).max(0) as u64,
-        retry_after_us: retry.map(|r| r.max(1) as u64),
+        // Capped like TTLs (about 140 years), the same in the Lua port.
+        reset_after_us: reset_after(alg, v, now).clamp(0, MAX_TTL_US) as u64,
+        retry_after_us: retry.map(|r| r.clamp(1, MAX_TTL_US) as u64),
     }
 }
 

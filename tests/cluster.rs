@@ -38,8 +38,10 @@ async fn a_failover_under_load_makes_no_wrong_decision() {
     let layer = RatelimitLayer::builder()
         .store(store)
         .prefix(common::unique_prefix("failover"))
-        .request_limit(FixedWindow::new(LIMIT, Duration::from_secs(120)).unwrap())
-        .token_limit(FixedWindow::new(1_000_000, Duration::from_secs(120)).unwrap())
+        .request_limit(FixedWindow::new(LIMIT, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap())
+        .token_limit(
+            FixedWindow::new(1_000_000, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
+        )
         .build()
         .unwrap();
     let svc = tower::Layer::layer(&layer, service_fn(llm));

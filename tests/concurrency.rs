@@ -14,7 +14,7 @@ use tower_llm_ratelimit::{
 const LIMIT: u64 = 50;
 
 fn algorithms() -> Vec<(&'static str, Algorithm)> {
-    let minute = Duration::from_secs(60);
+    let minute = tower_llm_ratelimit::algorithm::MAX_WINDOW;
     vec![
         ("fixed", FixedWindow::new(LIMIT, minute).unwrap().into()),
         ("sliding", SlidingWindow::new(LIMIT, minute).unwrap().into()),
@@ -151,8 +151,12 @@ async fn child_layer_race() {
     let layer = RatelimitLayer::builder()
         .store(RedisStore::connect(&url).await.unwrap())
         .prefix(prefix)
-        .request_limit(FixedWindow::new(LAYER_REQUESTS, Duration::from_secs(60)).unwrap())
-        .token_limit(FixedWindow::new(LAYER_TOKENS, Duration::from_secs(60)).unwrap())
+        .request_limit(
+            FixedWindow::new(LAYER_REQUESTS, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
+        )
+        .token_limit(
+            FixedWindow::new(LAYER_TOKENS, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
+        )
         .include_output_tokens(true)
         .build()
         .unwrap();
@@ -243,7 +247,7 @@ fn four_processes_through_the_layer() {
     let charged = rt.block_on(async {
         let store = RedisStore::connect(&url).await.unwrap();
         let rl = Ratelimit::new(
-            FixedWindow::new(LAYER_TOKENS, Duration::from_secs(60)).unwrap(),
+            FixedWindow::new(LAYER_TOKENS, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
             store,
             &format!("{prefix}:tokens"),
         )

@@ -14,7 +14,7 @@ use tower_llm_ratelimit::{FixedWindow, RatelimitLayer, identifier::Header};
 async fn a_denial_is_resource_exhausted_with_retry_metadata() {
     let (_reporter, health) = tonic_health::server::health_reporter();
     let layer = RatelimitLayer::builder()
-        .request_limit(FixedWindow::new(2, Duration::from_secs(60)).unwrap())
+        .request_limit(FixedWindow::new(2, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap())
         .identifier(Header::new("x-user-id"))
         .build_http()
         .unwrap();
@@ -64,7 +64,7 @@ async fn a_denial_is_resource_exhausted_with_retry_metadata() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    assert!(retry >= 1, "retry-after {retry}");
     assert_eq!(
         status
             .metadata()

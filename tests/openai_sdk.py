@@ -44,7 +44,8 @@ try:
 except openai.RateLimitError as e:
     check("the 11th call raises RateLimitError", e.status_code == 429)
     retry_after = int(e.response.headers["retry-after"])
-    check("RateLimitError carries Retry-After", 1 <= retry_after <= 60, retry_after)
+    # Sliding 60 s window: the budget is back within two windows at most.
+    check("RateLimitError carries Retry-After", 1 <= retry_after <= 120, retry_after)
     check("the error body is OpenAI-shaped", e.body.get("type") == "rate_limit_exceeded", e.body)
 
 # Streamed calls are charged their usage (another key: another identifier).

@@ -40,7 +40,18 @@ fn venv_python() -> PathBuf {
 async fn the_openai_python_sdk_sees_rate_limits() {
     let python = venv_python();
     let config = gateway::parse_args(
-        ["--requests", "10", "--tokens", "100000", "--prefix", "sdk"].map(String::from),
+        // Sliding windows: a window boundary during the run changes no count.
+        [
+            "--requests",
+            "10",
+            "--tokens",
+            "100000",
+            "--algorithm",
+            "sliding",
+            "--prefix",
+            "sdk",
+        ]
+        .map(String::from),
     )
     .unwrap();
     let service = gateway::build(&config).await.unwrap();

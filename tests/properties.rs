@@ -353,3 +353,51 @@ proptest! {
         prop_assert_eq!(feed_split(&mut SseUsage::default(), &body, &cuts), whole);
     }
 }
+
+fn extreme_algorithm() -> impl Strategy<Value = Algorithm> {
+    use tower_llm_ratelimit::algorithm::{MAX_UNITS, MAX_WINDOW, MIN_WINDOW};
+    let units = prop_oneof![Just(1u64), Just(MAX_UNITS), 1u64..=MAX_UNITS];
+    let window = prop_oneof![
+        Just(MIN_WINDOW),
+        Just(MAX_WINDOW),
+        (MIN_WINDOW.as_micros() as u64..=MAX_WINDOW.as_micros() as u64)
+            .prop_map(Duration::from_micros),
+    ];
+    (0u8..3, units.clone(), units, window).prop_map(|(kind, a, b, w)| match kind {
+        0 => FixedWindow::new(a, w).unwrap().into(),
+        1 => SlidingWindow::new(a, w).unwrap().into(),
+        _ => TokenBucket::new(a, b, w).unwrap().into(),
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Extreme quotas, windows, costs, debts and time jumps: never a panic (tests build
+    /// with overflow checks), and `remaining` never above the limit.
+    #[test]
+    fn extreme_inputs_never_panic(
+        alg in extreme_algorithm(),
+        ops in prop::collection::vec((0u8..4, prop_oneof![Just(0u64), Just(1u64 << 40), any::<u64>()], 0u64..(20 * 365 * 86_400_000)), 1..20),
+    ) {
+        let clock = ManualClock::new(Duration::from_secs(1_700_000_000));
+        let rl = Ratelimit::new(alg, MemoryStore::with_clock(clock.clone()), "x").unwrap();
+        runtime().block_on(async {
+            for (op, n, step_ms) in ops {
+                let d = match op {
+                    0 => rl.limit("id", n).await,
+                    1 => rl.charge("id", n).await,
+                    2 => rl.refund("id", n).await,
+                    _ => {
+                        clock.advance(Duration::from_millis(step_ms));
+                        continue;
+                    }
+                };
+                match d {
+                    Ok(d) => assert!(d.remaining <= alg.limit()),
+                    Err(e) => assert_eq!(e.kind(), tower_llm_ratelimit::ErrorKind::InvalidInput),
+                }
+            }
+        });
+    }
+}

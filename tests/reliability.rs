@@ -17,7 +17,9 @@ use tower_llm_ratelimit::{
     RatelimitLayer, RedisOptions, RedisStore, Store, StoreErrorPolicy, TokenMode, Usage,
 };
 
-const MINUTE: Duration = Duration::from_secs(60);
+/// Fixed windows are aligned to multiples of their length since the epoch: with the
+/// longest window allowed (10 years), no test run straddles a boundary.
+const MINUTE: Duration = tower_llm_ratelimit::algorithm::MAX_WINDOW;
 const TIMEOUT: Duration = Duration::from_millis(200);
 /// Tokens the mock LLM reports per call (prompt + completion, output included).
 const PER_CALL: u64 = 15;

@@ -135,7 +135,9 @@ local function push_outcome(reply, alg, p1, p2, p3, v, now, allowed, retry)
   if remaining < 0 then remaining = 0 end
   local reset = reset_after(alg, p1, p2, p3, v, now)
   if reset < 0 then reset = 0 end
+  if reset > MAX_TTL_US then reset = MAX_TTL_US end
   if retry == nil then retry = -1 elseif retry < 1 then retry = 1 end
+  if retry > MAX_TTL_US then retry = MAX_TTL_US end
   reply[#reply + 1] = allowed and 1 or 0
   reply[#reply + 1] = p1
   reply[#reply + 1] = remaining
