@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use tower_llm_ratelimit::{FixedWindow, Ratelimit, RedisOptions, RedisStore};
+use tower_llm_ratelimit::{FixedWindow, Ratelimit, RedisStore};
 
 fn limit(store: RedisStore, prefix: &str) -> Ratelimit {
     Ratelimit::new(
@@ -56,6 +56,7 @@ async fn acl_user_password_and_database_index() {
 #[cfg(feature = "tls")]
 #[tokio::test]
 async fn tls_with_rediss_urls() {
+    use tower_llm_ratelimit::RedisOptions;
     let dir = std::env::temp_dir().join(format!("tlr-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));

@@ -1,8 +1,6 @@
 //! tonic: a real gRPC server (tonic-health, no protoc needed) behind the HTTP layer and a
 //! real tonic client over loopback. A denial is `RESOURCE_EXHAUSTED` with retry metadata.
 
-use std::time::Duration;
-
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
