@@ -568,13 +568,29 @@ fn write_of(alg: &Algorithm, v: &View, now: i64) -> Write {
 }
 
 fn outcome(alg: &Algorithm, v: &View, now: i64, allowed: bool, retry: Option<i64>) -> Outcome {
-    let limit = alg.limit();
+    outcome_of(
+        alg.limit(),
+        used(alg, v, now),
+        reset_after(alg, v, now),
+        allowed,
+        retry,
+    )
+}
+
+/// The outcome from values already computed (the hot path computes each once).
+fn outcome_of(
+    limit: u64,
+    used: i64,
+    reset_after_us: i64,
+    allowed: bool,
+    retry: Option<i64>,
+) -> Outcome {
     Outcome {
         allowed,
         limit,
-        remaining: remaining_of(limit, used(alg, v, now)),
+        remaining: remaining_of(limit, used),
         // Capped like TTLs (about 140 years), the same in the Lua port.
-        reset_after_us: reset_after(alg, v, now).clamp(0, MAX_TTL_US) as u64,
+        reset_after_us: reset_after_us.clamp(0, MAX_TTL_US) as u64,
         retry_after_us: retry.map(|r| r.clamp(1, MAX_TTL_US) as u64),
     }
 }
@@ -592,7 +608,8 @@ pub(crate) fn decide(
 ) -> (Outcome, Write) {
     let mut v = view(alg, state, now);
     let cost_i = cost as i64;
-    let fits = used(alg, &v, now) + cost_i <= alg.limit() as i64;
+    let used_now = used(alg, &v, now);
+    let fits = used_now + cost_i <= alg.limit() as i64;
     if !fits {
         let retry = if cost > alg.limit() {
             None
@@ -602,14 +619,28 @@ pub(crate) fn decide(
         return (outcome(alg, &v, now, false, retry), Write::None);
     }
     if !take || cost == 0 {
-        return (outcome(alg, &v, now, true, None), Write::None);
+        let reset = reset_after(alg, &v, now);
+        return (
+            outcome_of(alg.limit(), used_now, reset, true, None),
+            Write::None,
+        );
     }
     match alg {
         Algorithm::TokenBucket(_) => v.current -= cost_i,
         _ => v.current += cost_i,
     }
-    let write = write_of(alg, &v, now);
-    (outcome(alg, &v, now, true, None), write)
+    // Taking adds exactly `cost` to what is used (the previous window's weight and the
+    // bucket's refill do not change), so `used` is not computed again.
+    let reset = reset_after(alg, &v, now);
+    let write = if is_empty_state(alg, &v) {
+        Write::Delete
+    } else {
+        Write::Put(state_of(alg, &v), ttl(reset))
+    };
+    (
+        outcome_of(alg.limit(), used_now + cost_i, reset, true, None),
+        write,
+    )
 }
 
 /// Apply a forced debit (`delta > 0`, may create debt) or a refund (`delta < 0`, never
