@@ -11,7 +11,8 @@
 //! `--tokens N`, `--window SECS` (default 60), `--algorithm fixed|sliding|bucket`,
 //! `--include-output-tokens`, `--reserve`, `--identifier-header NAME` (default
 //! `x-user-id`; requests without it are identified by their hashed API key),
-//! `--on-store-error closed|open|local`, `--prefix P`.
+//! `--on-store-error closed|open|local`, `--prefix P`, `--upstream-ca PEM` (trust this CA
+//! for an `https://` upstream instead of the web PKI roots).
 //!
 //! Forwards `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and
 //! `/v1/messages`, streamed or not, without buffering streams; passes the client's
@@ -32,6 +33,7 @@ use http_body::{Body, Frame};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -62,6 +64,7 @@ pub struct Config {
     pub identifier_header: String,
     pub on_store_error: String,
     pub prefix: String,
+    pub upstream_ca: Option<String>,
 }
 
 impl Default for Config {
@@ -79,13 +82,15 @@ impl Default for Config {
             identifier_header: "x-user-id".into(),
             on_store_error: "closed".into(),
             prefix: "gateway".into(),
+            upstream_ca: None,
         }
     }
 }
 
 const USAGE: &str = "usage: gateway [--listen ADDR] [--upstream URL] [--redis URL] [--requests N] \
 [--tokens N] [--window SECS] [--algorithm fixed|sliding|bucket] [--include-output-tokens] \
-[--reserve] [--identifier-header NAME] [--on-store-error closed|open|local] [--prefix P]";
+[--reserve] [--identifier-header NAME] [--on-store-error closed|open|local] [--prefix P] \
+[--upstream-ca PEM]";
 
 /// Parse the flags (not the program name).
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, String> {
@@ -116,6 +121,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, Stri
             "--identifier-header" => config.identifier_header = value()?,
             "--on-store-error" => config.on_store_error = value()?,
             "--prefix" => config.prefix = value()?,
+            "--upstream-ca" => config.upstream_ca = Some(value()?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other:?}\n{USAGE}")),
         }
@@ -397,7 +403,7 @@ where
 pub enum Upstream {
     Mock,
     Proxy {
-        client: Arc<Client<HttpConnector, RequestBody<Incoming>>>,
+        client: Arc<Client<HttpsConnector<HttpConnector>, RequestBody<Incoming>>>,
         base: String,
     },
 }
@@ -462,12 +468,24 @@ impl Service<Request<RequestBody<Incoming>>> for Upstream {
                     }
                     Err(e) => Ok(json_error(
                         StatusCode::BAD_GATEWAY,
-                        &format!("upstream request failed: {e}"),
+                        &format!("upstream request failed: {}", error_chain(&e)),
                     )),
                 }
             }),
         }
     }
+}
+
+/// An error and its causes, `: `-separated (hyper's own message is just "client error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// The gateway service: the four LLM routes, rate-limited; anything else is a 404.
@@ -505,6 +523,40 @@ impl Service<Request<Incoming>> for Gateway {
         }
         Box::pin(self.limited.call(request))
     }
+}
+
+/// `http://` and `https://` upstreams: TLS verified against the web PKI roots, or only
+/// against `--upstream-ca` when given (a private CA, or a test's self-signed cert).
+fn https_connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, BoxError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut http = HttpConnector::new();
+    // SSE is many small writes: without NODELAY, Nagle + delayed ACKs stall them.
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let tls = match &config.upstream_ca {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("--upstream-ca {path}: {e}"))?
+            {
+                roots.add(cert.map_err(|e| format!("--upstream-ca {path}: {e}"))?)?;
+            }
+            ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+        None => ClientConfig::builder()
+            .with_webpki_roots()
+            .with_no_client_auth(),
+    };
+    Ok(HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
 }
 
 /// Build the gateway service from its configuration.
@@ -549,15 +601,8 @@ pub async fn build(config: &Config) -> Result<Gateway, BoxError> {
     let upstream = match &config.upstream {
         None => Upstream::Mock,
         Some(url) => {
-            if !url.starts_with("http://") {
-                return Err(format!(
-                    "--upstream {url:?}: only http:// upstreams are supported by this example"
-                )
-                .into());
-            }
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            let client = Arc::new(Client::builder(TokioExecutor::new()).build(connector));
+            let client =
+                Arc::new(Client::builder(TokioExecutor::new()).build(https_connector(config)?));
             Upstream::Proxy {
                 client,
                 base: url.trim_end_matches('/').to_owned(),

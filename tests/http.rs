@@ -550,3 +550,178 @@ async fn axum_with_a_timeout_inside_the_limit_refunds_the_reservation() {
     // Nothing was produced: the 300+ token reservation is back.
     assert_eq!(tokens_remaining(&prefix, 1000, "kim").await, 1000);
 }
+
+/// An HTTPS mock upstream with a fresh self-signed certificate for localhost; returns its
+/// address and the certificate's PEM path.
+async fn start_tls_mock_upstream() -> (SocketAddr, std::path::PathBuf) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    let dir = std::env::temp_dir().join(common::unique_prefix("tls-upstream"));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A test CA, and a certificate for localhost that it signs.
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert, key, csr, ext) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ee.csr"),
+        dir.join("ee.ext"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: Vec<std::ffi::OsString>| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl (apt-get install openssl) makes the test certificates");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let os = |parts: &[&dyn AsRef<std::ffi::OsStr>]| {
+        parts
+            .iter()
+            .map(|p| p.as_ref().to_owned())
+            .collect::<Vec<_>>()
+    };
+    openssl(os(&[
+        &"req",
+        &"-x509",
+        &"-newkey",
+        &"rsa:2048",
+        &"-nodes",
+        &"-days",
+        &"1",
+        &"-subj",
+        &"/CN=test-ca",
+        &"-keyout",
+        &ca_key,
+        &"-out",
+        &ca,
+    ]));
+    openssl(os(&[
+        &"req",
+        &"-newkey",
+        &"rsa:2048",
+        &"-nodes",
+        &"-subj",
+        &"/CN=localhost",
+        &"-keyout",
+        &key,
+        &"-out",
+        &csr,
+    ]));
+    openssl(os(&[
+        &"x509",
+        &"-req",
+        &"-in",
+        &csr,
+        &"-CA",
+        &ca,
+        &"-CAkey",
+        &ca_key,
+        &"-CAcreateserial",
+        &"-days",
+        &"1",
+        &"-extfile",
+        &ext,
+        &"-out",
+        &cert,
+    ]));
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+    let mut config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = tower::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(gateway::mock_upstream(req).await)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tls),
+                        hyper_util::service::TowerToHyperService::new(svc),
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, ca)
+}
+
+#[tokio::test]
+async fn the_gateway_forwards_to_https_upstreams_and_verifies_them() {
+    let (upstream, cert) = start_tls_mock_upstream().await;
+    let start = |ca: Option<&std::path::Path>| {
+        let mut args = vec![
+            "--tokens".to_string(),
+            "1000".into(),
+            "--upstream".into(),
+            format!("https://localhost:{}/v1", upstream.port()),
+        ];
+        if let Some(ca) = ca {
+            args.extend(["--upstream-ca".into(), ca.display().to_string()]);
+        }
+        async move {
+            let service = gateway::build(&gateway::parse_args(args).unwrap())
+                .await
+                .unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(gateway::serve(listener, service));
+            addr
+        }
+    };
+    // Trusting the upstream's CA: forwarded over TLS, usage read, headers added.
+    let trusted = start(Some(&cert)).await;
+    let r = post(
+        trusted,
+        "/v1/chat/completions",
+        &[("x-user-id", "tina")],
+        chat("over tls"),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        r.json()["usage"]["prompt_tokens"],
+        mock_prompt_tokens("over tls")
+    );
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), "1000");
+    // With the web PKI roots only, a self-signed upstream is refused: 502, not a panic.
+    let untrusted = start(None).await;
+    let r = post(
+        untrusted,
+        "/v1/chat/completions",
+        &[("x-user-id", "tina")],
+        chat("x"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+}
