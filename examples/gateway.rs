@@ -12,7 +12,8 @@
 //! `--include-output-tokens`, `--reserve`, `--identifier-header NAME` (default
 //! `x-user-id`; requests without it are identified by their hashed API key),
 //! `--on-store-error closed|open|local`, `--prefix P`, `--upstream-ca PEM` (trust this CA
-//! for an `https://` upstream instead of the web PKI roots).
+//! for an `https://` upstream instead of the web PKI roots), `--concurrency N` (calls in
+//! flight per identifier, held until the response body ends).
 //!
 //! Forwards `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and
 //! `/v1/messages`, streamed or not, without buffering streams; passes the client's
@@ -45,8 +46,8 @@ use tower::{BoxError, Layer, Service};
 use tower_llm_ratelimit::http::{HttpRatelimited, RatelimitBody, RequestBody};
 use tower_llm_ratelimit::identifier::{ApiKey, Header, Or};
 use tower_llm_ratelimit::{
-    Algorithm, FixedWindow, MemoryStore, RatelimitLayer, RedisStore, SlidingWindow, Store,
-    StoreErrorPolicy, TokenBucket, TokenMode,
+    Algorithm, ConcurrencyLimit, FixedWindow, MemoryStore, RatelimitLayer, RedisStore,
+    SlidingWindow, Store, StoreErrorPolicy, TokenBucket, TokenMode,
 };
 
 /// The gateway's command line.
@@ -65,6 +66,7 @@ pub struct Config {
     pub on_store_error: String,
     pub prefix: String,
     pub upstream_ca: Option<String>,
+    pub concurrency: Option<u64>,
 }
 
 impl Default for Config {
@@ -83,6 +85,7 @@ impl Default for Config {
             on_store_error: "closed".into(),
             prefix: "gateway".into(),
             upstream_ca: None,
+            concurrency: None,
         }
     }
 }
@@ -90,7 +93,7 @@ impl Default for Config {
 const USAGE: &str = "usage: gateway [--listen ADDR] [--upstream URL] [--redis URL] [--requests N] \
 [--tokens N] [--window SECS] [--algorithm fixed|sliding|bucket] [--include-output-tokens] \
 [--reserve] [--identifier-header NAME] [--on-store-error closed|open|local] [--prefix P] \
-[--upstream-ca PEM]";
+[--upstream-ca PEM] [--concurrency N]";
 
 /// Parse the flags (not the program name).
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, String> {
@@ -122,6 +125,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, Stri
             "--on-store-error" => config.on_store_error = value()?,
             "--prefix" => config.prefix = value()?,
             "--upstream-ca" => config.upstream_ca = Some(value()?),
+            "--concurrency" => config.concurrency = Some(number(value()?, "--concurrency")?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other:?}\n{USAGE}")),
         }
@@ -592,8 +596,12 @@ pub async fn build(config: &Config) -> Result<Gateway, BoxError> {
     if let Some(n) = config.tokens {
         builder = builder.token_limit(algorithm(config, n)?);
     }
-    if config.requests.is_none() && config.tokens.is_none() {
-        return Err("give --requests N, --tokens N, or both".into());
+    if let Some(n) = config.concurrency {
+        // A slot outlives its call by at most this lease if the gateway dies mid-call.
+        builder = builder.concurrency_limit(ConcurrencyLimit::new(n, Duration::from_secs(600))?);
+    }
+    if config.requests.is_none() && config.tokens.is_none() && config.concurrency.is_none() {
+        return Err("give --requests N, --tokens N or --concurrency N".into());
     }
     let layer = builder
         .identifier(Or(Header::try_new(&config.identifier_header)?, ApiKey))

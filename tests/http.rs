@@ -192,6 +192,23 @@ async fn per_user_limits_exact_headers_and_429() {
             .unwrap()
             .contains("Request limit reached")
     );
+    // Denied again from the local denied-cache (no store call): the same response shape,
+    // with the time left counting down.
+    let again = post(
+        addr,
+        "/v1/chat/completions",
+        &[("x-user-id", "alice")],
+        chat(content),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
+    let retry_again: u64 = again.header("retry-after").parse().unwrap();
+    assert!(
+        (1..=retry_after).contains(&retry_again),
+        "{retry_again} vs {retry_after}"
+    );
+    assert_eq!(again.header("x-ratelimit-remaining-requests"), "0");
+    assert_eq!(again.json()["error"]["code"], "request_limit_reached");
     // Bob has his own budget.
     let bob = post(
         addr,
@@ -724,4 +741,54 @@ async fn the_gateway_forwards_to_https_upstreams_and_verifies_them() {
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn gateway_concurrency_limit_holds_a_slot_until_the_stream_ends() {
+    let (addr, _) = start_gateway(&["--concurrency", "1", "--tokens", "100000"]).await;
+    let mut body = chat("slow stream");
+    body["stream"] = json!(true);
+    // The first stream is slow: its slot is held while it flows.
+    let first = {
+        let body = body.clone();
+        tokio::spawn(async move {
+            post(
+                addr,
+                "/v1/chat/completions",
+                &[("x-user-id", "una"), ("x-mock-delay-ms", "100")],
+                body,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = post(
+        addr,
+        "/v1/chat/completions",
+        &[("x-user-id", "una")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(second.json()["error"]["code"], "concurrency_limit_reached");
+    // Another user is not held up.
+    assert_eq!(
+        post(
+            addr,
+            "/v1/chat/completions",
+            &[("x-user-id", "vic")],
+            body.clone()
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    // Once the first stream has ended, its slot is free again.
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        post(addr, "/v1/chat/completions", &[("x-user-id", "una")], body)
+            .await
+            .status,
+        StatusCode::OK
+    );
 }
