@@ -103,7 +103,7 @@ where
 {
     pub(crate) fn rejected(error: &Error, grpc: bool) -> Self {
         tracing::info!(%error, "rate limit refused a request");
-        Self::respond(refusal(error, grpc), None, String::new(), grpc)
+        Self::respond(refusal(error, grpc), grpc)
     }
 
     /// The denial for an identifier the denied-cache still holds: no store call.
@@ -130,19 +130,25 @@ where
             }
             None => refusal(error, grpc),
         };
-        Self::respond(response, None, String::new(), grpc)
+        Self::respond(response, grpc)
     }
 
-    fn respond(
-        response: Response<RatelimitBody<ResBody>>,
+    /// A response the layer gives itself, without the store or the inner service.
+    fn respond(response: Response<RatelimitBody<ResBody>>, grpc: bool) -> Self {
+        let state = State::Respond {
+            response: Some(response),
+        };
+        Self::with_state(state, None, String::new(), grpc)
+    }
+
+    fn with_state(
+        state: State<S, B, ResBody>,
         limits: Option<Arc<Limits>>,
         tag: String,
         grpc: bool,
     ) -> Self {
         Self {
-            state: State::Respond {
-                response: Some(response),
-            },
+            state,
             limits,
             settlement: None,
             tag,
@@ -169,46 +175,31 @@ where
         let inject = limits.http.inject_stream_usage && !is_anthropic(&parts);
         let read: ReadFuture =
             Box::pin(async move { Ok(Limited::new(body, max).collect().await?.to_bytes()) });
-        Self {
-            state: State::Reading {
-                read,
-                parts: Some(parts),
-                service: Some(service),
-                inject,
-            },
-            limits: Some(limits),
-            settlement: None,
-            tag,
-            grpc,
-            filter_usage_chunk: false,
-            decisions: Vec::new(),
-            fallback: None,
-        }
+        let state = State::Reading {
+            read,
+            parts: Some(parts),
+            service: Some(service),
+            inject,
+        };
+        Self::with_state(state, Some(limits), tag, grpc)
     }
 
+    /// Straight to the acquire (the request body is not read: no estimate, no rewrite).
     pub(crate) fn acquiring(
         service: S,
         request: Request<RequestBody<B>>,
         limits: Arc<Limits>,
         tag: String,
         grpc: bool,
-        estimate: Option<u64>,
-        filter_usage_chunk: bool,
     ) -> Self {
-        let settlement = Self::start_acquire(&limits, &tag, estimate);
-        Self {
-            state: State::Acquiring {
-                service: Some(service),
-                request: Some(request),
-            },
-            limits: Some(limits),
-            settlement: Some(settlement),
-            tag,
-            grpc,
-            filter_usage_chunk,
-            decisions: Vec::new(),
-            fallback: None,
-        }
+        let settlement = Self::start_acquire(&limits, &tag, None);
+        let state = State::Acquiring {
+            service: Some(service),
+            request: Some(request),
+        };
+        let mut future = Self::with_state(state, Some(limits), tag, grpc);
+        future.settlement = Some(settlement);
+        future
     }
 
     fn start_acquire(limits: &Arc<Limits>, tag: &str, estimate: Option<u64>) -> Settlement {

@@ -126,7 +126,7 @@ where
             HttpResponseFuture::reading(service, request, limits, tag, grpc)
         } else {
             let request = request.map(RequestBody::streaming);
-            HttpResponseFuture::acquiring(service, request, limits, tag, grpc, None, false)
+            HttpResponseFuture::acquiring(service, request, limits, tag, grpc)
         }
     }
 }

@@ -325,9 +325,8 @@ impl SseLines {
         };
         if mentions_usage_object(whole) {
             for line in whole.split(|&b| b == b'\n') {
-                if mentions_usage_object(line) {
-                    self.handle_line(line.strip_suffix(b"\r").unwrap_or(line));
-                }
+                // `handle_line` skips lines without a usage object before parsing.
+                self.handle_line(line.strip_suffix(b"\r").unwrap_or(line));
             }
         }
         self.carry(partial);

@@ -44,26 +44,7 @@ impl RatelimitLayer<FromRequest> {
     /// [`TokenMode::CheckRemaining`], prompt tokens only, [`MissingUsage::ChargeReservation`].
     pub fn builder() -> RatelimitLayerBuilder<FromRequest> {
         RatelimitLayerBuilder {
-            store: None,
-            prefix: "llm-ratelimit".to_owned(),
-            requests: None,
-            tokens: None,
-            concurrency: None,
-            store_timeout: std::time::Duration::from_secs(1),
-            on_store_error: StoreErrorPolicy::default(),
-            queue_capacity: 100_000,
-            cache_denials: true,
-            token_mode: TokenMode::default(),
-            include_output_tokens: false,
-            cost_fn: None,
-            missing_usage: MissingUsage::default(),
-            default_estimate: 1,
-            fallback_identifier: None,
-            http: HttpConfig {
-                usage_format: Arc::new(crate::http::OpenAiAnthropic),
-                inject_stream_usage: true,
-                max_request_body: 4 * 1024 * 1024,
-            },
+            settings: Settings::default(),
             extractor: FromRequest,
         }
     }
@@ -95,9 +76,8 @@ impl<S, X: Clone> Layer<S> for RatelimitLayer<X> {
     }
 }
 
-/// Configures a [`RatelimitLayer`]; [`build`](Self::build) checks the configuration.
-#[must_use = "call .build() to get the layer"]
-pub struct RatelimitLayerBuilder<X> {
+/// Everything a builder holds but the extractor (which sets its type).
+struct Settings {
     store: Option<Arc<dyn Store>>,
     prefix: String,
     requests: Option<Algorithm>,
@@ -114,39 +94,72 @@ pub struct RatelimitLayerBuilder<X> {
     default_estimate: u64,
     fallback_identifier: Option<Vec<u8>>,
     http: HttpConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            store: None,
+            prefix: "llm-ratelimit".to_owned(),
+            requests: None,
+            tokens: None,
+            concurrency: None,
+            store_timeout: std::time::Duration::from_secs(1),
+            on_store_error: StoreErrorPolicy::default(),
+            queue_capacity: 100_000,
+            cache_denials: true,
+            token_mode: TokenMode::default(),
+            include_output_tokens: false,
+            cost_fn: None,
+            missing_usage: MissingUsage::default(),
+            default_estimate: 1,
+            fallback_identifier: None,
+            http: HttpConfig {
+                usage_format: Arc::new(crate::http::OpenAiAnthropic),
+                inject_stream_usage: true,
+                max_request_body: 4 * 1024 * 1024,
+            },
+        }
+    }
+}
+
+/// Configures a [`RatelimitLayer`]; [`build`](Self::build) checks the configuration.
+#[must_use = "call .build() to get the layer"]
+pub struct RatelimitLayerBuilder<X> {
+    settings: Settings,
     extractor: X,
 }
 
 impl<X> RatelimitLayerBuilder<X> {
     /// Keep state in `store` (default: a new [`MemoryStore`]).
     pub fn store(mut self, store: impl Store) -> Self {
-        self.store = Some(Arc::new(store));
+        self.settings.store = Some(Arc::new(store));
         self
     }
 
     /// Keep state in a store already behind an `Arc`.
     pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
-        self.store = Some(store);
+        self.settings.store = Some(store);
         self
     }
 
     /// Key prefix (default `llm-ratelimit`); the request limit's keys are
     /// `<prefix>:requests:{id}`, the token limit's `<prefix>:tokens:{id}`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.settings.prefix = prefix.into();
         self
     }
 
     /// Count requests: each call takes 1 before dispatch.
     pub fn request_limit(mut self, algorithm: impl Into<Algorithm>) -> Self {
-        self.requests = Some(algorithm.into());
+        self.settings.requests = Some(algorithm.into());
         self
     }
 
     /// Count tokens: checked or reserved before dispatch ([`TokenMode`]), settled to the
     /// reported usage after.
     pub fn token_limit(mut self, algorithm: impl Into<Algorithm>) -> Self {
-        self.tokens = Some(algorithm.into());
+        self.settings.tokens = Some(algorithm.into());
         self
     }
 
@@ -154,27 +167,27 @@ impl<X> RatelimitLayerBuilder<X> {
     /// other limits and released when the call ends (response, error, cancellation, end
     /// or drop of the response body), or when its lease runs out.
     pub fn concurrency_limit(mut self, limit: ConcurrencyLimit) -> Self {
-        self.concurrency = Some(limit.into());
+        self.settings.concurrency = Some(limit.into());
         self
     }
 
     /// What calls do when the store fails or is slower than the store timeout (default
     /// [`StoreErrorPolicy::FailClosed`]).
     pub fn on_store_error(mut self, policy: StoreErrorPolicy) -> Self {
-        self.on_store_error = policy;
+        self.settings.on_store_error = policy;
         self
     }
 
     /// The longest a store call may take before it counts as failed (default 1 s).
     pub fn store_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.store_timeout = timeout;
+        self.settings.store_timeout = timeout;
         self
     }
 
     /// Settlements kept for retry while the store is down (default 100 000); beyond,
     /// new ones are dropped with an error log.
     pub fn settlement_queue_capacity(mut self, capacity: usize) -> Self {
-        self.queue_capacity = capacity;
+        self.settings.queue_capacity = capacity;
         self
     }
 
@@ -182,67 +195,67 @@ impl<X> RatelimitLayerBuilder<X> {
     /// limit; the token limit in `CheckRemaining` mode) until their `retry_after`, and
     /// deny them locally without asking the store (default on).
     pub fn cache_denials(mut self, cache: bool) -> Self {
-        self.cache_denials = cache;
+        self.settings.cache_denials = cache;
         self
     }
 
     /// How the token limit is applied before a call (default
     /// [`TokenMode::CheckRemaining`]).
     pub fn token_mode(mut self, mode: TokenMode) -> Self {
-        self.token_mode = mode;
+        self.settings.token_mode = mode;
         self
     }
 
     /// Charge prompt + completion tokens instead of prompt tokens only.
     pub fn include_output_tokens(mut self, include: bool) -> Self {
-        self.include_output_tokens = include;
+        self.settings.include_output_tokens = include;
         self
     }
 
     /// Charge `f(&usage)` tokens instead (overrides `include_output_tokens`).
     pub fn cost_fn(mut self, f: impl Fn(&Usage) -> u64 + Send + Sync + 'static) -> Self {
-        self.cost_fn = Some(Arc::new(f));
+        self.settings.cost_fn = Some(Arc::new(f));
         self
     }
 
     /// What to charge when a response reports no usage.
     pub fn missing_usage(mut self, policy: MissingUsage) -> Self {
-        self.missing_usage = policy;
+        self.settings.missing_usage = policy;
         self
     }
 
     /// The reservation for requests that cannot estimate themselves, in `Reserve` mode
     /// (default 1).
     pub fn default_estimate(mut self, tokens: u64) -> Self {
-        self.default_estimate = tokens;
+        self.settings.default_estimate = tokens;
         self
     }
 
     /// Use this identifier for requests that carry none, instead of failing them with
     /// [`Error::MissingIdentifier`].
     pub fn fallback_identifier(mut self, identifier: impl AsRef<[u8]>) -> Self {
-        self.fallback_identifier = Some(identifier.as_ref().to_vec());
+        self.settings.fallback_identifier = Some(identifier.as_ref().to_vec());
         self
     }
 
     /// HTTP: how usage is read from response bodies (default
     /// [`OpenAiAnthropic`](crate::http::OpenAiAnthropic)).
     pub fn usage_format(mut self, format: impl crate::http::UsageFormat) -> Self {
-        self.http.usage_format = Arc::new(format);
+        self.settings.http.usage_format = Arc::new(format);
         self
     }
 
     /// HTTP: add `stream_options.include_usage=true` to streamed OpenAI requests that do
     /// not ask for usage, and remove the usage chunk from their response (default on).
     pub fn inject_stream_usage(mut self, inject: bool) -> Self {
-        self.http.inject_stream_usage = inject;
+        self.settings.http.inject_stream_usage = inject;
         self
     }
 
     /// HTTP: the largest request body the layer reads to estimate tokens (default
     /// 4 MiB); larger requests get `413 Payload Too Large`.
     pub fn max_request_body(mut self, bytes: usize) -> Self {
-        self.http.max_request_body = bytes;
+        self.settings.http.max_request_body = bytes;
         self
     }
 
@@ -259,22 +272,7 @@ impl<X> RatelimitLayerBuilder<X> {
     /// Take identifiers with `extractor` (see [`crate::identifier`]).
     pub fn identifier<Y>(self, extractor: Y) -> RatelimitLayerBuilder<Y> {
         RatelimitLayerBuilder {
-            store: self.store,
-            prefix: self.prefix,
-            requests: self.requests,
-            tokens: self.tokens,
-            concurrency: self.concurrency,
-            store_timeout: self.store_timeout,
-            on_store_error: self.on_store_error,
-            queue_capacity: self.queue_capacity,
-            cache_denials: self.cache_denials,
-            token_mode: self.token_mode,
-            include_output_tokens: self.include_output_tokens,
-            cost_fn: self.cost_fn,
-            missing_usage: self.missing_usage,
-            default_estimate: self.default_estimate,
-            fallback_identifier: self.fallback_identifier,
-            http: self.http,
+            settings: self.settings,
             extractor,
         }
     }
@@ -283,58 +281,59 @@ impl<X> RatelimitLayerBuilder<X> {
     /// prefix is invalid, the default estimate is out of range, or the fallback
     /// identifier is invalid.
     pub fn build(self) -> Result<RatelimitLayer<X>, Error> {
-        if self.requests.is_none() && self.tokens.is_none() && self.concurrency.is_none() {
+        let s = self.settings;
+        if s.requests.is_none() && s.tokens.is_none() && s.concurrency.is_none() {
             return Err(Error::invalid_input(
                 "configure a request_limit, a token_limit or a concurrency_limit",
             ));
         }
-        validate_prefix(&self.prefix)?;
-        let requests_prefix = format!("{}:requests", self.prefix);
-        let tokens_prefix = format!("{}:tokens", self.prefix);
+        validate_prefix(&s.prefix)?;
+        let requests_prefix = format!("{}:requests", s.prefix);
+        let tokens_prefix = format!("{}:tokens", s.prefix);
         validate_prefix(&requests_prefix)?;
         validate_prefix(&tokens_prefix)?;
-        if self.default_estimate > MAX_UNITS {
+        if s.default_estimate > MAX_UNITS {
             return Err(Error::invalid_input(format!(
                 "default estimate {} is more than the maximum of {MAX_UNITS}",
-                self.default_estimate
+                s.default_estimate
             )));
         }
-        if let Some(id) = &self.fallback_identifier {
+        if let Some(id) = &s.fallback_identifier {
             identifier_tag(id)?;
         }
-        if self.store_timeout.is_zero() {
+        if s.store_timeout.is_zero() {
             return Err(Error::invalid_input("store timeout must be more than zero"));
         }
-        let concurrency_prefix = format!("{}:inflight", self.prefix);
-        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        let concurrency_prefix = format!("{}:inflight", s.prefix);
+        let store = s.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let limits = Limits {
             store_is_local: store.is_local(),
             store,
-            concurrency: self.concurrency.map(|algorithm| LimitConfig {
+            concurrency: s.concurrency.map(|algorithm| LimitConfig {
                 algorithm,
                 prefix: concurrency_prefix,
             }),
-            store_timeout: self.store_timeout,
-            on_store_error: self.on_store_error,
+            store_timeout: s.store_timeout,
+            on_store_error: s.on_store_error,
             local: MemoryStore::new(),
             breaker: Breaker::new(std::time::Duration::from_secs(1)),
-            queue: Arc::new(SettlementQueue::new(self.queue_capacity.max(1))),
-            denied: self.cache_denials.then(super::denied::DeniedCache::new),
-            requests: self.requests.map(|algorithm| LimitConfig {
+            queue: Arc::new(SettlementQueue::new(s.queue_capacity.max(1))),
+            denied: s.cache_denials.then(super::denied::DeniedCache::new),
+            requests: s.requests.map(|algorithm| LimitConfig {
                 algorithm,
                 prefix: requests_prefix,
             }),
-            tokens: self.tokens.map(|algorithm| LimitConfig {
+            tokens: s.tokens.map(|algorithm| LimitConfig {
                 algorithm,
                 prefix: tokens_prefix,
             }),
-            token_mode: self.token_mode,
-            include_output_tokens: self.include_output_tokens,
-            cost_fn: self.cost_fn,
-            missing_usage: self.missing_usage,
-            default_estimate: self.default_estimate,
-            fallback_identifier: self.fallback_identifier,
-            http: self.http,
+            token_mode: s.token_mode,
+            include_output_tokens: s.include_output_tokens,
+            cost_fn: s.cost_fn,
+            missing_usage: s.missing_usage,
+            default_estimate: s.default_estimate,
+            fallback_identifier: s.fallback_identifier,
+            http: s.http,
         };
         Ok(RatelimitLayer {
             limits: Arc::new(limits),

@@ -54,12 +54,17 @@ fn acquire(limits: Arc<Limits>, checks: Vec<LimitCheck>) -> AcquireFuture {
         if limits.store_is_local {
             return Ok((limits.store.acquire(checks).await?, Decider::Store));
         }
-        let error = if limits.breaker.is_open() {
-            StoreError::new("store unavailable (recent failures; retrying shortly)")
+        let (error, checks) = if limits.breaker.is_open() {
+            // Recently failed: the policy decides without waiting for another timeout.
+            let error = StoreError::new("store unavailable (recent failures; retrying shortly)");
+            (error, checks)
         } else {
             // Kept only when a fallback may need the checks.
-            let retained = (limits.on_store_error != super::StoreErrorPolicy::FailClosed)
-                .then(|| checks.clone());
+            let retained = if limits.on_store_error == super::StoreErrorPolicy::FailClosed {
+                Vec::new()
+            } else {
+                checks.clone()
+            };
             match with_timeout(limits.store_timeout, limits.store.acquire(checks)).await {
                 Ok(decisions) => {
                     limits.breaker.reset();
@@ -68,32 +73,14 @@ fn acquire(limits: Arc<Limits>, checks: Vec<LimitCheck>) -> AcquireFuture {
                 Err(error) => {
                     limits.breaker.trip();
                     tracing::error!(%error, policy = ?limits.on_store_error, "rate-limit store failed");
-                    match retained {
-                        Some(checks) => {
-                            return fallback_decisions(
-                                limits.on_store_error,
-                                &limits.local,
-                                &checks,
-                            )
-                            .map(|(d, decider)| {
-                                tracing::warn!(?decider, "rate limit decided without the store");
-                                (d, decider)
-                            })
-                            .ok_or(error);
-                        }
-                        None => return Err(error),
-                    }
+                    (error, retained)
                 }
             }
         };
-        // The breaker is open: the same policy, without waiting for another timeout.
-        let checks_for_fallback = checks;
-        fallback_decisions(limits.on_store_error, &limits.local, &checks_for_fallback)
-            .map(|(d, decider)| {
-                tracing::warn!(?decider, "rate limit decided without the store");
-                (d, decider)
-            })
-            .ok_or(error)
+        let (decisions, decider) =
+            fallback_decisions(limits.on_store_error, &limits.local, &checks).ok_or(error)?;
+        tracing::warn!(?decider, "rate limit decided without the store");
+        Ok((decisions, decider))
     })
 }
 
@@ -304,7 +291,6 @@ impl Drop for Settlement {
                 {
                     finish_in_background(fut);
                 }
-                self.phase = Phase::Done;
             }
             Phase::Acquired(_) => {}
             Phase::Acquiring(acquire) => {

@@ -253,15 +253,27 @@ impl MemoryStore {
             o.allowed = false;
             return o.into();
         }
+        self.decide_counter(key, algorithm, cost, true, now)
+    }
+
+    /// One counter limit (not concurrency) under its shard's lock, with one hash lookup
+    /// for an existing key: decide and write in place.
+    fn decide_counter(
+        &self,
+        key: &str,
+        algorithm: &Algorithm,
+        cost: u64,
+        take: bool,
+        now: i64,
+    ) -> Decision {
         let mut shard = lock(&self.inner.shards[self.shard_of(key)]);
         let shard = &mut *shard;
-        // One hash lookup for an existing key: decide and write in place.
         if let Some(entry) = shard.map.get_mut(key) {
             let state = match entry.value {
                 Value::Counter(s) if entry.expires_at > now => Some(s),
                 _ => None,
             };
-            let (o, w) = algorithm::decide(algorithm, state, now, cost, true);
+            let (o, w) = algorithm::decide(algorithm, state, now, cost, take);
             match w {
                 Write::None => return o.into(),
                 Write::Put(s, ttl_us) => {
@@ -275,7 +287,7 @@ impl MemoryStore {
             shard.after_write(now);
             return o.into();
         }
-        let (o, w) = algorithm::decide(algorithm, None, now, cost, true);
+        let (o, w) = algorithm::decide(algorithm, None, now, cost, take);
         shard.apply(key, w, now);
         o.into()
     }
@@ -287,11 +299,13 @@ impl MemoryStore {
             && !matches!(check.algorithm, Algorithm::Concurrency(_))
         {
             // The common single-limit case: one lock, no bookkeeping.
-            let mut shard = lock(&self.inner.shards[self.shard_of(&check.key)]);
-            let state = shard.get(&check.key, now);
-            let (o, w) = algorithm::decide(&check.algorithm, state, now, check.cost, check.take);
-            shard.apply(&check.key, w, now);
-            return vec![o.into()];
+            return vec![self.decide_counter(
+                &check.key,
+                &check.algorithm,
+                check.cost,
+                check.take,
+                now,
+            )];
         }
         let mut guards = self.lock_all(checks.iter().map(|c| c.key.as_str()));
         let mut results = Vec::with_capacity(checks.len());

@@ -323,34 +323,37 @@ fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreE
 /// write takes (retries come within seconds; a store that is down fails fast).
 const SETTLEMENT_MEMORY: Duration = Duration::from_secs(3600);
 
-fn with_slot(mut params: [u64; 4], slot: u64) -> [u64; 4] {
+/// The four algorithm values of one limit (`[code, p1, p2, p3]`); for concurrency, p3
+/// carries the call's slot.
+fn algorithm_args(algorithm: &crate::Algorithm, slot: u64, args: &mut Vec<i64>) {
+    let mut params = algorithm.script_params();
     if params[0] == 4 {
         params[3] = slot;
     }
-    params
+    args.extend(params.iter().map(|&p| p as i64));
 }
 
-fn algorithm_args(params: [u64; 4], args: &mut Vec<i64>) {
-    args.extend(params.iter().map(|&p| p as i64));
+/// The six ARGV values of one check in acquire.lua / acquire_batch.lua.
+fn check_args(c: &LimitCheck, args: &mut Vec<i64>) {
+    algorithm_args(&c.algorithm, c.slot, args);
+    args.push(c.cost as i64);
+    args.push(c.take as i64);
 }
 
 impl RedisStore {
     /// One call's acquire as its own script.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        let shared = self.shared.clone();
         let this = self.clone();
         Box::pin(async move {
             let count = checks.len();
             let mut args = Vec::with_capacity(count * 6);
             let mut keys = Vec::with_capacity(count);
             for c in checks {
-                algorithm_args(with_slot(c.algorithm.script_params(), c.slot), &mut args);
-                args.push(c.cost as i64);
-                args.push(c.take as i64);
+                check_args(&c, &mut args);
                 keys.push(c.key);
             }
             this.push_test_clock(&mut args);
-            let reply = Self::run(shared, &ACQUIRE, keys, args).await?;
+            let reply = Self::run(this.shared.clone(), &ACQUIRE, keys, args).await?;
             match reply.split_first() {
                 Some((_, rest)) => parse_decisions(rest, count),
                 None => Err(StoreError::new("empty script reply")),
@@ -369,9 +372,7 @@ impl RedisStore {
         args.extend(batch.iter().map(|q| q.checks.len() as i64));
         for q in batch {
             for c in &q.checks {
-                algorithm_args(with_slot(c.algorithm.script_params(), c.slot), &mut args);
-                args.push(c.cost as i64);
-                args.push(c.take as i64);
+                check_args(c, &mut args);
             }
             replies.push((q.checks.len(), q.reply));
             keys.extend(q.checks.into_iter().map(|c| c.key));
@@ -461,7 +462,6 @@ impl Store for RedisStore {
         adjustments: Vec<Adjustment>,
         settlement_id: Option<u64>,
     ) -> StoreFuture<Vec<Decision>> {
-        let shared = self.shared.clone();
         let this = self.clone();
         Box::pin(async move {
             let count = adjustments.len();
@@ -474,13 +474,13 @@ impl Store for RedisStore {
                 .zip(adjustments.first())
                 .map(|(id, a)| format!("{}:settled:{id}", a.key));
             for a in adjustments {
-                algorithm_args(with_slot(a.algorithm.script_params(), a.slot), &mut args);
+                algorithm_args(&a.algorithm, a.slot, &mut args);
                 args.push(a.delta);
                 keys.push(a.key);
             }
             this.push_test_clock(&mut args);
             keys.extend(dedupe_key);
-            let reply = Self::run(shared, &ADJUST, keys, args).await?;
+            let reply = Self::run(this.shared.clone(), &ADJUST, keys, args).await?;
             parse_decisions(&reply, count)
         })
     }
