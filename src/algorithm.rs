@@ -222,6 +222,7 @@ pub(crate) fn decide_slots(
         remaining: limit.max.saturating_sub(slots.len() as u64),
         reset_after_us: earliest,
         retry_after_us: (!allowed).then_some(earliest.max(1)),
+        window: None,
     };
     (outcome, wrote)
 }
@@ -245,6 +246,36 @@ pub(crate) fn release_slot(
         remaining: limit.max.saturating_sub(slots.len() as u64),
         reset_after_us: earliest,
         retry_after_us: None,
+        window: None,
+    }
+}
+
+/// Extend slot `slot`'s lease to `lease` from `now` (a call still running); a no-op if
+/// the slot is no longer held.
+pub(crate) fn renew_slot(
+    limit: &ConcurrencyLimit,
+    slots: &mut Slots,
+    now: i64,
+    slot: u64,
+) -> Outcome {
+    slots.retain(|(_, end)| *end > now);
+    for (id, end) in slots.iter_mut() {
+        if *id == slot {
+            *end = now + limit.lease_us as i64;
+        }
+    }
+    let earliest = slots
+        .iter()
+        .map(|(_, end)| *end)
+        .min()
+        .map_or(0, |end| (end - now).max(0) as u64);
+    Outcome {
+        allowed: true,
+        limit: limit.max,
+        remaining: limit.max.saturating_sub(slots.len() as u64),
+        reset_after_us: earliest,
+        retry_after_us: None,
+        window: None,
     }
 }
 
@@ -344,6 +375,9 @@ pub(crate) struct Outcome {
     pub reset_after_us: u64,
     /// `None`: the cost can never pass (cost > limit), or the decision was allowed.
     pub retry_after_us: Option<u64>,
+    /// Fixed and sliding windows: the index of the window the decision was made in
+    /// (`now / window`). A reservation taken here is refunded only into this window.
+    pub window: Option<i64>,
 }
 
 /// The write an evaluation asks for.
@@ -569,7 +603,8 @@ fn write_of(alg: &Algorithm, v: &View, now: i64) -> Write {
 
 fn outcome(alg: &Algorithm, v: &View, now: i64, allowed: bool, retry: Option<i64>) -> Outcome {
     outcome_of(
-        alg.limit(),
+        alg,
+        v,
         used(alg, v, now),
         reset_after(alg, v, now),
         allowed,
@@ -577,15 +612,26 @@ fn outcome(alg: &Algorithm, v: &View, now: i64, allowed: bool, retry: Option<i64
     )
 }
 
+/// The window index a view stands in (fixed and sliding windows only).
+fn window_of(alg: &Algorithm, v: &View) -> Option<i64> {
+    match alg {
+        Algorithm::FixedWindow(_) | Algorithm::SlidingWindow(_) => Some(v.anchor),
+        _ => None,
+    }
+}
+
 /// The outcome from values already computed (the hot path computes each once).
 fn outcome_of(
-    limit: u64,
+    alg: &Algorithm,
+    v: &View,
     used: i64,
     reset_after_us: i64,
     allowed: bool,
     retry: Option<i64>,
 ) -> Outcome {
+    let limit = alg.limit();
     Outcome {
+        window: window_of(alg, v),
         allowed,
         limit,
         remaining: remaining_of(limit, used),
@@ -621,7 +667,7 @@ pub(crate) fn decide(
     if !take || cost == 0 {
         let reset = reset_after(alg, &v, now);
         return (
-            outcome_of(alg.limit(), used_now, reset, true, None),
+            outcome_of(alg, &v, used_now, reset, true, None),
             Write::None,
         );
     }
@@ -638,7 +684,7 @@ pub(crate) fn decide(
         Write::Put(state_of(alg, &v), ttl(reset))
     };
     (
-        outcome_of(alg.limit(), used_now + cost_i, reset, true, None),
+        outcome_of(alg, &v, used_now + cost_i, reset, true, None),
         write,
     )
 }
@@ -646,38 +692,70 @@ pub(crate) fn decide(
 /// Apply a forced debit (`delta > 0`, may create debt) or a refund (`delta < 0`, never
 /// beyond a full budget). The outcome's `allowed` says whether the budget is within its
 /// limit afterwards (`used <= limit`).
+///
+/// A refund with `window = Some(w)` gives units back only to window `w`, the window that
+/// paid for them (a reservation taken at 0:59 and settled at 1:01 must not make room in
+/// the window starting at 1:00):
+///
+/// * fixed window: into the current window if it is `w`; dropped once `w` has rolled;
+/// * sliding window: from the current count if it is `w` (never more than that count),
+///   from the previous window's count if `w` is the previous window, dropped if older;
+/// * token bucket: refunds are capped at a full bucket; `window` is ignored.
+///
+/// Without `window`, a refund comes off the current window first, then the previous one.
+/// Charges always land in the current window.
 pub(crate) fn adjust(
     alg: &Algorithm,
     state: Option<State>,
     now: i64,
     delta: i64,
+    window: Option<i64>,
 ) -> (Outcome, Write) {
     let mut v = view(alg, state, now);
-    if delta != 0 {
+    let mut changed = delta != 0;
+    if delta > 0 {
         match alg {
-            Algorithm::FixedWindow(_) => v.current = clamp_counter(v.current + delta).max(0),
-            Algorithm::SlidingWindow(_) => {
-                if delta > 0 {
-                    v.current = clamp_counter(v.current + delta);
-                } else {
-                    // Give back from the current window first, then from the previous.
-                    let back = -delta;
-                    let from_current = back.min(v.current);
-                    v.current -= from_current;
-                    v.previous = (v.previous - (back - from_current)).max(0);
-                }
-            }
-            Algorithm::TokenBucket(b) => {
-                v.current = clamp_counter(v.current - delta).min(b.capacity as i64);
+            Algorithm::TokenBucket(_) => v.current = clamp_counter(v.current - delta),
+            Algorithm::FixedWindow(_) | Algorithm::SlidingWindow(_) => {
+                v.current = clamp_counter(v.current + delta)
             }
             Algorithm::Concurrency(_) => {}
         }
+    } else if delta < 0 {
+        let back = -delta;
+        match (alg, window) {
+            (Algorithm::TokenBucket(b), _) => {
+                v.current = clamp_counter(v.current + back).min(b.capacity as i64);
+            }
+            // A window from the future (a clock stepped back) is the current one.
+            (Algorithm::FixedWindow(_), Some(w)) if w >= v.anchor => {
+                v.current = (v.current - back).max(0);
+            }
+            (Algorithm::SlidingWindow(_), Some(w)) if w >= v.anchor => {
+                v.current -= back.min(v.current.max(0));
+            }
+            (Algorithm::SlidingWindow(_), Some(w)) if w == v.anchor - 1 => {
+                v.previous = (v.previous - back).max(0);
+            }
+            // The paying window has rolled out of the state: nothing to give back.
+            (Algorithm::FixedWindow(_) | Algorithm::SlidingWindow(_), Some(_)) => {
+                changed = false;
+            }
+            (Algorithm::FixedWindow(_), None) => v.current = (v.current - back).max(0),
+            (Algorithm::SlidingWindow(_), None) => {
+                // Give back from the current window first, then from the previous.
+                let from_current = back.min(v.current.max(0));
+                v.current -= from_current;
+                v.previous = (v.previous - (back - from_current)).max(0);
+            }
+            (Algorithm::Concurrency(_), _) => {}
+        }
     }
     let within = used(alg, &v, now) <= alg.limit() as i64;
-    let write = if delta == 0 {
-        Write::None
-    } else {
+    let write = if changed {
         write_of(alg, &v, now)
+    } else {
+        Write::None
     };
     (outcome(alg, &v, now, within, None), write)
 }
@@ -753,7 +831,7 @@ mod tests {
         let alg: Algorithm = TokenBucket::new(10, 10, Duration::from_secs(1))
             .unwrap()
             .into();
-        let (o, w) = adjust(&alg, None, 0, 25);
+        let (o, w) = adjust(&alg, None, 0, 25, None);
         assert!(!o.allowed);
         assert_eq!(o.remaining, 0);
         let Write::Put(s, ttl_us) = w else {
@@ -761,7 +839,7 @@ mod tests {
         };
         assert_eq!(s.a, -15);
         assert_eq!(ttl_us, 3 * S as u64);
-        let (o, w) = adjust(&alg, Some(s), 0, -1000);
+        let (o, w) = adjust(&alg, Some(s), 0, -1000, None);
         assert_eq!(o.remaining, 10);
         assert_eq!(w, Write::Delete);
     }

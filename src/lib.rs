@@ -28,7 +28,9 @@ pub mod store;
 pub use algorithm::{Algorithm, ConcurrencyLimit, FixedWindow, SlidingWindow, TokenBucket};
 pub use error::{BoxError, Error, ErrorKind, LimitExceeded, StoreError};
 pub use http::{HttpRatelimitLayer, HttpRatelimited};
-pub use layer::{MissingUsage, RatelimitLayer, Ratelimited, StoreErrorPolicy, TokenMode};
+pub use layer::{
+    LimitUsage, MissingUsage, RatelimitLayer, Ratelimited, StoreErrorPolicy, TokenMode,
+};
 pub use llm::{
     HasIdentifier, LlmRequest, LlmResponse, ReportsUsage, TokenEstimate, Usage,
     estimate_prompt_tokens,

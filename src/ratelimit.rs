@@ -149,6 +149,7 @@ impl Ratelimit {
             algorithm: self.algorithm,
             delta,
             slot: 0,
+            window: None,
         };
         first(self.store.adjust(vec![adjustment], None).await?)
     }

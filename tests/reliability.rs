@@ -463,6 +463,7 @@ async fn a_settlement_id_is_applied_once() {
             algorithm: *rl.algorithm(),
             delta: 7,
             slot: 0,
+            window: None,
         };
         store.adjust(vec![adjustment], id)
     };

@@ -12,7 +12,8 @@ use pin_project_lite::pin_project;
 
 use super::usage::UsageParser;
 use crate::error::BoxError;
-use crate::layer::settlement::Settlement;
+use crate::layer::settlement::{Ending, Settlement};
+use crate::llm::Usage;
 
 /// What the response body still owes the store, and how it reads usage.
 pub(crate) struct Meter {
@@ -26,6 +27,36 @@ pub(crate) struct Meter {
     pending: VecDeque<Frame<Bytes>>,
     ended: bool,
     settled: bool,
+    /// Prompt tokens estimated from the request (charged if the usage never arrives).
+    prompt_estimate: u64,
+    /// Output seen so far: SSE `data:` events (providers stream about one token per
+    /// event), or, for other bodies, bytes.
+    events: u64,
+    bytes: u64,
+    event_stream: bool,
+}
+
+/// The estimate charged for a call whose usage never arrived: the prompt estimate, and
+/// one output token per streamed event (or per 4 bytes of a non-streamed body) seen.
+fn incomplete_estimate(
+    prompt: u64,
+    event_stream: bool,
+    events: u64,
+    bytes: u64,
+    seen: Option<Usage>,
+) -> Usage {
+    let output = if event_stream {
+        events
+    } else {
+        bytes.div_ceil(4)
+    };
+    let mut usage = Usage::new(prompt, output);
+    if let Some(seen) = seen {
+        // A partial usage (e.g. Anthropic's `message_start`) is real: keep the larger.
+        usage.prompt_tokens = usage.prompt_tokens.max(seen.prompt_tokens);
+        usage.completion_tokens = usage.completion_tokens.max(seen.completion_tokens);
+    }
+    usage
 }
 
 impl Meter {
@@ -34,6 +65,8 @@ impl Meter {
         settlement: Settlement,
         success: bool,
         filter_usage_chunk: bool,
+        event_stream: bool,
+        prompt_estimate: u64,
     ) -> Self {
         Self {
             parser,
@@ -43,20 +76,48 @@ impl Meter {
             pending: VecDeque::new(),
             ended: false,
             settled: false,
+            prompt_estimate,
+            events: 0,
+            bytes: 0,
+            event_stream,
         }
     }
 
+    fn count(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        if self.event_stream {
+            self.events += memmem::find_iter(data, b"data:").count() as u64;
+        }
+    }
+
+    /// `finished`: the body ended normally (its usage, if any, has been seen).
     fn start_settlement(&mut self, finished: bool) {
         let usage = match &mut self.parser {
             Some(p) if finished => p.finish(),
             Some(p) => p.usage(),
             None => None,
         };
-        if let Some(s) = &mut self.settlement {
-            // An error status without usage means the model produced nothing to charge.
-            let delivered = self.success || usage.is_some();
-            s.start(usage.as_ref(), delivered);
-        }
+        let Some(s) = &mut self.settlement else {
+            return;
+        };
+        let ending = match (usage, finished) {
+            (Some(usage), true) => {
+                s.start(Ending::Delivered(Some(&usage)));
+                return;
+            }
+            // An error status without usage: the model produced nothing to charge.
+            (None, _) if !self.success => Ending::Failed,
+            (None, true) => Ending::Delivered(None),
+            // Cut short (client gone, upstream cut, body error): never charged 0.
+            (seen, false) => Ending::Incomplete(incomplete_estimate(
+                self.prompt_estimate,
+                self.event_stream,
+                self.events,
+                self.bytes,
+                seen,
+            )),
+        };
+        s.start(ending);
     }
 }
 
@@ -148,6 +209,7 @@ where
                     Some(Ok(frame)) => {
                         let frame = match frame.into_data() {
                             Ok(data) => {
+                                meter.count(&data);
                                 if let Some(p) = &mut meter.parser {
                                     p.feed(&data);
                                 }

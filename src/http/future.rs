@@ -16,7 +16,7 @@ use super::headers::{self, GrpcCode, LimitInfo};
 use super::inspect::inspect;
 use crate::error::{BoxError, Error};
 use crate::layer::Limits;
-use crate::layer::settlement::Settlement;
+use crate::layer::settlement::{Ending, Settlement};
 use crate::store::Decision;
 
 type ReadFuture = Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>;
@@ -39,6 +39,7 @@ pin_project! {
         filter_usage_chunk: bool,
         decisions: Vec<Decision>,
         fallback: Option<&'static str>,
+        prompt_estimate: u64,
     }
 }
 
@@ -156,6 +157,7 @@ where
             filter_usage_chunk: false,
             decisions: Vec::new(),
             fallback: None,
+            prompt_estimate: 0,
         }
     }
 
@@ -192,6 +194,13 @@ where
         tag: String,
         grpc: bool,
     ) -> Self {
+        // The body is not read: its length stands in for the prompt (4 bytes a token).
+        let prompt_estimate = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |len| len.div_ceil(4));
         let settlement = Self::start_acquire(&limits, &tag, None);
         let state = State::Acquiring {
             service: Some(service),
@@ -199,6 +208,7 @@ where
         };
         let mut future = Self::with_state(state, Some(limits), tag, grpc);
         future.settlement = Some(settlement);
+        future.prompt_estimate = prompt_estimate;
         future
     }
 
@@ -284,6 +294,7 @@ where
                         None => bytes,
                     };
                     *this.filter_usage_chunk = inspection.filter_usage_chunk;
+                    *this.prompt_estimate = inspection.prompt.unwrap_or(0);
                     let request = Request::from_parts(parts, RequestBody::buffered(body));
                     *this.settlement =
                         Some(Self::start_acquire(&limits, this.tag, inspection.estimate));
@@ -358,7 +369,7 @@ where
                         Ok(response) => response,
                         Err(error) => {
                             if let Some(s) = this.settlement.as_mut() {
-                                s.start(None, false);
+                                s.start(Ending::Failed);
                             }
                             this.state.set(State::Settling { error: Some(error) });
                             continue;
@@ -381,12 +392,19 @@ where
                             if limits.tokens.is_some() || limits.concurrency.is_some() =>
                         {
                             let parser = limits.http.usage_format.parser(&parts);
-                            let filter = *this.filter_usage_chunk && is_event_stream(&parts);
+                            let event_stream = is_event_stream(&parts);
+                            let filter = *this.filter_usage_chunk && event_stream;
                             if filter {
                                 parts.headers.remove(CONTENT_LENGTH);
                             }
-                            let meter =
-                                Meter::new(parser, settlement, parts.status.is_success(), filter);
+                            let meter = Meter::new(
+                                parser,
+                                settlement,
+                                parts.status.is_success(),
+                                filter,
+                                event_stream,
+                                *this.prompt_estimate,
+                            );
                             RatelimitBody::metered(body, meter)
                         }
                         _ => RatelimitBody::plain(body),

@@ -9,6 +9,8 @@ use serde_json::Value;
 pub(crate) struct Inspection {
     /// Estimated prompt + output tokens, if the body is a JSON object.
     pub estimate: Option<u64>,
+    /// Estimated prompt tokens alone, if the body is a JSON object.
+    pub prompt: Option<u64>,
     /// The body to send instead (with `stream_options.include_usage` added).
     pub rewritten: Option<Bytes>,
     /// The client did not ask for the usage chunk: remove it from the stream.
@@ -54,6 +56,7 @@ pub(crate) fn inspect(body: &[u8], default_output: u64, inject_usage: bool) -> I
     let prompt = (prompt_bytes as u64).div_ceil(4);
     let mut inspection = Inspection {
         estimate: Some(prompt.saturating_add(output)),
+        prompt: Some(prompt),
         ..Inspection::default()
     };
     let streamed = obj.get("stream").and_then(Value::as_bool) == Some(true);

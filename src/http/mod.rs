@@ -77,6 +77,32 @@ impl<X> HttpRatelimitLayer<X> {
     pub(crate) fn new(limits: Arc<Limits>, extractor: X) -> Self {
         Self { limits, extractor }
     }
+
+    /// Every configured limit's limit, remaining and reset for `identifier`, read without
+    /// taking anything.
+    pub async fn usage(
+        &self,
+        identifier: impl AsRef<[u8]>,
+    ) -> Result<Vec<crate::layer::LimitUsage>, crate::Error> {
+        self.limits.usage(identifier.as_ref()).await
+    }
+
+    /// Give `identifier` a full budget on every limit (its state is deleted from the
+    /// store, so every instance sees the reset) and drop its cached denials here.
+    pub async fn reset(&self, identifier: impl AsRef<[u8]>) -> Result<(), crate::Error> {
+        self.limits.reset(identifier.as_ref()).await
+    }
+
+    /// Settlements waiting for the store to come back.
+    pub fn pending_settlements(&self) -> usize {
+        self.limits.queue.len()
+    }
+
+    /// Graceful shutdown: wait up to `deadline` for queued settlements to land. Returns
+    /// how many are still pending (0: nothing was lost).
+    pub async fn flush(&self, deadline: std::time::Duration) -> usize {
+        self.limits.queue.flush(deadline).await
+    }
 }
 
 impl<X: Clone> Clone for HttpRatelimitLayer<X> {

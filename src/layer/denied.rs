@@ -2,6 +2,11 @@
 //! is not asked again for them (issue: fast paths). Only denials that nothing but time
 //! can lift are cached: request-limit denials (requests are never given back) and
 //! `CheckRemaining` token denials (the budget is spent; only time restores it).
+//!
+//! An entry lives until the denial's `retry_after` or the cache's `max_age` (1 s by
+//! default), whichever is sooner: a reset or refund made by another process shows here
+//! within `max_age`. A reset or refund made through this process drops the identifier's
+//! entries at once.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -15,7 +20,10 @@ const SHARDS: usize = 16;
 const MAX_PER_SHARD: usize = 8192;
 
 struct Entry {
+    /// The entry is used until then.
     until: Instant,
+    /// The denial's own end (its `retry_after`), reported to callers.
+    retry_at: Instant,
     name: &'static str,
     exceeded: LimitExceeded,
     at: Instant,
@@ -24,14 +32,21 @@ struct Entry {
 pub(crate) struct DeniedCache {
     shards: Vec<Mutex<HashMap<String, Entry>>>,
     hasher: RandomState,
+    max_age: Duration,
 }
 
 impl DeniedCache {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(max_age: Duration) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
+            max_age,
         }
+    }
+
+    /// Drop every entry of `tag`.
+    pub(crate) fn forget(&self, tag: &str) {
+        self.shard(tag).remove(tag);
     }
 
     fn shard(&self, tag: &str) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -51,7 +66,12 @@ impl DeniedCache {
         let elapsed = now - entry.at;
         let exceeded = LimitExceeded {
             remaining: 0,
-            retry_after: Some(entry.until - now),
+            retry_after: Some(
+                entry
+                    .retry_at
+                    .saturating_duration_since(now)
+                    .max(Duration::from_micros(1)),
+            ),
             reset_after: entry.exceeded.reset_after.saturating_sub(elapsed),
             ..entry.exceeded
         };
@@ -67,6 +87,9 @@ impl DeniedCache {
         let Some(wait) = exceeded.retry_after.filter(|d| *d > Duration::ZERO) else {
             return;
         };
+        if self.max_age.is_zero() {
+            return;
+        }
         let now = Instant::now();
         let mut shard = self.shard(tag);
         if shard.len() >= MAX_PER_SHARD {
@@ -78,7 +101,8 @@ impl DeniedCache {
         shard.insert(
             tag.to_owned(),
             Entry {
-                until: now + wait,
+                until: now + wait.min(self.max_age),
+                retry_at: now + wait,
                 name,
                 exceeded: *exceeded,
                 at: now,

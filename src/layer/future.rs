@@ -7,7 +7,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::Limits;
-use super::settlement::Settlement;
+use super::settlement::{Ending, Settlement};
 use crate::error::{BoxError, Error};
 use crate::llm::ReportsUsage;
 
@@ -131,13 +131,13 @@ where
                     let result = match result {
                         Ok(response) => {
                             if let Some(s) = this.settlement.as_mut() {
-                                s.start(response.reported_usage().as_ref(), true);
+                                s.start(Ending::Delivered(response.reported_usage().as_ref()));
                             }
                             Ok(response)
                         }
                         Err(error) => {
                             if let Some(s) = this.settlement.as_mut() {
-                                s.start(None, false);
+                                s.start(Ending::Failed);
                             }
                             Err(Error::Inner(error.into()))
                         }

@@ -61,6 +61,21 @@ impl<X> RatelimitLayer<X> {
         self.limits.queue.dropped()
     }
 
+    /// Every configured limit's limit, remaining and reset for `identifier`, read without
+    /// taking anything.
+    pub async fn usage(
+        &self,
+        identifier: impl AsRef<[u8]>,
+    ) -> Result<Vec<super::LimitUsage>, Error> {
+        self.limits.usage(identifier.as_ref()).await
+    }
+
+    /// Give `identifier` a full budget on every limit (its state is deleted from the
+    /// store, so every instance sees the reset) and drop its cached denials here.
+    pub async fn reset(&self, identifier: impl AsRef<[u8]>) -> Result<(), Error> {
+        self.limits.reset(identifier.as_ref()).await
+    }
+
     /// Graceful shutdown: wait up to `deadline` for queued settlements to land. Returns
     /// how many are still pending (0: nothing was lost).
     pub async fn flush(&self, deadline: std::time::Duration) -> usize {
@@ -87,6 +102,7 @@ struct Settings {
     on_store_error: StoreErrorPolicy,
     queue_capacity: usize,
     cache_denials: bool,
+    denial_cache_max_age: std::time::Duration,
     token_mode: TokenMode,
     include_output_tokens: bool,
     cost_fn: Option<CostFn>,
@@ -108,6 +124,7 @@ impl Default for Settings {
             on_store_error: StoreErrorPolicy::default(),
             queue_capacity: 100_000,
             cache_denials: true,
+            denial_cache_max_age: std::time::Duration::from_secs(1),
             token_mode: TokenMode::default(),
             include_output_tokens: false,
             cost_fn: None,
@@ -192,10 +209,20 @@ impl<X> RatelimitLayerBuilder<X> {
     }
 
     /// Remember identifiers denied by a limit that only time can lift (the request
-    /// limit; the token limit in `CheckRemaining` mode) until their `retry_after`, and
-    /// deny them locally without asking the store (default on).
+    /// limit; the token limit in `CheckRemaining` mode) and deny them locally without
+    /// asking the store (default on). An entry lives until the denial's `retry_after` or
+    /// [`denial_cache_max_age`](Self::denial_cache_max_age), whichever is sooner, and
+    /// is dropped at once by a [`reset`](RatelimitLayer::reset) or refund made through
+    /// this layer.
     pub fn cache_denials(mut self, cache: bool) -> Self {
         self.settings.cache_denials = cache;
+        self
+    }
+
+    /// The longest a cached denial is used (default 1 s): a reset or refund made by
+    /// another process (another instance, an admin tool) shows within this time.
+    pub fn denial_cache_max_age(mut self, max_age: std::time::Duration) -> Self {
+        self.settings.denial_cache_max_age = max_age;
         self
     }
 
@@ -318,7 +345,9 @@ impl<X> RatelimitLayerBuilder<X> {
             local: MemoryStore::new(),
             breaker: Breaker::new(std::time::Duration::from_secs(1)),
             queue: Arc::new(SettlementQueue::new(s.queue_capacity.max(1))),
-            denied: s.cache_denials.then(super::denied::DeniedCache::new),
+            denied: s
+                .cache_denials
+                .then(|| super::denied::DeniedCache::new(s.denial_cache_max_age)),
             requests: s.requests.map(|algorithm| LimitConfig {
                 algorithm,
                 prefix: requests_prefix,

@@ -81,6 +81,7 @@ pub(crate) mod settlement;
 
 pub use future::ResponseFuture;
 pub use layer::{RatelimitLayer, RatelimitLayerBuilder};
+
 pub use reliability::StoreErrorPolicy;
 pub use service::Ratelimited;
 
@@ -113,6 +114,20 @@ pub enum MissingUsage {
     ChargeNothing,
     /// Charge this many tokens in place of usage, with a warning.
     ChargeFixed(u64),
+}
+
+/// One limit's state for one identifier, as [`RatelimitLayer::usage`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimitUsage {
+    /// `"requests"`, `"tokens"` or `"concurrency"`.
+    pub name: &'static str,
+    /// The quota.
+    pub limit: u64,
+    /// Units left (0 while in debt).
+    pub remaining: u64,
+    /// Time until the budget is fully restored (fixed window: until it rolls).
+    pub reset_after: std::time::Duration,
 }
 
 /// A function from reported usage to the tokens to charge.
@@ -158,11 +173,26 @@ pub(crate) struct HttpConfig {
     pub max_request_body: usize,
 }
 
+/// A limit a call takes from, as the settlement needs to know it afterwards.
+#[derive(Clone, Debug)]
+pub(crate) struct Taken {
+    /// Position of its check in [`Plan::checks`] (and of its decision).
+    pub index: usize,
+    pub key: String,
+    pub algorithm: Algorithm,
+    /// Concurrency: this call's slot id; else 0.
+    pub slot: u64,
+    /// The window that paid, once the acquire answered (fixed and sliding windows).
+    pub window: Option<i64>,
+}
+
 /// The store operation for one call, before dispatch.
 pub(crate) struct Plan {
+    pub tag: String,
     pub checks: Vec<LimitCheck>,
-    pub token_key: Option<String>,
-    pub slot: Option<(String, Algorithm, u64)>,
+    pub request: Option<Taken>,
+    pub tokens: Option<Taken>,
+    pub slot: Option<Taken>,
     pub reserved: u64,
 }
 
@@ -181,18 +211,27 @@ impl Limits {
     /// asked for only in `Reserve` mode.
     pub(crate) fn plan(&self, tag: &str, estimate: impl FnOnce() -> Option<u64>) -> Plan {
         let mut checks = Vec::with_capacity(3);
-        if let Some(requests) = &self.requests {
+        let mut push = |config: &LimitConfig, cost: u64, take: bool, slot: u64| {
+            let key = state_key(&config.prefix, tag);
+            let taken = Taken {
+                index: checks.len(),
+                key: key.clone(),
+                algorithm: config.algorithm,
+                slot,
+                window: None,
+            };
             checks.push(LimitCheck {
-                key: state_key(&requests.prefix, tag),
-                algorithm: requests.algorithm,
-                cost: 1,
-                take: true,
-                slot: 0,
+                key,
+                algorithm: config.algorithm,
+                cost,
+                take,
+                slot,
             });
-        }
+            taken
+        };
+        let request = self.requests.as_ref().map(|r| push(r, 1, true, 0));
         let mut reserved = 0;
-        let token_key = self.tokens.as_ref().map(|tokens| {
-            let key = state_key(&tokens.prefix, tag);
+        let tokens = self.tokens.as_ref().map(|tokens| {
             let (cost, take) = match self.token_mode {
                 // "Allowed iff remaining > 0" is "a cost of 1 fits", without taking it.
                 TokenMode::CheckRemaining => (1, false),
@@ -203,30 +242,17 @@ impl Limits {
                     (reserved, true)
                 }
             };
-            checks.push(LimitCheck {
-                key: key.clone(),
-                algorithm: tokens.algorithm,
-                cost,
-                take,
-                slot: 0,
-            });
-            key
+            push(tokens, cost, take, 0)
         });
-        let slot = self.concurrency.as_ref().map(|c| {
-            let key = state_key(&c.prefix, tag);
-            let slot = reliability::next_id();
-            checks.push(LimitCheck {
-                key: key.clone(),
-                algorithm: c.algorithm,
-                cost: 1,
-                take: true,
-                slot,
-            });
-            (key, c.algorithm, slot)
-        });
+        let slot = self
+            .concurrency
+            .as_ref()
+            .map(|c| push(c, 1, true, reliability::next_id()));
         Plan {
+            tag: tag.to_owned(),
             checks,
-            token_key,
+            request,
+            tokens,
             slot,
             reserved,
         }
@@ -282,6 +308,66 @@ impl Limits {
     /// A cached denial still in force for `tag`.
     pub(crate) fn cached_denial(&self, tag: &str) -> Option<(&'static str, Error)> {
         self.denied.as_ref()?.check(tag)
+    }
+
+    /// Every configured limit as `(name, config)`, in decision order.
+    fn configured(&self) -> impl Iterator<Item = (&'static str, &LimitConfig)> + '_ {
+        [
+            ("requests", &self.requests),
+            ("tokens", &self.tokens),
+            ("concurrency", &self.concurrency),
+        ]
+        .into_iter()
+        .filter_map(|(name, c)| c.as_ref().map(|c| (name, c)))
+    }
+
+    /// Forget everything every limit holds for `identifier` (a full budget again) and
+    /// drop its cached denials.
+    pub(crate) async fn reset(&self, identifier: &[u8]) -> Result<(), Error> {
+        let tag = crate::store::identifier_tag(identifier)?;
+        let keys = self
+            .configured()
+            .map(|(_, c)| state_key(&c.prefix, &tag))
+            .collect();
+        self.forget_denials(&tag);
+        let result = self.store.delete(keys).await;
+        // A denial cached while the delete was in flight is stale too.
+        self.forget_denials(&tag);
+        Ok(result?)
+    }
+
+    /// Every limit's state for `identifier`, read without taking anything.
+    pub(crate) async fn usage(&self, identifier: &[u8]) -> Result<Vec<LimitUsage>, Error> {
+        let tag = crate::store::identifier_tag(identifier)?;
+        let names: Vec<&'static str> = self.configured().map(|(n, _)| n).collect();
+        let checks = self
+            .configured()
+            .map(|(_, c)| LimitCheck {
+                key: state_key(&c.prefix, &tag),
+                algorithm: c.algorithm,
+                cost: 0,
+                take: false,
+                slot: 0,
+            })
+            .collect();
+        let decisions = self.store.acquire(checks).await?;
+        Ok(names
+            .into_iter()
+            .zip(decisions)
+            .map(|(name, d)| LimitUsage {
+                name,
+                limit: d.limit,
+                remaining: d.remaining,
+                reset_after: d.reset_after,
+            })
+            .collect())
+    }
+
+    /// Drop `tag`'s cached denials: budget was given back through this process.
+    pub(crate) fn forget_denials(&self, tag: &str) {
+        if let Some(cache) = &self.denied {
+            cache.forget(tag);
+        }
     }
 
     /// `(name, period)` of each configured limit, in decision order.

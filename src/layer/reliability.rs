@@ -130,6 +130,7 @@ pub(crate) fn fallback_decisions(
                     reset_after: Duration::ZERO,
                     retry_after: None,
                     fallback: true,
+                    window: None,
                 })
                 .collect();
             Some((decisions, Decider::Open))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use super::reliability::{Decider, fallback_decisions, next_id, with_timeout};
-use super::{Limits, MissingUsage, Plan};
+use super::{Limits, MissingUsage, Plan, Taken};
 use crate::algorithm::Algorithm;
 use crate::error::StoreError;
 use crate::llm::Usage;
@@ -19,8 +19,8 @@ type AcquireFuture = BoxFuture<Result<(Vec<Decision>, Decider), StoreError>>;
 /// Where a call's settlement stands. Whatever phase it is in when dropped, [`Drop`]
 /// finishes it in the background, so dropping a call never leaks a reservation or slot.
 enum Phase {
-    /// The pre-dispatch acquire is in flight; if it turns out allowed, the reservation
-    /// must be refunded (and the slot released) should the call not continue.
+    /// The pre-dispatch acquire is in flight. Dropped here, the store undoes it (see
+    /// [`Store::acquire`](crate::Store::acquire)).
     Acquiring(AcquireFuture),
     /// An in-process store already answered (no future needed).
     Acquired(Option<Result<(Vec<Decision>, Decider), StoreError>>),
@@ -32,23 +32,41 @@ enum Phase {
     Done,
 }
 
-/// A call's debt to the store: the token reservation and concurrency slot taken before
-/// dispatch, settled against the reported usage after it.
+/// How a call ended, for its settlement.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ending<'a> {
+    /// A response was delivered, with the usage it reported (if any).
+    Delivered(Option<&'a Usage>),
+    /// The call failed without producing output (an inner error, an error status
+    /// without usage): the reservation is refunded.
+    Failed,
+    /// The call ended before its usage arrived (the client left mid-stream, the
+    /// upstream cut the stream, a body error): charged this estimate.
+    Incomplete(Usage),
+}
+
+/// A call's debt to the store: the request, the token reservation and the concurrency
+/// slot taken before dispatch, settled against the reported usage after it.
 pub(crate) struct Settlement {
     limits: Arc<Limits>,
-    /// Key of the token limit for this identifier, when a token limit is configured.
-    token_key: Option<String>,
-    /// Concurrency key, limit and this call's slot, when a concurrency limit is configured.
-    slot: Option<(String, Algorithm, u64)>,
+    tag: String,
+    request: Option<Taken>,
+    tokens: Option<Taken>,
+    slot: Option<Taken>,
     /// Tokens taken before dispatch (`Reserve` mode), 0 otherwise.
     reserved: u64,
     /// Dedupes retried writes of this settlement in the store.
     id: u64,
     decider: Decider,
     phase: Phase,
+    /// Renews the slot's lease while the call runs.
+    renewal: Option<tokio::task::AbortHandle>,
 }
 
 /// The acquire for `checks`: on the store (with a timeout), else per the failure policy.
+///
+/// A timed-out store acquire is dropped; the store undoes it if it lands late, so a call
+/// decided by the fallback is not also counted by it.
 fn acquire(limits: Arc<Limits>, checks: Vec<LimitCheck>) -> AcquireFuture {
     Box::pin(async move {
         if limits.store_is_local {
@@ -97,12 +115,15 @@ impl Settlement {
         };
         Self {
             limits,
-            token_key: plan.token_key,
+            tag: plan.tag,
+            request: plan.request,
+            tokens: plan.tokens,
             slot: plan.slot,
             reserved: plan.reserved,
             id: next_id(),
             decider: Decider::Store,
             phase,
+            renewal: None,
         }
     }
 
@@ -138,22 +159,73 @@ impl Settlement {
             self.reserved = 0;
             self.slot = None;
         }
+        for taken in [&mut self.request, &mut self.tokens, &mut self.slot]
+            .into_iter()
+            .flatten()
+        {
+            taken.window = decisions.get(taken.index).and_then(|d| d.window);
+        }
         if decisions.iter().all(|d| d.allowed) {
             self.phase = Phase::Armed;
+            self.start_renewal();
         }
     }
 
-    /// The token delta against the reservation for this outcome: `Some(usage)` for a
-    /// delivered response with usage, `None` for one without; `delivered = false` for an
-    /// inner error.
-    fn delta(&self, usage: Option<&Usage>, delivered: bool) -> i64 {
+    /// Calls can outlive their slot's lease (streams of many minutes): while the call
+    /// runs, renew the lease every half lease.
+    fn start_renewal(&mut self) {
+        let Some(slot) = &self.slot else { return };
+        let Algorithm::Concurrency(limit) = slot.algorithm else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let every = (limit.lease() / 2).max(std::time::Duration::from_millis(1));
+        let renew = Adjustment {
+            key: slot.key.clone(),
+            algorithm: slot.algorithm,
+            delta: 1,
+            slot: slot.slot,
+            window: None,
+        };
+        let limits = self.limits.clone();
+        let local = self.decider == Decider::Local;
+        let task = handle.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if local {
+                    limits.local.adjust_now(std::slice::from_ref(&renew));
+                    continue;
+                }
+                let write = limits.store.adjust(vec![renew.clone()], None);
+                if let Err(error) = with_timeout(limits.store_timeout, write).await {
+                    tracing::warn!(%error, "could not renew a concurrency slot's lease");
+                }
+            }
+        });
+        self.renewal = Some(task.abort_handle());
+    }
+
+    /// The token delta against the reservation for this ending.
+    fn delta(&self, ending: Ending<'_>) -> i64 {
         let reserved = self.reserved as i64;
-        if !delivered || self.token_key.is_none() {
-            return -reserved;
+        if self.tokens.is_none() {
+            return 0;
         }
-        match usage {
-            Some(u) => self.limits.tokens_for(u) as i64 - reserved,
-            None => {
+        match ending {
+            Ending::Failed => -reserved,
+            Ending::Delivered(Some(u)) => self.limits.tokens_for(u) as i64 - reserved,
+            Ending::Incomplete(estimate) => {
+                let tokens = self.limits.tokens_for(&estimate);
+                tracing::warn!(
+                    tokens,
+                    reserved = self.reserved,
+                    "call ended before its usage arrived; charging its estimate"
+                );
+                tokens as i64 - reserved
+            }
+            Ending::Delivered(None) => {
                 tracing::warn!(
                     reserved = self.reserved,
                     policy = ?self.limits.missing_usage,
@@ -173,41 +245,64 @@ impl Settlement {
     /// The writes for a token `delta` against the reservation: `(to the store, to the
     /// in-process fallback store)`.
     fn writes(&self, delta: i64) -> (Vec<Adjustment>, Vec<Adjustment>) {
-        let token = |delta: i64| {
-            let (Some(key), Some(tokens)) = (&self.token_key, &self.limits.tokens) else {
-                return None;
-            };
+        let adjust = |taken: &Option<Taken>, delta: i64| {
+            let taken = taken.as_ref()?;
             (delta != 0).then(|| Adjustment {
-                key: key.clone(),
-                algorithm: tokens.algorithm,
+                key: taken.key.clone(),
+                algorithm: taken.algorithm,
                 delta,
-                slot: 0,
+                slot: taken.slot,
+                window: taken.window,
             })
         };
-        let release = self.slot.as_ref().map(|(key, algorithm, slot)| Adjustment {
-            key: key.clone(),
-            algorithm: *algorithm,
-            delta: -1,
-            slot: *slot,
-        });
+        let release = adjust(&self.slot, -1);
         match self.decider {
-            Decider::Store | Decider::Open => (
-                token(delta).into_iter().chain(release).collect(),
+            Decider::Store => (
+                adjust(&self.tokens, delta)
+                    .into_iter()
+                    .chain(release)
+                    .collect(),
+                Vec::new(),
+            ),
+            // Nothing was taken from the store: it gets the request and the usage once
+            // it answers again, so the shared budget stays whole across the outage.
+            Decider::Open => (
+                adjust(&self.request, 1)
+                    .into_iter()
+                    .chain(adjust(&self.tokens, delta))
+                    .collect(),
                 Vec::new(),
             ),
             // The local store holds the reservation and slot; the shared store gets the
-            // usage itself, so the shared budget stays whole across the outage.
+            // request and the usage itself.
             Decider::Local => {
-                let local = token(delta).into_iter().chain(release).collect();
-                let used = delta + self.reserved as i64;
-                (token(used.max(0)).into_iter().collect(), local)
+                let local = adjust(&self.tokens, delta)
+                    .into_iter()
+                    .chain(release)
+                    .collect();
+                let used = (delta + self.reserved as i64).max(0);
+                let remote = adjust(&self.request, 1)
+                    .into_iter()
+                    .chain(adjust(&self.tokens, used).map(|mut a| {
+                        a.window = None;
+                        a
+                    }))
+                    .collect();
+                (remote, local)
             }
         }
     }
 
     /// The future that writes `delta`: local writes at once, the store's with a timeout,
     /// queued for retry if the store fails. `None` when there is nothing to write.
-    fn write_future(&self, delta: i64) -> Option<BoxFuture<()>> {
+    fn write_future(&mut self, delta: i64) -> Option<BoxFuture<()>> {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        if delta < 0 {
+            // Budget comes back: a denial cached here may no longer hold.
+            self.limits.forget_denials(&self.tag);
+        }
         let (remote, local) = self.writes(delta);
         if !local.is_empty() {
             self.limits.local.adjust_now(&local);
@@ -247,13 +342,13 @@ impl Settlement {
         }))
     }
 
-    /// Start the settling write for this outcome (nothing is sent when there is nothing
-    /// to write).
-    pub(crate) fn start(&mut self, usage: Option<&Usage>, delivered: bool) {
+    /// Start the settling write for how the call ended (nothing is sent when there is
+    /// nothing to write).
+    pub(crate) fn start(&mut self, ending: Ending<'_>) {
         if !matches!(self.phase, Phase::Armed) {
             return;
         }
-        let delta = self.delta(usage, delivered);
+        let delta = self.delta(ending);
         self.phase = match self.write_future(delta) {
             Some(fut) => Phase::Writing(fut),
             None => Phase::Done,
@@ -274,8 +369,39 @@ impl Settlement {
 
 impl Drop for Settlement {
     fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Done => {}
+            Phase::Done | Phase::Acquired(None | Some(Err(_))) | Phase::Acquiring(_) => {
+                // Nothing taken, or an acquire in flight: dropping it makes the store
+                // skip it or undo it once it lands.
+            }
+            Phase::Acquired(Some(Ok((decisions, Decider::Store)))) => {
+                // An in-process answer nobody took: undo all of it, as a store undoes an
+                // acquire whose caller left.
+                let undo: Vec<Adjustment> = [&self.request, &self.tokens, &self.slot]
+                    .into_iter()
+                    .flatten()
+                    .filter(|_| decisions.iter().all(|d| d.allowed))
+                    .map(|t| Adjustment {
+                        key: t.key.clone(),
+                        algorithm: t.algorithm,
+                        delta: if t.index == self.tokens.as_ref().map_or(usize::MAX, |t| t.index) {
+                            -(self.reserved as i64)
+                        } else {
+                            -1
+                        },
+                        slot: t.slot,
+                        window: decisions.get(t.index).and_then(|d| d.window),
+                    })
+                    .filter(|a| a.delta != 0)
+                    .collect();
+                if !undo.is_empty() {
+                    self.limits.store.adjust_sync(&undo);
+                }
+            }
+            Phase::Acquired(Some(Ok(_))) => {}
             Phase::Armed => {
                 // Cancelled while the call ran: give the reservation and the slot back.
                 if let Some(fut) = self.write_future(-(self.reserved as i64)) {
@@ -283,35 +409,6 @@ impl Drop for Settlement {
                 }
             }
             Phase::Writing(write) => finish_in_background(write),
-            Phase::Acquired(Some(Ok((decisions, decider)))) => {
-                // Taken but never used: give it back now.
-                self.arm(&decisions, decider);
-                if matches!(self.phase, Phase::Armed)
-                    && let Some(fut) = self.write_future(-(self.reserved as i64))
-                {
-                    finish_in_background(fut);
-                }
-            }
-            Phase::Acquired(_) => {}
-            Phase::Acquiring(acquire) => {
-                // The acquire may still land: wait for it, then undo it.
-                let mut undo = Settlement {
-                    limits: self.limits.clone(),
-                    token_key: self.token_key.take(),
-                    slot: self.slot.take(),
-                    reserved: self.reserved,
-                    id: self.id,
-                    decider: Decider::Store,
-                    phase: Phase::Done,
-                };
-                finish_in_background(async move {
-                    if let Ok((decisions, decider)) = acquire.await {
-                        undo.arm(&decisions, decider);
-                        // Dropping an armed settlement refunds and releases.
-                    }
-                    drop(undo);
-                });
-            }
         }
     }
 }

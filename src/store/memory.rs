@@ -352,12 +352,17 @@ impl MemoryStore {
                 match &a.algorithm {
                     Algorithm::Concurrency(limit) => {
                         let mut slots = shard.slots(&a.key, now);
-                        let o = algorithm::release_slot(limit, &mut slots, now, a.slot);
+                        let o = if a.delta > 0 {
+                            algorithm::renew_slot(limit, &mut slots, now, a.slot)
+                        } else {
+                            algorithm::release_slot(limit, &mut slots, now, a.slot)
+                        };
                         shard.put_slots(&a.key, slots, now);
                         Decision::from(o)
                     }
                     alg => {
-                        let (o, w) = algorithm::adjust(alg, shard.get(&a.key, now), now, a.delta);
+                        let (o, w) =
+                            algorithm::adjust(alg, shard.get(&a.key, now), now, a.delta, a.window);
                         shard.apply(&a.key, w, now);
                         Decision::from(o)
                     }
@@ -415,8 +420,9 @@ impl Guards<'_> {
 
 impl Store for MemoryStore {
     fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        let out = self.acquire_now(&checks);
-        Box::pin(std::future::ready(Ok(out)))
+        // Decided when first polled, so a future dropped unpolled takes nothing.
+        let this = self.clone();
+        Box::pin(async move { Ok(this.acquire_now(&checks)) })
     }
 
     fn adjust(&self, adjustments: Vec<Adjustment>, _: Option<u64>) -> StoreFuture<Vec<Decision>> {

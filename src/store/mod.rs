@@ -52,6 +52,11 @@ pub struct Decision {
     /// ([`StoreErrorPolicy::FailOpen`](crate::layer::StoreErrorPolicy::FailOpen)) or on the
     /// in-process fallback store ([`StoreErrorPolicy::Local`](crate::layer::StoreErrorPolicy::Local)).
     pub fallback: bool,
+    /// Fixed and sliding windows: the index of the window the decision was made in
+    /// (time since the Unix epoch divided by the window). Pass it back in
+    /// [`Adjustment::window`] to refund a reservation only into the window that paid
+    /// for it. `None` for token buckets and concurrency slots.
+    pub window: Option<i64>,
 }
 
 impl From<Outcome> for Decision {
@@ -63,6 +68,7 @@ impl From<Outcome> for Decision {
             reset_after: Duration::from_micros(o.reset_after_us),
             retry_after: o.retry_after_us.map(Duration::from_micros),
             fallback: false,
+            window: o.window,
         }
     }
 }
@@ -91,16 +97,48 @@ pub struct Adjustment {
     pub algorithm: Algorithm,
     /// Positive: charge (forced debit). Negative: refund. Magnitude at most
     /// [`MAX_UNITS`](crate::algorithm::MAX_UNITS). For [`Algorithm::Concurrency`], any
-    /// negative delta releases `slot`.
+    /// negative delta releases `slot` and any positive one renews its lease.
     pub delta: i64,
-    /// For [`Algorithm::Concurrency`]: the slot to release; else 0.
+    /// For [`Algorithm::Concurrency`]: the slot to release or renew; else 0.
     pub slot: u64,
+    /// For refunds on fixed and sliding windows: the window that paid for the units
+    /// ([`Decision::window`] of the acquire that took them). The refund goes only there:
+    /// dropped once a fixed window has rolled, taken off the previous window's count
+    /// once a sliding window has moved on by one. `None`: off the current window first.
+    pub window: Option<i64>,
+}
+
+/// The adjustments that undo an allowed acquire of `checks` (answered by `decisions`):
+/// every taken cost refunded into the window that paid for it, every slot released.
+/// Used when the caller of an acquire stopped waiting before its answer arrived.
+pub(crate) fn undo_adjustments(checks: &[LimitCheck], decisions: &[Decision]) -> Vec<Adjustment> {
+    if decisions.len() != checks.len() || !decisions.iter().all(|d| d.allowed) {
+        return Vec::new();
+    }
+    checks
+        .iter()
+        .zip(decisions)
+        .filter(|(c, _)| c.take && (c.cost > 0 || matches!(c.algorithm, Algorithm::Concurrency(_))))
+        .map(|(c, d)| Adjustment {
+            key: c.key.clone(),
+            algorithm: c.algorithm,
+            delta: -(c.cost.max(1) as i64),
+            slot: c.slot,
+            window: d.window,
+        })
+        .collect()
 }
 
 /// A place to keep limiter state. Implementations must make each operation atomic.
 pub trait Store: Send + Sync + 'static {
     /// Evaluate every check; if all are allowed, take each `take` check's cost; if any is
     /// denied, write nothing. Returns one decision per check, in order.
+    ///
+    /// **Dropping the future before it completes must leave no trace**: either the
+    /// acquire is never applied, or, if it already went out, the store undoes it (refunds
+    /// what it took into the windows that paid, releases its slots) once the answer
+    /// arrives. Callers rely on this to time out and cancel acquires without losing
+    /// budget.
     fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>>;
 
     /// Apply every adjustment (charges always land; refunds stop at a full budget).

@@ -1,12 +1,15 @@
 //! The Redis store: every operation is one Lua script, one round trip.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture};
+use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture, undo_adjustments};
 use crate::error::StoreError;
 
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
@@ -48,7 +51,20 @@ pub struct RedisOptions {
     /// already busy with earlier ones (single Redis only; default on). A call that finds
     /// Redis idle goes alone at once, so batching adds no latency.
     pub batching: bool,
+    /// How long a settlement id is remembered, so that a settlement retried after an
+    /// ambiguous failure (sent, but no answer) is applied once (default 60 s). At most
+    /// [`SETTLEMENT_IDS_KEPT`] ids are kept per identifier, so Redis memory is bounded
+    /// per identifier, not by traffic.
+    pub settlement_dedupe: Duration,
 }
+
+/// The most settlement ids remembered per identifier (the oldest are forgotten first).
+pub const SETTLEMENT_IDS_KEPT: usize = 128;
+
+/// How long the connection waits for any reply. An acquire whose caller stopped waiting
+/// (its own timeout, or cancellation) keeps waiting this long in the background, so
+/// that whatever it took can be given back when the answer comes.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
 
 impl Default for RedisOptions {
     fn default() -> Self {
@@ -56,6 +72,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             batching: true,
+            settlement_dedupe: Duration::from_secs(60),
         }
     }
 }
@@ -70,6 +87,12 @@ impl RedisOptions {
     /// Set [`batching`](Self::batching).
     pub fn batching(mut self, batching: bool) -> Self {
         self.batching = batching;
+        self
+    }
+
+    /// Set [`settlement_dedupe`](Self::settlement_dedupe).
+    pub fn settlement_dedupe(mut self, d: Duration) -> Self {
+        self.settlement_dedupe = d;
         self
     }
 
@@ -129,11 +152,14 @@ struct Queued {
     reply: tokio::sync::oneshot::Sender<Result<Vec<Decision>, StoreError>>,
 }
 
+type ReplyFuture = Pin<Box<dyn Future<Output = Result<Vec<i64>, StoreError>> + Send>>;
+
 struct Shared {
     conn: Connection,
     /// Where acquires go to be batched; `None`: each is sent on its own.
     batcher: Option<tokio::sync::mpsc::UnboundedSender<Queued>>,
     response_timeout: Duration,
+    settlement_dedupe: Duration,
     /// Tests only: decide at this clock's time instead of the server's.
     clock: Option<crate::store::ManualClock>,
 }
@@ -174,13 +200,14 @@ impl RedisStore {
             .map_err(|e| StoreError::with_source(format!("invalid Redis URL {url:?}"), e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.response_timeout))
+            .set_response_timeout(Some(options.response_timeout.max(REPLY_WAIT)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| StoreError::with_source("cannot connect to Redis", e))?;
-        let store = Self::from_connection_manager(conn, options.response_timeout);
+        let mut store = Self::from_connection_manager(conn, options.response_timeout);
+        store.set_settlement_dedupe(options.settlement_dedupe);
         Ok(if options.batching {
             store.with_batching()
         } else {
@@ -198,7 +225,7 @@ impl RedisStore {
     ) -> Result<Self, StoreError> {
         let client = redis::cluster::ClusterClient::builder(nodes.iter().copied())
             .connection_timeout(options.connect_timeout)
-            .response_timeout(options.response_timeout)
+            .response_timeout(options.response_timeout.max(REPLY_WAIT))
             .retries(2)
             .build()
             .map_err(|e| StoreError::with_source(format!("invalid cluster nodes {nodes:?}"), e))?;
@@ -206,10 +233,15 @@ impl RedisStore {
             .get_async_connection()
             .await
             .map_err(|e| StoreError::with_source("cannot connect to the Redis Cluster", e))?;
-        Ok(Self::with_connection(
-            Connection::Cluster(conn),
-            options.response_timeout,
-        ))
+        let mut store = Self::with_connection(Connection::Cluster(conn), options.response_timeout);
+        store.set_settlement_dedupe(options.settlement_dedupe);
+        Ok(store)
+    }
+
+    fn set_settlement_dedupe(&mut self, d: Duration) {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.settlement_dedupe = d.max(Duration::from_millis(1));
+        }
     }
 
     /// Use an existing connection manager; each operation may take `response_timeout`.
@@ -230,6 +262,7 @@ impl RedisStore {
             conn: self.shared.conn.clone(),
             batcher: Some(tx),
             response_timeout: self.shared.response_timeout,
+            settlement_dedupe: self.shared.settlement_dedupe,
             clock: self.shared.clock.clone(),
         };
         Self {
@@ -243,6 +276,7 @@ impl RedisStore {
                 conn,
                 batcher: None,
                 response_timeout,
+                settlement_dedupe: Duration::from_secs(60),
                 clock: None,
             }),
         }
@@ -256,6 +290,7 @@ impl RedisStore {
             conn: self.shared.conn.clone(),
             batcher: None,
             response_timeout: self.shared.response_timeout,
+            settlement_dedupe: self.shared.settlement_dedupe,
             clock: Some(clock),
         };
         Self {
@@ -268,6 +303,31 @@ impl RedisStore {
             use crate::store::Clock;
             args.push(clock.now_micros());
         }
+    }
+
+    /// Send `script` and wait for its reply as long as the connection does (no timeout
+    /// of its own: callers put theirs around it, and may leave it to run on).
+    fn invoke(
+        shared: Arc<Shared>,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<i64>,
+    ) -> ReplyFuture {
+        Box::pin(async move {
+            let mut conn = shared.conn.clone();
+            let mut invocation = script.prepare_invoke();
+            for k in &keys {
+                invocation.key(k.as_str());
+            }
+            for a in &args {
+                invocation.arg(*a);
+            }
+            match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
+                Ok(reply) => Ok(reply),
+                Err(e) if e.is_timeout() => Err(StoreError::timeout(REPLY_WAIT)),
+                Err(e) => Err(StoreError::with_source("Redis script failed", e)),
+            }
+        })
     }
 
     async fn run(
@@ -298,16 +358,20 @@ impl RedisStore {
     }
 }
 
-/// Parse `count` decisions of five integers each from `fields`.
+/// Reply fields per limit: allowed, limit, remaining, reset_after_us, retry_after_us,
+/// window.
+const FIELDS: usize = 6;
+
+/// Parse `count` decisions of [`FIELDS`] integers each from `fields`.
 fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreError> {
-    if fields.len() != count * 5 {
+    if fields.len() != count * FIELDS {
         return Err(StoreError::new(format!(
             "unexpected script reply: {} fields for {count} limits",
             fields.len()
         )));
     }
     Ok(fields
-        .chunks_exact(5)
+        .chunks_exact(FIELDS)
         .map(|f| Decision {
             allowed: f[0] == 1,
             limit: f[1].max(0) as u64,
@@ -315,13 +379,121 @@ fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreE
             reset_after: Duration::from_micros(f[3].max(0) as u64),
             retry_after: (f[4] >= 0).then(|| Duration::from_micros(f[4] as u64)),
             fallback: false,
+            window: (f[5] >= 0).then_some(f[5]),
         })
         .collect())
 }
 
-/// How long a settlement id is remembered: far longer than any retry of an ambiguous
-/// write takes (retries come within seconds; a store that is down fails fast).
-const SETTLEMENT_MEMORY: Duration = Duration::from_secs(3600);
+/// One call's decisions from an acquire reply (`allowed_all` first).
+fn parse_acquire(reply: &[i64], count: usize) -> Result<Vec<Decision>, StoreError> {
+    match reply.split_first() {
+        Some((_, rest)) => parse_decisions(rest, count),
+        None => Err(StoreError::new("empty script reply")),
+    }
+}
+
+/// Give back what an abandoned acquire took once its reply is known (see
+/// [`Store::acquire`]). Without a reply the outcome is unknown: its slots are released
+/// anyway (releasing a slot that was never taken does nothing); counts are left alone.
+async fn reconcile(
+    store: RedisStore,
+    checks: Vec<LimitCheck>,
+    reply: Result<Vec<Decision>, StoreError>,
+) {
+    let undo = match reply {
+        Ok(decisions) => undo_adjustments(&checks, &decisions),
+        Err(error) => {
+            tracing::warn!(%error, "an abandoned acquire got no answer; releasing its slots only");
+            checks
+                .iter()
+                .filter(|c| c.take && matches!(c.algorithm, crate::Algorithm::Concurrency(_)))
+                .map(|c| Adjustment {
+                    key: c.key.clone(),
+                    algorithm: c.algorithm,
+                    delta: -1,
+                    slot: c.slot,
+                    window: None,
+                })
+                .collect()
+        }
+    };
+    if undo.is_empty() {
+        return;
+    }
+    let mut backoff = Duration::from_millis(50);
+    let give_up = tokio::time::Instant::now() + REPLY_WAIT;
+    loop {
+        match store.adjust(undo.clone(), None).await {
+            Ok(_) => {
+                tracing::debug!(
+                    limits = undo.len(),
+                    "undid an acquire whose caller had stopped waiting"
+                );
+                return;
+            }
+            Err(error) if tokio::time::Instant::now() + backoff < give_up => {
+                tracing::debug!(%error, "could not undo an abandoned acquire yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not undo an abandoned acquire");
+                return;
+            }
+        }
+    }
+}
+
+/// An acquire sent on its own. Dropped after it went out and before its answer came
+/// (a timeout, a cancelled caller), it hands its reply to [`reconcile`] in the
+/// background.
+struct InFlightAcquire {
+    reply: Option<ReplyFuture>,
+    sent: bool,
+    store: RedisStore,
+    checks: Vec<LimitCheck>,
+}
+
+impl Future for InFlightAcquire {
+    type Output = Result<Vec<Decision>, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(reply) = self.reply.as_mut() else {
+            return Poll::Ready(Err(StoreError::new("acquire polled after completion")));
+        };
+        let result = reply.as_mut().poll(cx);
+        self.sent = true;
+        let reply = std::task::ready!(result);
+        self.reply = None;
+        Poll::Ready(reply.and_then(|r| parse_acquire(&r, self.checks.len())))
+    }
+}
+
+impl Drop for InFlightAcquire {
+    fn drop(&mut self) {
+        let (Some(reply), true) = (self.reply.take(), self.sent) else {
+            return;
+        };
+        let store = self.store.clone();
+        let checks = std::mem::take(&mut self.checks);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let count = checks.len();
+                let decisions = reply.await.and_then(|r| parse_acquire(&r, count));
+                reconcile(store, checks, decisions).await;
+            });
+        }
+    }
+}
+
+/// The key of the recent settlement ids of the identifier whose state key is `key`: the
+/// same hash tag, one set per identifier (and prefix) however many calls it makes.
+fn settled_ids_key(key: &str) -> String {
+    let mut ids = String::with_capacity(key.len() + 8);
+    ids.push_str(key);
+    ids.push_str(":settled");
+    ids
+}
 
 /// The four algorithm values of one limit (`[code, p1, p2, p3]`); for concurrency, p3
 /// carries the call's slot.
@@ -341,67 +513,70 @@ fn check_args(c: &LimitCheck, args: &mut Vec<i64>) {
 }
 
 impl RedisStore {
-    /// One call's acquire as its own script.
+    /// One call's acquire as its own script, with the caller-facing timeout.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        let this = self.clone();
+        let count = checks.len();
+        let mut args = Vec::with_capacity(count * 6 + 1);
+        let mut keys = Vec::with_capacity(count);
+        for c in &checks {
+            check_args(c, &mut args);
+            keys.push(c.key.clone());
+        }
+        self.push_test_clock(&mut args);
+        let in_flight = InFlightAcquire {
+            reply: Some(Self::invoke(self.shared.clone(), &ACQUIRE, keys, args)),
+            sent: false,
+            store: self.clone(),
+            checks,
+        };
+        let timeout = self.shared.response_timeout;
         Box::pin(async move {
-            let count = checks.len();
-            let mut args = Vec::with_capacity(count * 6);
-            let mut keys = Vec::with_capacity(count);
-            for c in checks {
-                check_args(&c, &mut args);
-                keys.push(c.key);
-            }
-            this.push_test_clock(&mut args);
-            let reply = Self::run(this.shared.clone(), &ACQUIRE, keys, args).await?;
-            match reply.split_first() {
-                Some((_, rest)) => parse_decisions(rest, count),
-                None => Err(StoreError::new("empty script reply")),
-            }
+            tokio::time::timeout(timeout, in_flight)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::timeout(timeout)))
         })
     }
 
-    /// Several calls' acquires as one script; each call gets its own decisions.
+    /// Several calls' acquires as one script; each call gets its own decisions. A call
+    /// whose caller left before the reply came has what it took given back.
     async fn acquire_batch(&self, batch: Vec<Queued>) {
         let calls = batch.len();
         let total: usize = batch.iter().map(|q| q.checks.len()).sum();
         let mut args = Vec::with_capacity(1 + calls + total * 6);
         let mut keys = Vec::with_capacity(total);
-        let mut replies = Vec::with_capacity(calls);
         args.push(calls as i64);
         args.extend(batch.iter().map(|q| q.checks.len() as i64));
-        for q in batch {
+        for q in &batch {
             for c in &q.checks {
                 check_args(c, &mut args);
+                keys.push(c.key.clone());
             }
-            replies.push((q.checks.len(), q.reply));
-            keys.extend(q.checks.into_iter().map(|c| c.key));
         }
         self.push_test_clock(&mut args);
-        match Self::run(self.shared.clone(), &ACQUIRE_BATCH, keys, args).await {
-            Ok(reply) => {
-                let mut rest = &reply[..];
-                for (count, tx) in replies {
-                    let size = 1 + count * 5;
-                    let result = if rest.len() >= size {
-                        let decisions = parse_decisions(&rest[1..size], count);
-                        rest = &rest[size..];
-                        decisions
-                    } else {
-                        Err(StoreError::new("short batch reply"))
-                    };
-                    let _ = tx.send(result);
+        let reply = Self::invoke(self.shared.clone(), &ACQUIRE_BATCH, keys, args).await;
+        let mut rest = match &reply {
+            Ok(reply) => &reply[..],
+            Err(_) => &[][..],
+        };
+        for q in batch {
+            let count = q.checks.len();
+            let size = 1 + count * FIELDS;
+            let result = match &reply {
+                Err(error) => Err(if error.is_timeout() {
+                    StoreError::timeout(self.shared.response_timeout)
+                } else {
+                    StoreError::new(format!("batched acquire failed: {error}"))
+                }),
+                Ok(_) if rest.len() >= size => {
+                    let decisions = parse_decisions(&rest[1..size], count);
+                    rest = &rest[size..];
+                    decisions
                 }
-            }
-            Err(error) => {
-                for (_, tx) in replies {
-                    let each = if error.is_timeout() {
-                        StoreError::timeout(self.shared.response_timeout)
-                    } else {
-                        StoreError::new(format!("batched acquire failed: {error}"))
-                    };
-                    let _ = tx.send(Err(each));
-                }
+                Ok(_) => Err(StoreError::new("short batch reply")),
+            };
+            if let Err(result) = q.reply.send(result) {
+                // The caller stopped waiting (timeout or cancellation).
+                tokio::spawn(reconcile(self.clone(), q.checks, result));
             }
         }
     }
@@ -416,24 +591,23 @@ async fn batch_worker(store: RedisStore, mut queue: tokio::sync::mpsc::Unbounded
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        // Everything that queued up while waiting goes in this batch.
-        let mut batch = vec![first];
+        // Everything that queued up while waiting goes in this batch, but for acquires
+        // whose caller already left: those are never sent.
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        batch.extend(Some(first).filter(|q| !q.reply.is_closed()));
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
+                Ok(q) if q.reply.is_closed() => {}
                 Ok(q) => batch.push(q),
                 Err(_) => break,
             }
         }
+        if batch.is_empty() {
+            continue;
+        }
         let store = store.clone();
         tokio::spawn(async move {
-            if batch.len() == 1 {
-                if let Some(q) = batch.pop() {
-                    let result = store.acquire_unbatched(q.checks).await;
-                    let _ = q.reply.send(result);
-                }
-            } else {
-                store.acquire_batch(batch).await;
-            }
+            store.acquire_batch(batch).await;
             drop(permit);
         });
     }
@@ -444,10 +618,15 @@ impl Store for RedisStore {
         if let Some(batcher) = &self.shared.batcher {
             let (reply, answer) = tokio::sync::oneshot::channel();
             if batcher.send(Queued { checks, reply }).is_ok() {
+                let timeout = self.shared.response_timeout;
+                // Dropping `answer` (timeout, cancellation) tells the batcher to skip the
+                // acquire if not sent yet, or to undo it when its reply comes.
                 return Box::pin(async move {
-                    answer
-                        .await
-                        .unwrap_or_else(|_| Err(StoreError::new("the batching task stopped")))
+                    match tokio::time::timeout(timeout, answer).await {
+                        Ok(answer) => answer
+                            .unwrap_or_else(|_| Err(StoreError::new("the batching task stopped"))),
+                        Err(_) => Err(StoreError::timeout(timeout)),
+                    }
                 });
             }
             return Box::pin(std::future::ready(Err(StoreError::new(
@@ -465,17 +644,25 @@ impl Store for RedisStore {
         let this = self.clone();
         Box::pin(async move {
             let count = adjustments.len();
-            let mut args = Vec::with_capacity(2 + count * 5);
+            let mut args = Vec::with_capacity(3 + count * 6 + 1);
             let mut keys = Vec::with_capacity(count + 1);
-            // ARGV[1]: the id (-1 for none), ARGV[2]: how long to remember it.
+            // ARGV[1]: the id (-1 for none); ARGV[2]: how long to remember it (ms);
+            // ARGV[3]: the most ids kept per identifier.
             args.push(settlement_id.map_or(-1, |id| id as i64));
-            args.push(SETTLEMENT_MEMORY.as_millis() as i64);
+            args.push(
+                this.shared
+                    .settlement_dedupe
+                    .as_millis()
+                    .min(i64::MAX as u128) as i64,
+            );
+            args.push(SETTLEMENT_IDS_KEPT as i64);
             let dedupe_key = settlement_id
                 .zip(adjustments.first())
-                .map(|(id, a)| format!("{}:settled:{id}", a.key));
+                .map(|(_, a)| settled_ids_key(&a.key));
             for a in adjustments {
                 algorithm_args(&a.algorithm, a.slot, &mut args);
                 args.push(a.delta);
+                args.push(a.window.unwrap_or(-1));
                 keys.push(a.key);
             }
             this.push_test_clock(&mut args);

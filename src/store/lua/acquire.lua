@@ -8,7 +8,8 @@
 --          interval us; for concurrency the call's slot id; else 0), cost, take (1: take
 --          the cost if it fits; 0: only check that it fits).
 -- Reply    { allowed_all (0|1), then per limit: allowed (0|1), limit, remaining,
---          reset_after_us, retry_after_us (-1: none, or the cost can never pass) }.
+--          reset_after_us, retry_after_us (-1: none, or the cost can never pass),
+--          window index the decision was made in (-1: a bucket or slots) }.
 -- ARGV[6n+1] (optional, tests only) "now" in microseconds instead of the server's TIME.
 -- Writes   nothing if any limit denies (beyond dropping expired concurrency slots);
 --          otherwise each taken cost or slot, with a TTL.

@@ -7,7 +7,7 @@
 -- ARGV[1]  the number of calls g; ARGV[2..g+1] how many keys each call has;
 --          then six values per key, in key order (as in acquire.lua).
 -- ARGV[g+2+6*#KEYS] (optional, tests only) "now" in microseconds instead of TIME.
--- Reply    per call, calls concatenated: allowed_all (0|1), then five fields per limit
+-- Reply    per call, calls concatenated: allowed_all (0|1), then six fields per limit
 --          (as in acquire.lua).
 -- Writes   per call, as acquire.lua.
 

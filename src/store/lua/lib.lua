@@ -129,7 +129,8 @@ local function write(key, alg, p1, p2, p3, v, now)
   redis.call('SET', key, string.format('%.0f:%.0f:%.0f', a, b, c), 'PX', math.ceil(ttl_us / 1000) + TTL_PAD_MS)
 end
 
--- The five reply fields of one decision.
+-- The six reply fields of one decision: allowed, limit, remaining, reset_after_us,
+-- retry_after_us (-1: none), window index (-1: a bucket or slots).
 local function push_outcome(reply, alg, p1, p2, p3, v, now, allowed, retry)
   local remaining = p1 - used(alg, p1, p2, v, now)
   if remaining < 0 then remaining = 0 end
@@ -143,6 +144,7 @@ local function push_outcome(reply, alg, p1, p2, p3, v, now, allowed, retry)
   reply[#reply + 1] = remaining
   reply[#reply + 1] = reset
   reply[#reply + 1] = retry
+  if alg == 3 then reply[#reply + 1] = -1 else reply[#reply + 1] = v.anchor end
 end
 
 -- Concurrency slots (algorithm 4): a sorted set of slot id -> lease end (microseconds).
@@ -172,11 +174,12 @@ local function push_slots_outcome(reply, key, max, now, held, allowed)
   reply[#reply + 1] = remaining
   reply[#reply + 1] = earliest
   reply[#reply + 1] = retry
+  reply[#reply + 1] = -1
 end
 
 -- Evaluate one call's limits atomically, all-or-nothing: the group of `n` keys starting
 -- after keys[k0], with their six parameters each starting after args[a0]. Appends
--- allowed_all and five fields per limit to `reply` (see acquire.lua).
+-- allowed_all and six fields per limit to `reply` (see acquire.lua).
 local function acquire_group(keys, k0, n, args, a0, now, reply)
   local views, allowed, retries, params = {}, {}, {}, {}
   local all = true
