@@ -10,8 +10,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tower_llm_ratelimit::http::{JsonUsage, SseUsage, UsageParser};
 use tower_llm_ratelimit::{
-    Algorithm, FixedWindow, ManualClock, MemoryStore, Ratelimit, RedisStore, SlidingWindow,
-    TokenBucket, Usage,
+    Algorithm, FixedWindow, ManualClock, MemoryStore, Ratelimit, RedisStore, SlidingWindow, Store,
+    TokenBucket, Usage, store::Adjustment,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -19,6 +19,9 @@ enum Op {
     Limit(u64),
     Charge(u64),
     Refund(u64),
+    /// Refund units into the window `1` windows back (0: the current one), as a
+    /// settlement does for a reservation taken in that window.
+    RefundInto(u64, i64),
     Reset,
     Step(u64),
 }
@@ -28,6 +31,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u64..8).prop_map(Op::Limit),
         2 => (0u64..12).prop_map(Op::Charge),
         1 => (0u64..12).prop_map(Op::Refund),
+        2 => (0u64..12, 0i64..3).prop_map(|(n, back)| Op::RefundInto(n, back)),
         1 => Just(Op::Reset),
         3 => (0u64..2500).prop_map(Op::Step),
     ]
@@ -185,6 +189,26 @@ impl Model {
                 let used = self.used(now);
                 Some((used <= LIMIT, (LIMIT - used).max(0) as u64))
             }
+            Op::RefundInto(n, back) => {
+                self.used(now);
+                let idx = now / (W_MS * 1000);
+                let n = n as i64;
+                match (self.kind, back) {
+                    (Kind::Bucket, _) => self.give_back(now, n),
+                    // Only the window that paid gets units back, never beyond its count.
+                    (Kind::Fixed, 0) | (Kind::Sliding, 0) => {
+                        let back = n.min(self.count(idx));
+                        self.add(idx, -back);
+                    }
+                    (Kind::Sliding, 1) => {
+                        let back = n.min(self.count(idx - 1));
+                        self.add(idx - 1, -back);
+                    }
+                    _ => {}
+                }
+                let used = self.used(now);
+                Some((used <= LIMIT, (LIMIT - used).max(0) as u64))
+            }
             Op::Reset => {
                 self.windows.clear();
                 self.bucket = None;
@@ -216,8 +240,27 @@ fn redis() -> RedisStore {
         .clone()
 }
 
-async fn run_op(rl: &Ratelimit, op: Op) -> Option<(bool, u64, Option<Duration>)> {
+async fn run_op(
+    rl: &Ratelimit,
+    store: &dyn Store,
+    now: i64,
+    op: Op,
+) -> Option<(bool, u64, Option<Duration>)> {
     let d = match op {
+        Op::RefundInto(n, back) => {
+            let adjustment = Adjustment {
+                key: rl.key("p").unwrap(),
+                algorithm: *rl.algorithm(),
+                delta: -(n as i64),
+                slot: 0,
+                window: Some(now / (W_MS * 1000) - back),
+            };
+            store
+                .adjust(vec![adjustment], None)
+                .await
+                .unwrap()
+                .remove(0)
+        }
         Op::Limit(c) => rl.limit("p", c).await.unwrap(),
         Op::Charge(n) => rl.charge("p", n).await.unwrap(),
         Op::Refund(n) => rl.refund("p", n).await.unwrap(),
@@ -233,19 +276,11 @@ async fn run_op(rl: &Ratelimit, op: Op) -> Option<(bool, u64, Option<Duration>)>
 fn differential(kind: Kind, start_ms: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Both stores read the same manual clock; the model gets the same instants.
     let clock = ManualClock::new(Duration::from_millis(1_700_000_000_000 + start_ms));
-    let memory = Ratelimit::new(
-        kind.algorithm(),
-        MemoryStore::with_clock(clock.clone()),
-        "prop",
-    )
-    .unwrap();
+    let memory_store = MemoryStore::with_clock(clock.clone());
+    let memory = Ratelimit::new(kind.algorithm(), memory_store.clone(), "prop").unwrap();
     let prefix = common::unique_prefix("prop");
-    let redis = Ratelimit::new(
-        kind.algorithm(),
-        redis().with_test_clock(clock.clone()),
-        &prefix,
-    )
-    .unwrap();
+    let redis_store = redis().with_test_clock(clock.clone());
+    let redis = Ratelimit::new(kind.algorithm(), redis_store.clone(), &prefix).unwrap();
     let mut model = Model::new(kind);
     let mut now = (1_700_000_000_000 + start_ms as i64) * 1000;
     for (i, op) in ops.into_iter().enumerate() {
@@ -254,8 +289,12 @@ fn differential(kind: Kind, start_ms: u64, ops: Vec<Op>) -> Result<(), TestCaseE
             now += ms as i64 * 1000;
             continue;
         }
-        let (m, r) =
-            runtime().block_on(async { (run_op(&memory, op).await, run_op(&redis, op).await) });
+        let (m, r) = runtime().block_on(async {
+            (
+                run_op(&memory, &memory_store, now, op).await,
+                run_op(&redis, &redis_store, now, op).await,
+            )
+        });
         prop_assert_eq!(m, r, "memory vs redis at op {} {:?}", i, op);
         let expected = model.apply(op, now);
         prop_assert_eq!(

@@ -1,0 +1,542 @@
+//! Exact at every edge: a store stall takes nothing from calls that never reached the
+//! model, reservations go back only to the window that paid, streams cut short are
+//! charged their estimate, settlement ids do not grow Redis, cached denials do not
+//! outlive a reset, and slots outlive their lease while the call runs.
+
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use proxy::{FaultProxy, Mode};
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+use tower_llm_ratelimit::identifier::Fixed;
+use tower_llm_ratelimit::store::LimitCheck;
+use tower_llm_ratelimit::{
+    ConcurrencyLimit, ErrorKind, FixedWindow, LimitUsage, LlmRequest, LlmResponse, ManualClock,
+    MemoryStore, RatelimitLayer, RedisOptions, RedisStore, SlidingWindow, Store, StoreErrorPolicy,
+    TokenMode, Usage,
+};
+
+/// No test run straddles a window this long.
+const LONG: Duration = tower_llm_ratelimit::algorithm::MAX_WINDOW;
+const TIMEOUT: Duration = Duration::from_millis(200);
+
+fn remaining(usage: &[LimitUsage], name: &str) -> u64 {
+    usage.iter().find(|u| u.name == name).unwrap().remaining
+}
+
+fn llm(
+    delay: Duration,
+    usage: Usage,
+) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
+{
+    service_fn(move |_: LlmRequest| async move {
+        tokio::time::sleep(delay).await;
+        Ok::<_, BoxError>(LlmResponse {
+            text: "ok".into(),
+            usage: Some(usage),
+        })
+    })
+}
+
+fn stalled_layer(store: RedisStore, prefix: &str, policy: StoreErrorPolicy) -> RatelimitLayer {
+    RatelimitLayer::builder()
+        .store(store)
+        .prefix(prefix)
+        .request_limit(FixedWindow::new(5, LONG).unwrap())
+        .token_limit(FixedWindow::new(10_000, LONG).unwrap())
+        .token_mode(TokenMode::Reserve)
+        .default_estimate(1000)
+        .include_output_tokens(true)
+        .concurrency_limit(ConcurrencyLimit::new(1, Duration::from_secs(600)).unwrap())
+        .on_store_error(policy)
+        .store_timeout(TIMEOUT)
+        .build()
+        .unwrap()
+}
+
+/// Replies from Redis arrive after the store timeout: ten users' calls all see the stall
+/// at once. Afterwards Redis holds exactly what the calls that reached the model used.
+async fn stall(policy: StoreErrorPolicy, batching: bool) {
+    let server = common::RedisServer::start();
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", server.port).parse().unwrap()).await;
+    let options = RedisOptions::default()
+        .response_timeout(TIMEOUT)
+        .batching(batching);
+    let store = RedisStore::connect_with(&proxy.url(), options)
+        .await
+        .unwrap();
+    let prefix = common::unique_prefix(&format!("stall-{policy:?}"));
+    let layer = stalled_layer(store, &prefix, policy);
+    let svc = layer.layer(llm(Duration::ZERO, Usage::new(10, 5)));
+
+    proxy.set_delay(TIMEOUT * 3);
+    let users: Vec<String> = (0..10).map(|i| format!("user-{i}")).collect();
+    let calls = users.iter().map(|u| {
+        let svc = svc.clone();
+        let request = LlmRequest::new(u.as_str(), "hi");
+        async move { svc.oneshot(request).await }
+    });
+    let results = futures_join_all(calls).await;
+    let passed = results.iter().filter(|r| r.is_ok()).count() as u64;
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.kind(), ErrorKind::Store, "{policy:?}: {e}");
+        }
+    }
+    match policy {
+        StoreErrorPolicy::FailClosed => assert_eq!(passed, 0),
+        _ => assert_eq!(passed, 10, "{policy:?}: {results:?}"),
+    }
+
+    // Heal, let the late replies come back and be undone, and queued writes land.
+    proxy.set(Mode::Pass);
+    tokio::time::sleep(TIMEOUT * 4).await;
+    assert_eq!(layer.flush(Duration::from_secs(10)).await, 0);
+
+    // Read through a second layer straight on Redis (no proxy, no cache).
+    let direct = RedisStore::connect(&server.url).await.unwrap();
+    let observer = stalled_layer(direct, &prefix, StoreErrorPolicy::FailClosed);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for user in &users {
+        loop {
+            let usage = observer.usage(user).await.unwrap();
+            // Passed calls used one request and 15 tokens each in Redis; failed ones
+            // nothing. No slot is held either way.
+            let want = (5 - passed / 10, 10_000 - 15 * (passed / 10), 1);
+            let got = (
+                remaining(&usage, "requests"),
+                remaining(&usage, "tokens"),
+                remaining(&usage, "concurrency"),
+            );
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{policy:?} batching={batching}: {user} has {got:?} left, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The concurrency-1 users are served right away (past the breaker's cool-down).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for user in &users {
+        let r = svc
+            .clone()
+            .oneshot(LlmRequest::new(user.as_str(), "hi"))
+            .await;
+        assert!(r.is_ok(), "{policy:?}: {user} after the stall: {r:?}");
+    }
+}
+
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_takes_nothing_fail_closed() {
+    stall(StoreErrorPolicy::FailClosed, true).await;
+    stall(StoreErrorPolicy::FailClosed, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_counts_calls_once_fail_open() {
+    stall(StoreErrorPolicy::FailOpen, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_counts_calls_once_local() {
+    stall(StoreErrorPolicy::Local, false).await;
+}
+
+/// A acquires 1000 at 0:59, the window rolls, B takes 1000, A settles at 100: the refund
+/// of 900 must not make room for C in the new window.
+async fn reserve_across_a_boundary(store: Arc<dyn Store>, clock: ManualClock, sliding: bool) {
+    let window = Duration::from_secs(60);
+    let prefix = common::unique_prefix("cross");
+    let mut builder = RatelimitLayer::builder()
+        .shared_store(store.clone())
+        .prefix(prefix.clone());
+    builder = if sliding {
+        builder.token_limit(SlidingWindow::new(1000, window).unwrap())
+    } else {
+        builder.token_limit(FixedWindow::new(1000, window).unwrap())
+    };
+    let layer = builder
+        .token_mode(TokenMode::Reserve)
+        .include_output_tokens(true)
+        .identifier(Fixed::new("carol"))
+        .build()
+        .unwrap();
+    // A's model answers when told to.
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
+    let slow = service_fn(move |_: LlmRequest| {
+        let released = released.clone();
+        async move {
+            if let Some(rx) = released.lock().await.take() {
+                let _ = rx.await;
+            }
+            Ok::<_, BoxError>(LlmResponse {
+                text: "a".into(),
+                usage: Some(Usage::new(50, 50)),
+            })
+        }
+    });
+    let svc = layer.layer(slow);
+    clock.set(Duration::from_secs(1_700_000_040 / 60 * 60 + 59));
+    let a = tokio::spawn(
+        svc.clone()
+            .oneshot(LlmRequest::new("carol", "x").with_max_tokens(999)),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    clock.advance(Duration::from_secs(3));
+    // Estimates are the prompt ("x": 1 token) plus `max_tokens`.
+    let fast_usage = if sliding {
+        Usage::new(10, 23)
+    } else {
+        Usage::new(500, 500)
+    };
+    let fast = layer.layer(llm(Duration::ZERO, fast_usage));
+    let mut passed_in_new_window = 0;
+    if sliding {
+        // 2 s into the new window, ceil(1000 × 58/60) = 967 of A's window still count.
+        let b = fast
+            .clone()
+            .oneshot(LlmRequest::new("carol", "x").with_max_tokens(32))
+            .await;
+        assert!(b.is_ok(), "{b:?}");
+    } else {
+        let b = fast
+            .clone()
+            .oneshot(LlmRequest::new("carol", "x").with_max_tokens(999))
+            .await
+            .unwrap();
+        assert_eq!(b.text, "ok");
+        passed_in_new_window += 1000;
+    }
+    release.send(()).unwrap();
+    a.await.unwrap().unwrap();
+    let usage = layer.usage("carol").await.unwrap();
+    if sliding {
+        // A's refund of 900 came off the previous window (100 left there, weighing
+        // ceil(100 × 58/60) = 97), not off B's 33 in the current one.
+        assert_eq!(remaining(&usage, "tokens"), 1000 - 33 - 97);
+    } else {
+        // A's 900 did not land in the new window: C is refused.
+        assert_eq!(remaining(&usage, "tokens"), 1000 - passed_in_new_window);
+        let c = fast
+            .clone()
+            .oneshot(LlmRequest::new("carol", "x").with_max_tokens(899))
+            .await;
+        assert_eq!(c.unwrap_err().kind(), ErrorKind::TokenLimitReached);
+    }
+}
+
+#[tokio::test]
+async fn reservations_go_back_only_to_the_window_that_paid_memory() {
+    for sliding in [false, true] {
+        let clock = ManualClock::new(Duration::ZERO);
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::with_clock(clock.clone()));
+        reserve_across_a_boundary(store, clock, sliding).await;
+    }
+}
+
+#[tokio::test]
+async fn reservations_go_back_only_to_the_window_that_paid_redis() {
+    for sliding in [false, true] {
+        let clock = ManualClock::new(Duration::ZERO);
+        let store = RedisStore::connect(&common::redis_url())
+            .await
+            .unwrap()
+            .with_test_clock(clock.clone());
+        reserve_across_a_boundary(Arc::new(store), clock, sliding).await;
+    }
+}
+
+type Frames = tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, Infallible>>;
+type UpstreamRequest =
+    http::Request<tower_llm_ratelimit::http::RequestBody<http_body_util::Full<Bytes>>>;
+
+/// An SSE upstream that sends `chunks` content events and then hangs (no usage ever).
+fn hanging_stream(
+    chunks: usize,
+) -> impl Service<UpstreamRequest, Response = http::Response<StreamBody<Frames>>, Error = Infallible>
++ Clone {
+    service_fn(move |_req| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            for i in 0..chunks {
+                let event = format!(
+                    "data: {{\"choices\":[{{\"delta\":{{\"content\":\"tok{i}\"}}}}],\"usage\":null}}\n\n"
+                );
+                let _ = tx
+                    .send(Ok(http_body::Frame::data(Bytes::from(event))))
+                    .await;
+            }
+            // Hold the stream open until the client goes away.
+            tx.closed().await;
+        });
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap(),
+        )
+    })
+}
+
+#[tokio::test]
+async fn a_stream_dropped_before_its_usage_is_charged_its_estimate() {
+    // A prompt of 4000 bytes: an estimate of 1000 tokens.
+    let prompt = "x".repeat(4000);
+    let body = serde_json::json!({
+        "model": "gpt-4o", "stream": true, "max_tokens": 50,
+        "messages": [{"role": "user", "content": prompt}],
+    })
+    .to_string();
+    for mode in [TokenMode::CheckRemaining, TokenMode::Reserve] {
+        for inject in [true, false] {
+            let layer = RatelimitLayer::builder()
+                .token_limit(FixedWindow::new(1_000_000, LONG).unwrap())
+                .token_mode(mode)
+                .include_output_tokens(true)
+                .inject_stream_usage(inject)
+                .identifier(Fixed::new("dave"))
+                .build_http()
+                .unwrap();
+            let svc = tower::Layer::layer(&layer, hanging_stream(3));
+            let request = http::Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .header("content-length", body.len())
+                .body(http_body_util::Full::new(Bytes::from(body.clone())))
+                .unwrap();
+            let response = svc.oneshot(request).await.unwrap();
+            let mut response_body = response.into_body();
+            // The first content chunk arrives; then the user clicks "stop".
+            let first = response_body.frame().await.unwrap().unwrap();
+            assert!(first.is_data());
+            drop(response_body);
+            tokio::task::yield_now().await;
+            let used = 1_000_000 - remaining(&layer.usage("dave").await.unwrap(), "tokens");
+            assert!(
+                (1000..=1100).contains(&used),
+                "{mode:?} inject={inject}: charged {used}, want the prompt estimate (1000) plus the output seen"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_calls_leave_bounded_redis_memory() {
+    let server = common::RedisServer::start();
+    let horizon = Duration::from_millis(1500);
+    let options = RedisOptions::default().settlement_dedupe(horizon);
+    let store = RedisStore::connect_with(&server.url, options)
+        .await
+        .unwrap();
+    let prefix = common::unique_prefix("mem");
+    let layer = RatelimitLayer::builder()
+        .store(store)
+        .prefix(prefix.clone())
+        .request_limit(FixedWindow::new(1_000_000, LONG).unwrap())
+        .token_limit(FixedWindow::new(1_000_000_000, LONG).unwrap())
+        .token_mode(TokenMode::Reserve)
+        .default_estimate(100)
+        .include_output_tokens(true)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Duration::ZERO, Usage::new(10, 5)));
+    let calls = 10_000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..32 {
+        let svc = svc.clone();
+        tasks.spawn(async move {
+            for _ in 0..calls / 32 + 1 {
+                svc.clone()
+                    .oneshot(LlmRequest::new("erin", "hi"))
+                    .await
+                    .unwrap();
+            }
+            worker
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let keys = common::redis_keys(&server.url, &prefix);
+    assert!(keys.len() <= 3, "{keys:?}");
+    tokio::time::sleep(horizon + Duration::from_millis(500)).await;
+    let keys = common::redis_keys(&server.url, &prefix);
+    assert_eq!(keys.len(), 2, "after the dedupe horizon: {keys:?}");
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    for (key, ttl) in keys {
+        assert!(ttl > 0, "{key} has no TTL");
+        let bytes: i64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .query(&mut c)
+            .unwrap();
+        assert!(bytes <= 200, "{key}: {bytes} bytes");
+    }
+}
+
+fn denying_layer(store: RedisStore, prefix: &str) -> RatelimitLayer {
+    RatelimitLayer::builder()
+        .store(store)
+        .prefix(prefix)
+        .request_limit(FixedWindow::new(1, LONG).unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_reset_lifts_cached_denials_here_at_once_and_elsewhere_within_a_second() {
+    let prefix = common::unique_prefix("reset");
+    let a = denying_layer(
+        RedisStore::connect(&common::redis_url()).await.unwrap(),
+        &prefix,
+    );
+    let b = denying_layer(
+        RedisStore::connect(&common::redis_url()).await.unwrap(),
+        &prefix,
+    );
+    let svc_a = a.layer(llm(Duration::ZERO, Usage::new(1, 1)));
+    let svc_b = b.layer(llm(Duration::ZERO, Usage::new(1, 1)));
+
+    svc_a
+        .clone()
+        .oneshot(LlmRequest::new("fay", "hi"))
+        .await
+        .unwrap();
+    // Denied, and the denial (retry after ~10 years) is cached in A.
+    let denied = svc_a
+        .clone()
+        .oneshot(LlmRequest::new("fay", "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.kind(), ErrorKind::RequestLimitReached);
+    assert!(denied.retry_after().unwrap() > Duration::from_secs(3600));
+    // A reset through A lifts it at once.
+    a.reset("fay").await.unwrap();
+    svc_a
+        .clone()
+        .oneshot(LlmRequest::new("fay", "hi"))
+        .await
+        .unwrap();
+
+    // Denied again in A (cached); B resets: A serves within a second.
+    assert!(
+        svc_a
+            .clone()
+            .oneshot(LlmRequest::new("fay", "hi"))
+            .await
+            .is_err()
+    );
+    assert!(
+        svc_b
+            .clone()
+            .oneshot(LlmRequest::new("fay", "hi"))
+            .await
+            .is_err()
+    );
+    b.reset("fay").await.unwrap();
+    let reset_at = Instant::now();
+    loop {
+        match svc_a.clone().oneshot(LlmRequest::new("fay", "hi")).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::RequestLimitReached);
+                assert!(
+                    reset_at.elapsed() < Duration::from_millis(1300),
+                    "A still denies from its cache {:?} after B's reset",
+                    reset_at.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A call longer than its slot's lease keeps the slot until it ends.
+async fn long_call_keeps_its_slot(store: Arc<dyn Store>) {
+    let lease = Duration::from_millis(300);
+    let layer = RatelimitLayer::builder()
+        .shared_store(store)
+        .prefix(common::unique_prefix("lease"))
+        .concurrency_limit(ConcurrencyLimit::new(1, lease).unwrap())
+        .build()
+        .unwrap();
+    let slow = layer.layer(llm(lease * 5, Usage::new(1, 1)));
+    let quick = layer.layer(llm(Duration::ZERO, Usage::new(1, 1)));
+    let long = tokio::spawn(slow.oneshot(LlmRequest::new("gus", "hi")));
+    for _ in 0..4 {
+        tokio::time::sleep(lease).await;
+        let r = quick.clone().oneshot(LlmRequest::new("gus", "hi")).await;
+        assert_eq!(
+            r.unwrap_err().kind(),
+            ErrorKind::ConcurrencyLimitReached,
+            "the running call lost its slot"
+        );
+    }
+    long.await.unwrap().unwrap();
+    quick.oneshot(LlmRequest::new("gus", "hi")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_longer_than_its_lease_keeps_its_slot() {
+    long_call_keeps_its_slot(Arc::new(MemoryStore::new())).await;
+    let redis = RedisStore::connect(&common::redis_url()).await.unwrap();
+    long_call_keeps_its_slot(Arc::new(redis)).await;
+}
+
+#[tokio::test]
+async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
+    // Many acquires queued at once, most dropped right away: Redis ends up holding only
+    // the ones that were kept.
+    let store = RedisStore::connect(&common::redis_url()).await.unwrap();
+    let prefix = common::unique_prefix("batchdrop");
+    let key = format!("{prefix}:{{hank}}");
+    let check = || LimitCheck {
+        key: key.clone(),
+        algorithm: FixedWindow::new(1_000_000, LONG).unwrap().into(),
+        cost: 1,
+        take: true,
+        slot: 0,
+    };
+    let mut kept = Vec::new();
+    for i in 0..400 {
+        let fut = store.acquire(vec![check()]);
+        if i % 4 == 0 {
+            kept.push(tokio::spawn(fut));
+        } else {
+            drop(fut);
+        }
+    }
+    for k in kept {
+        assert!(k.await.unwrap().unwrap()[0].allowed);
+    }
+    // Let any late undo land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = store
+        .acquire(vec![LimitCheck { cost: 0, ..check() }])
+        .await
+        .unwrap();
+    assert_eq!(read[0].remaining, 1_000_000 - 100);
+}
