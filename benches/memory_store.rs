@@ -42,7 +42,7 @@ fn decisions(c: &mut Criterion) {
                 i = (i + 1) % keys.len();
                 let check = [LimitCheck {
                     key: keys[i].clone(),
-                    algorithm,
+                    rule: algorithm.into(),
                     cost: 1,
                     take: true,
                     slot: 0,

@@ -173,6 +173,12 @@ pub struct ConcurrencyLimit {
 }
 
 impl ConcurrencyLimit {
+    /// The parameters as sent to the Lua scripts: `[4, max, lease µs, slot]`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn script_params(&self, slot: u64) -> [u64; 4] {
+        [4, self.max, self.lease_us, slot]
+    }
+
     /// At most `max` calls in flight, each slot expiring after `lease` at the latest.
     pub fn new(max: u64, lease: Duration) -> Result<Self, Error> {
         check_units("concurrency limit", max)?;
@@ -279,7 +285,8 @@ pub(crate) fn renew_slot(
     }
 }
 
-/// One of the algorithms with its quota.
+/// One of the rate algorithms with its quota. (A [`ConcurrencyLimit`] is not a rate
+/// algorithm and cannot be used as one.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algorithm {
     /// See [`FixedWindow`].
@@ -288,15 +295,6 @@ pub enum Algorithm {
     SlidingWindow(SlidingWindow),
     /// See [`TokenBucket`].
     TokenBucket(TokenBucket),
-    /// See [`ConcurrencyLimit`]. Used by the layer, which releases each call's slot;
-    /// through [`Ratelimit`](crate::Ratelimit) a slot is only freed by its lease.
-    Concurrency(ConcurrencyLimit),
-}
-
-impl From<ConcurrencyLimit> for Algorithm {
-    fn from(a: ConcurrencyLimit) -> Self {
-        Algorithm::Concurrency(a)
-    }
 }
 
 impl From<FixedWindow> for Algorithm {
@@ -322,7 +320,6 @@ impl Algorithm {
             Algorithm::FixedWindow(a) => a.limit,
             Algorithm::SlidingWindow(a) => a.limit,
             Algorithm::TokenBucket(a) => a.capacity,
-            Algorithm::Concurrency(a) => a.max,
         }
     }
 
@@ -336,18 +333,16 @@ impl Algorithm {
                 let intervals = a.capacity.div_ceil(a.refill);
                 Duration::from_micros(intervals.saturating_mul(a.interval_us))
             }
-            Algorithm::Concurrency(a) => a.lease(),
         }
     }
 
     /// The parameters as sent to the Lua scripts: `[code, p1, p2, p3]`.
+    #[cfg(feature = "redis")]
     pub(crate) fn script_params(&self) -> [u64; 4] {
         match self {
             Algorithm::FixedWindow(a) => [1, a.limit, a.window_us, 0],
             Algorithm::SlidingWindow(a) => [2, a.limit, a.window_us, 0],
             Algorithm::TokenBucket(a) => [3, a.capacity, a.refill, a.interval_us],
-            // p3 carries the call's slot id, filled in per call.
-            Algorithm::Concurrency(a) => [4, a.max, a.lease_us, 0],
         }
     }
 }
@@ -471,12 +466,6 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
                 anchor: last,
             }
         }
-        // Slots are not counters; stores handle them with `decide_slots`.
-        Algorithm::Concurrency(_) => View {
-            current: 0,
-            previous: 0,
-            anchor: 0,
-        },
     }
 }
 
@@ -489,7 +478,6 @@ fn used(alg: &Algorithm, v: &View, now: i64) -> i64 {
             v.current + sliding_weighted(v.previous, w, now - v.anchor * w)
         }
         Algorithm::TokenBucket(b) => b.capacity as i64 - v.current,
-        Algorithm::Concurrency(_) => v.current,
     }
 }
 
@@ -520,7 +508,6 @@ fn reset_after(alg: &Algorithm, v: &View, now: i64) -> i64 {
                     .saturating_sub(now)
             }
         }
-        Algorithm::Concurrency(_) => 0,
     }
 }
 
@@ -559,7 +546,6 @@ fn retry_after(alg: &Algorithm, v: &View, now: i64, cost: i64) -> i64 {
                 .saturating_sub(now)
                 .max(1)
         }
-        Algorithm::Concurrency(_) => 1,
     }
 }
 
@@ -575,7 +561,7 @@ fn state_of(alg: &Algorithm, v: &View) -> State {
             b: v.current,
             c: v.previous,
         },
-        Algorithm::TokenBucket(_) | Algorithm::Concurrency(_) => State {
+        Algorithm::TokenBucket(_) => State {
             a: v.current,
             b: v.anchor,
             c: 0,
@@ -588,7 +574,6 @@ fn is_empty_state(alg: &Algorithm, v: &View) -> bool {
         Algorithm::FixedWindow(_) => v.current == 0,
         Algorithm::SlidingWindow(_) => v.current == 0 && v.previous == 0,
         Algorithm::TokenBucket(b) => v.current >= b.capacity as i64,
-        Algorithm::Concurrency(_) => true,
     }
 }
 
@@ -616,7 +601,7 @@ fn outcome(alg: &Algorithm, v: &View, now: i64, allowed: bool, retry: Option<i64
 fn window_of(alg: &Algorithm, v: &View) -> Option<i64> {
     match alg {
         Algorithm::FixedWindow(_) | Algorithm::SlidingWindow(_) => Some(v.anchor),
-        _ => None,
+        Algorithm::TokenBucket(_) => None,
     }
 }
 
@@ -719,7 +704,6 @@ pub(crate) fn adjust(
             Algorithm::FixedWindow(_) | Algorithm::SlidingWindow(_) => {
                 v.current = clamp_counter(v.current + delta)
             }
-            Algorithm::Concurrency(_) => {}
         }
     } else if delta < 0 {
         let back = -delta;
@@ -748,7 +732,6 @@ pub(crate) fn adjust(
                 v.current -= from_current;
                 v.previous = (v.previous - (back - from_current)).max(0);
             }
-            (Algorithm::Concurrency(_), _) => {}
         }
     }
     let within = used(alg, &v, now) <= alg.limit() as i64;

@@ -7,8 +7,11 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What a rate-limit denial reports, so a caller can back off precisely.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LimitExceeded {
+    /// The name of the limit that denied.
+    pub name: std::sync::Arc<str>,
     /// The quota of the limit that denied.
     pub limit: u64,
     /// Units left (clamped at 0).
@@ -22,7 +25,11 @@ pub struct LimitExceeded {
 
 impl fmt::Display for LimitExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "limit {}, remaining {}", self.limit, self.remaining)?;
+        write!(
+            f,
+            "limit {:?}: quota {}, remaining {}",
+            &*self.name, self.limit, self.remaining
+        )?;
         match self.retry_after {
             Some(d) => write!(f, ", retry after {:.3}s", d.as_secs_f64()),
             None => write!(f, ", the cost exceeds the limit and can never pass"),
@@ -110,12 +117,12 @@ impl fmt::Display for Error {
             Error::RequestLimitReached(l) => write!(f, "Request limit reached! ({l})"),
             Error::TokenLimitReached(l) => write!(f, "Token limit reached! ({l})"),
             Error::ConcurrencyLimitReached(l) => write!(f, "Concurrency limit reached! ({l})"),
-            Error::Store(e) => write!(f, "rate-limit store error: {e}"),
+            Error::Store(_) => f.write_str("rate-limit store error"),
             Error::MissingIdentifier => {
                 f.write_str("no rate-limit identifier in the request and no fallback configured")
             }
             Error::InvalidInput(m) => write!(f, "invalid rate-limit input: {m}"),
-            Error::Inner(e) => write!(f, "{e}"),
+            Error::Inner(_) => f.write_str("the rate-limited service failed"),
         }
     }
 }
@@ -180,11 +187,8 @@ impl StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(s) = &self.source {
-            write!(f, ": {s}")?;
-        }
-        Ok(())
+        // The cause, if any, is the `source()`: printed by whoever walks the chain.
+        f.write_str(&self.message)
     }
 }
 

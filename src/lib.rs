@@ -16,8 +16,33 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+/// `get_ref`, `get_mut` and `into_inner` for a service wrapper whose inner service is
+/// the field `inner`.
+macro_rules! inner_service_accessors {
+    () => {
+        /// The inner service.
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The inner service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// The inner service, consuming this one.
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    };
+}
+pub(crate) use inner_service_accessors;
+
 pub mod algorithm;
+mod engine;
 mod error;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod identifier;
 pub mod layer;
@@ -26,7 +51,12 @@ mod ratelimit;
 pub mod store;
 
 pub use algorithm::{Algorithm, ConcurrencyLimit, FixedWindow, SlidingWindow, TokenBucket};
+pub use engine::limit::{Limit, LimitKind, TokenCount, TokenWeights, Weights};
+pub use engine::quota::{
+    CachedQuotas, QuotaFn, QuotaFuture, QuotaResolver, Quotas, Resolution, StaticQuotas, quota_fn,
+};
 pub use error::{BoxError, Error, ErrorKind, LimitExceeded, StoreError};
+#[cfg(feature = "http")]
 pub use http::{HttpRatelimitLayer, HttpRatelimited};
 pub use layer::{
     LimitUsage, MissingUsage, RatelimitLayer, Ratelimited, StoreErrorPolicy, TokenMode,
@@ -36,7 +66,7 @@ pub use llm::{
     estimate_prompt_tokens,
 };
 pub use ratelimit::Ratelimit;
-pub use store::{Decision, ManualClock, MemoryStore, Store};
+pub use store::{Decision, ManualClock, MemoryStore, Rule, Store};
 #[cfg(feature = "redis")]
 pub use store::{RedisOptions, RedisStore};
 

@@ -4,14 +4,24 @@
 use std::borrow::Cow;
 
 /// Token counts an LLM reported for one call.
+///
+/// `prompt_tokens` counts every input token, cached or not; `cached_prompt_tokens` is
+/// the part of them read from a prompt cache. `completion_tokens` counts every output
+/// token; `reasoning_tokens` is the part of them spent reasoning.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Usage {
-    /// Tokens in the prompt (input).
+    /// Tokens in the prompt (input), cached ones included.
     pub prompt_tokens: u64,
-    /// Tokens generated (output).
+    /// Tokens generated (output), reasoning ones included.
     pub completion_tokens: u64,
     /// Total as reported (normally prompt + completion).
     pub total_tokens: u64,
+    /// Prompt tokens read from a prompt cache (OpenAI `cached_tokens`, Anthropic
+    /// `cache_read_input_tokens`).
+    pub cached_prompt_tokens: u64,
+    /// Output tokens spent reasoning (OpenAI `reasoning_tokens`).
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -21,7 +31,21 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            cached_prompt_tokens: 0,
+            reasoning_tokens: 0,
         }
+    }
+
+    /// Set how many of the prompt tokens were read from a cache.
+    pub fn with_cached_prompt_tokens(mut self, tokens: u64) -> Self {
+        self.cached_prompt_tokens = tokens;
+        self
+    }
+
+    /// Set how many of the output tokens were reasoning.
+    pub fn with_reasoning_tokens(mut self, tokens: u64) -> Self {
+        self.reasoning_tokens = tokens;
+        self
     }
 }
 
@@ -31,8 +55,9 @@ pub struct LlmRequest {
     /// Whose budget the call uses (user id, API key hash, team…), read by the default
     /// [`FromRequest`](crate::identifier::FromRequest) extractor.
     pub identifier: Option<String>,
-    /// The model to call.
-    pub model: String,
+    /// The model to call, if the client names one (for per-model limits and model
+    /// filters).
+    pub model: Option<String>,
     /// The prompt text.
     pub prompt: String,
     /// The most output tokens the model may generate.
@@ -47,6 +72,12 @@ impl LlmRequest {
             prompt: prompt.into(),
             ..Self::default()
         }
+    }
+
+    /// Set [`model`](Self::model).
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
     }
 
     /// Set [`max_tokens`](Self::max_tokens).
@@ -71,10 +102,24 @@ pub trait HasIdentifier {
     fn identifier(&self) -> Option<Cow<'_, [u8]>>;
 }
 
-/// Requests that can estimate the tokens they will use (for `TokenMode::Reserve`).
+/// Requests that can estimate the tokens they will use (for `TokenMode::Reserve`), and
+/// name their model.
 pub trait TokenEstimate {
     /// Estimated prompt + output tokens, if known.
     fn estimated_tokens(&self) -> Option<u64>;
+
+    /// The estimate split into prompt and output tokens, for limits that count them
+    /// differently. By default all of [`estimated_tokens`](Self::estimated_tokens) is
+    /// counted as prompt.
+    fn estimated_usage(&self) -> Option<Usage> {
+        self.estimated_tokens().map(|t| Usage::new(t, 0))
+    }
+
+    /// The model the request is for, for per-model limits and model filters. Default:
+    /// none (only limits without a model filter apply).
+    fn model(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Responses that report token usage.
@@ -101,6 +146,17 @@ impl TokenEstimate for LlmRequest {
     fn estimated_tokens(&self) -> Option<u64> {
         let prompt = estimate_prompt_tokens(&self.prompt);
         Some(prompt.saturating_add(self.max_tokens.unwrap_or(0)))
+    }
+
+    fn estimated_usage(&self) -> Option<Usage> {
+        Some(Usage::new(
+            estimate_prompt_tokens(&self.prompt),
+            self.max_tokens.unwrap_or(0),
+        ))
+    }
+
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 }
 

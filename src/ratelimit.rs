@@ -103,7 +103,7 @@ impl Ratelimit {
         check_cost(cost)?;
         let check = LimitCheck {
             key: self.key(identifier)?,
-            algorithm: self.algorithm,
+            rule: self.algorithm.into(),
             cost,
             take: true,
             slot: 0,
@@ -146,7 +146,7 @@ impl Ratelimit {
     async fn adjust(&self, identifier: impl AsRef<[u8]>, delta: i64) -> Result<Decision, Error> {
         let adjustment = Adjustment {
             key: self.key(identifier)?,
-            algorithm: self.algorithm,
+            rule: self.algorithm.into(),
             delta,
             slot: 0,
             window: None,

@@ -515,7 +515,7 @@ async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
     let key = format!("{prefix}:{{hank}}");
     let check = || LimitCheck {
         key: key.clone(),
-        algorithm: FixedWindow::new(1_000_000, LONG).unwrap().into(),
+        rule: FixedWindow::new(1_000_000, LONG).unwrap().into(),
         cost: 1,
         take: true,
         slot: 0,

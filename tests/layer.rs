@@ -130,6 +130,8 @@ async fn a_denied_call_consumes_nothing_from_any_limit() {
             .request_limit(requests)
             .token_limit(tokens)
             .token_mode(TokenMode::Reserve)
+            // Reservations then include the output the call may generate.
+            .include_output_tokens(true)
             .build()
             .unwrap();
         let mut svc = layer.layer_service(mock_llm(
@@ -343,6 +345,7 @@ async fn a_response_without_usage_is_delivered_and_the_reservation_kept() {
                 .prefix(&prefix)
                 .token_limit(tokens)
                 .token_mode(TokenMode::Reserve)
+                .include_output_tokens(true)
                 .missing_usage(policy)
                 .build()
                 .unwrap();
@@ -430,7 +433,12 @@ async fn an_inner_error_refunds_the_reservation() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Inner);
-    assert_eq!(err.to_string(), "upstream 500");
+    // The inner error is the source, not repeated in the message.
+    assert_eq!(
+        std::error::Error::source(&err).unwrap().to_string(),
+        "upstream 500"
+    );
+    assert!(!err.to_string().contains("upstream 500"), "{err}");
     assert_eq!(
         reader(&store, "llm-ratelimit", "tokens", tokens)
             .remaining("alice")
@@ -475,12 +483,12 @@ async fn missing_identifier_fails_or_uses_the_fallback() {
 async fn closure_extractor_and_bad_identifiers() {
     let layer = RatelimitLayer::builder()
         .request_limit(FixedWindow::new(2, MINUTE).unwrap())
-        .identifier(FromFn::new(|r: &LlmRequest| Some(r.model.clone())))
+        .identifier(FromFn::new(|r: &LlmRequest| r.model.clone()))
         .build()
         .unwrap();
     let svc = layer.layer_service(mock_llm(Default::default(), None, Duration::ZERO));
     let req = |model: &str| LlmRequest {
-        model: model.into(),
+        model: Some(model.into()),
         ..Default::default()
     };
     assert!(svc.clone().oneshot(req("gpt")).await.is_ok());
@@ -502,11 +510,7 @@ async fn absurd_usage_is_clamped_not_a_panic() {
         .include_output_tokens(true)
         .build()
         .unwrap();
-    let huge = Usage {
-        prompt_tokens: u64::MAX,
-        completion_tokens: u64::MAX,
-        total_tokens: u64::MAX,
-    };
+    let huge = Usage::new(u64::MAX, u64::MAX);
     let svc = layer.layer_service(mock_llm(Default::default(), Some(huge), Duration::ZERO));
     assert!(
         svc.clone()

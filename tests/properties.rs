@@ -250,7 +250,7 @@ async fn run_op(
         Op::RefundInto(n, back) => {
             let adjustment = Adjustment {
                 key: rl.key("p").unwrap(),
-                algorithm: *rl.algorithm(),
+                rule: (*rl.algorithm()).into(),
                 delta: -(n as i64),
                 slot: 0,
                 window: Some(now / (W_MS * 1000) - back),

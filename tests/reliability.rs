@@ -317,17 +317,9 @@ async fn concurrency_limit_holds_and_releases_on_every_path() {
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let slots = Ratelimit::with_shared_store(
-            ConcurrencyLimit::new(2, MINUTE).unwrap(),
-            store.clone(),
-            &format!("{prefix}:inflight"),
-        )
-        .unwrap();
-        let d = slots.limit("bob", 1).await.unwrap();
-        assert_eq!(
-            d.remaining, 1,
-            "every slot was released (this probe holds one)"
-        );
+        let usage = layer.usage("bob").await.unwrap();
+        assert_eq!(usage[0].name, "concurrency");
+        assert_eq!(usage[0].remaining, 2, "every slot was released");
     }
 }
 
@@ -337,9 +329,17 @@ async fn a_slot_of_a_dead_process_expires_after_its_lease() {
     let prefix = common::unique_prefix("lease");
     let limit = ConcurrencyLimit::new(1, Duration::from_millis(300)).unwrap();
     // A "crashed" holder: takes the only slot and never releases it.
-    let crashed =
-        Ratelimit::with_shared_store(limit, store.clone(), &format!("{prefix}:inflight")).unwrap();
-    assert!(crashed.limit("carl", 1).await.unwrap().allowed);
+    let crashed = store
+        .acquire(vec![tower_llm_ratelimit::store::LimitCheck {
+            key: format!("{prefix}:concurrency:{{carl}}"),
+            rule: limit.into(),
+            cost: 1,
+            take: true,
+            slot: 42,
+        }])
+        .await
+        .unwrap();
+    assert!(crashed[0].allowed);
     let layer = RatelimitLayer::builder()
         .shared_store(store)
         .prefix(prefix)
@@ -460,7 +460,7 @@ async fn a_settlement_id_is_applied_once() {
     let charge = |id| {
         let adjustment = Adjustment {
             key: rl.key("fay").unwrap(),
-            algorithm: *rl.algorithm(),
+            rule: (*rl.algorithm()).into(),
             delta: 7,
             slot: 0,
             window: None,

@@ -11,8 +11,8 @@ use memchr::memmem;
 use pin_project_lite::pin_project;
 
 use super::usage::UsageParser;
+use crate::engine::settlement::{Ending, Settlement};
 use crate::error::BoxError;
-use crate::layer::settlement::{Ending, Settlement};
 use crate::llm::Usage;
 
 /// What the response body still owes the store, and how it reads usage.

@@ -11,35 +11,42 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::HttpConfig;
 use super::body::{Meter, RatelimitBody, RequestBody};
-use super::headers::{self, GrpcCode, LimitInfo};
+use super::headers::{self, Api, LimitInfo};
 use super::inspect::inspect;
+use crate::engine::call::{Call, CallRequest, Outcome};
+use crate::engine::settlement::{Ending, Settlement};
+use crate::engine::{Engine, Plan};
 use crate::error::{BoxError, Error};
-use crate::layer::Limits;
-use crate::layer::settlement::{Ending, Settlement};
+use crate::llm::Usage;
 use crate::store::Decision;
 
 type ReadFuture = Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>;
+
+/// What the response needs from the request once the call is on its way.
+struct CallInfo {
+    engine: Arc<Engine>,
+    http: Arc<HttpConfig>,
+    api: Api,
+    /// Remove the usage-only SSE chunk the layer asked for.
+    filter_usage_chunk: bool,
+    /// Prompt tokens estimated from the request, charged if the usage never arrives.
+    prompt_estimate: u64,
+}
 
 pin_project! {
     /// Response future of [`HttpRatelimited`](super::HttpRatelimited): read the request
     /// body if needed, acquire, call, and hand back the response with a metered body.
     ///
-    /// Dropping it at any point settles the call in the background.
+    /// Dropping it at any point settles the call in the background. Polling it after
+    /// it completed panics.
     pub struct HttpResponseFuture<S, B, ResBody>
     where
         S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
     {
         #[pin]
         state: State<S, B, ResBody>,
-        limits: Option<Arc<Limits>>,
-        settlement: Option<Settlement>,
-        tag: String,
-        grpc: bool,
-        filter_usage_chunk: bool,
-        decisions: Vec<Decision>,
-        fallback: Option<&'static str>,
-        prompt_estimate: u64,
     }
 }
 
@@ -54,40 +61,34 @@ pin_project! {
             read: ReadFuture,
             parts: Option<http::request::Parts>,
             service: Option<S>,
-            inject: bool,
+            identifier: Vec<u8>,
+            info: Option<CallInfo>,
         },
-        Acquiring { service: Option<S>, request: Option<Request<RequestBody<B>>> },
-        Calling { #[pin] future: S::Future },
-        Settling { error: Option<S::Error> },
+        Calling { #[pin] call: Call<S, Request<RequestBody<B>>>, info: Option<CallInfo> },
+        Settling { settlement: Settlement, error: Option<S::Error> },
         Done,
     }
 }
 
 /// The response for a request the layer refuses before asking the store.
-fn refusal<ResBody>(error: &Error, grpc: bool) -> Response<RatelimitBody<ResBody>> {
+fn refusal<ResBody>(error: &Error, api: Api) -> Response<RatelimitBody<ResBody>> {
     let message = error.to_string();
-    match (error, grpc) {
-        (Error::MissingIdentifier, false) => headers::json_error(
+    match error {
+        Error::MissingIdentifier => headers::api_error(
+            api,
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
             "missing_identifier",
             &message,
         ),
-        (Error::MissingIdentifier, true) => {
-            headers::grpc_error(GrpcCode::Unauthenticated, &message)
-        }
-        (_, false) => headers::json_error(
+        _ => headers::api_error(
+            api,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "invalid_identifier",
             &message,
         ),
-        (_, true) => headers::grpc_error(GrpcCode::InvalidArgument, &message),
     }
-}
-
-fn is_anthropic(parts: &http::request::Parts) -> bool {
-    parts.headers.contains_key("anthropic-version") || parts.uri.path().ends_with("/messages")
 }
 
 fn is_event_stream(parts: &http::response::Parts) -> bool {
@@ -98,101 +99,146 @@ fn is_event_stream(parts: &http::response::Parts) -> bool {
         .is_some_and(|ct| ct.starts_with("text/event-stream"))
 }
 
+/// The error and its causes, each once: `a: b: c`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// Each limit of the call with its decision, for headers.
+fn infos(engine: &Engine, plan: &Plan, decisions: &[Decision]) -> Vec<LimitInfo> {
+    plan.taken
+        .iter()
+        .zip(decisions)
+        .map(|(t, d)| {
+            let spec = engine.spec(t.limit);
+            LimitInfo {
+                name: spec.name.clone(),
+                kind: spec.kind,
+                limit: d.limit,
+                remaining: d.remaining,
+                reset_after: d.reset_after,
+                period: t.rule.period(),
+            }
+        })
+        .collect()
+}
+
+/// The response for a call refused before the inner service: a denial (429), or the
+/// store failing (503).
+fn refused<ResBody>(
+    engine: &Engine,
+    error: &Error,
+    plan: Option<&Plan>,
+    decisions: &[Decision],
+    api: Api,
+) -> Response<RatelimitBody<ResBody>> {
+    let Some(exceeded) = error.limit_exceeded() else {
+        if let Error::Store(e) = error {
+            let message = format!("rate limiter unavailable: {}", chain(e));
+            return headers::api_error(
+                api,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "ratelimit_store_unavailable",
+                &message,
+            );
+        }
+        return refusal(error, api);
+    };
+    let kind = match error {
+        Error::TokenLimitReached(_) => crate::LimitKind::Tokens,
+        Error::ConcurrencyLimitReached(_) => crate::LimitKind::Concurrency,
+        _ => crate::LimitKind::Requests,
+    };
+    let mut infos = match plan {
+        Some(plan) if !decisions.is_empty() => infos(engine, plan, decisions),
+        _ => Vec::new(),
+    };
+    if infos.is_empty() {
+        // Answered from the denial cache: the denying limit is all we know.
+        let period = engine
+            .limits
+            .iter()
+            .find(|l| l.name == exceeded.name)
+            .map_or(std::time::Duration::ZERO, |l| l.rule.period());
+        infos.push(LimitInfo {
+            name: exceeded.name.clone(),
+            kind,
+            limit: exceeded.limit,
+            remaining: exceeded.remaining,
+            reset_after: exceeded.reset_after,
+            period,
+        });
+    }
+    headers::denial(kind, &error.to_string(), exceeded, &infos, api)
+}
+
 impl<S, B, ResBody> HttpResponseFuture<S, B, ResBody>
 where
     S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
 {
-    pub(crate) fn rejected(error: &Error, grpc: bool) -> Self {
+    pub(crate) fn rejected(error: &Error, api: Api) -> Self {
         tracing::info!(%error, "rate limit refused a request");
-        Self::respond(refusal(error, grpc), grpc)
-    }
-
-    /// The denial for an identifier the denied-cache still holds: no store call.
-    pub(crate) fn denied_from_cache(
-        name: &'static str,
-        error: &Error,
-        limits: &Limits,
-        grpc: bool,
-    ) -> Self {
-        let response = match error.limit_exceeded() {
-            Some(exceeded) => {
-                let period = limits
-                    .names()
-                    .find(|(n, _)| *n == name)
-                    .map_or(std::time::Duration::ZERO, |(_, p)| p);
-                let info = LimitInfo {
-                    name,
-                    limit: exceeded.limit,
-                    remaining: exceeded.remaining,
-                    reset_after: exceeded.reset_after,
-                    period,
-                };
-                headers::denial(name, &error.to_string(), exceeded, &[info], grpc)
-            }
-            None => refusal(error, grpc),
-        };
-        Self::respond(response, grpc)
+        Self::respond(refusal(error, api))
     }
 
     /// A response the layer gives itself, without the store or the inner service.
-    fn respond(response: Response<RatelimitBody<ResBody>>, grpc: bool) -> Self {
-        let state = State::Respond {
-            response: Some(response),
-        };
-        Self::with_state(state, None, String::new(), grpc)
-    }
-
-    fn with_state(
-        state: State<S, B, ResBody>,
-        limits: Option<Arc<Limits>>,
-        tag: String,
-        grpc: bool,
-    ) -> Self {
+    fn respond(response: Response<RatelimitBody<ResBody>>) -> Self {
         Self {
-            state,
-            limits,
-            settlement: None,
-            tag,
-            grpc,
-            filter_usage_chunk: false,
-            decisions: Vec::new(),
-            fallback: None,
-            prompt_estimate: 0,
+            state: State::Respond {
+                response: Some(response),
+            },
         }
     }
 
     pub(crate) fn reading(
         service: S,
         request: Request<B>,
-        limits: Arc<Limits>,
-        tag: String,
-        grpc: bool,
+        engine: Arc<Engine>,
+        http: Arc<HttpConfig>,
+        identifier: Vec<u8>,
+        api: Api,
     ) -> Self
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let (parts, body) = request.into_parts();
-        let max = limits.http.max_request_body;
-        let inject = limits.http.inject_stream_usage && !is_anthropic(&parts);
+        let max = http.max_request_body;
         let read: ReadFuture =
             Box::pin(async move { Ok(Limited::new(body, max).collect().await?.to_bytes()) });
-        let state = State::Reading {
-            read,
-            parts: Some(parts),
-            service: Some(service),
-            inject,
-        };
-        Self::with_state(state, Some(limits), tag, grpc)
+        Self {
+            state: State::Reading {
+                read,
+                parts: Some(parts),
+                service: Some(service),
+                identifier,
+                info: Some(CallInfo {
+                    engine,
+                    http,
+                    api,
+                    filter_usage_chunk: false,
+                    prompt_estimate: 0,
+                }),
+            },
+        }
     }
 
-    /// Straight to the acquire (the request body is not read: no estimate, no rewrite).
-    pub(crate) fn acquiring(
+    /// Straight to the call (the request body is not read: no estimate, no rewrite).
+    pub(crate) fn calling(
         service: S,
         request: Request<RequestBody<B>>,
-        limits: Arc<Limits>,
-        tag: String,
-        grpc: bool,
+        engine: Arc<Engine>,
+        http: Arc<HttpConfig>,
+        identifier: Vec<u8>,
+        api: Api,
     ) -> Self {
         // The body is not read: its length stands in for the prompt (4 bytes a token).
         let prompt_estimate = request
@@ -201,28 +247,29 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(0, |len| len.div_ceil(4));
-        let settlement = Self::start_acquire(&limits, &tag, None);
-        let state = State::Acquiring {
-            service: Some(service),
-            request: Some(request),
-        };
-        let mut future = Self::with_state(state, Some(limits), tag, grpc);
-        future.settlement = Some(settlement);
-        future.prompt_estimate = prompt_estimate;
-        future
+        let call = Call::new(
+            engine.clone(),
+            service,
+            request,
+            CallRequest {
+                identifier: &identifier,
+                model: None,
+                estimate: Some(Usage::new(prompt_estimate, 0)),
+            },
+        );
+        Self {
+            state: State::Calling {
+                call,
+                info: Some(CallInfo {
+                    engine,
+                    http,
+                    api,
+                    filter_usage_chunk: false,
+                    prompt_estimate,
+                }),
+            },
+        }
     }
-
-    fn start_acquire(limits: &Arc<Limits>, tag: &str, estimate: Option<u64>) -> Settlement {
-        Settlement::new(limits.clone(), limits.plan(tag, || estimate))
-    }
-}
-
-fn infos(limits: &Limits, decisions: &[Decision]) -> Vec<LimitInfo> {
-    limits
-        .names()
-        .zip(decisions)
-        .map(|((name, period), d)| LimitInfo::new(name, d, period))
-        .collect()
 }
 
 impl<S, B, ResBody> Future for HttpResponseFuture<S, B, ResBody>
@@ -237,47 +284,47 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Respond { response } => {
-                    let response = response.take();
+                    let response = response.take().expect("future polled after completion");
                     this.state.set(State::Done);
-                    match response {
-                        Some(r) => return Poll::Ready(Ok(r)),
-                        None => continue,
-                    }
+                    return Poll::Ready(Ok(response));
                 }
                 StateProj::Reading {
                     read,
                     parts,
                     service,
-                    inject,
+                    identifier,
+                    info,
                 } => {
                     let result = ready!(read.as_mut().poll(cx));
-                    let (Some(mut parts), Some(service), Some(limits)) =
-                        (parts.take(), service.take(), this.limits.clone())
-                    else {
-                        this.state.set(State::Done);
-                        continue;
-                    };
+                    let (mut parts, service, mut info) = (
+                        parts.take().expect("future polled after completion"),
+                        service.take().expect("future polled after completion"),
+                        info.take().expect("future polled after completion"),
+                    );
                     let bytes = match result {
                         Ok(bytes) => bytes,
                         Err(e) => {
                             let too_large = e.downcast_ref::<LengthLimitError>().is_some();
                             tracing::warn!(error = %e, too_large, "could not read a request body");
-                            let response = match (too_large, *this.grpc) {
-                                (true, _) => headers::json_error(
+                            let response = if too_large {
+                                headers::api_error(
+                                    info.api,
                                     StatusCode::PAYLOAD_TOO_LARGE,
                                     "invalid_request_error",
                                     "request_too_large",
                                     &format!(
                                         "request body larger than {} bytes",
-                                        limits.http.max_request_body
+                                        info.http.max_request_body
                                     ),
-                                ),
-                                (false, _) => headers::json_error(
+                                )
+                            } else {
+                                headers::api_error(
+                                    info.api,
                                     StatusCode::BAD_REQUEST,
                                     "invalid_request_error",
                                     "unreadable_body",
                                     "could not read the request body",
-                                ),
+                                )
                             };
                             this.state.set(State::Respond {
                                 response: Some(response),
@@ -285,7 +332,8 @@ where
                             continue;
                         }
                     };
-                    let inspection = inspect(&bytes, limits.default_estimate, *inject);
+                    let inject = info.http.inject_stream_usage && info.api == Api::OpenAi;
+                    let inspection = inspect(&bytes, info.engine.default_estimate, inject);
                     let body = match inspection.rewritten {
                         Some(rewritten) => {
                             parts.headers.insert(CONTENT_LENGTH, rewritten.len().into());
@@ -293,139 +341,108 @@ where
                         }
                         None => bytes,
                     };
-                    *this.filter_usage_chunk = inspection.filter_usage_chunk;
-                    *this.prompt_estimate = inspection.prompt.unwrap_or(0);
+                    info.filter_usage_chunk = inspection.filter_usage_chunk;
+                    info.prompt_estimate = inspection.prompt.unwrap_or(0);
+                    let estimate = inspection
+                        .prompt
+                        .zip(inspection.estimate)
+                        .map(|(p, total)| Usage::new(p, total.saturating_sub(p)));
                     let request = Request::from_parts(parts, RequestBody::buffered(body));
-                    *this.settlement =
-                        Some(Self::start_acquire(&limits, this.tag, inspection.estimate));
-                    this.state.set(State::Acquiring {
-                        service: Some(service),
-                        request: Some(request),
+                    let call = Call::new(
+                        info.engine.clone(),
+                        service,
+                        request,
+                        CallRequest {
+                            identifier,
+                            model: inspection.model.as_deref(),
+                            estimate,
+                        },
+                    );
+                    this.state.set(State::Calling {
+                        call,
+                        info: Some(info),
                     });
                 }
-                StateProj::Acquiring { service, request } => {
-                    let (Some(settlement), Some(limits)) =
-                        (this.settlement.as_mut(), this.limits.clone())
-                    else {
-                        this.state.set(State::Done);
-                        continue;
-                    };
-                    let acquired = ready!(settlement.poll_acquire(cx));
-                    *this.fallback = settlement.decider().label();
-                    match acquired {
-                        Err(error) => {
-                            tracing::error!(identifier = %this.tag, %error, "rate-limit store failed");
-                            let message = format!("rate limiter unavailable: {error}");
-                            let response = if *this.grpc {
-                                headers::grpc_error(GrpcCode::Unavailable, &message)
-                            } else {
-                                headers::json_error(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "server_error",
-                                    "ratelimit_store_unavailable",
-                                    &message,
-                                )
-                            };
+                StateProj::Calling { call, info } => {
+                    let outcome = ready!(call.poll(cx));
+                    let info = info.take().expect("future polled after completion");
+                    let engine = &info.engine;
+                    match outcome {
+                        Outcome::Refused {
+                            error,
+                            decisions,
+                            plan,
+                            decider,
+                        } => {
+                            if !matches!(error, Error::Store(_)) {
+                                tracing::info!(%error, "rate limit denied a request");
+                            }
+                            let mut response =
+                                refused(engine, &error, plan.as_ref(), &decisions, info.api);
+                            headers::insert_fallback(response.headers_mut(), decider.label());
                             this.state.set(State::Respond {
                                 response: Some(response),
                             });
                         }
-                        Ok(decisions) if !decisions.iter().all(|d| d.allowed) => {
-                            let (name, error) = limits.denial(&decisions);
-                            limits.remember_denial(this.tag, name, &error);
-                            tracing::info!(identifier = %this.tag, %error, "rate limit denied a request");
-                            let infos = infos(&limits, &decisions);
-                            let mut response = match error.limit_exceeded() {
-                                Some(exceeded) => headers::denial(
-                                    name,
-                                    &error.to_string(),
-                                    exceeded,
-                                    &infos,
-                                    *this.grpc,
-                                ),
-                                None => refusal(&error, *this.grpc),
-                            };
-                            headers::insert_fallback(response.headers_mut(), *this.fallback);
-                            this.state.set(State::Respond {
-                                response: Some(response),
-                            });
-                        }
-                        Ok(decisions) => {
-                            *this.decisions = decisions;
-                            let (Some(mut service), Some(request)) =
-                                (service.take(), request.take())
-                            else {
-                                this.state.set(State::Done);
-                                continue;
-                            };
-                            let future = service.call(request);
-                            this.state.set(State::Calling { future });
-                        }
-                    }
-                }
-                StateProj::Calling { future } => {
-                    let result = ready!(future.poll(cx));
-                    let response = match result {
-                        Ok(response) => response,
-                        Err(error) => {
-                            if let Some(s) = this.settlement.as_mut() {
-                                s.start(Ending::Failed);
-                            }
-                            this.state.set(State::Settling { error: Some(error) });
-                            continue;
-                        }
-                    };
-                    let (mut parts, body) = response.into_parts();
-                    let limits = this.limits.clone();
-                    if let Some(limits) = &limits {
-                        headers::insert_rate_limit_headers(
-                            &mut parts.headers,
-                            &infos(limits, this.decisions),
-                        );
-                    }
-                    headers::insert_fallback(&mut parts.headers, *this.fallback);
-                    let settlement = this.settlement.take();
-                    let body = match (limits, settlement) {
-                        // Settled at the end of the body: the token charge, and the
-                        // concurrency slot, which is held until the body is done.
-                        (Some(limits), Some(settlement))
-                            if limits.tokens.is_some() || limits.concurrency.is_some() =>
-                        {
-                            let parser = limits.http.usage_format.parser(&parts);
-                            let event_stream = is_event_stream(&parts);
-                            let filter = *this.filter_usage_chunk && event_stream;
-                            if filter {
-                                parts.headers.remove(CONTENT_LENGTH);
-                            }
-                            let meter = Meter::new(
-                                parser,
+                        Outcome::Called {
+                            result: Err(error),
+                            mut settlement,
+                            ..
+                        } => {
+                            settlement.start(Ending::Failed);
+                            this.state.set(State::Settling {
                                 settlement,
-                                parts.status.is_success(),
-                                filter,
-                                event_stream,
-                                *this.prompt_estimate,
-                            );
-                            RatelimitBody::metered(body, meter)
+                                error: Some(error),
+                            });
                         }
-                        _ => RatelimitBody::plain(body),
-                    };
-                    this.state.set(State::Done);
-                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
-                }
-                StateProj::Settling { error } => {
-                    if let Some(s) = this.settlement.as_mut() {
-                        ready!(s.poll_write(cx));
+                        Outcome::Called {
+                            result: Ok(response),
+                            settlement,
+                            decisions,
+                            plan,
+                        } => {
+                            let (mut parts, body) = response.into_parts();
+                            headers::insert_rate_limit_headers(
+                                &mut parts.headers,
+                                &infos(engine, &plan, &decisions),
+                            );
+                            headers::insert_fallback(
+                                &mut parts.headers,
+                                settlement.decider().label(),
+                            );
+                            let body = if engine.settles_after_body() {
+                                // Settled at the end of the body: the token charge, and
+                                // the concurrency slot, held until the body is done.
+                                let parser = info.http.usage_format.parser(&parts);
+                                let event_stream = is_event_stream(&parts);
+                                let filter = info.filter_usage_chunk && event_stream;
+                                if filter {
+                                    parts.headers.remove(CONTENT_LENGTH);
+                                }
+                                let meter = Meter::new(
+                                    parser,
+                                    settlement,
+                                    parts.status.is_success(),
+                                    filter,
+                                    event_stream,
+                                    info.prompt_estimate,
+                                );
+                                RatelimitBody::metered(body, meter)
+                            } else {
+                                RatelimitBody::plain(body)
+                            };
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                        }
                     }
-                    let error = error.take();
+                }
+                StateProj::Settling { settlement, error } => {
+                    ready!(settlement.poll_write(cx));
+                    let error = error.take().expect("future polled after completion");
                     this.state.set(State::Done);
-                    if let Some(error) = error {
-                        return Poll::Ready(Err(error));
-                    }
+                    return Poll::Ready(Err(error));
                 }
-                StateProj::Done => {
-                    // Polled after completion: there is nothing left to give.
-                    return Poll::Pending;
-                }
+                StateProj::Done => panic!("future polled after completion"),
             }
         }
     }

@@ -8,14 +8,14 @@ use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 
 use super::body::RatelimitBody;
+use crate::engine::limit::LimitKind;
 use crate::error::LimitExceeded;
-use crate::store::Decision;
 
 /// One limit's state as reported in headers.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct LimitInfo {
-    /// `requests` or `tokens`.
-    pub name: &'static str,
+    pub name: std::sync::Arc<str>,
+    pub kind: LimitKind,
     pub limit: u64,
     pub remaining: u64,
     pub reset_after: Duration,
@@ -23,16 +23,15 @@ pub(crate) struct LimitInfo {
     pub period: Duration,
 }
 
-impl LimitInfo {
-    pub(crate) fn new(name: &'static str, decision: &Decision, period: Duration) -> Self {
-        Self {
-            name,
-            limit: decision.limit,
-            remaining: decision.remaining,
-            reset_after: decision.reset_after,
-            period,
-        }
-    }
+/// Which API's error shape a response the layer makes itself takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Api {
+    /// `{"error":{"message","type","param","code"}}`.
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+    /// A trailers-only gRPC status.
+    Grpc,
 }
 
 /// Whole seconds, rounded up.
@@ -67,30 +66,45 @@ fn set(headers: &mut HeaderMap, name: &str, value: String) {
     }
 }
 
-/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, `RateLimit-Policy` and
-/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for these limits.
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens,concurrency}` for the most
+/// restrictive limit of each kind (the one with the least left), and `RateLimit-Policy`
+/// and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) listing every limit by name.
 pub(crate) fn insert_rate_limit_headers(headers: &mut HeaderMap, infos: &[LimitInfo]) {
     if infos.is_empty() {
         return;
     }
-    let mut policy = String::new();
-    let mut state = String::new();
-    for (i, info) in infos.iter().enumerate() {
+    for kind in [
+        LimitKind::Requests,
+        LimitKind::Tokens,
+        LimitKind::Concurrency,
+    ] {
+        let Some(info) = infos
+            .iter()
+            .filter(|i| i.kind == kind)
+            .min_by_key(|i| (i.remaining, std::cmp::Reverse(i.reset_after)))
+        else {
+            continue;
+        };
+        let kind = kind.as_str();
         set(
             headers,
-            &format!("x-ratelimit-limit-{}", info.name),
+            &format!("x-ratelimit-limit-{kind}"),
             info.limit.to_string(),
         );
         set(
             headers,
-            &format!("x-ratelimit-remaining-{}", info.name),
+            &format!("x-ratelimit-remaining-{kind}"),
             info.remaining.to_string(),
         );
         set(
             headers,
-            &format!("x-ratelimit-reset-{}", info.name),
+            &format!("x-ratelimit-reset-{kind}"),
             openai_duration(info.reset_after),
         );
+    }
+    let mut policy = String::new();
+    let mut state = String::new();
+    for (i, info) in infos.iter().enumerate() {
         let sep = if i == 0 { "" } else { ", " };
         let _ = write!(
             policy,
@@ -122,19 +136,49 @@ fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
-/// An OpenAI-shaped JSON error: `{"error":{"message","type","param":null,"code"}}`.
-pub(crate) fn json_error<B>(
+/// The error type Anthropic uses for a status.
+fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// A JSON error in `api`'s shape (gRPC: a status with the message).
+pub(crate) fn api_error<B>(
+    api: Api,
     status: StatusCode,
     kind: &str,
     code: &str,
     message: &str,
 ) -> Response<RatelimitBody<B>> {
-    let body = format!(
-        "{{\"error\":{{\"message\":{},\"type\":{},\"param\":null,\"code\":{}}}}}",
-        json_string(message),
-        json_string(kind),
-        json_string(code)
-    );
+    let body = match api {
+        Api::Grpc => {
+            let code = match status.as_u16() {
+                401 => GrpcCode::Unauthenticated,
+                429 => GrpcCode::ResourceExhausted,
+                503 => GrpcCode::Unavailable,
+                _ => GrpcCode::InvalidArgument,
+            };
+            return grpc_error(code, message);
+        }
+        Api::Anthropic => format!(
+            "{{\"type\":\"error\",\"error\":{{\"type\":{},\"message\":{}}}}}",
+            json_string(anthropic_type(status)),
+            json_string(message)
+        ),
+        Api::OpenAi => format!(
+            "{{\"error\":{{\"message\":{},\"type\":{},\"param\":null,\"code\":{}}}}}",
+            json_string(message),
+            json_string(kind),
+            json_string(code)
+        ),
+    };
     let mut response = Response::new(RatelimitBody::full(body));
     *response.status_mut() = status;
     response
@@ -176,31 +220,37 @@ pub(crate) fn grpc_error<B>(code: GrpcCode, message: &str) -> Response<Ratelimit
     response
 }
 
-/// The response for a rate-limit denial: 429 with `Retry-After` and the OpenAI error
-/// JSON, or gRPC `RESOURCE_EXHAUSTED` with `retry-after` metadata.
+/// The response for a rate-limit denial: 429 with `Retry-After` and the API's error
+/// JSON, or gRPC `RESOURCE_EXHAUSTED` with `retry-after` metadata. A call that can
+/// never pass (its cost exceeds the quota) gets no `Retry-After` and the code
+/// `<kind>_limit_exceeds_quota`.
 pub(crate) fn denial<B>(
-    limit_name: &str,
+    kind: LimitKind,
     message: &str,
     exceeded: &LimitExceeded,
     infos: &[LimitInfo],
-    grpc: bool,
+    api: Api,
 ) -> Response<RatelimitBody<B>> {
-    let code = format!("{}_limit_reached", limit_name.trim_end_matches('s'));
-    let mut response = if grpc {
-        grpc_error(GrpcCode::ResourceExhausted, message)
-    } else {
-        json_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_exceeded",
-            &code,
-            message,
-        )
+    let singular = kind.as_str().trim_end_matches('s');
+    let code = match exceeded.retry_after {
+        Some(_) => format!("{singular}_limit_reached"),
+        None => format!("{singular}_limit_exceeds_quota"),
     };
+    let mut response = api_error(
+        api,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_exceeded",
+        &code,
+        message,
+    );
     let headers = response.headers_mut();
     insert_rate_limit_headers(headers, infos);
+    set(headers, "x-ratelimit-limit-name", exceeded.name.to_string());
     if let Some(retry) = exceeded.retry_after {
         headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(retry)));
-        set(headers, "retry-after-ms", retry.as_millis().to_string());
+        // Rounded up like `Retry-After`: a client that waits exactly this long passes.
+        let ms = retry.as_millis() + u128::from(!retry.subsec_nanos().is_multiple_of(1_000_000));
+        set(headers, "retry-after-ms", ms.to_string());
     }
     response
 }

@@ -11,6 +11,8 @@ pub(crate) struct Inspection {
     pub estimate: Option<u64>,
     /// Estimated prompt tokens alone, if the body is a JSON object.
     pub prompt: Option<u64>,
+    /// The `"model"` the request names.
+    pub model: Option<String>,
     /// The body to send instead (with `stream_options.include_usage` added).
     pub rewritten: Option<Bytes>,
     /// The client did not ask for the usage chunk: remove it from the stream.
@@ -57,6 +59,7 @@ pub(crate) fn inspect(body: &[u8], default_output: u64, inject_usage: bool) -> I
     let mut inspection = Inspection {
         estimate: Some(prompt.saturating_add(output)),
         prompt: Some(prompt),
+        model: obj.get("model").and_then(Value::as_str).map(str::to_owned),
         ..Inspection::default()
     };
     let streamed = obj.get("stream").and_then(Value::as_bool) == Some(true);

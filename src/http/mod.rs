@@ -1,4 +1,4 @@
-//! HTTP integration (SPEC §7): [`HttpRatelimitLayer`] for `http::Request` services —
+//! HTTP integration: [`HttpRatelimitLayer`] for `http::Request` services —
 //! axum routers, hyper services, tonic servers.
 //!
 //! * A denial is a **response**, not an error, so it works on an axum `Router` without
@@ -63,52 +63,104 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
+use crate::engine::{Engine, LimitUsage};
 use crate::identifier::FromRequest;
-use crate::layer::Limits;
+
+/// Settings only the HTTP adapter uses.
+#[derive(Clone)]
+pub(crate) struct HttpConfig {
+    pub usage_format: Arc<dyn UsageFormat>,
+    pub inject_stream_usage: bool,
+    pub max_request_body: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            usage_format: Arc::new(OpenAiAnthropic),
+            inject_stream_usage: true,
+            max_request_body: 4 * 1024 * 1024,
+        }
+    }
+}
 
 /// Applies [`HttpRatelimited`] to an `http::Request` service. Built with
 /// [`RatelimitLayerBuilder::build_http`](crate::layer::RatelimitLayerBuilder::build_http).
 pub struct HttpRatelimitLayer<X = FromRequest> {
-    limits: Arc<Limits>,
+    engine: Arc<Engine>,
+    http: Arc<HttpConfig>,
     extractor: X,
 }
 
 impl<X> HttpRatelimitLayer<X> {
-    pub(crate) fn new(limits: Arc<Limits>, extractor: X) -> Self {
-        Self { limits, extractor }
+    pub(crate) fn new(engine: Arc<Engine>, http: Arc<HttpConfig>, extractor: X) -> Self {
+        Self {
+            engine,
+            http,
+            extractor,
+        }
     }
 
-    /// Every configured limit's limit, remaining and reset for `identifier`, read without
-    /// taking anything.
+    /// Every limit's limit, remaining and reset for `identifier`, read without taking
+    /// anything.
     pub async fn usage(
         &self,
         identifier: impl AsRef<[u8]>,
-    ) -> Result<Vec<crate::layer::LimitUsage>, crate::Error> {
-        self.limits.usage(identifier.as_ref()).await
+    ) -> Result<Vec<LimitUsage>, crate::Error> {
+        self.engine.usage(identifier.as_ref(), None).await
     }
 
-    /// Give `identifier` a full budget on every limit (its state is deleted from the
-    /// store, so every instance sees the reset) and drop its cached denials here.
+    /// As [`usage`](Self::usage), for calls of `model`.
+    pub async fn usage_for_model(
+        &self,
+        identifier: impl AsRef<[u8]>,
+        model: &str,
+    ) -> Result<Vec<LimitUsage>, crate::Error> {
+        self.engine.usage(identifier.as_ref(), Some(model)).await
+    }
+
+    /// Give `identifier` a full budget on every limit and model (its state is deleted
+    /// from the store, so every instance sees the reset) and drop its cached denials
+    /// here.
     pub async fn reset(&self, identifier: impl AsRef<[u8]>) -> Result<(), crate::Error> {
-        self.limits.reset(identifier.as_ref()).await
+        self.engine.reset(identifier.as_ref(), None).await
+    }
+
+    /// Give `identifier` a full budget on the limit named `limit`.
+    pub async fn reset_limit(
+        &self,
+        identifier: impl AsRef<[u8]>,
+        limit: &str,
+    ) -> Result<(), crate::Error> {
+        self.engine.reset(identifier.as_ref(), Some(limit)).await
     }
 
     /// Settlements waiting for the store to come back.
     pub fn pending_settlements(&self) -> usize {
-        self.limits.queue.len()
+        self.engine.queue.len()
     }
 
     /// Graceful shutdown: wait up to `deadline` for queued settlements to land. Returns
     /// how many are still pending (0: nothing was lost).
     pub async fn flush(&self, deadline: std::time::Duration) -> usize {
-        self.limits.queue.flush(deadline).await
+        self.engine.queue.flush(deadline).await
+    }
+
+    /// The names of the configured limits, in order.
+    pub fn limit_names(&self) -> Vec<String> {
+        self.engine
+            .limits
+            .iter()
+            .map(|l| l.name.to_string())
+            .collect()
     }
 }
 
 impl<X: Clone> Clone for HttpRatelimitLayer<X> {
     fn clone(&self) -> Self {
         Self {
-            limits: self.limits.clone(),
+            engine: self.engine.clone(),
+            http: self.http.clone(),
             extractor: self.extractor.clone(),
         }
     }
@@ -117,6 +169,7 @@ impl<X: Clone> Clone for HttpRatelimitLayer<X> {
 impl<X: std::fmt::Debug> std::fmt::Debug for HttpRatelimitLayer<X> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpRatelimitLayer")
+            .field("engine", &self.engine)
             .field("extractor", &self.extractor)
             .finish_non_exhaustive()
     }
@@ -126,6 +179,11 @@ impl<S, X: Clone> Layer<S> for HttpRatelimitLayer<X> {
     type Service = HttpRatelimited<S, X>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HttpRatelimited::new(inner, self.limits.clone(), self.extractor.clone())
+        HttpRatelimited::new(
+            inner,
+            self.engine.clone(),
+            self.http.clone(),
+            self.extractor.clone(),
+        )
     }
 }

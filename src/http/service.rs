@@ -6,11 +6,13 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
+use super::HttpConfig;
 use super::body::RequestBody;
 use super::future::HttpResponseFuture;
+use super::headers::Api;
+use crate::engine::{Engine, TokenMode};
 use crate::error::BoxError;
 use crate::identifier::ExtractIdentifier;
-use crate::layer::{Limits, TokenMode};
 
 /// An `http::Request` service rate-limited by an
 /// [`HttpRatelimitLayer`](super::HttpRatelimitLayer).
@@ -18,7 +20,8 @@ use crate::layer::{Limits, TokenMode};
 /// `poll_ready` forwards to the inner service. All clones share the limiter state.
 pub struct HttpRatelimited<S, X> {
     inner: S,
-    limits: Arc<Limits>,
+    engine: Arc<Engine>,
+    http: Arc<HttpConfig>,
     extractor: X,
 }
 
@@ -26,7 +29,8 @@ impl<S: Clone, X: Clone> Clone for HttpRatelimited<S, X> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            limits: self.limits.clone(),
+            engine: self.engine.clone(),
+            http: self.http.clone(),
             extractor: self.extractor.clone(),
         }
     }
@@ -42,36 +46,16 @@ impl<S: std::fmt::Debug, X: std::fmt::Debug> std::fmt::Debug for HttpRatelimited
 }
 
 impl<S, X> HttpRatelimited<S, X> {
-    pub(crate) fn new(inner: S, limits: Arc<Limits>, extractor: X) -> Self {
+    pub(crate) fn new(inner: S, engine: Arc<Engine>, http: Arc<HttpConfig>, extractor: X) -> Self {
         Self {
             inner,
-            limits,
+            engine,
+            http,
             extractor,
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, consuming this one.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-fn is_grpc<B>(request: &Request<B>) -> bool {
-    request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    crate::inner_service_accessors!();
 }
 
 fn is_json<B>(request: &Request<B>) -> bool {
@@ -103,30 +87,48 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let grpc = is_grpc(&request);
-        let tag = match self
-            .limits
-            .tag_for(self.extractor.extract(&request).as_deref())
-        {
-            Ok(tag) => tag,
-            Err(error) => return HttpResponseFuture::rejected(&error, grpc),
+        let api = api_of(&request);
+        let extracted = self.extractor.extract(&request);
+        let identifier = match self.engine.identifier(extracted.as_deref()) {
+            Ok(id) => id.to_vec(),
+            Err(error) => return HttpResponseFuture::rejected(&error, api),
         };
-        if let Some((name, error)) = self.limits.cached_denial(&tag) {
-            return HttpResponseFuture::denied_from_cache(name, &error, &self.limits, grpc);
-        }
+        drop(extracted);
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
-        let limits = self.limits.clone();
-        let wants_estimate = limits.tokens.is_some() && limits.token_mode == TokenMode::Reserve;
-        let read_body = !grpc
+        let engine = self.engine.clone();
+        let tokens = engine.has_token_limit();
+        let wants_body = (tokens
+            && (engine.token_mode == TokenMode::Reserve || self.http.inject_stream_usage))
+            || engine.needs_model();
+        let read_body = api != Api::Grpc
             && request.method() == http::Method::POST
             && is_json(&request)
-            && (wants_estimate || (limits.tokens.is_some() && limits.http.inject_stream_usage));
+            && wants_body;
+        let http = self.http.clone();
         if read_body {
-            HttpResponseFuture::reading(service, request, limits, tag, grpc)
+            HttpResponseFuture::reading(service, request, engine, http, identifier, api)
         } else {
             let request = request.map(RequestBody::streaming);
-            HttpResponseFuture::acquiring(service, request, limits, tag, grpc)
+            HttpResponseFuture::calling(service, request, engine, http, identifier, api)
         }
+    }
+}
+
+/// The API whose error shape the layer's own responses take.
+fn api_of<B>(request: &Request<B>) -> Api {
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("application/grpc") {
+        Api::Grpc
+    } else if request.uri().path().ends_with("/messages")
+        || request.headers().contains_key("anthropic-version")
+    {
+        Api::Anthropic
+    } else {
+        Api::OpenAi
     }
 }

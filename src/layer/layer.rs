@@ -2,9 +2,12 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::reliability::{Breaker, SettlementQueue, StoreErrorPolicy};
-use super::{CostFn, HttpConfig, LimitConfig, Limits, MissingUsage, Ratelimited, TokenMode};
+use super::Ratelimited;
 use crate::algorithm::{Algorithm, ConcurrencyLimit, MAX_UNITS};
+use crate::engine::limit::{Limit, LimitKind, LimitSpec};
+use crate::engine::quota::QuotaResolver;
+use crate::engine::reliability::{Breaker, SettlementQueue, StoreErrorPolicy};
+use crate::engine::{CostFn, Engine, LimitUsage, MissingUsage, TokenMode, Waiters};
 use crate::error::Error;
 use crate::identifier::FromRequest;
 use crate::llm::Usage;
@@ -14,14 +17,14 @@ use crate::store::{MemoryStore, Store, identifier_tag, validate_prefix};
 ///
 /// Clones share the limiter state (the same store and configuration).
 pub struct RatelimitLayer<X = FromRequest> {
-    limits: Arc<Limits>,
+    engine: Arc<Engine>,
     extractor: X,
 }
 
 impl<X: Clone> Clone for RatelimitLayer<X> {
     fn clone(&self) -> Self {
         Self {
-            limits: self.limits.clone(),
+            engine: self.engine.clone(),
             extractor: self.extractor.clone(),
         }
     }
@@ -30,9 +33,7 @@ impl<X: Clone> Clone for RatelimitLayer<X> {
 impl<X: std::fmt::Debug> std::fmt::Debug for RatelimitLayer<X> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RatelimitLayer")
-            .field("requests", &self.limits.requests)
-            .field("tokens", &self.limits.tokens)
-            .field("token_mode", &self.limits.token_mode)
+            .field("engine", &self.engine)
             .field("extractor", &self.extractor)
             .finish_non_exhaustive()
     }
@@ -53,33 +54,51 @@ impl RatelimitLayer<FromRequest> {
 impl<X> RatelimitLayer<X> {
     /// Settlements waiting for the store to come back.
     pub fn pending_settlements(&self) -> usize {
-        self.limits.queue.len()
+        self.engine.queue.len()
     }
 
     /// Settlements given up because the retry queue was full.
     pub fn dropped_settlements(&self) -> u64 {
-        self.limits.queue.dropped()
+        self.engine.queue.dropped()
     }
 
     /// Every configured limit's limit, remaining and reset for `identifier`, read without
     /// taking anything.
-    pub async fn usage(
-        &self,
-        identifier: impl AsRef<[u8]>,
-    ) -> Result<Vec<super::LimitUsage>, Error> {
-        self.limits.usage(identifier.as_ref()).await
+    pub async fn usage(&self, identifier: impl AsRef<[u8]>) -> Result<Vec<LimitUsage>, Error> {
+        self.engine.usage(identifier.as_ref(), None).await
     }
 
-    /// Give `identifier` a full budget on every limit (its state is deleted from the
-    /// store, so every instance sees the reset) and drop its cached denials here.
+    /// As [`usage`](Self::usage), for calls of `model`: per-model limits are read for
+    /// that model, and limits with a model filter only if it matches.
+    pub async fn usage_for_model(
+        &self,
+        identifier: impl AsRef<[u8]>,
+        model: &str,
+    ) -> Result<Vec<LimitUsage>, Error> {
+        self.engine.usage(identifier.as_ref(), Some(model)).await
+    }
+
+    /// Give `identifier` a full budget on the limit named `limit` (for every model),
+    /// and drop its cached denials here.
+    pub async fn reset_limit(
+        &self,
+        identifier: impl AsRef<[u8]>,
+        limit: &str,
+    ) -> Result<(), Error> {
+        self.engine.reset(identifier.as_ref(), Some(limit)).await
+    }
+
+    /// Give `identifier` a full budget on every limit and every model (its state is
+    /// deleted from the store, so every instance sees the reset) and drop its cached
+    /// denials here (other instances drop theirs within their denial-cache max age).
     pub async fn reset(&self, identifier: impl AsRef<[u8]>) -> Result<(), Error> {
-        self.limits.reset(identifier.as_ref()).await
+        self.engine.reset(identifier.as_ref(), None).await
     }
 
     /// Graceful shutdown: wait up to `deadline` for queued settlements to land. Returns
     /// how many are still pending (0: nothing was lost).
     pub async fn flush(&self, deadline: std::time::Duration) -> usize {
-        self.limits.queue.flush(deadline).await
+        self.engine.queue.flush(deadline).await
     }
 }
 
@@ -87,7 +106,7 @@ impl<S, X: Clone> Layer<S> for RatelimitLayer<X> {
     type Service = Ratelimited<S, X>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Ratelimited::new(inner, self.limits.clone(), self.extractor.clone())
+        Ratelimited::new(inner, self.engine.clone(), self.extractor.clone())
     }
 }
 
@@ -95,9 +114,7 @@ impl<S, X: Clone> Layer<S> for RatelimitLayer<X> {
 struct Settings {
     store: Option<Arc<dyn Store>>,
     prefix: String,
-    requests: Option<Algorithm>,
-    tokens: Option<Algorithm>,
-    concurrency: Option<Algorithm>,
+    limits: Vec<(String, Limit)>,
     store_timeout: std::time::Duration,
     on_store_error: StoreErrorPolicy,
     queue_capacity: usize,
@@ -109,7 +126,10 @@ struct Settings {
     missing_usage: MissingUsage,
     default_estimate: u64,
     fallback_identifier: Option<Vec<u8>>,
-    http: HttpConfig,
+    quotas: Option<Arc<dyn QuotaResolver>>,
+    wait_up_to: Option<std::time::Duration>,
+    #[cfg(feature = "http")]
+    http: crate::http::HttpConfig,
 }
 
 impl Default for Settings {
@@ -117,9 +137,7 @@ impl Default for Settings {
         Self {
             store: None,
             prefix: "llm-ratelimit".to_owned(),
-            requests: None,
-            tokens: None,
-            concurrency: None,
+            limits: Vec::new(),
             store_timeout: std::time::Duration::from_secs(1),
             on_store_error: StoreErrorPolicy::default(),
             queue_capacity: 100_000,
@@ -131,11 +149,10 @@ impl Default for Settings {
             missing_usage: MissingUsage::default(),
             default_estimate: 1,
             fallback_identifier: None,
-            http: HttpConfig {
-                usage_format: Arc::new(crate::http::OpenAiAnthropic),
-                inject_stream_usage: true,
-                max_request_body: 4 * 1024 * 1024,
-            },
+            quotas: None,
+            wait_up_to: None,
+            #[cfg(feature = "http")]
+            http: crate::http::HttpConfig::default(),
         }
     }
 }
@@ -145,6 +162,14 @@ impl Default for Settings {
 pub struct RatelimitLayerBuilder<X> {
     settings: Settings,
     extractor: X,
+}
+
+impl<X> std::fmt::Debug for RatelimitLayerBuilder<X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RatelimitLayerBuilder")
+            .field("limits", &self.settings.limits)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<X> RatelimitLayerBuilder<X> {
@@ -160,31 +185,55 @@ impl<X> RatelimitLayerBuilder<X> {
         self
     }
 
-    /// Key prefix (default `llm-ratelimit`); the request limit's keys are
-    /// `<prefix>:requests:{id}`, the token limit's `<prefix>:tokens:{id}`.
+    /// Key prefix (default `llm-ratelimit`); limit `name`'s keys are
+    /// `<prefix>:<name>:{<identifier>}` (per-model limits:
+    /// `<prefix>:<name>:m.<model>:{<identifier>}`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.settings.prefix = prefix.into();
         self
     }
 
-    /// Count requests: each call takes 1 before dispatch.
-    pub fn request_limit(mut self, algorithm: impl Into<Algorithm>) -> Self {
-        self.settings.requests = Some(algorithm.into());
+    /// Add the limit `limit` under `name` (unique; it appears in errors, headers,
+    /// metrics and keys: 1 to 64 bytes of letters, digits, `_`, `.` or `-`). Every
+    /// limit that applies to a call is taken in one atomic store operation.
+    pub fn limit(mut self, name: impl Into<String>, limit: Limit) -> Self {
+        self.settings.limits.push((name.into(), limit));
         self
     }
 
-    /// Count tokens: checked or reserved before dispatch ([`TokenMode`]), settled to the
-    /// reported usage after.
-    pub fn token_limit(mut self, algorithm: impl Into<Algorithm>) -> Self {
-        self.settings.tokens = Some(algorithm.into());
+    /// Shorthand for `.limit("requests", Limit::requests(algorithm))`: each call takes 1.
+    pub fn request_limit(self, algorithm: impl Into<Algorithm>) -> Self {
+        self.limit("requests", Limit::requests(algorithm))
+    }
+
+    /// Shorthand for `.limit("tokens", Limit::tokens(algorithm))`: checked or reserved
+    /// before dispatch ([`TokenMode`]), settled to the reported usage after.
+    pub fn token_limit(self, algorithm: impl Into<Algorithm>) -> Self {
+        self.limit("tokens", Limit::tokens(algorithm))
+    }
+
+    /// Shorthand for `.limit("concurrency", Limit::concurrency(limit))`: calls in flight
+    /// per identifier, taken in the same store operation as the other limits and
+    /// released when the call ends (response, error, cancellation, end or drop of the
+    /// response body), or when its lease runs out (leases of running calls are renewed).
+    pub fn concurrency_limit(self, limit: ConcurrencyLimit) -> Self {
+        self.limit("concurrency", Limit::concurrency(limit))
+    }
+
+    /// Per-identifier quotas (tiers, overrides) by limit name, asked before every call;
+    /// a changed quota applies on the identifier's next call and keeps what was used.
+    pub fn quotas(mut self, resolver: impl QuotaResolver) -> Self {
+        self.settings.quotas = Some(Arc::new(resolver));
         self
     }
 
-    /// Limit calls in flight per identifier, taken in the same store operation as the
-    /// other limits and released when the call ends (response, error, cancellation, end
-    /// or drop of the response body), or when its lease runs out.
-    pub fn concurrency_limit(mut self, limit: ConcurrencyLimit) -> Self {
-        self.settings.concurrency = Some(limit.into());
+    /// Wait mode: a denied call whose budget comes back within `bound` (from when the
+    /// call arrived) sleeps until then and tries again, instead of failing; calls of
+    /// one identifier wait their turns in arrival order (within this process). A call
+    /// whose wait would exceed the bound fails at once. Dropping a waiting call leaves
+    /// nothing behind.
+    pub fn wait_up_to(mut self, bound: std::time::Duration) -> Self {
+        self.settings.wait_up_to = Some(bound);
         self
     }
 
@@ -208,9 +257,9 @@ impl<X> RatelimitLayerBuilder<X> {
         self
     }
 
-    /// Remember identifiers denied by a limit that only time can lift (the request
-    /// limit; the token limit in `CheckRemaining` mode) and deny them locally without
-    /// asking the store (default on). An entry lives until the denial's `retry_after` or
+    /// Remember identifiers denied by a limit that only time can lift (request limits;
+    /// token limits in `CheckRemaining` mode) and deny them locally without asking the
+    /// store (default on). An entry lives until the denial's `retry_after` or
     /// [`denial_cache_max_age`](Self::denial_cache_max_age), whichever is sooner, and
     /// is dropped at once by a [`reset`](RatelimitLayer::reset) or refund made through
     /// this layer.
@@ -226,26 +275,28 @@ impl<X> RatelimitLayerBuilder<X> {
         self
     }
 
-    /// How the token limit is applied before a call (default
+    /// How token limits are applied before a call (default
     /// [`TokenMode::CheckRemaining`]).
     pub fn token_mode(mut self, mode: TokenMode) -> Self {
         self.settings.token_mode = mode;
         self
     }
 
-    /// Charge prompt + completion tokens instead of prompt tokens only.
+    /// Token limits without their own [`TokenCount`](crate::TokenCount) charge prompt +
+    /// completion tokens instead of prompt tokens only.
     pub fn include_output_tokens(mut self, include: bool) -> Self {
         self.settings.include_output_tokens = include;
         self
     }
 
-    /// Charge `f(&usage)` tokens instead (overrides `include_output_tokens`).
+    /// Token limits without their own [`TokenCount`](crate::TokenCount) charge
+    /// `f(&usage)` (overrides `include_output_tokens`).
     pub fn cost_fn(mut self, f: impl Fn(&Usage) -> u64 + Send + Sync + 'static) -> Self {
         self.settings.cost_fn = Some(Arc::new(f));
         self
     }
 
-    /// What to charge when a response reports no usage.
+    /// What to charge when a complete response reports no usage.
     pub fn missing_usage(mut self, policy: MissingUsage) -> Self {
         self.settings.missing_usage = policy;
         self
@@ -267,6 +318,7 @@ impl<X> RatelimitLayerBuilder<X> {
 
     /// HTTP: how usage is read from response bodies (default
     /// [`OpenAiAnthropic`](crate::http::OpenAiAnthropic)).
+    #[cfg(feature = "http")]
     pub fn usage_format(mut self, format: impl crate::http::UsageFormat) -> Self {
         self.settings.http.usage_format = Arc::new(format);
         self
@@ -274,6 +326,7 @@ impl<X> RatelimitLayerBuilder<X> {
 
     /// HTTP: add `stream_options.include_usage=true` to streamed OpenAI requests that do
     /// not ask for usage, and remove the usage chunk from their response (default on).
+    #[cfg(feature = "http")]
     pub fn inject_stream_usage(mut self, inject: bool) -> Self {
         self.settings.http.inject_stream_usage = inject;
         self
@@ -281,6 +334,7 @@ impl<X> RatelimitLayerBuilder<X> {
 
     /// HTTP: the largest request body the layer reads to estimate tokens (default
     /// 4 MiB); larger requests get `413 Payload Too Large`.
+    #[cfg(feature = "http")]
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.settings.http.max_request_body = bytes;
         self
@@ -288,10 +342,13 @@ impl<X> RatelimitLayerBuilder<X> {
 
     /// Build the layer for `http::Request` services (axum, hyper, tonic): denials become
     /// 429 responses (or gRPC statuses) and usage is read from response bodies.
-    pub fn build_http(self) -> Result<crate::http::HttpRatelimitLayer<X>, Error> {
+    #[cfg(feature = "http")]
+    pub fn build_http(mut self) -> Result<crate::http::HttpRatelimitLayer<X>, Error> {
+        let http = std::mem::take(&mut self.settings.http);
         let layer = self.build()?;
         Ok(crate::http::HttpRatelimitLayer::new(
-            layer.limits,
+            layer.engine,
+            Arc::new(http),
             layer.extractor,
         ))
     }
@@ -304,21 +361,39 @@ impl<X> RatelimitLayerBuilder<X> {
         }
     }
 
-    /// Check the configuration and build the layer. Fails if no limit is configured, the
-    /// prefix is invalid, the default estimate is out of range, or the fallback
-    /// identifier is invalid.
+    /// Check the configuration and build the layer. Fails, naming the problem, if no
+    /// limit is configured, two limits share a name, a limit or the prefix is invalid,
+    /// a setting would do nothing (`Reserve` or `include_output_tokens` without a token
+    /// limit), the default estimate is out of range, or the fallback identifier is
+    /// invalid.
     pub fn build(self) -> Result<RatelimitLayer<X>, Error> {
         let s = self.settings;
-        if s.requests.is_none() && s.tokens.is_none() && s.concurrency.is_none() {
+        if s.limits.is_empty() {
             return Err(Error::invalid_input(
-                "configure a request_limit, a token_limit or a concurrency_limit",
+                "configure at least one limit (limit, request_limit, token_limit or concurrency_limit)",
             ));
         }
         validate_prefix(&s.prefix)?;
-        let requests_prefix = format!("{}:requests", s.prefix);
-        let tokens_prefix = format!("{}:tokens", s.prefix);
-        validate_prefix(&requests_prefix)?;
-        validate_prefix(&tokens_prefix)?;
+        let mut limits: Vec<LimitSpec> = Vec::with_capacity(s.limits.len());
+        for (name, limit) in s.limits {
+            if limits.iter().any(|l| *l.name == *name) {
+                return Err(Error::invalid_input(format!(
+                    "limit {name:?} is configured twice; give each limit its own name"
+                )));
+            }
+            limits.push(LimitSpec::new(&name, limit, &s.prefix)?);
+        }
+        let has_tokens = limits.iter().any(|l| l.kind == LimitKind::Tokens);
+        if !has_tokens && s.token_mode == TokenMode::Reserve {
+            return Err(Error::invalid_input(
+                "token_mode(Reserve) without a token limit would do nothing",
+            ));
+        }
+        if !has_tokens && (s.include_output_tokens || s.cost_fn.is_some()) {
+            return Err(Error::invalid_input(
+                "include_output_tokens / cost_fn without a token limit would do nothing",
+            ));
+        }
         if s.default_estimate > MAX_UNITS {
             return Err(Error::invalid_input(format!(
                 "default estimate {} is more than the maximum of {MAX_UNITS}",
@@ -331,15 +406,11 @@ impl<X> RatelimitLayerBuilder<X> {
         if s.store_timeout.is_zero() {
             return Err(Error::invalid_input("store timeout must be more than zero"));
         }
-        let concurrency_prefix = format!("{}:inflight", s.prefix);
         let store = s.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
-        let limits = Limits {
+        let engine = Engine {
             store_is_local: store.is_local(),
             store,
-            concurrency: s.concurrency.map(|algorithm| LimitConfig {
-                algorithm,
-                prefix: concurrency_prefix,
-            }),
+            limits,
             store_timeout: s.store_timeout,
             on_store_error: s.on_store_error,
             local: MemoryStore::new(),
@@ -347,25 +418,19 @@ impl<X> RatelimitLayerBuilder<X> {
             queue: Arc::new(SettlementQueue::new(s.queue_capacity.max(1))),
             denied: s
                 .cache_denials
-                .then(|| super::denied::DeniedCache::new(s.denial_cache_max_age)),
-            requests: s.requests.map(|algorithm| LimitConfig {
-                algorithm,
-                prefix: requests_prefix,
-            }),
-            tokens: s.tokens.map(|algorithm| LimitConfig {
-                algorithm,
-                prefix: tokens_prefix,
-            }),
+                .then(|| crate::engine::denied::DeniedCache::new(s.denial_cache_max_age)),
             token_mode: s.token_mode,
             include_output_tokens: s.include_output_tokens,
             cost_fn: s.cost_fn,
             missing_usage: s.missing_usage,
             default_estimate: s.default_estimate,
             fallback_identifier: s.fallback_identifier,
-            http: s.http,
+            quotas: s.quotas,
+            wait_up_to: s.wait_up_to,
+            waiters: Waiters::default(),
         };
         Ok(RatelimitLayer {
-            limits: Arc::new(limits),
+            engine: Arc::new(engine),
             extractor: self.extractor,
         })
     }

@@ -3,8 +3,10 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::settlement::Settlement;
-use super::{Limits, ResponseFuture};
+use super::ResponseFuture;
+use crate::engine::Engine;
+use crate::engine::call::{Call, CallRequest};
+use crate::engine::limit::LimitKind;
 use crate::error::{BoxError, Error};
 use crate::identifier::ExtractIdentifier;
 use crate::llm::{ReportsUsage, TokenEstimate};
@@ -14,7 +16,7 @@ use crate::llm::{ReportsUsage, TokenEstimate};
 /// `poll_ready` forwards to the inner service. All clones share the limiter state.
 pub struct Ratelimited<S, X> {
     inner: S,
-    limits: Arc<Limits>,
+    engine: Arc<Engine>,
     extractor: X,
 }
 
@@ -22,7 +24,7 @@ impl<S: Clone, X: Clone> Clone for Ratelimited<S, X> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            limits: self.limits.clone(),
+            engine: self.engine.clone(),
             extractor: self.extractor.clone(),
         }
     }
@@ -38,28 +40,15 @@ impl<S: std::fmt::Debug, X: std::fmt::Debug> std::fmt::Debug for Ratelimited<S, 
 }
 
 impl<S, X> Ratelimited<S, X> {
-    pub(crate) fn new(inner: S, limits: Arc<Limits>, extractor: X) -> Self {
+    pub(crate) fn new(inner: S, engine: Arc<Engine>, extractor: X) -> Self {
         Self {
             inner,
-            limits,
+            engine,
             extractor,
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, consuming this one.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::inner_service_accessors!();
 }
 
 impl<S, X, R> Service<R> for Ratelimited<S, X>
@@ -81,23 +70,34 @@ where
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        let tag = match self
-            .limits
-            .tag_for(self.extractor.extract(&request).as_deref())
-        {
-            Ok(tag) => tag,
+        let engine = &self.engine;
+        let extracted = self.extractor.extract(&request);
+        let identifier = match engine.identifier(extracted.as_deref()) {
+            Ok(id) => id.to_vec(),
             Err(error) => return ResponseFuture::failed(error),
         };
-        let limits = &self.limits;
-        if let Some((_, error)) = limits.cached_denial(&tag) {
-            return ResponseFuture::failed(error);
-        }
-        let plan = limits.plan(&tag, || request.estimated_tokens());
-        let settlement = Settlement::new(limits.clone(), plan);
+        drop(extracted);
+        let model = request.model().map(str::to_owned);
+        // Reserved in `Reserve` mode, and charged in any mode if the call is dropped.
+        let estimate = if engine.limits.iter().any(|l| l.kind == LimitKind::Tokens) {
+            request.estimated_usage()
+        } else {
+            None
+        };
         // The service that was driven to readiness goes into the future; this one keeps
         // a fresh clone (tower's usual pattern for deferred calls).
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::acquiring(ready, request, settlement, limits.clone(), tag)
+        let call = Call::new(
+            engine.clone(),
+            ready,
+            request,
+            CallRequest {
+                identifier: &identifier,
+                model: model.as_deref(),
+                estimate,
+            },
+        );
+        ResponseFuture::new(call)
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use smallvec::SmallVec;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture};
+use super::{Adjustment, Decision, LimitCheck, Rule, Store, StoreFuture};
 use crate::algorithm::{self, Algorithm, Slots, State, Write};
 
 /// A source of "now" in microseconds since the Unix epoch.
@@ -243,16 +243,9 @@ impl MemoryStore {
 
     /// The single-limit fast path: try to take `cost` from `key` under `algorithm`,
     /// synchronously and without allocating (beyond the key's first insertion). The
-    /// same decision as [`Store::acquire`] with one check. Not for
-    /// [`Algorithm::Concurrency`], which needs a slot id (denied here).
+    /// same decision as [`Store::acquire`] with one check.
     pub fn decide(&self, key: &str, algorithm: &Algorithm, cost: u64) -> Decision {
         let now = self.inner.clock.now_micros();
-        if let Algorithm::Concurrency(limit) = algorithm {
-            let mut slots = Vec::new();
-            let (mut o, _) = algorithm::decide_slots(limit, &mut slots, now, 0, false);
-            o.allowed = false;
-            return o.into();
-        }
         self.decide_counter(key, algorithm, cost, true, now)
     }
 
@@ -295,32 +288,31 @@ impl MemoryStore {
     /// Synchronous form of [`Store::acquire`].
     pub fn acquire_now(&self, checks: &[LimitCheck]) -> Vec<Decision> {
         let now = self.inner.clock.now_micros();
-        if let [check] = checks
-            && !matches!(check.algorithm, Algorithm::Concurrency(_))
+        if let [
+            LimitCheck {
+                rule: Rule::Rate(algorithm),
+                ..
+            },
+        ] = checks
         {
             // The common single-limit case: one lock, no bookkeeping.
-            return vec![self.decide_counter(
-                &check.key,
-                &check.algorithm,
-                check.cost,
-                check.take,
-                now,
-            )];
+            let check = &checks[0];
+            return vec![self.decide_counter(&check.key, algorithm, check.cost, check.take, now)];
         }
         let mut guards = self.lock_all(checks.iter().map(|c| c.key.as_str()));
         let mut results = Vec::with_capacity(checks.len());
         let mut writes: SmallVec<[Pending; 4]> = SmallVec::with_capacity(checks.len());
         for (i, c) in checks.iter().enumerate() {
             let shard = guards.shard(i);
-            match &c.algorithm {
-                Algorithm::Concurrency(limit) => {
+            match &c.rule {
+                Rule::Concurrency(limit) => {
                     let mut slots = shard.slots(&c.key, now);
                     let (o, wrote) =
                         algorithm::decide_slots(limit, &mut slots, now, c.slot, c.take);
                     results.push(Decision::from(o));
                     writes.push(Pending::Slots(wrote.then_some(slots)));
                 }
-                alg => {
+                Rule::Rate(alg) => {
                     let (o, w) =
                         algorithm::decide(alg, shard.get(&c.key, now), now, c.cost, c.take);
                     results.push(Decision::from(o));
@@ -328,7 +320,23 @@ impl MemoryStore {
                 }
             }
         }
-        if results.iter().all(|d| d.allowed) {
+        if !results.iter().all(|d| d.allowed) {
+            // A denial takes nothing: report the limits that would have allowed as they
+            // are, not as if their cost had been taken.
+            for (i, c) in checks.iter().enumerate() {
+                if let (true, Rule::Rate(alg)) = (results[i].allowed && c.take, &c.rule) {
+                    let shard = guards.shard(i);
+                    let (o, _) = algorithm::decide(alg, shard.get(&c.key, now), now, c.cost, false);
+                    results[i] = Decision::from(o);
+                } else if let (true, Rule::Concurrency(limit)) =
+                    (results[i].allowed && c.take, &c.rule)
+                {
+                    let mut slots = guards.shard(i).slots(&c.key, now);
+                    let (o, _) = algorithm::decide_slots(limit, &mut slots, now, c.slot, false);
+                    results[i] = Decision::from(o);
+                }
+            }
+        } else {
             for (i, (c, w)) in checks.iter().zip(writes).enumerate() {
                 match w {
                     Pending::Counter(w) => guards.shard(i).apply(&c.key, w, now),
@@ -349,8 +357,8 @@ impl MemoryStore {
             .enumerate()
             .map(|(i, a)| {
                 let shard = guards.shard(i);
-                match &a.algorithm {
-                    Algorithm::Concurrency(limit) => {
+                match &a.rule {
+                    Rule::Concurrency(limit) => {
                         let mut slots = shard.slots(&a.key, now);
                         let o = if a.delta > 0 {
                             algorithm::renew_slot(limit, &mut slots, now, a.slot)
@@ -360,7 +368,7 @@ impl MemoryStore {
                         shard.put_slots(&a.key, slots, now);
                         Decision::from(o)
                     }
-                    alg => {
+                    Rule::Rate(alg) => {
                         let (o, w) =
                             algorithm::adjust(alg, shard.get(&a.key, now), now, a.delta, a.window);
                         shard.apply(&a.key, w, now);
@@ -377,6 +385,16 @@ impl MemoryStore {
             lock(&self.inner.shards[self.shard_of(k)])
                 .map
                 .remove(k.as_str());
+        }
+    }
+
+    /// Synchronous form of [`Store::delete_identifier`].
+    pub fn delete_identifier_now(&self, prefixes: &[String], tag: &str) {
+        let suffix = format!(":{{{tag}}}");
+        for shard in self.inner.shards.iter() {
+            lock(shard).map.retain(|key, _| {
+                !(key.ends_with(&suffix) && prefixes.iter().any(|p| key.starts_with(p.as_str())))
+            });
         }
     }
 
@@ -433,6 +451,11 @@ impl Store for MemoryStore {
 
     fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
         self.delete_now(&keys);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
+        self.delete_identifier_now(&prefixes, &tag);
         Box::pin(std::future::ready(Ok(())))
     }
 

@@ -1,4 +1,4 @@
-//! Where limiter state lives (SPEC §4): [`MemoryStore`] (embedded, the default) and
+//! Where limiter state lives: [`MemoryStore`] (embedded, the default) and
 //! [`RedisStore`] (Lua scripts, shared by every instance of an application).
 //!
 //! A store answers three operations, each atomic and, on Redis, one round trip:
@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::algorithm::{Algorithm, Outcome};
+use crate::algorithm::{Algorithm, ConcurrencyLimit, Outcome};
+
 use crate::error::{Error, StoreError};
 
 mod memory;
@@ -73,18 +74,72 @@ impl From<Outcome> for Decision {
     }
 }
 
+/// What one key of a store holds: a rate counter under an [`Algorithm`], or the
+/// in-flight slots of a [`ConcurrencyLimit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rule {
+    /// A counter under a rate algorithm.
+    Rate(Algorithm),
+    /// Leased in-flight slots.
+    Concurrency(ConcurrencyLimit),
+}
+
+impl Rule {
+    /// The quota: units per window, a bucket's capacity, or the most slots.
+    pub fn limit(&self) -> u64 {
+        match self {
+            Rule::Rate(a) => a.limit(),
+            Rule::Concurrency(c) => c.max(),
+        }
+    }
+
+    /// The time over which the quota applies (for a concurrency limit, its lease).
+    pub fn period(&self) -> Duration {
+        match self {
+            Rule::Rate(a) => a.period(),
+            Rule::Concurrency(c) => c.lease(),
+        }
+    }
+
+    /// `[code, p1, p2, p3]` for the Lua scripts; `slot` goes in p3 for slots.
+    #[cfg(feature = "redis")]
+    pub(crate) fn script_params(&self, slot: u64) -> [u64; 4] {
+        match self {
+            Rule::Rate(a) => a.script_params(),
+            Rule::Concurrency(c) => c.script_params(slot),
+        }
+    }
+
+    pub(crate) fn is_concurrency(&self) -> bool {
+        matches!(self, Rule::Concurrency(_))
+    }
+}
+
+impl<A: Into<Algorithm>> From<A> for Rule {
+    fn from(a: A) -> Self {
+        Rule::Rate(a.into())
+    }
+}
+
+impl From<ConcurrencyLimit> for Rule {
+    fn from(c: ConcurrencyLimit) -> Self {
+        Rule::Concurrency(c)
+    }
+}
+
 /// One limit's part in an [`acquire`](Store::acquire).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitCheck {
     /// The state key (see [`state_key`]); distinct across the checks of one acquire.
     pub key: String,
-    /// The algorithm and quota.
-    pub algorithm: Algorithm,
+    /// The algorithm and quota, or the concurrency limit.
+    pub rule: Rule,
     /// Units to take (0 reads).
     pub cost: u64,
     /// Whether to take `cost` when it fits; `false` only checks that it would fit.
     pub take: bool,
-    /// For [`Algorithm::Concurrency`]: this call's slot id (unique per call); else 0.
+    /// For [`Rule::Concurrency`]: this call's slot id (unique per call); else 0.
     pub slot: u64,
 }
 
@@ -93,19 +148,34 @@ pub struct LimitCheck {
 pub struct Adjustment {
     /// The state key.
     pub key: String,
-    /// The algorithm and quota.
-    pub algorithm: Algorithm,
+    /// The algorithm and quota, or the concurrency limit.
+    pub rule: Rule,
     /// Positive: charge (forced debit). Negative: refund. Magnitude at most
-    /// [`MAX_UNITS`](crate::algorithm::MAX_UNITS). For [`Algorithm::Concurrency`], any
+    /// [`MAX_UNITS`](crate::algorithm::MAX_UNITS). For [`Rule::Concurrency`], any
     /// negative delta releases `slot` and any positive one renews its lease.
     pub delta: i64,
-    /// For [`Algorithm::Concurrency`]: the slot to release or renew; else 0.
+    /// For [`Rule::Concurrency`]: the slot to release or renew; else 0.
     pub slot: u64,
     /// For refunds on fixed and sliding windows: the window that paid for the units
     /// ([`Decision::window`] of the acquire that took them). The refund goes only there:
     /// dropped once a fixed window has rolled, taken off the previous window's count
     /// once a sliding window has moved on by one. `None`: off the current window first.
     pub window: Option<i64>,
+}
+
+/// Unique-enough ids for slots, settlements and undos: a random per-process base plus
+/// a counter (63 bits, so they travel as positive integers).
+pub(crate) fn next_id() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    base.wrapping_add(
+        COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ) & (u64::MAX >> 1)
 }
 
 /// The adjustments that undo an allowed acquire of `checks` (answered by `decisions`):
@@ -118,10 +188,10 @@ pub(crate) fn undo_adjustments(checks: &[LimitCheck], decisions: &[Decision]) ->
     checks
         .iter()
         .zip(decisions)
-        .filter(|(c, _)| c.take && (c.cost > 0 || matches!(c.algorithm, Algorithm::Concurrency(_))))
+        .filter(|(c, _)| c.take && (c.cost > 0 || c.rule.is_concurrency()))
         .map(|(c, d)| Adjustment {
             key: c.key.clone(),
-            algorithm: c.algorithm,
+            rule: c.rule,
             delta: -(c.cost.max(1) as i64),
             slot: c.slot,
             window: d.window,
@@ -153,6 +223,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Delete these keys.
     fn delete(&self, keys: Vec<String>) -> StoreFuture<()>;
+
+    /// Delete every key of the identifier with hash tag `tag` under any of `prefixes`
+    /// (keys `<prefix><anything>:{<tag>}`, e.g. one per model). Not on any hot path: it
+    /// may scan. The default fails as unsupported.
+    fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
+        let _ = (prefixes, tag);
+        Box::pin(std::future::ready(Err(StoreError::new(
+            "this store cannot delete an identifier's keys by prefix",
+        ))))
+    }
 
     /// Whether the store lives in this process and cannot fail or stall (the layer then
     /// skips timeouts and fallbacks). Default `false`.

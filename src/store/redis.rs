@@ -52,7 +52,7 @@ pub struct RedisOptions {
     /// Redis idle goes alone at once, so batching adds no latency.
     pub batching: bool,
     /// How long a settlement id is remembered, so that a settlement retried after an
-    /// ambiguous failure (sent, but no answer) is applied once (default 60 s). At most
+    /// ambiguous failure (sent, but no answer) is applied once (default 10 s). At most
     /// [`SETTLEMENT_IDS_KEPT`] ids are kept per identifier, so Redis memory is bounded
     /// per identifier, not by traffic.
     pub settlement_dedupe: Duration,
@@ -72,7 +72,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             batching: true,
-            settlement_dedupe: Duration::from_secs(60),
+            settlement_dedupe: Duration::from_secs(10),
         }
     }
 }
@@ -276,7 +276,7 @@ impl RedisStore {
                 conn,
                 batcher: None,
                 response_timeout,
-                settlement_dedupe: Duration::from_secs(60),
+                settlement_dedupe: Duration::from_secs(10),
                 clock: None,
             }),
         }
@@ -406,10 +406,10 @@ async fn reconcile(
             tracing::warn!(%error, "an abandoned acquire got no answer; releasing its slots only");
             checks
                 .iter()
-                .filter(|c| c.take && matches!(c.algorithm, crate::Algorithm::Concurrency(_)))
+                .filter(|c| c.take && c.rule.is_concurrency())
                 .map(|c| Adjustment {
                     key: c.key.clone(),
-                    algorithm: c.algorithm,
+                    rule: c.rule,
                     delta: -1,
                     slot: c.slot,
                     window: None,
@@ -420,10 +420,13 @@ async fn reconcile(
     if undo.is_empty() {
         return;
     }
+    // One id for every attempt: an attempt whose reply was lost but which landed is not
+    // applied again by the next one.
+    let id = super::next_id();
     let mut backoff = Duration::from_millis(50);
     let give_up = tokio::time::Instant::now() + REPLY_WAIT;
     loop {
-        match store.adjust(undo.clone(), None).await {
+        match store.adjust(undo.clone(), Some(id)).await {
             Ok(_) => {
                 tracing::debug!(
                     limits = undo.len(),
@@ -486,6 +489,44 @@ impl Drop for InFlightAcquire {
     }
 }
 
+/// `s` with Redis glob characters escaped, for `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Every key in the hash slot of the identifier whose keys end with `suffix`
+/// (`:{tag}`), from the node that owns that slot.
+#[cfg(feature = "cluster")]
+async fn cluster_keys_of(conn: &mut Connection, suffix: &str) -> redis::RedisResult<Vec<String>> {
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+    let Connection::Cluster(cluster) = conn else {
+        return Ok(Vec::new());
+    };
+    let key = suffix.trim_start_matches(':');
+    let number: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut *cluster)
+        .await?;
+    let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("GETKEYSINSLOT").arg(number).arg(100_000);
+    let value = cluster
+        .route_command(
+            cmd,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+        )
+        .await?;
+    Ok(redis::from_redis_value(value)?)
+}
+
 /// The key of the recent settlement ids of the identifier whose state key is `key`: the
 /// same hash tag, one set per identifier (and prefix) however many calls it makes.
 fn settled_ids_key(key: &str) -> String {
@@ -495,19 +536,15 @@ fn settled_ids_key(key: &str) -> String {
     ids
 }
 
-/// The four algorithm values of one limit (`[code, p1, p2, p3]`); for concurrency, p3
+/// The four rule values of one limit (`[code, p1, p2, p3]`); for concurrency, p3
 /// carries the call's slot.
-fn algorithm_args(algorithm: &crate::Algorithm, slot: u64, args: &mut Vec<i64>) {
-    let mut params = algorithm.script_params();
-    if params[0] == 4 {
-        params[3] = slot;
-    }
-    args.extend(params.iter().map(|&p| p as i64));
+fn rule_args(rule: &super::Rule, slot: u64, args: &mut Vec<i64>) {
+    args.extend(rule.script_params(slot).iter().map(|&p| p as i64));
 }
 
 /// The six ARGV values of one check in acquire.lua / acquire_batch.lua.
 fn check_args(c: &LimitCheck, args: &mut Vec<i64>) {
-    algorithm_args(&c.algorithm, c.slot, args);
+    rule_args(&c.rule, c.slot, args);
     args.push(c.cost as i64);
     args.push(c.take as i64);
 }
@@ -660,7 +697,7 @@ impl Store for RedisStore {
                 .zip(adjustments.first())
                 .map(|(_, a)| settled_ids_key(&a.key));
             for a in adjustments {
-                algorithm_args(&a.algorithm, a.slot, &mut args);
+                rule_args(&a.rule, a.slot, &mut args);
                 args.push(a.delta);
                 args.push(a.window.unwrap_or(-1));
                 keys.push(a.key);
@@ -669,6 +706,65 @@ impl Store for RedisStore {
             keys.extend(dedupe_key);
             let reply = Self::run(this.shared.clone(), &ADJUST, keys, args).await?;
             parse_decisions(&reply, count)
+        })
+    }
+
+    fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let suffix = format!(":{{{tag}}}");
+            let keep = |key: &String| {
+                key.ends_with(&suffix) && prefixes.iter().any(|p| key.starts_with(p.as_str()))
+            };
+            let work = async {
+                let mut conn = shared.conn.clone();
+                let keys: Vec<String> = match &conn {
+                    #[cfg(feature = "cluster")]
+                    Connection::Cluster(_) => cluster_keys_of(&mut conn, &suffix).await?,
+                    Connection::Single(_) => {
+                        let mut found = Vec::new();
+                        for prefix in &prefixes {
+                            let pattern =
+                                format!("{}*{}", glob_escape(prefix), glob_escape(&suffix));
+                            let mut cursor: u64 = 0;
+                            loop {
+                                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                                    .arg(cursor)
+                                    .arg("MATCH")
+                                    .arg(&pattern)
+                                    .arg("COUNT")
+                                    .arg(1000)
+                                    .query_async(&mut conn)
+                                    .await?;
+                                found.extend(batch);
+                                if next == 0 {
+                                    break;
+                                }
+                                cursor = next;
+                            }
+                        }
+                        found
+                    }
+                };
+                let keys: Vec<String> = keys.into_iter().filter(keep).collect();
+                // One key per DEL: on a cluster every key is in the identifier's slot
+                // anyway, and this is no hot path.
+                for key in keys {
+                    redis::cmd("DEL")
+                        .arg(key)
+                        .query_async::<i64>(&mut conn)
+                        .await?;
+                }
+                Ok::<_, redis::RedisError>(())
+            };
+            match tokio::time::timeout(REPLY_WAIT, work).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(StoreError::with_source(
+                    "deleting an identifier's keys failed",
+                    e,
+                )),
+                Err(_) => Err(StoreError::timeout(REPLY_WAIT)),
+            }
         })
     }
 

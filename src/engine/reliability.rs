@@ -1,10 +1,9 @@
-//! What the layer does when the store fails (SPEC §5.4): a timeout on every store call, a
+//! What the layer does when the store fails: a timeout on every store call, a
 //! failure policy for decisions, a circuit breaker so a dead store costs one timeout and
 //! not one per call, and a queue that retries settlements until they land.
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use crate::store::{Adjustment, Decision, LimitCheck, MemoryStore, Store};
 
 /// What a call does when the store cannot decide (error or timeout).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StoreErrorPolicy {
     /// Fail the call with a store error (HTTP: 503). The default: no limit is ever
     /// exceeded because the store was down.
@@ -37,6 +37,7 @@ pub(crate) enum Decider {
 
 impl Decider {
     /// The `x-ratelimit-fallback` header value.
+    #[cfg(feature = "http")]
     pub(crate) fn label(self) -> Option<&'static str> {
         match self {
             Decider::Store => None,
@@ -46,18 +47,7 @@ impl Decider {
     }
 }
 
-/// Unique-enough ids for slots and settlements: a random per-process base plus a counter
-/// (63 bits, so they travel as positive integers).
-pub(crate) fn next_id() -> u64 {
-    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let base = *BASE.get_or_init(|| RandomState::new().hash_one(std::process::id()));
-    base.wrapping_add(
-        COUNTER
-            .fetch_add(1, Ordering::Relaxed)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    ) & (u64::MAX >> 1)
-}
+pub(crate) use crate::store::next_id;
 
 /// Run a store future with a timeout.
 pub(crate) async fn with_timeout<T>(
@@ -125,8 +115,8 @@ pub(crate) fn fallback_decisions(
                 .iter()
                 .map(|c| Decision {
                     allowed: true,
-                    limit: c.algorithm.limit(),
-                    remaining: c.algorithm.limit(),
+                    limit: c.rule.limit(),
+                    remaining: c.rule.limit(),
                     reset_after: Duration::ZERO,
                     retry_after: None,
                     fallback: true,
@@ -261,7 +251,12 @@ impl SettlementQueue {
             let write = store.adjust(next.adjustments, Some(next.id));
             match with_timeout(timeout, write).await {
                 Ok(_) => {
-                    self.lock().items.pop_front();
+                    let pending = {
+                        let mut state = self.lock();
+                        state.items.pop_front();
+                        state.items.len()
+                    };
+                    super::metrics::pending_settlements(pending);
                     backoff = MIN_BACKOFF;
                 }
                 Err(error) => {

@@ -1,0 +1,125 @@
+//! A local cache of identifiers known to be denied until a given instant, so the store
+//! is not asked again for them (issue: fast paths). Only denials that nothing but time
+//! can lift are cached: request-limit denials (requests are never given back) and
+//! `CheckRemaining` token denials (the budget is spent; only time restores it).
+//!
+//! An entry lives until the denial's `retry_after` or the cache's `max_age` (1 s by
+//! default), whichever is sooner: a reset or refund made by another process shows here
+//! within `max_age`. A reset or refund made through this process drops the identifier's
+//! entries at once.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, LimitExceeded};
+
+const SHARDS: usize = 16;
+/// Identifiers per shard before expired entries are swept (and, if still full, all
+/// dropped).
+const MAX_PER_SHARD: usize = 8192;
+
+struct Entry {
+    /// The call's model: a denial is remembered for the calls it applies to.
+    model: Option<String>,
+    /// The entry is used until then.
+    until: Instant,
+    /// The denial's own end (its `retry_after`), reported to callers.
+    retry_at: Instant,
+    /// `Error::RequestLimitReached` or `Error::TokenLimitReached`.
+    tokens: bool,
+    exceeded: LimitExceeded,
+    at: Instant,
+}
+
+pub(crate) struct DeniedCache {
+    shards: Vec<Mutex<HashMap<String, Vec<Entry>>>>,
+    hasher: RandomState,
+    max_age: Duration,
+}
+
+impl DeniedCache {
+    pub(crate) fn new(max_age: Duration) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            max_age,
+        }
+    }
+
+    fn shard(&self, tag: &str) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Entry>>> {
+        let i = self.hasher.hash_one(tag) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drop every entry of `tag`.
+    pub(crate) fn forget(&self, tag: &str) {
+        self.shard(tag).remove(tag);
+    }
+
+    /// The denial still in force for a call of `tag` for `model`, if any.
+    pub(crate) fn check(&self, tag: &str, model: Option<&str>) -> Option<Error> {
+        let now = Instant::now();
+        let mut shard = self.shard(tag);
+        let entries = shard.get_mut(tag)?;
+        entries.retain(|e| e.until > now);
+        let entry = entries.iter().find(|e| e.model.as_deref() == model);
+        let error = entry.map(|entry| {
+            let exceeded = LimitExceeded {
+                remaining: 0,
+                retry_after: Some(
+                    entry
+                        .retry_at
+                        .saturating_duration_since(now)
+                        .max(Duration::from_micros(1)),
+                ),
+                reset_after: entry.exceeded.reset_after.saturating_sub(now - entry.at),
+                ..entry.exceeded.clone()
+            };
+            if entry.tokens {
+                Error::TokenLimitReached(exceeded)
+            } else {
+                Error::RequestLimitReached(exceeded)
+            }
+        });
+        if entries.is_empty() {
+            shard.remove(tag);
+        }
+        error
+    }
+
+    /// Remember `error` (a request- or token-limit denial) for calls of `tag` for
+    /// `model`, until its `retry_after` or the cache's max age, whichever is sooner.
+    pub(crate) fn record(&self, tag: &str, model: Option<&str>, error: &Error) {
+        let (tokens, exceeded) = match error {
+            Error::RequestLimitReached(e) => (false, e),
+            Error::TokenLimitReached(e) => (true, e),
+            _ => return,
+        };
+        let Some(wait) = exceeded.retry_after.filter(|d| *d > Duration::ZERO) else {
+            return;
+        };
+        if self.max_age.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut shard = self.shard(tag);
+        if shard.len() >= MAX_PER_SHARD {
+            shard.retain(|_, entries| entries.iter().any(|e| e.until > now));
+            if shard.len() >= MAX_PER_SHARD {
+                shard.clear();
+            }
+        }
+        let entries = shard.entry(tag.to_owned()).or_default();
+        entries.retain(|e| e.model.as_deref() != model && e.until > now);
+        entries.push(Entry {
+            model: model.map(str::to_owned),
+            until: now + wait.min(self.max_age),
+            retry_at: now + wait,
+            tokens,
+            exceeded: exceeded.clone(),
+            at: now,
+        });
+    }
+}

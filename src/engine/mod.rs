@@ -1,0 +1,459 @@
+//! The accounting core shared by the Tower layer and the HTTP adapter: a call's limits
+//! planned into one atomic store operation, its settlement, the reliability machinery
+//! (timeouts, breaker, fallback, settlement queue), the denial cache, tenants' quotas
+//! and waiting for budget.
+
+pub(crate) mod call;
+pub(crate) mod denied;
+pub(crate) mod limit;
+pub(crate) mod metrics;
+pub(crate) mod quota;
+pub(crate) mod reliability;
+pub(crate) mod settlement;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::algorithm::{
+    Algorithm, ConcurrencyLimit, FixedWindow, MAX_UNITS, SlidingWindow, TokenBucket,
+};
+use crate::error::{Error, LimitExceeded};
+use crate::llm::Usage;
+use crate::store::{Decision, LimitCheck, MemoryStore, Rule, Store, identifier_tag, state_key};
+
+use limit::{LimitKind, LimitSpec, TokenCount};
+use quota::{QuotaResolver, Quotas};
+use reliability::{Breaker, SettlementQueue, StoreErrorPolicy};
+
+/// How token limits are applied before a call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenMode {
+    /// A call passes while the identifier has any tokens left; its usage is charged
+    /// after the call. Calls running at the same time can overshoot the budget (the
+    /// overshoot is recorded as debt).
+    #[default]
+    CheckRemaining,
+    /// Reserve the request's estimate before the call (allowed iff it fits), settle to the
+    /// real usage after it. A hard cap under concurrency.
+    Reserve,
+}
+
+/// What to charge when a complete response reports no usage. The response is always
+/// delivered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissingUsage {
+    /// Keep the reservation charged (nothing when there was none), with a warning.
+    #[default]
+    ChargeReservation,
+    /// Refund the reservation, with a warning.
+    ChargeNothing,
+    /// Charge this many tokens in place of usage, with a warning.
+    ChargeFixed(u64),
+}
+
+/// A function from reported usage to the tokens to charge.
+pub(crate) type CostFn = Arc<dyn Fn(&Usage) -> u64 + Send + Sync>;
+
+/// One limit's state for one identifier, as `usage` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimitUsage {
+    /// The limit's name.
+    pub name: String,
+    /// What it counts.
+    pub kind: LimitKind,
+    /// The quota (the identifier's own, when a quota resolver sets one).
+    pub limit: u64,
+    /// Units left (0 while in debt).
+    pub remaining: u64,
+    /// Time until the budget is fully restored (fixed window: until it rolls).
+    pub reset_after: Duration,
+}
+
+/// A limit a call takes from, as its settlement needs to know it afterwards.
+#[derive(Clone, Debug)]
+pub(crate) struct Taken {
+    /// Index into [`Engine::limits`].
+    pub limit: usize,
+    pub key: String,
+    /// The rule with the identifier's quota.
+    pub rule: Rule,
+    /// Concurrency: this call's slot id; else 0.
+    pub slot: u64,
+    /// Tokens reserved before the call (token limits in `Reserve` mode).
+    pub reserved: u64,
+    /// The window that paid, once the acquire answered (fixed and sliding windows).
+    pub window: Option<i64>,
+}
+
+/// The store operation for one call, before dispatch: one check per applicable limit,
+/// in the same order as `taken`.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub tag: String,
+    pub model: Option<String>,
+    /// The request's estimate (prompt and output), if known: reserved from token limits
+    /// in `Reserve` mode, and charged if the call ends before its usage arrives.
+    pub estimate: Option<Usage>,
+    pub checks: Vec<LimitCheck>,
+    pub taken: Vec<Taken>,
+}
+
+/// Everything the middleware shares across clones.
+pub(crate) struct Engine {
+    pub store: Arc<dyn Store>,
+    /// The store is in-process: no timeouts, breaker or fallback needed.
+    pub store_is_local: bool,
+    pub limits: Vec<LimitSpec>,
+    pub store_timeout: Duration,
+    pub on_store_error: StoreErrorPolicy,
+    /// Decides under [`StoreErrorPolicy::Local`].
+    pub local: MemoryStore,
+    pub breaker: Breaker,
+    pub queue: Arc<SettlementQueue>,
+    /// Identifiers known to be denied until a given instant; `None` when turned off.
+    pub denied: Option<denied::DeniedCache>,
+    pub token_mode: TokenMode,
+    pub include_output_tokens: bool,
+    pub cost_fn: Option<CostFn>,
+    pub missing_usage: MissingUsage,
+    pub default_estimate: u64,
+    pub fallback_identifier: Option<Vec<u8>>,
+    pub quotas: Option<Arc<dyn QuotaResolver>>,
+    /// Wait mode: the longest a denied call waits for budget.
+    pub wait_up_to: Option<Duration>,
+    pub waiters: Waiters,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("limits", &self.limits)
+            .field("token_mode", &self.token_mode)
+            .field("on_store_error", &self.on_store_error)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The rule with its quota replaced (a tenant's override). An override out of range is
+/// ignored with a warning.
+fn with_quota(rule: Rule, quota: u64, name: &str) -> Rule {
+    let replaced = match rule {
+        Rule::Rate(Algorithm::FixedWindow(a)) => {
+            FixedWindow::new(quota, a.window()).map(|a| Rule::Rate(a.into()))
+        }
+        Rule::Rate(Algorithm::SlidingWindow(a)) => {
+            SlidingWindow::new(quota, a.window()).map(|a| Rule::Rate(a.into()))
+        }
+        Rule::Rate(Algorithm::TokenBucket(b)) => {
+            TokenBucket::new(quota, b.refill(), b.interval()).map(|b| Rule::Rate(b.into()))
+        }
+        Rule::Concurrency(c) => ConcurrencyLimit::new(quota, c.lease()).map(Rule::Concurrency),
+    };
+    replaced.unwrap_or_else(|error| {
+        tracing::warn!(limit = name, quota, %error, "ignoring an invalid quota override");
+        rule
+    })
+}
+
+/// The per-model part of a key: the model as it is when short and plain, else a hash.
+fn model_tag(model: &str) -> String {
+    identifier_tag(model.as_bytes()).unwrap_or_else(|_| "#".to_owned())
+}
+
+impl Engine {
+    /// The identifier a request is limited under: its own, or the fallback.
+    pub(crate) fn identifier<'a>(
+        &'a self,
+        from_request: Option<&'a [u8]>,
+    ) -> Result<&'a [u8], Error> {
+        match (from_request, &self.fallback_identifier) {
+            (Some(id), _) => Ok(id),
+            (None, Some(fallback)) => Ok(fallback),
+            (None, None) => Err(Error::MissingIdentifier),
+        }
+    }
+
+    /// Whether any limit needs to know the request's model.
+    #[cfg(feature = "http")]
+    pub(crate) fn needs_model(&self) -> bool {
+        self.limits
+            .iter()
+            .any(|l| l.per_model || !l.models.is_empty())
+            || self
+                .limits
+                .iter()
+                .any(|l| matches!(&l.count, Some(TokenCount::Weighted(_))))
+    }
+
+    /// Whether any token limit is configured.
+    #[cfg(feature = "http")]
+    pub(crate) fn has_token_limit(&self) -> bool {
+        self.limits.iter().any(|l| l.kind == LimitKind::Tokens)
+    }
+
+    /// Whether the response must be followed to its end (token usage, or a slot held
+    /// until the body is done).
+    #[cfg(feature = "http")]
+    pub(crate) fn settles_after_body(&self) -> bool {
+        self.limits
+            .iter()
+            .any(|l| matches!(l.kind, LimitKind::Tokens | LimitKind::Concurrency))
+    }
+
+    /// The key of limit `spec` for hash tag `tag` and `model`.
+    fn key(&self, spec: &LimitSpec, tag: &str, model: Option<&str>) -> String {
+        match model.filter(|_| spec.per_model) {
+            Some(model) => {
+                let prefix = format!("{}:m.{}", spec.prefix, model_tag(model));
+                state_key(&prefix, tag)
+            }
+            None => state_key(&spec.prefix, tag),
+        }
+    }
+
+    /// The checks for one call of the identifier with hash tag `tag`, for `model`.
+    /// `estimate` is asked for only when a token limit reserves.
+    pub(crate) fn plan(
+        &self,
+        tag: String,
+        model: Option<&str>,
+        quotas: Option<&Quotas>,
+        estimate: Option<Usage>,
+    ) -> Plan {
+        let mut checks = Vec::with_capacity(self.limits.len());
+        let mut taken = Vec::with_capacity(self.limits.len());
+        for (i, spec) in self.limits.iter().enumerate() {
+            if !spec.applies_to(model) {
+                continue;
+            }
+            let rule = match quotas.and_then(|q| q.get(&spec.name)) {
+                Some(quota) => with_quota(spec.rule, quota, &spec.name),
+                None => spec.rule,
+            };
+            let key = self.key(spec, &tag, model);
+            let (cost, take, slot, reserved) = match spec.kind {
+                LimitKind::Requests => (1, true, 0, 0),
+                LimitKind::Concurrency => (1, true, reliability::next_id(), 0),
+                // "Allowed iff remaining > 0" is "a cost of 1 fits", without taking it.
+                LimitKind::Tokens if self.token_mode == TokenMode::CheckRemaining => {
+                    (1, false, 0, 0)
+                }
+                LimitKind::Tokens => {
+                    let usage = estimate.unwrap_or_else(|| Usage::new(self.default_estimate, 0));
+                    let reserved = self.cost(i, &usage, model).clamp(1, MAX_UNITS);
+                    (reserved, true, 0, reserved)
+                }
+            };
+            checks.push(LimitCheck {
+                key: key.clone(),
+                rule,
+                cost,
+                take,
+                slot,
+            });
+            taken.push(Taken {
+                limit: i,
+                key,
+                rule,
+                slot,
+                reserved,
+                window: None,
+            });
+        }
+        Plan {
+            tag,
+            model: model.map(str::to_owned),
+            estimate,
+            checks,
+            taken,
+        }
+    }
+
+    /// Units token limit `index` charges for `usage` of `model`.
+    pub(crate) fn cost(&self, index: usize, usage: &Usage, model: Option<&str>) -> u64 {
+        let spec = &self.limits[index];
+        let units = match (&spec.count, &self.cost_fn) {
+            (Some(count), _) => count.cost(usage, model),
+            (None, Some(f)) => f(usage),
+            (None, None) if self.include_output_tokens => TokenCount::Total.cost(usage, model),
+            (None, None) => TokenCount::Prompt.cost(usage, model),
+        };
+        if units > MAX_UNITS {
+            tracing::warn!(
+                units,
+                max = MAX_UNITS,
+                limit = &*spec.name,
+                "reported usage is absurdly large; charging the maximum"
+            );
+            MAX_UNITS
+        } else {
+            units
+        }
+    }
+
+    /// The error for a denied acquire: the denying limit whose wait is longest (a cost
+    /// that can never pass first), with its own numbers.
+    pub(crate) fn denial(&self, plan: &Plan, decisions: &[Decision]) -> Error {
+        let denied = plan
+            .taken
+            .iter()
+            .zip(decisions)
+            .filter(|(_, d)| !d.allowed)
+            .max_by_key(|(_, d)| d.retry_after.map_or(Duration::MAX, |r| r))
+            .map(|(t, d)| (&self.limits[t.limit], d));
+        let Some((spec, d)) = denied else {
+            return Error::Store(crate::error::StoreError::new(
+                "store denied without a denying decision",
+            ));
+        };
+        let exceeded = LimitExceeded {
+            name: spec.name.clone(),
+            limit: d.limit,
+            remaining: d.remaining,
+            retry_after: d.retry_after,
+            reset_after: d.reset_after,
+        };
+        match spec.kind {
+            LimitKind::Requests => Error::RequestLimitReached(exceeded),
+            LimitKind::Tokens => Error::TokenLimitReached(exceeded),
+            LimitKind::Concurrency => Error::ConcurrencyLimitReached(exceeded),
+        }
+    }
+
+    /// Remember a denial that only time can lift (see [`denied`]).
+    pub(crate) fn remember_denial(&self, plan: &Plan, error: &Error) {
+        let cacheable = match error {
+            Error::RequestLimitReached(_) => true,
+            Error::TokenLimitReached(_) => self.token_mode == TokenMode::CheckRemaining,
+            _ => false,
+        };
+        if let (true, Some(cache)) = (cacheable, &self.denied) {
+            cache.record(&plan.tag, plan.model.as_deref(), error);
+        }
+    }
+
+    /// A cached denial still in force for `tag` and `model`.
+    pub(crate) fn cached_denial(&self, tag: &str, model: Option<&str>) -> Option<Error> {
+        self.denied.as_ref()?.check(tag, model)
+    }
+
+    /// Drop `tag`'s cached denials: budget was given back through this process.
+    pub(crate) fn forget_denials(&self, tag: &str) {
+        if let Some(cache) = &self.denied {
+            cache.forget(tag);
+        }
+    }
+
+    /// The name and period of limit `index`.
+    #[cfg(feature = "http")]
+    pub(crate) fn spec(&self, index: usize) -> &LimitSpec {
+        &self.limits[index]
+    }
+
+    /// `identifier`'s quotas, asking the resolver (and waiting for it if need be).
+    async fn quotas_for(&self, identifier: &[u8]) -> Option<Arc<Quotas>> {
+        match self.quotas.as_ref()?.resolve(identifier) {
+            quota::Resolution::Ready(q) => q,
+            quota::Resolution::Pending(f) => f.await,
+        }
+    }
+
+    /// Forget what limit `name` (every limit if `None`) holds for `identifier`, for every
+    /// model, and drop its cached denials.
+    pub(crate) async fn reset(&self, identifier: &[u8], name: Option<&str>) -> Result<(), Error> {
+        let tag = identifier_tag(identifier)?;
+        let specs: Vec<&LimitSpec> = self
+            .limits
+            .iter()
+            .filter(|l| name.is_none_or(|n| *l.name == *n))
+            .collect();
+        if let (Some(name), true) = (name, specs.is_empty()) {
+            return Err(Error::invalid_input(format!("no limit named {name:?}")));
+        }
+        self.forget_denials(&tag);
+        let keys = specs.iter().map(|s| state_key(&s.prefix, &tag)).collect();
+        self.store.delete(keys).await?;
+        let per_model: Vec<String> = specs
+            .iter()
+            .filter(|s| s.per_model)
+            .map(|s| format!("{}:m.", s.prefix))
+            .collect();
+        if !per_model.is_empty() {
+            self.store.delete_identifier(per_model, tag.clone()).await?;
+        }
+        // A denial cached while the delete was in flight is stale too.
+        self.forget_denials(&tag);
+        Ok(())
+    }
+
+    /// Every limit's state for `identifier` (per-model limits for `model`, and only
+    /// limits whose model filter matches it), read without taking anything.
+    pub(crate) async fn usage(
+        &self,
+        identifier: &[u8],
+        model: Option<&str>,
+    ) -> Result<Vec<LimitUsage>, Error> {
+        let tag = identifier_tag(identifier)?;
+        let quotas = self.quotas_for(identifier).await;
+        let plan = self.plan(tag, model, quotas.as_deref(), None);
+        let checks = plan
+            .checks
+            .iter()
+            .map(|c| LimitCheck {
+                cost: 0,
+                take: false,
+                slot: 0,
+                ..c.clone()
+            })
+            .collect();
+        let decisions = self.store.acquire(checks).await?;
+        Ok(plan
+            .taken
+            .iter()
+            .zip(decisions)
+            .map(|(t, d)| LimitUsage {
+                name: self.limits[t.limit].name.to_string(),
+                kind: self.limits[t.limit].kind,
+                limit: d.limit,
+                remaining: d.remaining,
+                reset_after: d.reset_after,
+            })
+            .collect())
+    }
+}
+
+/// Wait mode's queues: one FIFO lock per identifier that has calls waiting, so waiting
+/// calls of one identifier take their turns in arrival order.
+#[derive(Default)]
+pub(crate) struct Waiters {
+    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Waiters {
+    /// The queue of `tag`, created if none.
+    pub(crate) fn queue(&self, tag: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.len() > 10_000 {
+            queues.retain(|_, q| Arc::strong_count(q) > 1);
+        }
+        queues.entry(tag.to_owned()).or_default().clone()
+    }
+
+    /// Whether calls of `tag` are waiting (a new call then queues behind them).
+    pub(crate) fn busy(&self, tag: &str) -> bool {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.get(tag).is_some_and(|q| Arc::strong_count(q) > 1)
+    }
+
+    /// Drop `tag`'s queue once nobody uses it.
+    pub(crate) fn release(&self, tag: &str) {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.get(tag).is_some_and(|q| Arc::strong_count(q) == 1) {
+            queues.remove(tag);
+        }
+    }
+}

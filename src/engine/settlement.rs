@@ -1,0 +1,445 @@
+//! Settlement of one call: exactly once on every path, including cancellation and store
+//! outages.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use super::limit::LimitKind;
+use super::reliability::{Decider, StoreErrorPolicy, fallback_decisions, next_id, with_timeout};
+use super::{Engine, MissingUsage, Plan, Taken, metrics};
+use crate::error::StoreError;
+use crate::llm::Usage;
+use crate::store::{Adjustment, Decision, LimitCheck, undo_adjustments};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type AcquireFuture = BoxFuture<Result<(Vec<Decision>, Decider), StoreError>>;
+
+/// Where a call's settlement stands. Whatever phase it is in when dropped, [`Drop`]
+/// finishes it in the background, so dropping a call never leaks a reservation or slot.
+enum Phase {
+    /// The pre-dispatch acquire is in flight. Dropped here, the store undoes it (see
+    /// [`Store::acquire`](crate::Store::acquire)).
+    Acquiring(AcquireFuture),
+    /// An in-process store already answered (no future needed).
+    Acquired(Option<Result<(Vec<Decision>, Decider), StoreError>>),
+    /// Acquired; the call is running. Dropped here: refund and release.
+    Armed,
+    /// The settling write is in flight (it queues itself if the store fails).
+    Writing(BoxFuture<()>),
+    /// Nothing left to do.
+    Done,
+}
+
+/// How a call ended, for its settlement.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ending<'a> {
+    /// A response was delivered, with the usage it reported (if any).
+    Delivered(Option<&'a Usage>),
+    /// The call failed without producing output (an inner error, an error status
+    /// without usage): the reservation is refunded.
+    Failed,
+    /// The call ended before its usage arrived (the client left mid-stream, the
+    /// upstream cut the stream, a body error): charged this estimate.
+    Incomplete(Usage),
+}
+
+/// A call's debt to the store: the requests, token reservations and concurrency slots
+/// taken before dispatch, settled against the reported usage after it.
+pub(crate) struct Settlement {
+    engine: Arc<Engine>,
+    tag: String,
+    model: Option<String>,
+    /// Prompt tokens charged if the call is dropped before it ends.
+    prompt_estimate: u64,
+    taken: Vec<Taken>,
+    /// Dedupes retried writes of this settlement in the store.
+    id: u64,
+    decider: Decider,
+    phase: Phase,
+    /// Renews the slots' leases while the call runs.
+    renewal: Option<tokio::task::AbortHandle>,
+}
+
+/// The acquire for `checks`: on the store (with a timeout), else per the failure policy.
+///
+/// A timed-out store acquire is dropped; the store undoes it if it lands late, so a call
+/// decided by the fallback is not also counted by it.
+fn acquire(engine: Arc<Engine>, checks: Vec<LimitCheck>) -> AcquireFuture {
+    Box::pin(async move {
+        if engine.store_is_local {
+            return Ok((engine.store.acquire(checks).await?, Decider::Store));
+        }
+        let (error, checks) = if engine.breaker.is_open() {
+            // Recently failed: the policy decides without waiting for another timeout.
+            let error = StoreError::new("store unavailable (recent failures; retrying shortly)");
+            (error, checks)
+        } else {
+            // Kept only when a fallback may need the checks.
+            let retained = if engine.on_store_error == StoreErrorPolicy::FailClosed {
+                Vec::new()
+            } else {
+                checks.clone()
+            };
+            let started = std::time::Instant::now();
+            let result = with_timeout(engine.store_timeout, engine.store.acquire(checks)).await;
+            metrics::store_latency(started.elapsed());
+            match result {
+                Ok(decisions) => {
+                    engine.breaker.reset();
+                    return Ok((decisions, Decider::Store));
+                }
+                Err(error) => {
+                    engine.breaker.trip();
+                    metrics::store_error();
+                    tracing::error!(%error, policy = ?engine.on_store_error, "rate-limit store failed");
+                    (error, retained)
+                }
+            }
+        };
+        let (decisions, decider) =
+            fallback_decisions(engine.on_store_error, &engine.local, &checks).ok_or(error)?;
+        metrics::fallback(engine.on_store_error);
+        tracing::warn!(?decider, "rate limit decided without the store");
+        Ok((decisions, decider))
+    })
+}
+
+impl Settlement {
+    pub(crate) fn new(engine: Arc<Engine>, plan: Plan) -> Self {
+        let sync = if engine.store_is_local {
+            engine.store.acquire_sync(&plan.checks)
+        } else {
+            None
+        };
+        let phase = match sync {
+            Some(decisions) => Phase::Acquired(Some(Ok((decisions, Decider::Store)))),
+            None => Phase::Acquiring(acquire(engine.clone(), plan.checks)),
+        };
+        Self {
+            tag: plan.tag,
+            model: plan.model,
+            prompt_estimate: plan
+                .estimate
+                .map_or(engine.default_estimate, |e| e.prompt_tokens),
+            taken: plan.taken,
+            id: next_id(),
+            decider: Decider::Store,
+            phase,
+            renewal: None,
+            engine,
+        }
+    }
+
+    /// How the acquire was decided (known once it finished).
+    pub(crate) fn decider(&self) -> Decider {
+        self.decider
+    }
+
+    /// Drive the acquire. Ready(Ok(decisions)) arms the settlement if all were allowed
+    /// (a denial took nothing, so there is nothing left to settle).
+    pub(crate) fn poll_acquire(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Vec<Decision>, StoreError>> {
+        let result = match &mut self.phase {
+            Phase::Acquiring(fut) => std::task::ready!(fut.as_mut().poll(cx)),
+            Phase::Acquired(result) => result
+                .take()
+                .unwrap_or_else(|| Err(StoreError::new("acquire polled twice"))),
+            _ => return Poll::Ready(Ok(Vec::new())),
+        };
+        self.phase = Phase::Done;
+        Poll::Ready(result.map(|(decisions, decider)| {
+            self.arm(&decisions, decider);
+            decisions
+        }))
+    }
+
+    fn arm(&mut self, decisions: &[Decision], decider: Decider) {
+        self.decider = decider;
+        if decider == Decider::Open {
+            // Nothing was taken anywhere: the usage is all there is to write.
+            for t in &mut self.taken {
+                t.reserved = 0;
+            }
+            let engine = &self.engine;
+            self.taken
+                .retain(|t| engine.limits[t.limit].kind != LimitKind::Concurrency);
+        }
+        for (taken, decision) in self.taken.iter_mut().zip(decisions) {
+            taken.window = decision.window;
+        }
+        let allowed = decisions.iter().all(|d| d.allowed);
+        metrics::decisions(&self.engine, &self.taken, decisions, allowed);
+        if allowed {
+            self.phase = Phase::Armed;
+            self.start_renewal();
+        }
+    }
+
+    /// Calls can outlive their slot's lease (streams of many minutes): while the call
+    /// runs, renew the leases every half lease.
+    fn start_renewal(&mut self) {
+        let renewals: Vec<Adjustment> = self
+            .taken
+            .iter()
+            .filter(|t| t.rule.is_concurrency())
+            .map(|t| Adjustment {
+                key: t.key.clone(),
+                rule: t.rule,
+                delta: 1,
+                slot: t.slot,
+                window: None,
+            })
+            .collect();
+        let Some(every) = renewals
+            .iter()
+            .map(|a| a.rule.period() / 2)
+            .min()
+            .map(|d| d.max(std::time::Duration::from_millis(1)))
+        else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let engine = self.engine.clone();
+        let local = self.decider == Decider::Local;
+        let task = handle.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if local {
+                    engine.local.adjust_now(&renewals);
+                    continue;
+                }
+                let write = engine.store.adjust(renewals.clone(), None);
+                if let Err(error) = with_timeout(engine.store_timeout, write).await {
+                    tracing::warn!(%error, "could not renew a concurrency slot's lease");
+                }
+            }
+        });
+        self.renewal = Some(task.abort_handle());
+    }
+
+    /// Units token limit `t` charges for this ending (`None`: keep the reservation).
+    fn charge(&self, t: &Taken, ending: Ending<'_>) -> u64 {
+        let model = self.model.as_deref();
+        match ending {
+            Ending::Failed => 0,
+            Ending::Delivered(Some(u)) => self.engine.cost(t.limit, u, model),
+            Ending::Incomplete(estimate) => self.engine.cost(t.limit, &estimate, model),
+            Ending::Delivered(None) => match self.engine.missing_usage {
+                MissingUsage::ChargeReservation => t.reserved,
+                MissingUsage::ChargeNothing => 0,
+                MissingUsage::ChargeFixed(n) => n.min(crate::algorithm::MAX_UNITS),
+            },
+        }
+    }
+
+    /// The writes for this ending: `(to the store, to the in-process fallback store)`.
+    fn writes(&self, ending: Ending<'_>) -> (Vec<Adjustment>, Vec<Adjustment>) {
+        let (mut remote, mut local) = (Vec::new(), Vec::new());
+        let adjustment = |t: &Taken, delta: i64, window: Option<i64>| Adjustment {
+            key: t.key.clone(),
+            rule: t.rule,
+            delta,
+            slot: t.slot,
+            window,
+        };
+        for t in &self.taken {
+            let kind = self.engine.limits[t.limit].kind;
+            let charge = match kind {
+                LimitKind::Tokens => self.charge(t, ending) as i64,
+                _ => 0,
+            };
+            let delta = charge - t.reserved as i64;
+            if kind == LimitKind::Tokens {
+                metrics::tokens_charged(&self.engine.limits[t.limit].name, charge as u64);
+            }
+            match (self.decider, kind) {
+                (Decider::Store, LimitKind::Tokens) if delta != 0 => {
+                    remote.push(adjustment(t, delta, t.window))
+                }
+                (Decider::Store, LimitKind::Concurrency) => remote.push(adjustment(t, -1, None)),
+                // Nothing was taken from the store: it gets the request and the usage
+                // once it answers again, so the shared budget stays whole.
+                (Decider::Open, LimitKind::Requests) => remote.push(adjustment(t, 1, None)),
+                (Decider::Open, LimitKind::Tokens) if charge != 0 => {
+                    remote.push(adjustment(t, charge, None))
+                }
+                // The local store holds the reservation and slot; the shared store gets
+                // the request and the usage itself.
+                (Decider::Local, LimitKind::Requests) => remote.push(adjustment(t, 1, None)),
+                (Decider::Local, LimitKind::Tokens) => {
+                    if delta != 0 {
+                        local.push(adjustment(t, delta, t.window));
+                    }
+                    if charge != 0 {
+                        remote.push(adjustment(t, charge, None));
+                    }
+                }
+                (Decider::Local, LimitKind::Concurrency) => local.push(adjustment(t, -1, None)),
+                _ => {}
+            }
+        }
+        (remote, local)
+    }
+
+    /// The future that writes this ending: local writes at once, the store's with a
+    /// timeout, queued for retry if the store fails. `None` when there is nothing to
+    /// write.
+    fn write_future(&mut self, ending: Ending<'_>) -> Option<BoxFuture<()>> {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        let (remote, local) = self.writes(ending);
+        if remote
+            .iter()
+            .chain(&local)
+            .any(|a| a.delta < 0 && !a.rule.is_concurrency())
+        {
+            // Budget comes back: a denial cached here may no longer hold.
+            self.engine.forget_denials(&self.tag);
+        }
+        if !local.is_empty() {
+            self.engine.local.adjust_now(&local);
+        }
+        if remote.is_empty() {
+            return None;
+        }
+        if self.engine.store_is_local && self.engine.store.adjust_sync(&remote).is_some() {
+            return None;
+        }
+        let engine = self.engine.clone();
+        let id = self.id;
+        Some(Box::pin(async move {
+            if engine.store_is_local {
+                if let Err(error) = engine.store.adjust(remote, Some(id)).await {
+                    tracing::error!(%error, "could not write a settlement");
+                }
+                return;
+            }
+            if !engine.breaker.is_open() {
+                match with_timeout(
+                    engine.store_timeout,
+                    engine.store.adjust(remote.clone(), Some(id)),
+                )
+                .await
+                {
+                    Ok(_) => return,
+                    Err(error) => {
+                        engine.breaker.trip();
+                        metrics::store_error();
+                        tracing::warn!(%error, "settlement not written; queued for retry");
+                    }
+                }
+            }
+            engine
+                .queue
+                .push(engine.store.clone(), engine.store_timeout, remote, id);
+            metrics::pending_settlements(engine.queue.len());
+        }))
+    }
+
+    /// Start the settling write for how the call ended (nothing is sent when there is
+    /// nothing to write).
+    pub(crate) fn start(&mut self, ending: Ending<'_>) {
+        if !matches!(self.phase, Phase::Armed) {
+            return;
+        }
+        match ending {
+            Ending::Delivered(None) => tracing::warn!(
+                policy = ?self.engine.missing_usage,
+                "LLM response reported no usage; charging per the missing-usage policy"
+            ),
+            Ending::Incomplete(estimate) => tracing::warn!(
+                prompt = estimate.prompt_tokens,
+                output = estimate.completion_tokens,
+                "call ended before its usage arrived; charging its estimate"
+            ),
+            _ => {}
+        }
+        self.phase = match self.write_future(ending) {
+            Some(fut) => Phase::Writing(fut),
+            None => Phase::Done,
+        };
+    }
+
+    /// Drive the settling write to completion. It never fails: a write the store does not
+    /// take is queued and retried.
+    pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Phase::Writing(fut) = &mut self.phase else {
+            return Poll::Ready(());
+        };
+        std::task::ready!(fut.as_mut().poll(cx));
+        self.phase = Phase::Done;
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Done | Phase::Acquired(None | Some(Err(_))) | Phase::Acquiring(_) => {
+                // Nothing taken, or an acquire in flight: dropping it makes the store
+                // skip it or undo it once it lands.
+            }
+            Phase::Acquired(Some(Ok((decisions, _)))) => {
+                // An in-process answer nobody took: undo all of it, as a store undoes an
+                // acquire whose caller left.
+                let checks: Vec<LimitCheck> = self
+                    .taken
+                    .iter()
+                    .map(|t| LimitCheck {
+                        key: t.key.clone(),
+                        rule: t.rule,
+                        cost: match self.engine.limits[t.limit].kind {
+                            LimitKind::Tokens => t.reserved,
+                            _ => 1,
+                        },
+                        take: true,
+                        slot: t.slot,
+                    })
+                    .collect();
+                let undo = undo_adjustments(&checks, &decisions);
+                if !undo.is_empty() {
+                    self.engine.store.adjust_sync(&undo);
+                }
+            }
+            Phase::Armed => {
+                // Cancelled while the call ran (a timeout, a client gone before the
+                // response): the model may have read the prompt, so its estimate is
+                // charged (the rest of a reservation is refunded); slots are released.
+                let estimate = Usage::new(self.prompt_estimate, 0);
+                if let Some(fut) = self.write_future(Ending::Incomplete(estimate)) {
+                    finish_in_background(fut);
+                }
+            }
+            Phase::Writing(write) => finish_in_background(write),
+        }
+    }
+}
+
+/// Run `fut` to completion without anyone awaiting it: poll it once right here (store
+/// futures that are already done, like the memory store's, finish at once), otherwise
+/// spawn it on the current Tokio runtime.
+pub(crate) fn finish_in_background(fut: impl Future<Output = ()> + Send + 'static) {
+    let mut fut: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(fut);
+    let mut cx = Context::from_waker(Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_ready() {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(fut);
+        }
+        Err(_) => tracing::error!(
+            "a cancelled call's settlement could not finish: no Tokio runtime to run it on"
+        ),
+    }
+}
