@@ -540,3 +540,47 @@ async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
         .unwrap();
     assert_eq!(read[0].remaining, 1_000_000 - 100);
 }
+
+/// A stall longer than several undo attempts: the undo of a failed call lands once,
+/// however many times it had to be sent (it carries an id the store deduplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stall_undoes_a_failed_call_exactly_once() {
+    for batching in [false, true] {
+        let server = common::RedisServer::start();
+        let proxy = FaultProxy::start(format!("127.0.0.1:{}", server.port).parse().unwrap()).await;
+        let options = RedisOptions::default()
+            .response_timeout(TIMEOUT)
+            .batching(batching);
+        let store = RedisStore::connect_with(&proxy.url(), options)
+            .await
+            .unwrap();
+        let prefix = common::unique_prefix("long-stall");
+        let layer = stalled_layer(store, &prefix, StoreErrorPolicy::FailClosed);
+        let svc = layer.layer(llm(Duration::ZERO, Usage::new(10, 5)));
+        for _ in 0..2 {
+            svc.clone()
+                .oneshot(LlmRequest::new("ivy", "hi"))
+                .await
+                .unwrap();
+        }
+        proxy.set_delay(TIMEOUT * 3);
+        let err = svc
+            .clone()
+            .oneshot(LlmRequest::new("ivy", "hi"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Store);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        proxy.set(Mode::Pass);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let direct = RedisStore::connect(&server.url).await.unwrap();
+        let observer = stalled_layer(direct, &prefix, StoreErrorPolicy::FailClosed);
+        let usage = observer.usage("ivy").await.unwrap();
+        let got = (
+            remaining(&usage, "requests"),
+            remaining(&usage, "tokens"),
+            remaining(&usage, "concurrency"),
+        );
+        assert_eq!(got, (3, 10_000 - 30, 1), "batching={batching}");
+    }
+}

@@ -1,0 +1,695 @@
+//! Many named limits on one call: all-or-nothing in one store operation and one round
+//! trip on every store, per-model scopes and model filters, tenants' quotas changing
+//! live, wait mode, usage/reset, and metrics.
+
+#[cfg(feature = "cluster")]
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+use tower_llm_ratelimit::{
+    CachedQuotas, ErrorKind, FixedWindow, Limit, LimitUsage, LlmRequest, LlmResponse, MemoryStore,
+    Quotas, RatelimitLayer, RedisOptions, RedisStore, SlidingWindow, StaticQuotas, Store,
+    TokenBucket, TokenCount, TokenMode, TokenWeights, Usage, Weights, quota_fn,
+};
+
+const LONG: Duration = tower_llm_ratelimit::algorithm::MAX_WINDOW;
+
+/// A model that reports `usage`.
+fn llm(
+    usage: Usage,
+) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
+{
+    service_fn(move |_: LlmRequest| async move {
+        Ok::<_, BoxError>(LlmResponse {
+            text: "ok".into(),
+            usage: Some(usage),
+        })
+    })
+}
+
+fn left(usage: &[LimitUsage]) -> HashMap<String, u64> {
+    usage
+        .iter()
+        .map(|u| (u.name.clone(), u.remaining))
+        .collect()
+}
+
+fn map(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// The stores every test runs on: memory, Redis, and (feature `cluster`) a real cluster.
+async fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
+    let mut stores: Vec<(&'static str, Arc<dyn Store>)> = vec![
+        ("memory", Arc::new(MemoryStore::new())),
+        (
+            "redis",
+            Arc::new(RedisStore::connect(&common::redis_url()).await.unwrap()),
+        ),
+    ];
+    #[cfg(feature = "cluster")]
+    {
+        let cluster = tokio::task::spawn_blocking(cluster::shared).await.unwrap();
+        let urls = cluster.urls();
+        let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let store = RedisStore::connect_cluster(&nodes, RedisOptions::default())
+            .await
+            .unwrap();
+        stores.push(("cluster", Arc::new(store)));
+    }
+    stores
+}
+
+fn four_limits(store: Arc<dyn Store>, prefix: &str) -> RatelimitLayer {
+    RatelimitLayer::builder()
+        .shared_store(store)
+        .prefix(prefix)
+        .limit("rpm", Limit::requests(FixedWindow::new(5, LONG).unwrap()))
+        .limit("rpd", Limit::requests(SlidingWindow::new(8, LONG).unwrap()))
+        .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
+        .limit(
+            "tpd",
+            Limit::tokens(TokenBucket::new(600, 1, LONG).unwrap()),
+        )
+        .token_mode(TokenMode::Reserve)
+        .include_output_tokens(true)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_limits_are_all_or_nothing_on_every_store() {
+    for (name, store) in stores().await {
+        let prefix = common::unique_prefix(&format!("four-{name}"));
+        let layer = four_limits(store, &prefix);
+        let svc = layer.layer(llm(Usage::new(1, 99)));
+        let full = map(&[("rpm", 5), ("rpd", 8), ("tpm", 1000), ("tpd", 600)]);
+        assert_eq!(left(&layer.usage("ann").await.unwrap()), full, "{name}");
+
+        // 1 + 999 tokens can never fit "tpd" (600): denied, named, nothing taken anywhere.
+        let err = svc
+            .clone()
+            .oneshot(LlmRequest::new("ann", "x").with_max_tokens(999))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TokenLimitReached, "{name}");
+        let exceeded = err.limit_exceeded().unwrap();
+        assert_eq!(&*exceeded.name, "tpd", "{name}");
+        assert_eq!(
+            (exceeded.limit, exceeded.retry_after),
+            (600, None),
+            "{name}"
+        );
+        assert_eq!(left(&layer.usage("ann").await.unwrap()), full, "{name}");
+
+        // Five calls of 100 tokens: "rpm" runs out first.
+        for _ in 0..5 {
+            svc.clone()
+                .oneshot(LlmRequest::new("ann", "x").with_max_tokens(99))
+                .await
+                .unwrap();
+        }
+        let after = map(&[("rpm", 0), ("rpd", 3), ("tpm", 500), ("tpd", 100)]);
+        assert_eq!(left(&layer.usage("ann").await.unwrap()), after, "{name}");
+        let err = svc
+            .clone()
+            .oneshot(LlmRequest::new("ann", "x").with_max_tokens(9))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RequestLimitReached, "{name}");
+        assert_eq!(&*err.limit_exceeded().unwrap().name, "rpm", "{name}");
+        assert!(err.to_string().contains("\"rpm\""), "{name}: {err}");
+        assert_eq!(left(&layer.usage("ann").await.unwrap()), after, "{name}");
+
+        // Reset one limit, then all.
+        layer.reset_limit("ann", "rpm").await.unwrap();
+        let mut one_reset = after.clone();
+        one_reset.insert("rpm".into(), 5);
+        assert_eq!(
+            left(&layer.usage("ann").await.unwrap()),
+            one_reset,
+            "{name}"
+        );
+        layer.reset("ann").await.unwrap();
+        assert_eq!(left(&layer.usage("ann").await.unwrap()), full, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_limits_exact_under_200_concurrent_tasks() {
+    for (name, store) in stores().await {
+        let prefix = common::unique_prefix(&format!("four200-{name}"));
+        let layer = RatelimitLayer::builder()
+            .shared_store(store)
+            .prefix(&prefix)
+            .limit("rpm", Limit::requests(FixedWindow::new(50, LONG).unwrap()))
+            .limit(
+                "rpd",
+                Limit::requests(SlidingWindow::new(60, LONG).unwrap()),
+            )
+            .limit(
+                "tpm",
+                Limit::tokens(FixedWindow::new(100_000, LONG).unwrap()),
+            )
+            .limit(
+                "tpd",
+                Limit::tokens(FixedWindow::new(90_000, LONG).unwrap()),
+            )
+            .include_output_tokens(true)
+            .build()
+            .unwrap();
+        let svc = layer.layer(llm(Usage::new(7, 3)));
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let svc = svc.clone();
+                tokio::spawn(async move { svc.oneshot(LlmRequest::new("bea", "x")).await })
+            })
+            .collect();
+        let mut allowed = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => allowed += 1,
+                Err(e) => assert_eq!(e.kind(), ErrorKind::RequestLimitReached, "{name}: {e}"),
+            }
+        }
+        assert_eq!(allowed, 50, "{name}");
+        let want = map(&[
+            ("rpm", 0),
+            ("rpd", 10),
+            ("tpm", 100_000 - 500),
+            ("tpd", 90_000 - 500),
+        ]);
+        assert_eq!(left(&layer.usage("bea").await.unwrap()), want, "{name}");
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn evalsha_calls(port: u16) -> u64 {
+    let stats = redis_cli(port, &["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_limits_cost_one_round_trip_per_call() {
+    let server = common::RedisServer::start();
+    let options = RedisOptions::default().batching(false);
+    let store = RedisStore::connect_with(&server.url, options)
+        .await
+        .unwrap();
+    let layer = four_limits(Arc::new(store), &common::unique_prefix("rtt"));
+    // Usage equal to the reservation: nothing to settle, so the acquire is all there is.
+    let svc = layer.layer(llm(Usage::new(1, 9)));
+    svc.clone()
+        .oneshot(LlmRequest::new("cid", "x").with_max_tokens(9))
+        .await
+        .unwrap();
+    let before = evalsha_calls(server.port);
+    for _ in 0..4 {
+        svc.clone()
+            .oneshot(LlmRequest::new("cid", "x").with_max_tokens(9))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        evalsha_calls(server.port) - before,
+        4,
+        "one script per call"
+    );
+}
+
+/// Child side of `four_limits_exact_in_four_processes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by four_limits_exact_in_four_processes as a child process"]
+async fn child_four_limits() {
+    let (Ok(url), Ok(prefix), Ok(go)) = (
+        std::env::var("TLR_CHILD_URL"),
+        std::env::var("TLR_CHILD_PREFIX"),
+        std::env::var("TLR_CHILD_GO"),
+    ) else {
+        panic!("started by four_limits_exact_in_four_processes");
+    };
+    let store = RedisStore::connect(&url).await.unwrap();
+    let layer = four_limits(Arc::new(store), &prefix);
+    let svc = layer.layer(llm(Usage::new(1, 9)));
+    while !std::path::Path::new(&go).exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                svc.oneshot(LlmRequest::new("dee", "x").with_max_tokens(9))
+                    .await
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += u64::from(t.await.unwrap());
+    }
+    println!("\nALLOWED={allowed}");
+}
+
+#[test]
+fn four_limits_exact_in_four_processes() {
+    let url = common::redis_url();
+    let exe = std::env::current_exe().unwrap();
+    let prefix = common::unique_prefix("four-procs");
+    let go = std::env::temp_dir().join(format!("{prefix}.go"));
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(&exe)
+                .args(["--ignored", "--exact", "child_four_limits", "--nocapture"])
+                .env("TLR_CHILD_URL", &url)
+                .env("TLR_CHILD_PREFIX", &prefix)
+                .env("TLR_CHILD_GO", &go)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, b"go").unwrap();
+    let mut allowed = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "child failed: {out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        allowed += stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ALLOWED="))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+    }
+    let _ = std::fs::remove_file(&go);
+    // 80 calls for "rpm" = 5: exactly 5 pass, each took 10 tokens.
+    assert_eq!(allowed, 5);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let usage = rt.block_on(async {
+        let store = RedisStore::connect(&url).await.unwrap();
+        four_limits(Arc::new(store), &prefix)
+            .usage("dee")
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        left(&usage),
+        map(&[("rpm", 0), ("rpd", 3), ("tpm", 950), ("tpd", 550)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_model_budgets_and_model_filters() {
+    for (name, store) in stores().await {
+        let prefix = common::unique_prefix(&format!("models-{name}"));
+        let layer = RatelimitLayer::builder()
+            .shared_store(store)
+            .prefix(&prefix)
+            .limit(
+                "tokens-per-model",
+                Limit::tokens(FixedWindow::new(100, LONG).unwrap()).per_model(),
+            )
+            .limit(
+                "gpt4",
+                Limit::requests(FixedWindow::new(1, LONG).unwrap()).models(["gpt-4*"]),
+            )
+            .limit("all", Limit::requests(FixedWindow::new(100, LONG).unwrap()))
+            .build()
+            .unwrap();
+        let svc = layer.layer(llm(Usage::new(100, 5)));
+        let call = |model: &str| {
+            svc.clone()
+                .oneshot(LlmRequest::new("eve", "x").with_model(model))
+        };
+        call("gpt-4o").await.unwrap();
+        // gpt-4o's budgets are spent; "gpt4" covers gpt-4-turbo too.
+        let err = call("gpt-4o").await.unwrap_err();
+        assert_eq!(&*err.limit_exceeded().unwrap().name, "gpt4", "{name}");
+        let err = call("gpt-4-turbo").await.unwrap_err();
+        assert_eq!(&*err.limit_exceeded().unwrap().name, "gpt4", "{name}");
+        // claude has its own token budget and is not touched by the gpt-4 filter.
+        call("claude-3").await.unwrap();
+        let err = call("claude-3").await.unwrap_err();
+        assert_eq!(
+            &*err.limit_exceeded().unwrap().name,
+            "tokens-per-model",
+            "{name}"
+        );
+        let claude = layer.usage_for_model("eve", "claude-3").await.unwrap();
+        assert_eq!(
+            left(&claude),
+            map(&[("tokens-per-model", 0), ("all", 98)]),
+            "{name}: the gpt4 filter does not apply to claude"
+        );
+        let mistral = layer.usage_for_model("eve", "mistral").await.unwrap();
+        assert_eq!(
+            left(&mistral),
+            map(&[("tokens-per-model", 100), ("all", 98)]),
+            "{name}"
+        );
+        // A reset covers every model's budget.
+        layer.reset("eve").await.unwrap();
+        call("claude-3").await.unwrap();
+        call("gpt-4o").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn weighted_token_counts_make_a_spending_budget() {
+    // Micro-dollars per token: gpt-4o $2.50/M in, $1.25/M cached, $10/M out.
+    let prices = Weights::new(TokenWeights::new(1.0, 1.0))
+        .model("gpt-4o*", TokenWeights::new(2.5, 10.0).cached_input(1.25));
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "spend",
+            Limit::tokens(FixedWindow::new(1_000_000, LONG).unwrap())
+                .count(TokenCount::Weighted(prices)),
+        )
+        .build()
+        .unwrap();
+    let usage = Usage::new(1000, 200).with_cached_prompt_tokens(400);
+    let svc = layer.layer(llm(usage));
+    svc.oneshot(LlmRequest::new("fin", "x").with_model("gpt-4o-mini"))
+        .await
+        .unwrap();
+    // 600 × 2.5 + 400 × 1.25 + 200 × 10 = 1500 + 500 + 2000.
+    let spent = 1_000_000 - layer.usage_for_model("fin", "gpt-4o-mini").await.unwrap()[0].remaining;
+    assert_eq!(spent, 4000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_raises_a_quota_live_and_keeps_what_was_used() {
+    for (name, store) in stores().await {
+        let tiers: Arc<Mutex<HashMap<Vec<u8>, u64>>> = Arc::default();
+        let resolver = {
+            let tiers = tiers.clone();
+            quota_fn(move |id: &[u8]| {
+                let quota = *tiers.lock().unwrap().get(id)?;
+                Some(Quotas::new().set("rpm", quota))
+            })
+        };
+        let layer = RatelimitLayer::builder()
+            .shared_store(store)
+            .prefix(common::unique_prefix(&format!("tier-{name}")))
+            .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
+            .quotas(resolver)
+            .cache_denials(false)
+            .build()
+            .unwrap();
+        let svc = layer.layer(llm(Usage::new(1, 1)));
+        let call = || svc.clone().oneshot(LlmRequest::new("gil", "x"));
+        call().await.unwrap();
+        call().await.unwrap();
+        assert!(call().await.is_err(), "{name}");
+        // Upgraded to 4 a minute: two more, not four (the two used still count).
+        tiers.lock().unwrap().insert(b"gil".to_vec(), 4);
+        let usage = layer.usage("gil").await.unwrap();
+        assert_eq!((usage[0].limit, usage[0].remaining), (4, 2), "{name}");
+        call().await.unwrap();
+        call().await.unwrap();
+        let err = call().await.unwrap_err();
+        assert_eq!(err.limit_exceeded().unwrap().limit, 4, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn static_and_cached_quota_resolvers() {
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .quotas(StaticQuotas::new().insert("pro", Quotas::new().set("rpm", 3)))
+        .build()
+        .unwrap();
+    assert_eq!(layer.usage("pro").await.unwrap()[0].limit, 3);
+    assert_eq!(layer.usage("free").await.unwrap()[0].limit, 1);
+
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let cached = {
+        let lookups = lookups.clone();
+        CachedQuotas::new(Duration::from_millis(200), move |id: Vec<u8>| {
+            let lookups = lookups.clone();
+            async move {
+                lookups.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                (id == b"pro").then(|| Quotas::new().set("rpm", 5))
+            }
+        })
+    };
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .quotas(cached)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    for _ in 0..5 {
+        svc.clone()
+            .oneshot(LlmRequest::new("pro", "x"))
+            .await
+            .unwrap();
+    }
+    assert!(
+        svc.clone()
+            .oneshot(LlmRequest::new("pro", "x"))
+            .await
+            .is_err()
+    );
+    assert_eq!(lookups.load(Ordering::SeqCst), 1, "answers are cached");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let _ = svc.oneshot(LlmRequest::new("pro", "x")).await;
+    assert_eq!(
+        lookups.load(Ordering::SeqCst),
+        2,
+        "and looked up again after the TTL"
+    );
+}
+
+fn bucket_layer(interval: Duration, bound: Duration) -> RatelimitLayer {
+    RatelimitLayer::builder()
+        .limit(
+            "rps",
+            Limit::requests(TokenBucket::new(1, 1, interval).unwrap()),
+        )
+        .wait_up_to(bound)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn wait_mode_waits_within_the_bound_and_fails_beyond_it() {
+    let layer = bucket_layer(Duration::from_millis(300), Duration::from_secs(1));
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    svc.clone()
+        .oneshot(LlmRequest::new("hal", "x"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    svc.clone()
+        .oneshot(LlmRequest::new("hal", "x"))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(900),
+        "waited {waited:?}"
+    );
+
+    let layer = bucket_layer(Duration::from_secs(5), Duration::from_secs(1));
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    svc.clone()
+        .oneshot(LlmRequest::new("hal", "x"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = svc.oneshot(LlmRequest::new("hal", "x")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RequestLimitReached);
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "failed at once"
+    );
+}
+
+#[tokio::test]
+async fn waiting_calls_go_in_arrival_order_and_a_dropped_one_leaves_nothing() {
+    let layer = bucket_layer(Duration::from_millis(200), Duration::from_secs(5));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let svc = {
+        let order = order.clone();
+        layer.layer(service_fn(move |req: LlmRequest| {
+            let order = order.clone();
+            async move {
+                order.lock().unwrap().push(req.prompt.clone());
+                Ok::<_, BoxError>(LlmResponse::default())
+            }
+        }))
+    };
+    svc.clone()
+        .oneshot(LlmRequest::new("ida", "first"))
+        .await
+        .unwrap();
+    let mut waiting = Vec::new();
+    for name in ["a", "b", "c"] {
+        waiting.push(tokio::spawn(
+            svc.clone().oneshot(LlmRequest::new("ida", name)),
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), ["first", "a", "b", "c"]);
+
+    // A waiting call dropped: no budget taken, and nobody queues behind it.
+    let layer = bucket_layer(Duration::from_secs(3), Duration::from_secs(5));
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    svc.clone()
+        .oneshot(LlmRequest::new("jo", "x"))
+        .await
+        .unwrap();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        svc.clone().oneshot(LlmRequest::new("jo", "x")),
+    )
+    .await;
+    assert!(dropped.is_err(), "it was waiting");
+    assert_eq!(layer.usage("jo").await.unwrap()[0].remaining, 0);
+    layer.reset("jo").await.unwrap();
+    let started = Instant::now();
+    svc.oneshot(LlmRequest::new("jo", "x")).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(layer.usage("jo").await.unwrap()[0].remaining, 0);
+}
+
+#[tokio::test]
+async fn builders_that_would_do_nothing_are_errors() {
+    let reserve = RatelimitLayer::builder()
+        .request_limit(FixedWindow::new(1, LONG).unwrap())
+        .token_mode(TokenMode::Reserve)
+        .build()
+        .unwrap_err();
+    assert!(reserve.to_string().contains("Reserve"), "{reserve}");
+    let twice = RatelimitLayer::builder()
+        .request_limit(FixedWindow::new(1, LONG).unwrap())
+        .request_limit(FixedWindow::new(2, LONG).unwrap())
+        .build()
+        .unwrap_err();
+    assert!(twice.to_string().contains("twice"), "{twice}");
+    let count = RatelimitLayer::builder()
+        .limit(
+            "r",
+            Limit::requests(FixedWindow::new(1, LONG).unwrap()).count(TokenCount::Total),
+        )
+        .build()
+        .unwrap_err();
+    assert!(count.to_string().contains("token"), "{count}");
+    let bad_name = RatelimitLayer::builder()
+        .limit("a b", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .build()
+        .unwrap_err();
+    assert!(bad_name.to_string().contains("a b"), "{bad_name}");
+}
+
+#[test]
+fn metrics_carry_the_documented_names_and_labels() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let layer = RatelimitLayer::builder()
+                .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
+                .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
+                .cache_denials(false)
+                .build()
+                .unwrap();
+            let svc = layer.layer(llm(Usage::new(30, 5)));
+            for _ in 0..3 {
+                let _ = svc.clone().oneshot(LlmRequest::new("kim", "x")).await;
+            }
+        });
+    });
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let mut labels: Vec<String> = key
+            .key()
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        let name = format!("{}{{{}}}", key.key().name(), labels.join(","));
+        if let DebugValue::Counter(n) = value {
+            seen.insert(name, n);
+        }
+    }
+    let get = |k: &str| seen.get(k).copied();
+    assert_eq!(
+        get("llm_ratelimit_decisions_total{limit=rpm,outcome=allowed}"),
+        Some(2),
+        "{seen:?}"
+    );
+    assert_eq!(
+        get("llm_ratelimit_decisions_total{limit=tpm,outcome=allowed}"),
+        Some(2)
+    );
+    assert_eq!(
+        get("llm_ratelimit_decisions_total{limit=rpm,outcome=denied}"),
+        Some(1)
+    );
+    assert_eq!(
+        get("llm_ratelimit_decisions_total{limit=tpm,outcome=denied}"),
+        None
+    );
+    assert_eq!(
+        get("llm_ratelimit_tokens_charged_total{limit=tpm}"),
+        Some(60)
+    );
+}
+
+#[tokio::test]
+async fn a_call_dropped_while_the_model_runs_is_charged_its_prompt_estimate() {
+    for mode in [TokenMode::CheckRemaining, TokenMode::Reserve] {
+        let layer = RatelimitLayer::builder()
+            .token_limit(FixedWindow::new(100_000, LONG).unwrap())
+            .token_mode(mode)
+            .build()
+            .unwrap();
+        let slow = service_fn(|_: LlmRequest| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, BoxError>(LlmResponse::default())
+        });
+        let svc = layer.layer(slow);
+        // 4000 bytes of prompt: an estimate of 1000 tokens.
+        let request = LlmRequest::new("lee", "x".repeat(4000)).with_max_tokens(500);
+        let timed_out = tokio::time::timeout(Duration::from_millis(50), svc.oneshot(request)).await;
+        assert!(timed_out.is_err());
+        tokio::task::yield_now().await;
+        let used = 100_000 - layer.usage("lee").await.unwrap()[0].remaining;
+        assert_eq!(used, 1000, "{mode:?}");
+    }
+}
