@@ -1,4 +1,4 @@
-//! The seed's two scenarios through `RatelimitLayer`, with a mock LLM that reports usage.
+//! Two scenarios, a request limit and a token limit, `RatelimitLayer`, with a mock LLM that reports usage.
 //!
 //! ```sh
 //! cargo run --example quickstart                          # in-memory store

@@ -1,4 +1,4 @@
-//! The three rate-limiting algorithms (SPEC §3) and their exact arithmetic.
+//! The three rate-limiting algorithms and their exact arithmetic.
 //!
 //! Every store evaluates the same functions: [`MemoryStore`](crate::MemoryStore) calls
 //! them directly, and the Lua scripts under `src/store/lua/` are line-for-line ports

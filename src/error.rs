@@ -1,4 +1,4 @@
-//! The one error type of the crate (SPEC §6).
+//! The one error type of the crate.
 
 use std::fmt;
 use std::time::Duration;

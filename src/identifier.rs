@@ -1,4 +1,4 @@
-//! Identifier extractors: how the layer learns whose budget a request uses (SPEC §5.5).
+//! Identifier extractors: how the layer learns whose budget a request uses .
 
 use std::borrow::Cow;
 use std::sync::Arc;

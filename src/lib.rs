@@ -14,7 +14,8 @@
 //!
 //! See the [`layer`] module for the per-call semantics, and the README for a tour.
 #![deny(unsafe_code)]
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// `get_ref`, `get_mut` and `into_inner` for a service wrapper whose inner service is
 /// the field `inner`.
@@ -71,6 +72,6 @@ pub use store::{Decision, ManualClock, MemoryStore, Rule, Store};
 pub use store::{RedisOptions, RedisStore};
 
 /// The README's code blocks, compiled as doctests.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "redis", feature = "http"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -47,6 +47,7 @@ fn map(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
 }
 
 /// The stores every test runs on: memory, Redis, and (feature `cluster`) a real cluster.
+#[allow(unused_mut)]
 async fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
     let mut stores: Vec<(&'static str, Arc<dyn Store>)> = vec![
         ("memory", Arc::new(MemoryStore::new())),
@@ -611,6 +612,7 @@ async fn builders_that_would_do_nothing_are_errors() {
     assert!(bad_name.to_string().contains("a b"), "{bad_name}");
 }
 
+#[cfg(feature = "metrics")]
 #[test]
 fn metrics_carry_the_documented_names_and_labels() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};

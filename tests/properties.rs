@@ -440,3 +440,81 @@ proptest! {
         });
     }
 }
+
+/// One multi-limit operation: an acquire with a cost per limit (one limit of each
+/// algorithm, in one hash slot), or a step of the clock.
+#[derive(Clone, Debug)]
+enum MultiOp {
+    Acquire([u64; 3]),
+    Step(u64),
+}
+
+fn multi_op() -> impl Strategy<Value = MultiOp> {
+    prop_oneof![
+        4 => [0u64..5, 0u64..5, 0u64..5].prop_map(MultiOp::Acquire),
+        1 => (0u64..1500).prop_map(MultiOp::Step),
+    ]
+}
+
+/// Several limits per call: both stores give the same decisions for every limit, and an
+/// acquire any limit denies leaves every limit as it was (all-or-nothing).
+fn multi_differential(start_ms: u64, ops: Vec<MultiOp>) -> Result<(), TestCaseError> {
+    use tower_llm_ratelimit::store::LimitCheck;
+    let clock = ManualClock::new(Duration::from_millis(1_700_000_000_000 + start_ms));
+    let memory = MemoryStore::with_clock(clock.clone());
+    let redis = redis().with_test_clock(clock.clone());
+    let prefix = common::unique_prefix("multi");
+    let kinds = [Kind::Fixed, Kind::Sliding, Kind::Bucket];
+    let checks = |costs: [u64; 3]| -> Vec<LimitCheck> {
+        kinds
+            .iter()
+            .zip(costs)
+            .enumerate()
+            .map(|(i, (k, cost))| LimitCheck {
+                key: format!("{prefix}:l{i}:{{p}}"),
+                rule: k.algorithm().into(),
+                cost,
+                take: true,
+                slot: 0,
+            })
+            .collect()
+    };
+    for (i, op) in ops.into_iter().enumerate() {
+        let costs = match op {
+            MultiOp::Step(ms) => {
+                clock.advance(Duration::from_millis(ms));
+                continue;
+            }
+            MultiOp::Acquire(costs) => costs,
+        };
+        let (m, r, m_after, r_after) = runtime().block_on(async {
+            let m = memory.acquire(checks(costs)).await.unwrap();
+            let r = redis.acquire(checks(costs)).await.unwrap();
+            let m_after = memory.acquire(checks([0; 3])).await.unwrap();
+            let r_after = redis.acquire(checks([0; 3])).await.unwrap();
+            (m, r, m_after, r_after)
+        });
+        let view = |d: &[tower_llm_ratelimit::Decision]| {
+            d.iter()
+                .map(|d| (d.allowed, d.remaining, d.retry_after))
+                .collect::<Vec<_>>()
+        };
+        prop_assert_eq!(view(&m), view(&r), "memory vs redis at op {}", i);
+        prop_assert_eq!(view(&m_after), view(&r_after), "state after op {}", i);
+        let remaining =
+            |d: &[tower_llm_ratelimit::Decision]| d.iter().map(|d| d.remaining).collect::<Vec<_>>();
+        // Allowed: each limit reports what is left after its cost. Denied: nothing was
+        // taken from any limit, and each is reported as it is (not as if taken).
+        prop_assert_eq!(remaining(&m), remaining(&m_after), "op {}", i);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn several_limits_per_call_agree_and_are_all_or_nothing(start in 0u64..1000, ops in prop::collection::vec(multi_op(), 1..40)) {
+        multi_differential(start, ops)?;
+    }
+}

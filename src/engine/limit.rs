@@ -242,7 +242,7 @@ impl Limit {
 }
 
 /// Longest limit name accepted.
-pub const MAX_LIMIT_NAME: usize = 64;
+pub(crate) const MAX_LIMIT_NAME: usize = 64;
 
 /// Checks a limit name: 1..=64 bytes of `[A-Za-z0-9_.-]` (it appears in keys, headers
 /// and metric labels).

@@ -7,7 +7,7 @@
 //!
 //! Bad input never panics and never fails the response: malformed JSON or SSE, usage
 //! numbers that are negative, fractional, strings or beyond `u64` are ignored with a
-//! warning (the call is then charged as one without usage, SPEC §5.3).
+//! warning (the call is then charged as one without usage).
 
 use std::collections::VecDeque;
 use std::sync::LazyLock;

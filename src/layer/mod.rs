@@ -10,8 +10,8 @@
 //!    ([`TokenMode::CheckRemaining`], the default) or reserve an estimate
 //!    ([`TokenMode::Reserve`]); concurrency limits take a slot. If any limit denies,
 //!    nothing is taken from any of them and the inner service is not called: the call
-//!    fails with [`Error::RequestLimitReached`], [`Error::TokenLimitReached`] or
-//!    [`Error::ConcurrencyLimitReached`], naming the limit, with its `limit`,
+//!    fails with [`Error::RequestLimitReached`](crate::Error::RequestLimitReached), [`Error::TokenLimitReached`](crate::Error::TokenLimitReached) or
+//!    [`Error::ConcurrencyLimitReached`](crate::Error::ConcurrencyLimitReached), naming the limit, with its `limit`,
 //!    `remaining` and `retry_after`.
 //! 2. **After the response**, the reported usage (prompt tokens; prompt + completion with
 //!    [`include_output_tokens`](RatelimitLayerBuilder::include_output_tokens); or a
@@ -51,7 +51,7 @@
 //!   is outside the retries, so one logical call counts one request however many
 //!   attempts the retry layer makes.
 //! * `ServiceBuilder::new().layer(RetryLayer::new(..)).layer(ratelimit)`: each attempt
-//!   counts. A denial is an [`Error`] the retry policy can inspect
+//!   counts. A denial is an [`Error`](crate::Error) the retry policy can inspect
 //!   ([`Error::retry_after`](crate::Error::retry_after)).
 //!
 //! A `TimeoutLayer` outside the rate limit that fires drops the call's future: the

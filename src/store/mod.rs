@@ -34,7 +34,7 @@ pub use redis::{RedisOptions, RedisStore};
 /// call is cancelled and its settlement must still finish).
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
-/// The result of trying to take a cost from one limit (SPEC §2).
+/// The result of trying to take a cost from one limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// Whether the cost fit (for charges and refunds: whether the budget is within its

@@ -12,31 +12,28 @@ use redis::{Client, Script};
 use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture, undo_adjustments};
 use crate::error::StoreError;
 
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/lib.lua"),
-        include_str!("lua/acquire.lua")
-    ))
-});
+/// Whether the scripts accept a test's "now" (`test-util` builds only).
+#[cfg(feature = "test-util")]
+const PRELUDE: &str = "local TEST_CLOCK = true\n";
+#[cfg(not(feature = "test-util"))]
+const PRELUDE: &str = "local TEST_CLOCK = false\n";
 
-static ACQUIRE_BATCH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/lib.lua"),
-        include_str!("lua/acquire_batch.lua")
-    ))
-});
+/// `lib.lua` (the shared functions) and one script.
+fn script(body: &str) -> Script {
+    Script::new(&[PRELUDE, include_str!("lua/lib.lua"), body].concat())
+}
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/acquire.lua")));
+
+static ACQUIRE_BATCH: LazyLock<Script> =
+    LazyLock::new(|| script(include_str!("lua/acquire_batch.lua")));
 
 /// Most calls' acquires sent in one batch script.
 const MAX_BATCH: usize = 32;
 /// Batches in flight at once; while all are out, new acquires queue up and go together.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
-static ADJUST: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/lib.lua"),
-        include_str!("lua/adjust.lua")
-    ))
-});
+static ADJUST: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/adjust.lua")));
 
 /// Connection settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
@@ -53,13 +50,13 @@ pub struct RedisOptions {
     pub batching: bool,
     /// How long a settlement id is remembered, so that a settlement retried after an
     /// ambiguous failure (sent, but no answer) is applied once (default 10 s). At most
-    /// [`SETTLEMENT_IDS_KEPT`] ids are kept per identifier, so Redis memory is bounded
+    /// 128 ids are kept per identifier, so Redis memory is bounded
     /// per identifier, not by traffic.
     pub settlement_dedupe: Duration,
 }
 
 /// The most settlement ids remembered per identifier (the oldest are forgotten first).
-pub const SETTLEMENT_IDS_KEPT: usize = 128;
+pub(super) const SETTLEMENT_IDS_KEPT: usize = 128;
 
 /// How long the connection waits for any reply. An acquire whose caller stopped waiting
 /// (its own timeout, or cancellation) keeps waiting this long in the background, so
@@ -161,6 +158,7 @@ struct Shared {
     response_timeout: Duration,
     settlement_dedupe: Duration,
     /// Tests only: decide at this clock's time instead of the server's.
+    #[cfg(feature = "test-util")]
     clock: Option<crate::store::ManualClock>,
 }
 
@@ -263,6 +261,7 @@ impl RedisStore {
             batcher: Some(tx),
             response_timeout: self.shared.response_timeout,
             settlement_dedupe: self.shared.settlement_dedupe,
+            #[cfg(feature = "test-util")]
             clock: self.shared.clock.clone(),
         };
         Self {
@@ -277,14 +276,17 @@ impl RedisStore {
                 batcher: None,
                 response_timeout,
                 settlement_dedupe: Duration::from_secs(10),
+                #[cfg(feature = "test-util")]
                 clock: None,
             }),
         }
     }
 
-    /// Tests only: decide at `clock`'s time instead of the Redis server's, so a test can
+    /// Tests only (feature `test-util`): decide at `clock`'s time instead of the Redis
+    /// server's, so a test can
     /// step time (the differential property test compares stores at the same instants).
-    #[doc(hidden)]
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn with_test_clock(self, clock: crate::store::ManualClock) -> Self {
         let shared = Shared {
             conn: self.shared.conn.clone(),
@@ -299,6 +301,9 @@ impl RedisStore {
     }
 
     fn push_test_clock(&self, args: &mut Vec<i64>) {
+        #[cfg(not(feature = "test-util"))]
+        let _ = args;
+        #[cfg(feature = "test-util")]
         if let Some(clock) = &self.shared.clock {
             use crate::store::Clock;
             args.push(clock.now_micros());

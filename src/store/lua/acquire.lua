@@ -10,13 +10,13 @@
 -- Reply    { allowed_all (0|1), then per limit: allowed (0|1), limit, remaining,
 --          reset_after_us, retry_after_us (-1: none, or the cost can never pass),
 --          window index the decision was made in (-1: a bucket or slots) }.
--- ARGV[6n+1] (optional, tests only) "now" in microseconds instead of the server's TIME.
+-- ARGV[6n+1] (builds with the `test-util` feature only) "now" in microseconds instead of
+--          the server's TIME.
 -- Writes   nothing if any limit denies (beyond dropping expired concurrency slots);
 --          otherwise each taken cost or slot, with a TTL.
 
 local n = #KEYS
-local now = tonumber(ARGV[6 * n + 1]) or now_us()
-if ARGV[6 * n + 1] then TTL_PAD_MS = 600000 end
+local now = test_now(ARGV[6 * n + 1])
 local reply = {}
 acquire_group(KEYS, 0, n, ARGV, 0, now, reply)
 return reply

@@ -6,16 +6,15 @@
 -- KEYS     the keys of every call, call after call.
 -- ARGV[1]  the number of calls g; ARGV[2..g+1] how many keys each call has;
 --          then six values per key, in key order (as in acquire.lua).
--- ARGV[g+2+6*#KEYS] (optional, tests only) "now" in microseconds instead of TIME.
+-- ARGV[g+2+6*#KEYS] (builds with the `test-util` feature only) "now" in microseconds
+--          instead of TIME.
 -- Reply    per call, calls concatenated: allowed_all (0|1), then six fields per limit
 --          (as in acquire.lua).
 -- Writes   per call, as acquire.lua.
 
 local g = tonumber(ARGV[1])
 local base = 1 + g
-local override = ARGV[base + 6 * #KEYS + 1]
-local now = tonumber(override) or now_us()
-if override then TTL_PAD_MS = 600000 end
+local now = test_now(ARGV[base + 6 * #KEYS + 1])
 local reply = {}
 local k0 = 0
 for j = 1, g do

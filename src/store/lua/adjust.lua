@@ -12,7 +12,8 @@
 --          slot's lease, < 0 refund or release; a refund never goes beyond a full budget),
 --          window (the window index that paid for a refund, -1: none; see
 --          `algorithm::adjust` for where a refund lands once that window has rolled).
--- ARGV[3+6n+1] (optional, tests only) "now" in microseconds instead of the server's TIME.
+-- ARGV[3+6n+1] (builds with the `test-util` feature only) "now" in microseconds instead
+--          of the server's TIME.
 -- Reply    per limit: within_limit (0|1), limit, remaining, reset_after_us, -1, window.
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
 --          the id into the set (pruned by expiry and size, with a TTL); nothing when the
@@ -21,8 +22,7 @@
 local dedupe = ARGV[1] ~= '-1'
 local n = #KEYS
 if dedupe then n = n - 1 end
-local now = tonumber(ARGV[3 + 6 * n + 1]) or now_us()
-if ARGV[3 + 6 * n + 1] then TTL_PAD_MS = 600000 end
+local now = test_now(ARGV[3 + 6 * n + 1])
 local apply = true
 local ids, now_ms
 if dedupe then

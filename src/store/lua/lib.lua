@@ -13,14 +13,24 @@
 
 local MAX_COUNTER = 4503599627370496 -- 2^52
 local MAX_TTL_US = 4503599627370496
--- Added to every TTL when a test supplies "now": keys then cannot expire in real time
--- before the test's virtual time is done with them. An expired state equals an absent
--- one, so a longer TTL never changes a decision.
+-- Added to every TTL when a test supplies "now" (see test_now). An expired state equals
+-- an absent one, so a longer TTL never changes a decision.
 local TTL_PAD_MS = 0
 
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- "Now": the server's TIME, or (only in builds with the `test-util` feature, where the
+-- prelude sets TEST_CLOCK) a test's virtual time, with every TTL padded so keys cannot
+-- expire in real time before the test's virtual time is done with them.
+local function test_now(override)
+  if TEST_CLOCK and override then
+    TTL_PAD_MS = 600000
+    return tonumber(override)
+  end
+  return now_us()
 end
 
 local function clamp_counter(v)
