@@ -353,7 +353,7 @@ impl Algorithm {
 /// |-----------|--------------|----------------|------------------|
 /// | fixed     | window index | used           | –                |
 /// | sliding   | window index | used (current) | used (previous)  |
-/// | bucket    | tokens       | last refill µs | –                |
+/// | bucket    | used (capacity − tokens; > capacity is debt) | last refill µs | – |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub(crate) struct State {
     pub a: i64,
@@ -450,13 +450,14 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
             let (tokens, last) = match state {
                 None => (cap, now),
                 Some(s) => {
+                    // The state keeps what is *used* (not what is left), so a changed
+                    // capacity (a tenant's new quota) keeps what was used.
                     let intervals = (now - s.b).max(0) / b.interval_us as i64;
-                    let refilled = (intervals as i128 * b.refill as i128 + s.a as i128)
-                        .min(cap as i128) as i64;
-                    if refilled >= cap {
+                    let used = (s.a as i128 - intervals as i128 * b.refill as i128).max(0) as i64;
+                    if used <= 0 {
                         (cap, now)
                     } else {
-                        (refilled, s.b + intervals * b.interval_us as i64)
+                        (cap - used, s.b + intervals * b.interval_us as i64)
                     }
                 }
             };
@@ -561,8 +562,8 @@ fn state_of(alg: &Algorithm, v: &View) -> State {
             b: v.current,
             c: v.previous,
         },
-        Algorithm::TokenBucket(_) => State {
-            a: v.current,
+        Algorithm::TokenBucket(b) => State {
+            a: clamp_counter(b.capacity as i64 - v.current),
             b: v.anchor,
             c: 0,
         },
@@ -820,7 +821,10 @@ mod tests {
         let Write::Put(s, ttl_us) = w else {
             panic!("{w:?}")
         };
-        assert_eq!(s.a, -15);
+        assert_eq!(
+            s.a, 25,
+            "the state keeps what is used: 15 of debt beyond 10"
+        );
         assert_eq!(ttl_us, 3 * S as u64);
         let (o, w) = adjust(&alg, Some(s), 0, -1000, None);
         assert_eq!(o.remaining, 10);

@@ -1,4 +1,4 @@
-//! Identifier extractors: how the layer learns whose budget a request uses .
+//! Identifier extractors: how the layer learns whose budget a request uses.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -146,6 +146,16 @@ impl<B> ExtractIdentifier<http::Request<B>> for ApiKey {
             .map(|k| k.trim_ascii())
             .filter(|k| !k.is_empty())?;
         Some(Cow::Owned(hash_api_key(key).into_bytes()))
+    }
+}
+
+/// HTTP requests are identified by their hashed API key by default (see [`ApiKey`]):
+/// something a client cannot choose freely. A header the client sets itself (such as
+/// `x-user-id`) must be chosen explicitly with [`Header`], and only behind a trusted
+/// proxy that sets it.
+impl<B> HasIdentifier for http::Request<B> {
+    fn identifier(&self) -> Option<Cow<'_, [u8]>> {
+        ApiKey.extract(self)
     }
 }
 

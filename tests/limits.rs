@@ -695,3 +695,184 @@ async fn a_call_dropped_while_the_model_runs_is_charged_its_prompt_estimate() {
         assert_eq!(used, 1000, "{mode:?}");
     }
 }
+
+#[tokio::test]
+async fn waiting_calls_never_pass_after_the_bound() {
+    let bound = Duration::from_secs(1);
+    let layer = bucket_layer(Duration::from_millis(300), bound);
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let started = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(2 * i)).await;
+                let arrived = Instant::now();
+                let result = svc.oneshot(LlmRequest::new("max", "x")).await;
+                (arrived, result.is_ok(), Instant::now())
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for c in calls {
+        let (arrived, ok, done) = c.await.unwrap();
+        if ok {
+            passed += 1;
+            assert!(
+                done - arrived <= bound + Duration::from_millis(150),
+                "a call passed {:?} after it arrived",
+                done - arrived
+            );
+        } else {
+            assert!(done - arrived <= bound + Duration::from_millis(150));
+        }
+    }
+    // 1 at once, then one every 300 ms within the second: 4 at most.
+    assert!((3..=4).contains(&passed), "{passed} passed");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn waiters_of_one_model_do_not_hold_up_another() {
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "rps",
+            Limit::requests(TokenBucket::new(1, 1, Duration::from_millis(400)).unwrap())
+                .per_model(),
+        )
+        .wait_up_to(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let call = |model: &'static str| {
+        svc.clone()
+            .oneshot(LlmRequest::new("ned", "x").with_model(model))
+    };
+    call("b").await.unwrap();
+    let waiting: Vec<_> = (0..3).map(|_| tokio::spawn(call("b"))).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = Instant::now();
+    call("a").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "model a waited {:?} behind model b",
+        started.elapsed()
+    );
+    for w in waiting {
+        let _ = w.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_a_bucket_quota_keeps_what_was_used() {
+    for (name, store) in stores().await {
+        let quota = Arc::new(AtomicUsize::new(0));
+        let resolver = {
+            let quota = quota.clone();
+            quota_fn(move |_: &[u8]| {
+                let q = quota.load(Ordering::SeqCst) as u64;
+                (q > 0).then(|| Quotas::new().set("bucket", q))
+            })
+        };
+        let layer = RatelimitLayer::builder()
+            .shared_store(store)
+            .prefix(common::unique_prefix(&format!("bucket-tier-{name}")))
+            .limit(
+                "bucket",
+                Limit::requests(TokenBucket::new(10, 1, LONG).unwrap()),
+            )
+            .quotas(resolver)
+            .build()
+            .unwrap();
+        let svc = layer.layer(llm(Usage::new(1, 1)));
+        for _ in 0..5 {
+            svc.clone()
+                .oneshot(LlmRequest::new("ola", "x"))
+                .await
+                .unwrap();
+        }
+        quota.store(100, Ordering::SeqCst);
+        let usage = layer.usage("ola").await.unwrap();
+        assert_eq!((usage[0].limit, usage[0].remaining), (100, 95), "{name}");
+        quota.store(8, Ordering::SeqCst);
+        assert_eq!(layer.usage("ola").await.unwrap()[0].remaining, 3, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_tier_raise_applies_on_the_next_call_despite_a_cached_denial() {
+    let quota = Arc::new(AtomicUsize::new(1));
+    let resolver = {
+        let quota = quota.clone();
+        quota_fn(move |_: &[u8]| {
+            Some(Quotas::new().set("rpm", quota.load(Ordering::SeqCst) as u64))
+        })
+    };
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .quotas(resolver)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    svc.clone()
+        .oneshot(LlmRequest::new("pam", "x"))
+        .await
+        .unwrap();
+    assert!(
+        svc.clone()
+            .oneshot(LlmRequest::new("pam", "x"))
+            .await
+            .is_err()
+    );
+    quota.store(5, Ordering::SeqCst);
+    svc.oneshot(LlmRequest::new("pam", "x")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_quota_of_zero_suspends_and_huge_bounds_do_not_panic() {
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(100, LONG).unwrap()))
+        .quotas(StaticQuotas::new().insert("banned", Quotas::new().set("rpm", 0)))
+        .wait_up_to(Duration::MAX)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let err = svc
+        .clone()
+        .oneshot(LlmRequest::new("banned", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RequestLimitReached);
+    assert_eq!(err.limit_exceeded().unwrap().limit, 0);
+    assert_eq!(err.retry_after(), None);
+    svc.oneshot(LlmRequest::new("fine", "x")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cold_cache_looks_a_tenant_up_once() {
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let cached = {
+        let lookups = lookups.clone();
+        CachedQuotas::new(Duration::from_secs(60), move |_: Vec<u8>| {
+            let lookups = lookups.clone();
+            async move {
+                lookups.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some(Quotas::new().set("rpm", 1000))
+            }
+        })
+    };
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .quotas(cached)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let calls: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(svc.clone().oneshot(LlmRequest::new("quinn", "x"))))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(lookups.load(Ordering::SeqCst), 1);
+}

@@ -12,6 +12,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::{Instant, Sleep};
+
 use tower_service::Service;
 
 use super::quota::{QuotaFuture, Resolution};
@@ -65,6 +66,11 @@ struct Pending<S, R> {
     deadline: Option<Instant>,
     /// Wait mode: this call's turn in its identifier's queue, while it holds it.
     turn: Option<OwnedMutexGuard<()>>,
+    /// Wait mode: the denial that made the call wait, and when it lifts.
+    denied: Option<(Error, Instant)>,
+    /// Wait mode is over for this call (its deadline passed while queued): the next
+    /// denial fails it.
+    no_more_waiting: bool,
 }
 
 pin_project! {
@@ -76,7 +82,7 @@ pin_project! {
         S: Service<R>,
     {
         Resolving { quotas: QuotaFuture, pending: Option<Pending<S, R>> },
-        Queued { turn: Turn, plan: Option<Plan>, pending: Option<Pending<S, R>>, first_wait: Option<Duration> },
+        Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Plan>, pending: Option<Pending<S, R>> },
         Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Plan>, pending: Option<Pending<S, R>> },
         Acquiring { settlement: Option<Settlement>, plan: Option<Plan>, pending: Option<Pending<S, R>> },
         Calling { #[pin] future: S::Future, settlement: Option<Settlement>, decisions: Vec<Decision>, plan: Option<Plan> },
@@ -92,7 +98,12 @@ impl<S: Service<R>, R> Call<S, R> {
             Ok(tag) => tag,
             Err(error) => return Self::refused(error),
         };
-        let deadline = engine.wait_up_to.map(|d| Instant::now() + d);
+        // A bound too large to add is no bound: a century from now.
+        let deadline = engine.wait_up_to.map(|d| {
+            let now = Instant::now();
+            now.checked_add(d)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+        });
         let pending = Pending {
             engine: engine.clone(),
             service,
@@ -102,6 +113,8 @@ impl<S: Service<R>, R> Call<S, R> {
             estimate: call.estimate,
             deadline,
             turn: None,
+            denied: None,
+            no_more_waiting: false,
         };
         let quotas = match &engine.quotas {
             None => None,
@@ -130,13 +143,24 @@ impl<S: Service<R>, R> Call<S, R> {
         }
     }
 
-    /// The plan is known: answer from the denial cache, queue behind waiting calls, or
-    /// acquire.
-    fn planned(plan: Plan, pending: Pending<S, R>) -> Self {
-        let engine = &pending.engine;
-        if let Some(error) = engine.cached_denial(&plan.tag, plan.model.as_deref()) {
+    /// The plan is known: refuse a suspended identifier, answer from the denial cache,
+    /// queue behind waiting calls, or acquire.
+    fn planned(plan: Plan, mut pending: Pending<S, R>) -> Self {
+        let engine = pending.engine.clone();
+        if let Some(error) = engine.suspension(&plan) {
+            return Call::Refused {
+                outcome: Some(Outcome::Refused {
+                    error,
+                    decisions: Vec::new(),
+                    plan: Some(plan),
+                    decider: Decider::Store,
+                }),
+            };
+        }
+        if let Some(error) = engine.cached_denial(&plan) {
             if let Some(wait) = waitable(&pending, &error) {
-                return Self::queue(plan, pending, Some(wait));
+                pending.denied = Some((error, Instant::now() + wait));
+                return Self::queue(plan, pending);
             }
             if let Some(e) = error.limit_exceeded() {
                 metrics::cached_denial(&e.name);
@@ -150,31 +174,55 @@ impl<S: Service<R>, R> Call<S, R> {
                 }),
             };
         }
-        if pending.deadline.is_some() && engine.waiters.busy(&plan.tag) {
-            // Calls of this identifier are waiting: take a turn behind them.
-            return Self::queue(plan, pending, None);
+        if pending.deadline.is_some() && engine.waiters.busy(&queue_key(&plan)) {
+            // Calls of this identifier (and model) are waiting: take a turn behind them.
+            return Self::queue(plan, pending);
         }
         Self::acquire(plan, pending)
     }
 
-    fn queue(plan: Plan, pending: Pending<S, R>, first_wait: Option<Duration>) -> Self {
+    /// Wait for this call's turn (if it does not hold it yet), then for its denial to
+    /// lift, then acquire again.
+    fn queue(plan: Plan, pending: Pending<S, R>) -> Self {
         if pending.turn.is_some() {
-            return Self::sleep(plan, pending, first_wait.unwrap_or_default());
+            return Self::after_turn(plan, pending);
         }
-        let turn = Box::pin(pending.engine.waiters.queue(&plan.tag).lock_owned());
+        let turn = Box::pin(pending.engine.waiters.queue(&queue_key(&plan)).lock_owned());
+        let deadline = pending
+            .deadline
+            .map(|d| Box::pin(tokio::time::sleep_until(d)));
         Call::Queued {
             turn,
+            deadline,
             plan: Some(plan),
             pending: Some(pending),
-            first_wait,
         }
     }
 
-    fn sleep(plan: Plan, pending: Pending<S, R>, wait: Duration) -> Self {
-        Call::Sleeping {
-            sleep: Box::pin(tokio::time::sleep(wait)),
-            plan: Some(plan),
-            pending: Some(pending),
+    /// This call holds its turn: sleep until its denial lifts (if it still can within
+    /// the bound), else acquire now.
+    fn after_turn(plan: Plan, mut pending: Pending<S, R>) -> Self {
+        let now = Instant::now();
+        match pending.denied.take() {
+            Some((error, lifts)) if lifts > now => {
+                if pending.deadline.is_some_and(|d| lifts > d) {
+                    release_turn(&mut pending, &plan);
+                    return Call::Refused {
+                        outcome: Some(Outcome::Refused {
+                            error,
+                            decisions: Vec::new(),
+                            plan: Some(plan),
+                            decider: Decider::Store,
+                        }),
+                    };
+                }
+                Call::Sleeping {
+                    sleep: Box::pin(tokio::time::sleep_until(lifts)),
+                    plan: Some(plan),
+                    pending: Some(pending),
+                }
+            }
+            _ => Self::acquire(plan, pending),
         }
     }
 
@@ -188,9 +236,21 @@ impl<S: Service<R>, R> Call<S, R> {
     }
 }
 
+/// The FIFO queue a call waits in: its identifier and model (per-model budgets are
+/// independent, so their waiters must not block each other).
+fn queue_key(plan: &Plan) -> String {
+    match &plan.model {
+        Some(model) => format!("{}\0{model}", plan.tag),
+        None => plan.tag.clone(),
+    }
+}
+
 /// Wait mode: how long to sleep before trying a denied call again, if its wait fits
 /// in what is left of the bound.
 fn waitable<S, R>(pending: &Pending<S, R>, error: &Error) -> Option<Duration> {
+    if pending.no_more_waiting {
+        return None;
+    }
     let deadline = pending.deadline?;
     let wait = error.retry_after()?;
     (Instant::now() + wait <= deadline).then_some(wait)
@@ -224,19 +284,35 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                 }
                 CallProj::Queued {
                     turn,
+                    deadline,
                     plan,
                     pending,
-                    first_wait,
                 } => {
-                    let guard = ready!(turn.as_mut().poll(cx));
-                    let (plan, mut pending) = (taken(plan), taken(pending));
-                    pending.turn = Some(guard);
-                    let next = match first_wait.take() {
-                        Some(wait) => Self::sleep(plan, pending, wait),
-                        // Our turn: budget may have come back while we queued.
-                        None => Self::acquire(plan, pending),
-                    };
-                    self.set(next);
+                    match turn.as_mut().poll(cx) {
+                        Poll::Ready(guard) => {
+                            let (plan, mut pending) = (taken(plan), taken(pending));
+                            pending.turn = Some(guard);
+                            self.set(Self::after_turn(plan, pending));
+                        }
+                        Poll::Pending => {
+                            let Some(deadline) = deadline else {
+                                return Poll::Pending;
+                            };
+                            ready!(deadline.as_mut().poll(cx));
+                            // The bound passed while queued: one last try, no more waiting.
+                            let (plan, mut pending) = (taken(plan), taken(pending));
+                            pending.no_more_waiting = true;
+                            if let Some((error, _)) = pending.denied.take() {
+                                return Poll::Ready(Outcome::Refused {
+                                    error,
+                                    decisions: Vec::new(),
+                                    plan: Some(plan),
+                                    decider: Decider::Store,
+                                });
+                            }
+                            self.set(Self::acquire(plan, pending));
+                        }
+                    }
                 }
                 CallProj::Sleeping {
                     sleep,
@@ -264,7 +340,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     let decisions = match acquired {
                         Ok(decisions) => decisions,
                         Err(error) => {
-                            release_turn(&mut pending, &plan.tag);
+                            release_turn(&mut pending, &plan);
                             return Poll::Ready(Outcome::Refused {
                                 error: Error::Store(error),
                                 decisions: Vec::new(),
@@ -279,10 +355,11 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         engine.remember_denial(&plan, &error);
                         if let Some(wait) = waitable(&pending, &error) {
                             tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
-                            self.set(Self::queue(plan, pending, Some(wait)));
+                            pending.denied = Some((error, Instant::now() + wait));
+                            self.set(Self::queue(plan, pending));
                             continue;
                         }
-                        release_turn(&mut pending, &plan.tag);
+                        release_turn(&mut pending, &plan);
                         tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
                         return Poll::Ready(Outcome::Refused {
                             error,
@@ -291,7 +368,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             decider,
                         });
                     }
-                    release_turn(&mut pending, &plan.tag);
+                    release_turn(&mut pending, &plan);
                     let _span = tracing::debug_span!(
                         "llm_ratelimit_call",
                         identifier = %plan.tag,
@@ -344,8 +421,8 @@ fn refusal<S: Service<R>, R>(error: Error, plan: Option<Plan>) -> Outcome<S, R> 
 }
 
 /// Give up this call's turn, letting the next waiting call of the identifier go.
-fn release_turn<S, R>(pending: &mut Pending<S, R>, tag: &str) {
+fn release_turn<S, R>(pending: &mut Pending<S, R>, plan: &Plan) {
     if pending.turn.take().is_some() {
-        pending.engine.waiters.release(tag);
+        pending.engine.waiters.release(&queue_key(plan));
     }
 }

@@ -100,6 +100,9 @@ pub(crate) struct Plan {
     pub estimate: Option<Usage>,
     pub checks: Vec<LimitCheck>,
     pub taken: Vec<Taken>,
+    /// A limit whose quota for this identifier is 0 (a suspended tenant): every call is
+    /// refused by it.
+    pub suspended: Option<usize>,
 }
 
 /// Everything the middleware shares across clones.
@@ -226,11 +229,16 @@ impl Engine {
     ) -> Plan {
         let mut checks = Vec::with_capacity(self.limits.len());
         let mut taken = Vec::with_capacity(self.limits.len());
+        let mut suspended = None;
         for (i, spec) in self.limits.iter().enumerate() {
             if !spec.applies_to(model) {
                 continue;
             }
             let rule = match quotas.and_then(|q| q.get(&spec.name)) {
+                Some(0) => {
+                    suspended.get_or_insert(i);
+                    spec.rule
+                }
                 Some(quota) => with_quota(spec.rule, quota, &spec.name),
                 None => spec.rule,
             };
@@ -270,7 +278,25 @@ impl Engine {
             estimate,
             checks,
             taken,
+            suspended,
         }
+    }
+
+    /// The refusal of a call whose identifier has a quota of 0 on one of its limits.
+    pub(crate) fn suspension(&self, plan: &Plan) -> Option<Error> {
+        let spec = &self.limits[plan.suspended?];
+        let exceeded = LimitExceeded {
+            name: spec.name.clone(),
+            limit: 0,
+            remaining: 0,
+            retry_after: None,
+            reset_after: Duration::ZERO,
+        };
+        Some(match spec.kind {
+            LimitKind::Requests => Error::RequestLimitReached(exceeded),
+            LimitKind::Tokens => Error::TokenLimitReached(exceeded),
+            LimitKind::Concurrency => Error::ConcurrencyLimitReached(exceeded),
+        })
     }
 
     /// Units token limit `index` charges for `usage` of `model`.
@@ -336,9 +362,23 @@ impl Engine {
         }
     }
 
-    /// A cached denial still in force for `tag` and `model`.
-    pub(crate) fn cached_denial(&self, tag: &str, model: Option<&str>) -> Option<Error> {
-        self.denied.as_ref()?.check(tag, model)
+    /// A cached denial still in force for this call, unless the denying limit's quota
+    /// changed since (a tenant's new tier applies on the next call).
+    pub(crate) fn cached_denial(&self, plan: &Plan) -> Option<Error> {
+        let cache = self.denied.as_ref()?;
+        let error = cache.check(&plan.tag, plan.model.as_deref())?;
+        let exceeded = error.limit_exceeded()?;
+        let same_quota = plan
+            .taken
+            .iter()
+            .find(|t| self.limits[t.limit].name == exceeded.name)
+            .is_some_and(|t| t.rule.limit() == exceeded.limit);
+        if same_quota {
+            Some(error)
+        } else {
+            cache.forget(&plan.tag);
+            None
+        }
     }
 
     /// Drop `tag`'s cached denials: budget was given back through this process.

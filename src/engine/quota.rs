@@ -127,15 +127,17 @@ where
 
 type Lookup = Arc<dyn Fn(Vec<u8>) -> QuotaFuture + Send + Sync>;
 
+/// One identifier's entry: the answer, once the lookup that every waiting call shares
+/// has finished.
 struct Cached {
-    quotas: Option<Arc<Quotas>>,
+    answer: Arc<tokio::sync::OnceCell<Option<Arc<Quotas>>>>,
     fetched: Instant,
 }
 
 /// An async lookup (a database, a billing API) behind a cache with a time to live: a
-/// fresh entry answers at once; a missing or stale one is looked up (calls of that
-/// identifier wait for it). A lookup that fails should return `None` (the configured
-/// quotas apply).
+/// fresh entry answers at once; a missing or stale one is looked up once, and every call
+/// of that identifier meanwhile waits for that one lookup. A lookup that fails should
+/// return `None` (the configured quotas apply).
 pub struct CachedQuotas {
     lookup: Lookup,
     ttl: Duration,
@@ -182,30 +184,38 @@ impl CachedQuotas {
 
 impl QuotaResolver for CachedQuotas {
     fn resolve(&self, identifier: &[u8]) -> Resolution {
-        if let Some(c) = self.lock().get(identifier)
-            && c.fetched.elapsed() < self.ttl
-        {
-            return Resolution::Ready(c.quotas.clone());
-        }
-        let fetch = (self.lookup)(identifier.to_vec());
-        let cache = self.cache.clone();
-        let capacity = self.capacity;
-        let ttl = self.ttl;
+        let answer = {
+            let mut cache = self.lock();
+            match cache.get(identifier) {
+                Some(c) if c.fetched.elapsed() < self.ttl => {
+                    if let Some(quotas) = c.answer.get() {
+                        return Resolution::Ready(quotas.clone());
+                    }
+                    // Being looked up: wait for that lookup.
+                    c.answer.clone()
+                }
+                _ => {
+                    if cache.len() >= self.capacity {
+                        let ttl = self.ttl;
+                        cache.retain(|_, c| c.fetched.elapsed() < ttl);
+                    }
+                    let answer = Arc::new(tokio::sync::OnceCell::new());
+                    cache.insert(
+                        identifier.to_vec(),
+                        Cached {
+                            answer: answer.clone(),
+                            fetched: Instant::now(),
+                        },
+                    );
+                    answer
+                }
+            }
+        };
+        let lookup = self.lookup.clone();
         let id = identifier.to_vec();
         Resolution::Pending(Box::pin(async move {
-            let quotas = fetch.await;
-            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= capacity {
-                cache.retain(|_, c| c.fetched.elapsed() < ttl);
-            }
-            cache.insert(
-                id,
-                Cached {
-                    quotas: quotas.clone(),
-                    fetched: Instant::now(),
-                },
-            );
-            quotas
+            // Only the first caller's lookup runs; the others wait for its answer.
+            answer.get_or_init(|| lookup(id)).await.clone()
         }))
     }
 }

@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use memchr::memmem;
 use pin_project_lite::pin_project;
 
+use super::decode::Encoding;
 use super::usage::UsageParser;
 use crate::engine::settlement::{Ending, Settlement};
 use crate::error::BoxError;
@@ -34,6 +35,10 @@ pub(crate) struct Meter {
     events: u64,
     bytes: u64,
     event_stream: bool,
+    /// The body's `Content-Encoding`: usage is read from a decoded view.
+    encoding: Encoding,
+    /// The body could not be decoded: its usage is unreadable.
+    unreadable: bool,
 }
 
 /// The estimate charged for a call whose usage never arrived: the prompt estimate, and
@@ -67,8 +72,21 @@ impl Meter {
         filter_usage_chunk: bool,
         event_stream: bool,
         prompt_estimate: u64,
+        encoding: Encoding,
     ) -> Self {
+        let unreadable = match &encoding {
+            Encoding::Unknown(name) => {
+                tracing::warn!(
+                    encoding = %name,
+                    "response body in an encoding the rate limiter cannot read; charging the estimate"
+                );
+                true
+            }
+            _ => false,
+        };
         Self {
+            encoding,
+            unreadable,
             parser,
             settlement: Some(settlement),
             success,
@@ -90,8 +108,62 @@ impl Meter {
         }
     }
 
+    /// Read a frame of the body (decoded if it is compressed).
+    fn observe(&mut self, data: &Bytes) {
+        if self.unreadable {
+            return;
+        }
+        let decoded = match &mut self.encoding {
+            Encoding::Identity => {
+                self.count(data);
+                if let Some(p) = &mut self.parser {
+                    p.feed(data);
+                }
+                return;
+            }
+            Encoding::Unknown(_) => return,
+            Encoding::Known(decoder) => {
+                let mut out = Vec::new();
+                if let Err(error) = decoder.write(data, &mut out) {
+                    tracing::warn!(%error, "cannot decode a compressed response body; charging the estimate");
+                    self.unreadable = true;
+                }
+                out
+            }
+        };
+        self.read_decoded(decoded);
+    }
+
+    fn read_decoded(&mut self, decoded: Vec<u8>) {
+        if decoded.is_empty() {
+            return;
+        }
+        self.count(&decoded);
+        if let Some(p) = &mut self.parser {
+            p.feed(&Bytes::from(decoded));
+        }
+    }
+
+    /// The body ended: flush the decoder.
+    fn end_of_body(&mut self) {
+        if self.unreadable {
+            return;
+        }
+        if let Encoding::Known(decoder) = &mut self.encoding {
+            let mut out = Vec::new();
+            if let Err(error) = decoder.finish(&mut out) {
+                tracing::warn!(%error, "a compressed response body ended early; charging the estimate");
+                self.unreadable = true;
+            }
+            self.read_decoded(out);
+        }
+    }
+
     /// `finished`: the body ended normally (its usage, if any, has been seen).
     fn start_settlement(&mut self, finished: bool) {
+        if finished {
+            self.end_of_body();
+        }
         let usage = match &mut self.parser {
             Some(p) if finished => p.finish(),
             Some(p) => p.usage(),
@@ -107,9 +179,10 @@ impl Meter {
             }
             // An error status without usage: the model produced nothing to charge.
             (None, _) if !self.success => Ending::Failed,
-            (None, true) => Ending::Delivered(None),
-            // Cut short (client gone, upstream cut, body error): never charged 0.
-            (seen, false) => Ending::Incomplete(incomplete_estimate(
+            (None, true) if !self.unreadable => Ending::Delivered(None),
+            // Cut short (client gone, upstream cut, body error) or unreadable: never
+            // charged 0.
+            (seen, _) => Ending::Incomplete(incomplete_estimate(
                 self.prompt_estimate,
                 self.event_stream,
                 self.events,
@@ -209,10 +282,7 @@ where
                     Some(Ok(frame)) => {
                         let frame = match frame.into_data() {
                             Ok(data) => {
-                                meter.count(&data);
-                                if let Some(p) = &mut meter.parser {
-                                    p.feed(&data);
-                                }
+                                meter.observe(&data);
                                 match &mut meter.filter {
                                     Some(f) => f.push(data).map(Frame::data),
                                     None => Some(Frame::data(data)),
@@ -353,6 +423,7 @@ pin_project! {
     enum RequestKind<B> {
         Streaming { #[pin] body: B },
         Buffered { data: Option<Bytes> },
+        Prefixed { prefix: Option<Bytes>, rest: Pin<Box<B>> },
     }
 }
 
@@ -360,6 +431,16 @@ impl<B> RequestBody<B> {
     pub(crate) fn streaming(body: B) -> Self {
         Self {
             kind: RequestKind::Streaming { body },
+        }
+    }
+
+    /// The bytes the layer read, then the rest of the body, unread.
+    pub(crate) fn prefixed(prefix: Bytes, rest: Pin<Box<B>>) -> Self {
+        Self {
+            kind: RequestKind::Prefixed {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                rest,
+            },
         }
     }
 
@@ -389,6 +470,10 @@ where
             RequestKindProj::Buffered { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
+            RequestKindProj::Prefixed { prefix, rest } => match prefix.take() {
+                Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
+                None => rest.as_mut().poll_frame(cx).map_err(Into::into),
+            },
         }
     }
 
@@ -396,6 +481,7 @@ where
         match &self.kind {
             RequestKind::Streaming { body } => body.is_end_stream(),
             RequestKind::Buffered { data } => data.is_none(),
+            RequestKind::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -404,6 +490,16 @@ where
             RequestKind::Streaming { body } => body.size_hint(),
             RequestKind::Buffered { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestKind::Prefixed { prefix, rest } => {
+                let extra = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
             }
         }
     }

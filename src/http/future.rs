@@ -13,6 +13,7 @@ use tower_service::Service;
 
 use super::HttpConfig;
 use super::body::{Meter, RatelimitBody, RequestBody};
+use super::decode::Encoding;
 use super::headers::{self, Api, LimitInfo};
 use super::inspect::inspect;
 use crate::engine::call::{Call, CallRequest, Outcome};
@@ -22,7 +23,38 @@ use crate::error::{BoxError, Error};
 use crate::llm::Usage;
 use crate::store::Decision;
 
-type ReadFuture = Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>;
+/// The request body read: all of it (`None`), or its first bytes and the rest unread
+/// (the body was larger than the layer reads and the layer needs no estimate).
+type ReadFuture<B> =
+    Pin<Box<dyn Future<Output = Result<(Bytes, Option<Pin<Box<B>>>), BoxError>> + Send>>;
+
+/// Read up to `max` bytes of `body`. Beyond: with `strict`, an error (413); else the
+/// bytes read so far and the rest of the body.
+fn read_body<B>(body: B, max: usize, strict: bool) -> ReadFuture<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if strict {
+        return Box::pin(
+            async move { Ok((Limited::new(body, max).collect().await?.to_bytes(), None)) },
+        );
+    }
+    Box::pin(async move {
+        let mut body = Box::pin(body);
+        let mut read = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(Into::into)?;
+            if let Ok(data) = frame.into_data() {
+                read.extend_from_slice(&data);
+                if read.len() > max {
+                    return Ok((read.freeze(), Some(body)));
+                }
+            }
+        }
+        Ok((read.freeze(), None))
+    })
+}
 
 /// What the response needs from the request once the call is on its way.
 struct CallInfo {
@@ -58,7 +90,7 @@ pin_project! {
     {
         Respond { response: Option<Response<RatelimitBody<ResBody>>> },
         Reading {
-            read: ReadFuture,
+            read: ReadFuture<B>,
             parts: Option<http::request::Parts>,
             service: Option<S>,
             identifier: Vec<u8>,
@@ -122,7 +154,7 @@ fn infos(engine: &Engine, plan: &Plan, decisions: &[Decision]) -> Vec<LimitInfo>
                 name: spec.name.clone(),
                 kind: spec.kind,
                 limit: d.limit,
-                remaining: d.remaining,
+                remaining: Some(d.remaining),
                 reset_after: d.reset_after,
                 period: t.rule.period(),
             }
@@ -157,26 +189,43 @@ fn refused<ResBody>(
         Error::ConcurrencyLimitReached(_) => crate::LimitKind::Concurrency,
         _ => crate::LimitKind::Requests,
     };
-    let mut infos = match plan {
+    let infos = match plan {
         Some(plan) if !decisions.is_empty() => infos(engine, plan, decisions),
-        _ => Vec::new(),
-    };
-    if infos.is_empty() {
-        // Answered from the denial cache: the denying limit is all we know.
-        let period = engine
-            .limits
+        // Answered from the denial cache (or a suspension): every limit's policy, and
+        // the denying limit's state, which is all that is known without the store.
+        Some(plan) => plan
+            .taken
             .iter()
-            .find(|l| l.name == exceeded.name)
-            .map_or(std::time::Duration::ZERO, |l| l.rule.period());
-        infos.push(LimitInfo {
+            .map(|t| {
+                let spec = engine.spec(t.limit);
+                let denying = spec.name == exceeded.name;
+                LimitInfo {
+                    name: spec.name.clone(),
+                    kind: spec.kind,
+                    limit: if denying {
+                        exceeded.limit
+                    } else {
+                        t.rule.limit()
+                    },
+                    remaining: denying.then_some(exceeded.remaining),
+                    reset_after: if denying {
+                        exceeded.reset_after
+                    } else {
+                        std::time::Duration::ZERO
+                    },
+                    period: t.rule.period(),
+                }
+            })
+            .collect(),
+        None => vec![LimitInfo {
             name: exceeded.name.clone(),
             kind,
             limit: exceeded.limit,
-            remaining: exceeded.remaining,
+            remaining: Some(exceeded.remaining),
             reset_after: exceeded.reset_after,
-            period,
-        });
-    }
+            period: std::time::Duration::ZERO,
+        }],
+    };
     headers::denial(kind, &error.to_string(), exceeded, &infos, api)
 }
 
@@ -205,15 +254,15 @@ where
         http: Arc<HttpConfig>,
         identifier: Vec<u8>,
         api: Api,
+        needs_estimate: bool,
     ) -> Self
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let (parts, body) = request.into_parts();
-        let max = http.max_request_body;
-        let read: ReadFuture =
-            Box::pin(async move { Ok(Limited::new(body, max).collect().await?.to_bytes()) });
+        // Only an estimate needs the whole body; otherwise a large body passes through.
+        let read = read_body(body, http.max_request_body, needs_estimate);
         Self {
             state: State::Reading {
                 read,
@@ -301,8 +350,8 @@ where
                         service.take().expect("future polled after completion"),
                         info.take().expect("future polled after completion"),
                     );
-                    let bytes = match result {
-                        Ok(bytes) => bytes,
+                    let (bytes, rest) = match result {
+                        Ok(read) => read,
                         Err(e) => {
                             let too_large = e.downcast_ref::<LengthLimitError>().is_some();
                             tracing::warn!(error = %e, too_large, "could not read a request body");
@@ -332,7 +381,32 @@ where
                             continue;
                         }
                     };
-                    let inject = info.http.inject_stream_usage && info.api == Api::OpenAi;
+                    if let Some(rest) = rest {
+                        // Larger than the layer reads, and no estimate is needed: the
+                        // request goes on as it came (no usage injection, no model).
+                        let request =
+                            Request::from_parts(parts, RequestBody::prefixed(bytes, rest));
+                        let call = Call::new(
+                            info.engine.clone(),
+                            service,
+                            request,
+                            CallRequest {
+                                identifier,
+                                model: None,
+                                estimate: None,
+                            },
+                        );
+                        this.state.set(State::Calling {
+                            call,
+                            info: Some(info),
+                        });
+                        continue;
+                    }
+                    // Only OpenAI chat and completions accept `stream_options`.
+                    let path = parts.uri.path();
+                    let inject = info.http.inject_stream_usage
+                        && info.api == Api::OpenAi
+                        && (path.ends_with("/chat/completions") || path.ends_with("/completions"));
                     let inspection = inspect(&bytes, info.engine.default_estimate, inject);
                     let body = match inspection.rewritten {
                         Some(rewritten) => {
@@ -415,7 +489,13 @@ where
                                 // the concurrency slot, held until the body is done.
                                 let parser = info.http.usage_format.parser(&parts);
                                 let event_stream = is_event_stream(&parts);
-                                let filter = info.filter_usage_chunk && event_stream;
+                                let encoding = Encoding::from_header(
+                                    parts.headers.get(http::header::CONTENT_ENCODING),
+                                );
+                                // The usage chunk can only be taken out of a plain stream.
+                                let filter = info.filter_usage_chunk
+                                    && event_stream
+                                    && matches!(encoding, Encoding::Identity);
                                 if filter {
                                     parts.headers.remove(CONTENT_LENGTH);
                                 }
@@ -426,6 +506,7 @@ where
                                     filter,
                                     event_stream,
                                     info.prompt_estimate,
+                                    encoding,
                                 );
                                 RatelimitBody::metered(body, meter)
                             } else {

@@ -17,7 +17,9 @@ pub(crate) struct LimitInfo {
     pub name: std::sync::Arc<str>,
     pub kind: LimitKind,
     pub limit: u64,
-    pub remaining: u64,
+    /// `None` when not known (a denial answered from the cache knows only its own
+    /// limit's state).
+    pub remaining: Option<u64>,
     pub reset_after: Duration,
     /// The quota's period, for `RateLimit-Policy`.
     pub period: Duration,
@@ -78,10 +80,11 @@ pub(crate) fn insert_rate_limit_headers(headers: &mut HeaderMap, infos: &[LimitI
         LimitKind::Tokens,
         LimitKind::Concurrency,
     ] {
-        let Some(info) = infos
+        let Some((info, remaining)) = infos
             .iter()
             .filter(|i| i.kind == kind)
-            .min_by_key(|i| (i.remaining, std::cmp::Reverse(i.reset_after)))
+            .filter_map(|i| Some((i, i.remaining?)))
+            .min_by_key(|(i, remaining)| (*remaining, std::cmp::Reverse(i.reset_after)))
         else {
             continue;
         };
@@ -94,7 +97,7 @@ pub(crate) fn insert_rate_limit_headers(headers: &mut HeaderMap, infos: &[LimitI
         set(
             headers,
             &format!("x-ratelimit-remaining-{kind}"),
-            info.remaining.to_string(),
+            remaining.to_string(),
         );
         set(
             headers,
@@ -113,16 +116,21 @@ pub(crate) fn insert_rate_limit_headers(headers: &mut HeaderMap, infos: &[LimitI
             info.limit,
             ceil_secs(info.period)
         );
-        let _ = write!(
-            state,
-            "{sep}\"{}\";r={};t={}",
-            info.name,
-            info.remaining,
-            ceil_secs(info.reset_after)
-        );
+        if let Some(remaining) = info.remaining {
+            let sep = if state.is_empty() { "" } else { ", " };
+            let _ = write!(
+                state,
+                "{sep}\"{}\";r={};t={}",
+                info.name,
+                remaining,
+                ceil_secs(info.reset_after)
+            );
+        }
     }
     set(headers, "ratelimit-policy", policy);
-    set(headers, "ratelimit", state);
+    if !state.is_empty() {
+        set(headers, "ratelimit", state);
+    }
 }
 
 /// `x-ratelimit-fallback: open|local` when the decision was taken without the store.
@@ -246,6 +254,11 @@ pub(crate) fn denial<B>(
     let headers = response.headers_mut();
     insert_rate_limit_headers(headers, infos);
     set(headers, "x-ratelimit-limit-name", exceeded.name.to_string());
+    if exceeded.retry_after.is_none() {
+        // The cost exceeds the quota: retrying cannot help. OpenAI's and Anthropic's SDKs
+        // honour this header and raise at once instead of retrying.
+        headers.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
     if let Some(retry) = exceeded.retry_after {
         headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(retry)));
         // Rounded up like `Retry-After`: a client that waits exactly this long passes.

@@ -48,6 +48,7 @@
 //! ```
 
 mod body;
+mod decode;
 mod future;
 mod headers;
 mod inspect;

@@ -98,16 +98,24 @@ where
         let service = std::mem::replace(&mut self.inner, clone);
         let engine = self.engine.clone();
         let tokens = engine.has_token_limit();
-        let wants_body = (tokens
-            && (engine.token_mode == TokenMode::Reserve || self.http.inject_stream_usage))
-            || engine.needs_model();
+        let needs_estimate = tokens && engine.token_mode == TokenMode::Reserve;
+        let wants_body =
+            needs_estimate || (tokens && self.http.inject_stream_usage) || engine.needs_model();
         let read_body = api != Api::Grpc
             && request.method() == http::Method::POST
             && is_json(&request)
             && wants_body;
         let http = self.http.clone();
         if read_body {
-            HttpResponseFuture::reading(service, request, engine, http, identifier, api)
+            HttpResponseFuture::reading(
+                service,
+                request,
+                engine,
+                http,
+                identifier,
+                api,
+                needs_estimate,
+            )
         } else {
             let request = request.map(RequestBody::streaming);
             HttpResponseFuture::calling(service, request, engine, http, identifier, api)

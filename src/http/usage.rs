@@ -1,15 +1,16 @@
 //! Reading token usage out of response bodies as they stream by, in bounded memory.
 //!
-//! Built in ([`OpenAiAnthropic`]): OpenAI chat/completions/embeddings JSON (`usage`),
-//! OpenAI SSE (the chunk carrying `usage`, normally the last), Anthropic Messages JSON
-//! (`usage.input_tokens`/`output_tokens`) and SSE (`message_start` input tokens, the last
-//! `message_delta` output tokens). Other shapes plug in through [`UsageFormat`].
+//! Built in ([`OpenAiAnthropic`]): OpenAI chat/completions/embeddings and Responses JSON
+//! (`usage`), OpenAI chat SSE (the chunk carrying `usage`, normally the last), OpenAI
+//! Responses SSE (`response.completed` → `response.usage`, however long that event),
+//! Anthropic Messages JSON (`usage.input_tokens`/`output_tokens` and cache tokens) and SSE
+//! (`message_start` input tokens, the last `message_delta` output tokens). Cached and
+//! reasoning tokens are read too. Other shapes plug in through [`UsageFormat`].
 //!
 //! Bad input never panics and never fails the response: malformed JSON or SSE, usage
 //! numbers that are negative, fractional, strings or beyond `u64` are ignored with a
 //! warning (the call is then charged as one without usage).
 
-use std::collections::VecDeque;
 use std::sync::LazyLock;
 
 use bytes::Bytes;
@@ -99,6 +100,24 @@ pub fn usage_from_json(value: &Value) -> Result<Option<Usage>, String> {
     if let Some(t) = total {
         usage.total_tokens = t;
     }
+    // OpenAI: `prompt_tokens_details` / `input_tokens_details` (Responses) carry
+    // `cached_tokens`, `completion_tokens_details` / `output_tokens_details` carry
+    // `reasoning_tokens`. Anthropic: cache reads are `cache_read_input_tokens`.
+    let detail = |outer: &str, inner: &str| -> Result<Option<u64>, String> {
+        match obj.get(outer).and_then(|d| d.get(inner)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                format!("usage field {outer}.{inner} is not a non-negative integer: {v}")
+            }),
+        }
+    };
+    let cached = detail("prompt_tokens_details", "cached_tokens")?
+        .or(detail("input_tokens_details", "cached_tokens")?)
+        .or(cache_read);
+    let reasoning = detail("completion_tokens_details", "reasoning_tokens")?
+        .or(detail("output_tokens_details", "reasoning_tokens")?);
+    usage.cached_prompt_tokens = cached.unwrap_or(0).min(prompt);
+    usage.reasoning_tokens = reasoning.unwrap_or(0).min(completion);
     Ok(Some(usage))
 }
 
@@ -211,221 +230,322 @@ impl UsageParser for JsonUsage {
     }
 }
 
-/// The longest SSE line kept; longer lines are skipped (usage lines are short).
-const MAX_SSE_LINE: usize = 1024 * 1024;
-
-/// Reads usage from SSE lines. Only `data:` lines with a `"usage"` object are parsed.
-#[derive(Clone, Default)]
-struct SseLines {
-    line: Vec<u8>,
-    skipping_long_line: bool,
-    usage: Option<Usage>,
-    /// Anthropic: input tokens from `message_start`.
-    anthropic_input: Option<u64>,
+/// What the SSE scanner is doing at the current byte of a line.
+#[derive(Clone, Debug, Default)]
+enum Scan {
+    /// Looking for a `"usage"` or `"type"` key.
+    #[default]
+    Idle,
+    /// After a key: skipping whitespace up to its `:`.
+    AfterKey(Key),
+    /// After the `:`: skipping whitespace up to the value.
+    AfterColon(Key),
+    /// Inside the `usage` object: its bytes, with the nesting and string state.
+    Usage {
+        bytes: Vec<u8>,
+        depth: u32,
+        in_string: bool,
+        escaped: bool,
+    },
+    /// Inside the event's `type` string.
+    Type { bytes: Vec<u8>, escaped: bool },
 }
 
-impl SseLines {
-    fn line_done(&mut self) {
-        let mut line = std::mem::take(&mut self.line);
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        self.handle_line(&line);
-        line.clear();
-        self.line = line;
-    }
-
-    fn handle_line(&mut self, line: &[u8]) {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
-        };
-        if !mentions_usage_object(data) {
-            return;
-        }
-        let event: Value = match serde_json::from_slice(data) {
-            Ok(v) => v,
-            Err(e) => {
-                warn_bad_usage(&format!("SSE data is not valid JSON: {e}"));
-                return;
-            }
-        };
-        match event.get("type").and_then(Value::as_str) {
-            Some("message_start") => {
-                let usage = event.get("message").and_then(|m| m.get("usage"));
-                match usage.map(usage_from_json) {
-                    Some(Ok(Some(u))) => {
-                        self.anthropic_input = Some(u.prompt_tokens);
-                        self.usage = Some(Usage::new(u.prompt_tokens, u.completion_tokens));
-                    }
-                    Some(Err(reason)) => warn_bad_usage(&reason),
-                    _ => {}
-                }
-            }
-            Some("message_delta") => match event.get("usage").map(usage_from_json) {
-                Some(Ok(Some(u))) => {
-                    // Output tokens in message_delta are cumulative: the last one wins.
-                    // Input tokens come from message_start unless the delta restates them.
-                    let input = if u.prompt_tokens > 0 {
-                        u.prompt_tokens
-                    } else {
-                        self.anthropic_input.unwrap_or(0)
-                    };
-                    self.usage = Some(Usage::new(input, u.completion_tokens));
-                }
-                Some(Err(reason)) => warn_bad_usage(&reason),
-                _ => {}
-            },
-            _ => match event.get("usage").map(usage_from_json) {
-                Some(Ok(Some(u))) => self.usage = Some(u),
-                Some(Err(reason)) => warn_bad_usage(&reason),
-                _ => {}
-            },
-        }
-    }
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    Usage,
+    Type,
 }
+
+/// The longest `type` value kept (event types are short).
+const MAX_TYPE: usize = 64;
 
 static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
-/// Whether `hay` has a `"usage"` key followed by an object (not `null`), or one cut off
-/// at the end of `hay`. Lets the SSE reader skip most lines without parsing them: with
-/// `include_usage`, OpenAI puts `"usage":null` in every chunk.
-fn mentions_usage_object(hay: &[u8]) -> bool {
-    USAGE_KEY.find_iter(hay).any(|at| {
-        let mut rest = hay[at + 7..].iter().filter(|b| !b.is_ascii_whitespace());
-        match rest.next() {
-            None => true,
-            Some(b':') => matches!(rest.next(), None | Some(b'{')),
-            Some(_) => false,
-        }
-    })
-}
+static TYPE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"type\""));
 
-impl SseLines {
-    fn feed(&mut self, mut bytes: &[u8]) {
-        if !self.line.is_empty() || self.skipping_long_line {
-            // Finish the line carried over from the previous chunk.
-            let Some(i) = memchr::memchr(b'\n', bytes) else {
-                self.carry(bytes);
-                return;
-            };
-            self.carry(&bytes[..i]);
-            if self.skipping_long_line {
-                self.skipping_long_line = false;
-                self.line.clear();
-            } else {
-                self.line_done();
-            }
-            bytes = &bytes[i + 1..];
-        }
-        // Whole lines inside this chunk are read in place; most are skipped by one scan.
-        let (whole, partial) = match memchr::memrchr(b'\n', bytes) {
-            Some(i) => (&bytes[..i + 1], &bytes[i + 1..]),
-            None => (&[][..], bytes),
-        };
-        if mentions_usage_object(whole) {
-            for line in whole.split(|&b| b == b'\n') {
-                // `handle_line` skips lines without a usage object before parsing.
-                self.handle_line(line.strip_suffix(b"\r").unwrap_or(line));
-            }
-        }
-        self.carry(partial);
-    }
-
-    fn finish(&mut self) -> Option<Usage> {
-        if !self.line.is_empty() && !self.skipping_long_line {
-            self.line_done();
-        }
-        self.usage
-    }
-
-    /// Keep part of an unfinished line, up to the line limit.
-    fn carry(&mut self, bytes: &[u8]) {
-        if self.skipping_long_line || bytes.is_empty() {
-            return;
-        }
-        if self.line.len() + bytes.len() <= MAX_SSE_LINE {
-            self.line.extend_from_slice(bytes);
-        } else {
-            warn_bad_usage("SSE line longer than 1 MiB skipped");
-            self.line.clear();
-            self.skipping_long_line = true;
-        }
-    }
-}
-
-/// Bytes at the start of a stream read as they arrive (Anthropic's `message_start`).
-const SSE_HEAD: usize = 4 * 1024;
-/// Bytes at the end of a stream kept (as frame handles, not copies) and read at the end
-/// (OpenAI's usage chunk, Anthropic's last `message_delta`).
-const SSE_TAIL: usize = 8 * 1024;
-
-/// Reads usage from an OpenAI or Anthropic `text/event-stream` body.
+/// Reads usage from an OpenAI (chat or Responses) or Anthropic `text/event-stream` body.
 ///
-/// Usage lives at the ends of a stream: Anthropic's input tokens in `message_start` (the
-/// first event), OpenAI's usage chunk and Anthropic's final `message_delta` just before
-/// the end. So the first 4 KiB are read as they arrive, and the frames of the last
-/// 8 KiB are kept by reference and read when the stream ends (or is dropped): memory
-/// stays bounded, and the frames in between cost a reference count, not a scan.
+/// A streaming scanner over each line: it looks for `"usage"` keys (with `memmem`, so
+/// most bytes are skipped by a vectorised search) and keeps only the usage object's
+/// bytes and the line's event `type`. Nothing else of the stream is kept: memory stays
+/// a few hundred bytes whatever the length of the stream or of one event (a Responses
+/// API `response.completed` event carries the whole output text before its usage). A
+/// key counts only when its opening quote is not escaped (text inside strings is never
+/// mistaken for a key: in valid JSON a quote after a backslash never opens a key).
 #[derive(Default)]
 pub struct SseUsage {
-    head: SseLines,
-    head_seen: usize,
-    tail: VecDeque<Bytes>,
-    tail_len: usize,
-    /// Frames left the tail window: the head's unfinished line does not continue into it.
-    evicted: bool,
+    scan: Scan,
+    /// The `type` values seen in the current line (the event's own and nested ones, in
+    /// whatever order its keys come), a few at most.
+    line_types: Vec<Vec<u8>>,
+    /// The last usage object of the current line, applied when the line ends (when its
+    /// event type is known).
+    line_usage: Option<Usage>,
+    /// The last bytes of the current line (for keys split across frames), and whether
+    /// the byte before them was a backslash.
+    carry: Vec<u8>,
+    usage: Option<Usage>,
+    /// Anthropic: input (and cached) tokens from `message_start`.
+    anthropic_input: Option<(u64, u64)>,
 }
 
 impl SseUsage {
-    fn push_tail(&mut self, chunk: Bytes) {
-        self.tail_len += chunk.len();
-        self.tail.push_back(chunk);
-        while self.tail.len() > 1 && self.tail_len - self.tail[0].len() >= SSE_TAIL {
-            if let Some(front) = self.tail.pop_front() {
-                self.tail_len -= front.len();
-            }
-            self.evicted = true;
+    /// A usage object ended: keep it until the line ends.
+    fn usage_object(&mut self, bytes: &[u8]) {
+        let value: Value = match serde_json::from_slice(bytes) {
+            Ok(v) => v,
+            Err(e) => return warn_bad_usage(&format!("usage is not valid JSON: {e}")),
+        };
+        match usage_from_json(&value) {
+            Ok(Some(u)) => self.line_usage = Some(u),
+            Ok(None) => {}
+            Err(reason) => warn_bad_usage(&reason),
         }
     }
 
-    fn read_tail(&self) -> Option<Usage> {
-        let mut lines = if self.evicted {
-            SseLines {
-                usage: self.head.usage,
-                anthropic_input: self.head.anthropic_input,
-                ..SseLines::default()
-            }
+    /// Apply a line's usage according to its event type.
+    fn apply(&mut self, u: Usage) {
+        let has = |t: &[u8]| self.line_types.iter().any(|x| x == t);
+        let event = if has(b"message_start") {
+            Some(&b"message_start"[..])
+        } else if has(b"message_delta") {
+            Some(&b"message_delta"[..])
         } else {
-            self.head.clone()
+            None
         };
-        for chunk in &self.tail {
-            lines.feed(chunk);
+        match event {
+            Some(b"message_start") => {
+                self.anthropic_input = Some((u.prompt_tokens, u.cached_prompt_tokens));
+                self.usage = Some(u);
+            }
+            Some(b"message_delta") => {
+                // Output tokens in message_delta are cumulative: the last one wins. Input
+                // tokens come from message_start unless the delta restates them.
+                let (input, cached) = if u.prompt_tokens > 0 {
+                    (u.prompt_tokens, u.cached_prompt_tokens)
+                } else {
+                    self.anthropic_input.unwrap_or((0, 0))
+                };
+                self.usage = Some(
+                    Usage::new(input, u.completion_tokens)
+                        .with_cached_prompt_tokens(cached)
+                        .with_reasoning_tokens(u.reasoning_tokens),
+                );
+            }
+            _ => self.usage = Some(u),
         }
-        lines.finish()
+    }
+
+    /// Feed bytes of one line (no newline in `seg`).
+    fn segment(&mut self, seg: &[u8]) {
+        let mut i = 0;
+        while i < seg.len() {
+            match &mut self.scan {
+                Scan::Idle => {
+                    let rest = &seg[i..];
+                    // A key split across frames starts in `carry` and ends in `rest`
+                    // (keys wholly inside `carry` were seen with the previous frame).
+                    let before = self.carry.last().copied();
+                    if !self.carry.is_empty() {
+                        let mut joined = self.carry.clone();
+                        let carried = joined.len();
+                        joined.extend_from_slice(&rest[..rest.len().min(8)]);
+                        let mut from = 0;
+                        let mut spanning = None;
+                        while let Some((at, key, len)) = find_key(&joined, from) {
+                            if at >= carried {
+                                break;
+                            }
+                            if at + len > carried {
+                                spanning = Some((key, at + len - carried));
+                                break;
+                            }
+                            from = at + 1;
+                        }
+                        if let Some((key, used)) = spanning {
+                            i += used;
+                            self.start_key(key);
+                            continue;
+                        }
+                    }
+                    let found = match find_key(rest, 0) {
+                        // The byte before `rest` was a backslash: not a key.
+                        Some((0, _, _)) if before == Some(b'\\') => find_key(rest, 1),
+                        found => found,
+                    };
+                    match found {
+                        Some((at, key, len)) => {
+                            i += at + len;
+                            self.start_key(key);
+                        }
+                        None => {
+                            // Keep the last bytes for a key split across frames.
+                            roll(&mut self.carry, rest);
+                            return;
+                        }
+                    }
+                }
+                Scan::AfterKey(key) => {
+                    let (key, b) = (*key, seg[i]);
+                    i += 1;
+                    self.scan = match b {
+                        b':' => Scan::AfterColon(key),
+                        b' ' | b'\t' | b'\r' => continue,
+                        _ => Scan::Idle,
+                    };
+                }
+                Scan::AfterColon(key) => {
+                    let (key, b) = (*key, seg[i]);
+                    i += 1;
+                    self.scan = match (key, b) {
+                        (_, b' ' | b'\t' | b'\r') => continue,
+                        (Key::Usage, b'{') => Scan::Usage {
+                            bytes: vec![b'{'],
+                            depth: 1,
+                            in_string: false,
+                            escaped: false,
+                        },
+                        (Key::Type, b'"') if self.line_types.len() < 8 => Scan::Type {
+                            bytes: Vec::new(),
+                            escaped: false,
+                        },
+                        _ => Scan::Idle,
+                    };
+                }
+                Scan::Usage {
+                    bytes,
+                    depth,
+                    in_string,
+                    escaped,
+                } => {
+                    let b = seg[i];
+                    i += 1;
+                    if bytes.len() >= MAX_USAGE_VALUE {
+                        warn_bad_usage("usage value too large");
+                        self.scan = Scan::Idle;
+                        continue;
+                    }
+                    bytes.push(b);
+                    if *in_string {
+                        if *escaped {
+                            *escaped = false;
+                        } else if b == b'\\' {
+                            *escaped = true;
+                        } else if b == b'"' {
+                            *in_string = false;
+                        }
+                    } else {
+                        match b {
+                            b'"' => *in_string = true,
+                            b'{' | b'[' => *depth += 1,
+                            b'}' | b']' => {
+                                *depth -= 1;
+                                if *depth == 0 {
+                                    let object = std::mem::take(bytes);
+                                    self.scan = Scan::Idle;
+                                    self.usage_object(&object);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Scan::Type { bytes, escaped } => {
+                    let b = seg[i];
+                    i += 1;
+                    if *escaped {
+                        *escaped = false;
+                    } else if b == b'\\' {
+                        *escaped = true;
+                    } else if b == b'"' {
+                        let value = std::mem::take(bytes);
+                        self.line_types.push(value);
+                        self.scan = Scan::Idle;
+                        continue;
+                    }
+                    if bytes.len() < MAX_TYPE {
+                        bytes.push(b);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_key(&mut self, key: Key) {
+        self.carry.clear();
+        self.scan = Scan::AfterKey(key);
+    }
+
+    /// The line ended: whatever it was inside is abandoned.
+    fn end_line(&mut self) {
+        if matches!(self.scan, Scan::Usage { .. }) {
+            warn_bad_usage("usage object cut by the end of its SSE line");
+        }
+        self.scan = Scan::Idle;
+        if let Some(u) = self.line_usage.take() {
+            self.apply(u);
+        }
+        self.line_types.clear();
+        self.carry.clear();
+    }
+}
+
+/// Append `bytes` to the window of a line's last bytes, keeping at most 8.
+fn roll(window: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes.len() >= 8 {
+        window.clear();
+        window.extend_from_slice(&bytes[bytes.len() - 8..]);
+    } else {
+        window.extend_from_slice(bytes);
+        let excess = window.len().saturating_sub(8);
+        window.drain(..excess);
+    }
+}
+
+/// The first `"usage"` or `"type"` key in `hay` at or after `from` whose opening quote is
+/// not escaped: `(position, key, length)`.
+fn find_key(hay: &[u8], from: usize) -> Option<(usize, Key, usize)> {
+    let mut from = from;
+    loop {
+        let usage = USAGE_KEY
+            .find(&hay[from..])
+            .map(|p| (p + from, Key::Usage, 7));
+        let kind = TYPE_KEY
+            .find(&hay[from..])
+            .map(|p| (p + from, Key::Type, 6));
+        let found = match (usage, kind) {
+            (Some(u), Some(t)) => Some(if u.0 <= t.0 { u } else { t }),
+            (u, t) => u.or(t),
+        }?;
+        if found.0 > 0 && hay[found.0 - 1] == b'\\' {
+            from = found.0 + 1;
+            continue;
+        }
+        return Some(found);
     }
 }
 
 impl UsageParser for SseUsage {
     fn feed(&mut self, chunk: &Bytes) {
-        if self.head_seen < SSE_HEAD {
-            let take = (SSE_HEAD - self.head_seen).min(chunk.len());
-            self.head.feed(&chunk[..take]);
-            self.head_seen += take;
-            if take < chunk.len() {
-                self.push_tail(chunk.slice(take..));
-            }
-        } else {
-            self.push_tail(chunk.clone());
+        let mut rest = &chunk[..];
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
+            self.segment(&rest[..nl]);
+            self.end_line();
+            rest = &rest[nl + 1..];
         }
+        self.segment(rest);
     }
 
     fn usage(&mut self) -> Option<Usage> {
-        self.read_tail()
+        self.usage
     }
 
     fn finish(&mut self) -> Option<Usage> {
-        self.read_tail()
+        self.end_line();
+        self.usage
     }
 }
 
@@ -454,7 +574,6 @@ mod tests {
         body.extend_from_slice(
             b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":20000}}\n\n",
         );
-        assert!(body.len() > SSE_HEAD + SSE_TAIL);
         for split in [7, 1000, 70_000] {
             let mut p = SseUsage::default();
             assert_eq!(
@@ -462,8 +581,51 @@ mod tests {
                 Some(Usage::new(9, 20000)),
                 "split {split}"
             );
-            assert!(p.tail_len < SSE_TAIL + split, "the tail window is bounded");
+            assert!(p.carry.capacity() <= 64, "nothing of the stream is kept");
         }
+    }
+
+    /// A Responses API stream whose `response.completed` event carries 200 KB of output
+    /// text before its usage; text that quotes a usage object is not mistaken for one.
+    fn responses_stream() -> Vec<u8> {
+        let text = "word \\\"usage\\\": {\\\"input_tokens\\\": 999} ".repeat(5000);
+        let mut body = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"usage\":null}}\n\n".to_vec();
+        body.extend_from_slice(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"word\"}\n\n");
+        body.extend_from_slice(format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"r\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":37,\"input_tokens_details\":{{\"cached_tokens\":5}},\"output_tokens\":4050,\"output_tokens_details\":{{\"reasoning_tokens\":50}},\"total_tokens\":4087}},\"user\":null}}}}\n\n"
+        ).as_bytes());
+        body
+    }
+
+    #[test]
+    fn responses_api_usage_after_a_huge_final_event() {
+        let body = responses_stream();
+        assert!(body.len() > 200_000);
+        let want = Usage::new(37, 4050)
+            .with_cached_prompt_tokens(5)
+            .with_reasoning_tokens(50);
+        for split in [1, 3, 7, 8, 9, 100, 4096, 1 << 20] {
+            let mut p = SseUsage::default();
+            assert_eq!(parse(&mut p, &body, split), Some(want), "split {split}");
+        }
+    }
+
+    #[test]
+    fn cached_and_reasoning_tokens_are_read() {
+        let openai = br#"{"usage":{"prompt_tokens":100,"completion_tokens":50,"total_tokens":150,"prompt_tokens_details":{"cached_tokens":60},"completion_tokens_details":{"reasoning_tokens":20}}}"#;
+        assert_eq!(
+            parse(&mut JsonUsage::default(), openai, 7),
+            Some(
+                Usage::new(100, 50)
+                    .with_cached_prompt_tokens(60)
+                    .with_reasoning_tokens(20)
+            )
+        );
+        let anthropic = br#"{"usage":{"input_tokens":10,"cache_creation_input_tokens":20,"cache_read_input_tokens":30,"output_tokens":5}}"#;
+        assert_eq!(
+            parse(&mut JsonUsage::default(), anthropic, 7),
+            Some(Usage::new(60, 5).with_cached_prompt_tokens(30))
+        );
     }
 
     const OPENAI_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"the \"usage\": {not this}"}}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42},"system_fingerprint":null}"#;
@@ -481,7 +643,7 @@ mod tests {
         let body = br#"{"content":[{"type":"text","text":"hi","usage":{"input_tokens":999}}],"usage":{"input_tokens":7,"output_tokens":3,"cache_read_input_tokens":2}}"#;
         assert_eq!(
             parse(&mut JsonUsage::default(), body, 5),
-            Some(Usage::new(9, 3))
+            Some(Usage::new(9, 3).with_cached_prompt_tokens(2))
         );
     }
 

@@ -9,7 +9,8 @@
 -- State is one string "a:b:c" per key:
 --   fixed:   a = window index, b = used
 --   sliding: a = window index, b = used in current window, c = used in previous window
---   bucket:  a = tokens (negative = debt), b = last refill time (microseconds)
+--   bucket:  a = used (capacity - tokens; above the capacity is debt), b = last refill
+--            time (microseconds). Keeping "used" lets a changed capacity keep it.
 
 local MAX_COUNTER = 4503599627370496 -- 2^52
 local MAX_TTL_US = 4503599627370496
@@ -69,9 +70,9 @@ local function view(alg, p1, p2, p3, st, now)
     local elapsed = now - st[2]
     if elapsed < 0 then elapsed = 0 end
     local intervals = math.floor(elapsed / p3)
-    local refilled = st[1] + intervals * p2
-    if refilled >= cap then return { cur = cap, prev = 0, anchor = now } end
-    return { cur = refilled, prev = 0, anchor = st[2] + intervals * p3 }
+    local used = st[1] - intervals * p2
+    if used <= 0 then return { cur = cap, prev = 0, anchor = now } end
+    return { cur = cap - used, prev = 0, anchor = st[2] + intervals * p3 }
   end
 end
 
@@ -132,7 +133,7 @@ local function write(key, alg, p1, p2, p3, v, now)
     return
   end
   local a, b, c
-  if alg == 3 then a, b, c = v.cur, v.anchor, 0 else a, b, c = v.anchor, v.cur, v.prev end
+  if alg == 3 then a, b, c = clamp_counter(p1 - v.cur), v.anchor, 0 else a, b, c = v.anchor, v.cur, v.prev end
   local ttl_us = reset_after(alg, p1, p2, p3, v, now)
   if ttl_us < 1 then ttl_us = 1 end
   if ttl_us > MAX_TTL_US then ttl_us = MAX_TTL_US end
