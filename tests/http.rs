@@ -2,7 +2,7 @@
 //! and the layer on an axum router.
 
 mod common;
-#[path = "../examples/gateway.rs"]
+#[path = "common/gateway.rs"]
 mod gateway;
 
 use std::convert::Infallible;
@@ -38,13 +38,25 @@ async fn start_mock_upstream() -> SocketAddr {
 
 /// Start the gateway with these flags in front of a fresh mock upstream, on Redis with a
 /// fresh prefix. Returns its address and the prefix.
+/// A `start_gateway` flag: identify callers by their API key (the gateway's default)
+/// instead of the `x-user-id` these tests set.
+const API_KEY_IDENTITY: &str = "(api-key identity)";
+
 async fn start_gateway(flags: &[&str]) -> (SocketAddr, String) {
     let upstream = start_mock_upstream().await;
     let prefix = common::unique_prefix("gw");
-    let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = flags
+        .iter()
+        .filter(|f| **f != API_KEY_IDENTITY)
+        .map(|s| s.to_string())
+        .collect();
     if !flags.contains(&"--window") {
         // The longest fixed window: no test run straddles a window boundary.
         args.extend(["--window".into(), MAX_WINDOW.as_secs().to_string()]);
+    }
+    if !flags.contains(&"--identifier-header") && !flags.contains(&API_KEY_IDENTITY) {
+        // These tests play a trusted proxy that sets x-user-id (not the default).
+        args.extend(["--identifier-header".into(), "x-user-id".into()]);
     }
     args.extend([
         "--upstream".into(),
@@ -437,8 +449,7 @@ async fn upstream_errors_and_malformed_bodies_reach_the_client() {
 
 #[tokio::test]
 async fn oversized_requests_and_missing_identifiers_are_refused() {
-    let (addr, prefix) =
-        start_gateway(&["--requests", "5", "--tokens", "10000", "--reserve"]).await;
+    let (addr, _) = start_gateway(&["--requests", "5", "--tokens", "10000", "--reserve"]).await;
     let huge = "x".repeat(5 * 1024 * 1024);
     let r = post(
         addr,
@@ -452,7 +463,13 @@ async fn oversized_requests_and_missing_identifiers_are_refused() {
     let r = post(addr, "/v1/chat/completions", &[], chat("who am I")).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.json()["error"]["code"], "missing_identifier");
-    // The bearer token identifies the caller, hashed: the raw key never reaches Redis.
+    // Every POST is forwarded and counted, whatever its route.
+    let r = post(addr, "/v1/other", &[("x-user-id", "gina")], json!({})).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "4");
+    // By default the bearer token identifies the caller, hashed: the raw key never
+    // reaches Redis.
+    let (addr, prefix) = start_gateway(&["--requests", "5", API_KEY_IDENTITY]).await;
     let r = post(
         addr,
         "/v1/chat/completions",
@@ -467,9 +484,6 @@ async fn oversized_requests_and_missing_identifiers_are_refused() {
         assert!(!key.contains("sk-very-secret"), "{key}");
         assert!(ttl > 0, "{key} has no TTL");
     }
-    // Unknown routes are not rate limited.
-    let r = post(addr, "/v1/other", &[("x-user-id", "gina")], json!({})).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -699,6 +713,8 @@ async fn the_gateway_forwards_to_https_upstreams_and_verifies_them() {
             "1000".into(),
             "--upstream".into(),
             format!("https://localhost:{}/v1", upstream.port()),
+            "--identifier-header".into(),
+            "x-user-id".into(),
         ];
         if let Some(ca) = ca {
             args.extend(["--upstream-ca".into(), ca.display().to_string()]);

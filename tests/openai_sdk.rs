@@ -1,7 +1,8 @@
 //! The official OpenAI Python SDK (from PyPI) against the gateway over loopback. The
 //! venv is `.venv` (created by `.ci/run`, or here if missing).
 
-#[path = "../examples/gateway.rs"]
+mod common;
+#[path = "common/gateway.rs"]
 mod gateway;
 
 use std::path::{Path, PathBuf};
@@ -76,4 +77,198 @@ async fn the_openai_python_sdk_sees_rate_limits() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains(" 0 failed"), "{stdout}");
+}
+
+/// One request as the upstream saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+/// The mock upstream behind a recorder of every request it receives.
+async fn recording_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+) {
+    use http_body_util::BodyExt;
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>> = Default::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = seen.clone();
+    let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let record = record.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            record.lock().unwrap().push(Seen {
+                path: parts.uri.path().to_owned(),
+                headers: parts.headers.clone(),
+                body: body.clone(),
+            });
+            let req = http::Request::from_parts(parts, http_body_util::Full::new(body));
+            Ok::<_, std::convert::Infallible>(gateway::mock_upstream(req).await)
+        }
+    });
+    tokio::spawn(gateway::serve(listener, svc));
+    (addr, seen)
+}
+
+async fn run_sdk_checks(settings: gateway::Settings, mode: &str) {
+    let python = venv_python();
+    let service = gateway::build(&settings).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(gateway::serve(listener, service));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk_checks.py");
+    let mode = mode.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(format!("http://{addr}/v1"))
+            .arg(mode)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success() && stdout.contains(" 0 failed"),
+        "the SDK checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_meter_responses_compressed_answers_and_anthropic_errors() {
+    let (upstream, seen) = recording_upstream().await;
+    let prefix = common::unique_prefix("sdk-resp");
+    let config = format!(
+        r#"
+upstream = "http://{upstream}/v1"
+redis = "{redis}"
+prefix = "{prefix}"
+token_mode = "reserve"
+include_output_tokens = true
+[[limits]]
+name = "rpm"
+kind = "requests"
+quota = 1000
+window = "1h"
+[[limits]]
+name = "tokens"
+kind = "tokens"
+quota = 1000000
+window = "1h"
+[[limits]]
+name = "claude-rpm"
+kind = "requests"
+quota = 5
+window = "1h"
+models = ["claude*"]
+"#,
+        redis = common::redis_url()
+    );
+    let settings = gateway::settings_from_toml(&config, &|_| None).unwrap();
+    run_sdk_checks(settings, "responses").await;
+    let seen = seen.lock().unwrap();
+    let responses: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.path.ends_with("/responses"))
+        .collect();
+    assert_eq!(responses.len(), 2, "{seen:?}");
+    for r in responses {
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(
+            !body.contains("stream_options"),
+            "the Responses API got {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_work_with_gateway_keys_and_never_send_them_upstream() {
+    let hash = |key: &str| {
+        use sha2::Digest;
+        sha2::Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let (upstream, seen) = recording_upstream().await;
+    let prefix = common::unique_prefix("sdk-keys");
+    let config = format!(
+        r#"
+upstream = "http://{upstream}/v1"
+upstream_api_key_env = "TEST_UPSTREAM_KEY"
+redis = "{redis}"
+prefix = "{prefix}"
+[[limits]]
+name = "rpm"
+kind = "requests"
+quota = 3
+window = "1h"
+[[limits]]
+name = "tokens"
+kind = "tokens"
+quota = 1000000
+window = "1h"
+[tiers.pro]
+quotas = {{ rpm = 6 }}
+[[keys]]
+name = "free-user"
+sha256 = "{free}"
+[[keys]]
+name = "pro-user"
+sha256 = "{pro}"
+tier = "pro"
+[[keys]]
+name = "stream-user"
+sha256 = "{stream}"
+tier = "pro"
+"#,
+        redis = common::redis_url(),
+        free = hash("gk-free"),
+        pro = hash("gk-pro"),
+        stream = hash("gk-stream"),
+    );
+    let env = |name: &str| (name == "TEST_UPSTREAM_KEY").then(|| "upstream-secret".to_string());
+    let settings = gateway::settings_from_toml(&config, &env).unwrap();
+    run_sdk_checks(settings, "keys").await;
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() >= 12,
+        "{} requests reached the upstream",
+        seen.len()
+    );
+    for s in seen.iter() {
+        for (name, value) in &s.headers {
+            let v = value.to_str().unwrap_or("");
+            assert!(
+                !v.contains("gk-") && !v.contains("sk-provider-key"),
+                "{name}: {v} reached the upstream"
+            );
+        }
+        if s.path.starts_with("/v1/messages") {
+            assert_eq!(s.headers["x-api-key"], "upstream-secret", "{s:?}");
+            assert!(s.headers.get("authorization").is_none());
+            assert!(
+                s.headers.get("anthropic-version").is_some(),
+                "the client's version is kept"
+            );
+        } else {
+            assert_eq!(
+                s.headers["authorization"], "Bearer upstream-secret",
+                "{s:?}"
+            );
+            assert!(s.headers.get("x-api-key").is_none());
+        }
+    }
 }

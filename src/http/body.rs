@@ -428,7 +428,8 @@ pin_project! {
 }
 
 impl<B> RequestBody<B> {
-    pub(crate) fn streaming(body: B) -> Self {
+    /// The body as it came, passed on untouched (for requests that bypass the layer).
+    pub fn streaming(body: B) -> Self {
         Self {
             kind: RequestKind::Streaming { body },
         }

@@ -1,0 +1,243 @@
+//! Forwarding to the upstreams: every path, with the gateway's own credential on each
+//! API (the client's credential headers never leave the gateway when one is configured).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower::{BoxError, Service};
+use tower_llm_ratelimit::http::RequestBody;
+
+use crate::config::{Settings, UpstreamTarget};
+
+/// Every response body the gateway sends.
+pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody<Incoming>>;
+
+/// Which API a path belongs to: Anthropic's Messages API, or OpenAI's (everything else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    OpenAi,
+    Anthropic,
+}
+
+impl Api {
+    pub fn of(path: &str) -> Api {
+        if path.starts_with("/v1/messages") {
+            Api::Anthropic
+        } else {
+            Api::OpenAi
+        }
+    }
+}
+
+/// A JSON error in the API's own shape, so each vendor's SDK raises its own error.
+pub fn error(api: Api, status: StatusCode, kind: &str, message: &str) -> Response<GatewayBody> {
+    let body = match api {
+        Api::OpenAi => {
+            serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": kind}})
+        }
+        Api::Anthropic => {
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+        }
+    };
+    json(status, body.to_string())
+}
+
+pub fn json(status: StatusCode, body: String) -> Response<GatewayBody> {
+    let mut response = Response::new(
+        http_body_util::Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Where calls go: the built-in mock, or the configured upstreams.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Option<Arc<HttpsClient>>,
+    openai: UpstreamTarget,
+    anthropic: UpstreamTarget,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl Upstream {
+    pub fn new(settings: &Settings) -> Result<Self, BoxError> {
+        let needs_client = settings.openai.url.is_some() || settings.anthropic.url.is_some();
+        let client = if needs_client {
+            Some(Arc::new(
+                Client::builder(TokioExecutor::new()).build(https_connector(settings)?),
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            client,
+            openai: settings.openai.clone(),
+            anthropic: settings.anthropic.clone(),
+        })
+    }
+}
+
+/// Replace the client's credential with the gateway's, when the gateway has one.
+fn set_credential(headers: &mut http::HeaderMap, api: Api, key: Option<&str>) {
+    let Some(key) = key else { return };
+    headers.remove(http::header::AUTHORIZATION);
+    headers.remove("x-api-key");
+    let value = match api {
+        Api::OpenAi => HeaderValue::from_str(&format!("Bearer {key}")),
+        Api::Anthropic => HeaderValue::from_str(key),
+    };
+    if let Ok(mut value) = value {
+        value.set_sensitive(true);
+        match api {
+            Api::OpenAi => headers.insert(http::header::AUTHORIZATION, value),
+            Api::Anthropic => headers.insert("x-api-key", value),
+        };
+    }
+}
+
+impl Service<Request<RequestBody<Incoming>>> for Upstream {
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<RequestBody<Incoming>>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let api = Api::of(request.uri().path());
+            let target = match api {
+                Api::OpenAi => &this.openai,
+                Api::Anthropic => &this.anthropic,
+            };
+            let (mut parts, body) = request.into_parts();
+            set_credential(&mut parts.headers, api, target.api_key.as_deref());
+            let (Some(base), Some(client)) = (&target.url, &this.client) else {
+                let response =
+                    llm_mock_upstream::mock_upstream(Request::from_parts(parts, body)).await;
+                return Ok(response.map(|b| b.boxed_unsync()));
+            };
+            let base = base.trim_end_matches('/');
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            // A base ending in /v1 takes request paths that start with /v1 once.
+            let path = match base.ends_with("/v1") {
+                true => path.strip_prefix("/v1").unwrap_or(path),
+                false => path,
+            };
+            let uri: Uri = match format!("{base}{path}").parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    return Ok(error(
+                        api,
+                        StatusCode::BAD_GATEWAY,
+                        "api_error",
+                        &format!("bad upstream URL: {e}"),
+                    ));
+                }
+            };
+            for h in HOP_BY_HOP {
+                parts.headers.remove(h);
+            }
+            parts.headers.remove(http::header::HOST);
+            parts.uri = uri;
+            match client.request(Request::from_parts(parts, body)).await {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    for h in HOP_BY_HOP {
+                        parts.headers.remove(h);
+                    }
+                    Ok(Response::from_parts(
+                        parts,
+                        body.map_err(BoxError::from).boxed_unsync(),
+                    ))
+                }
+                Err(e) => Ok(error(
+                    api,
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    &format!("upstream request failed: {}", error_chain(&e)),
+                )),
+            }
+        })
+    }
+}
+
+/// An error and its causes, `: `-separated (hyper's own message is just "client error").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// `http://` and `https://` upstreams: TLS verified against the web PKI roots, or only
+/// against `upstream_ca` when given (a private CA, or a test's self-signed cert).
+fn https_connector(settings: &Settings) -> Result<HttpsConnector<HttpConnector>, BoxError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut http = HttpConnector::new();
+    // SSE is many small writes: without NODELAY, Nagle + delayed ACKs stall them.
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let tls = match &settings.upstream_ca {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("upstream_ca {path}: {e}"))?
+            {
+                roots.add(cert.map_err(|e| format!("upstream_ca {path}: {e}"))?)?;
+            }
+            ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+        None => ClientConfig::builder()
+            .with_webpki_roots()
+            .with_no_client_auth(),
+    };
+    Ok(HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
+}
