@@ -7,7 +7,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use tower::{Service, ServiceExt, service_fn};
 use tower_llm_ratelimit::store::{LimitCheck, identifier_tag, state_key};
 use tower_llm_ratelimit::{
-    Algorithm, FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer,
+    Algorithm, FixedWindow, Limit, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer,
     SlidingWindow, TokenBucket, Usage,
 };
 
@@ -105,9 +105,30 @@ fn layer_overhead(c: &mut Criterion) {
         .token_limit(SlidingWindow::new(1 << 40, window).unwrap())
         .build()
         .unwrap();
+    let day = Duration::from_secs(86_400);
+    let four_limits = RatelimitLayer::builder()
+        .limit(
+            "rpm",
+            Limit::requests(FixedWindow::new(1 << 40, window).unwrap()),
+        )
+        .limit(
+            "rpd",
+            Limit::requests(FixedWindow::new(1 << 40, day).unwrap()),
+        )
+        .limit(
+            "tpm",
+            Limit::tokens(SlidingWindow::new(1 << 40, window).unwrap()),
+        )
+        .limit(
+            "tpd",
+            Limit::tokens(FixedWindow::new(1 << 40, day).unwrap()),
+        )
+        .build()
+        .unwrap();
     for (name, layer) in [
         ("ratelimited_requests", requests_only),
         ("ratelimited_requests_and_tokens", requests_and_tokens),
+        ("ratelimited_four_limits", four_limits),
     ] {
         let mut svc = tower::Layer::layer(&layer, llm);
         group.bench_function(name, |b| {

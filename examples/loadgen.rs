@@ -9,7 +9,8 @@
 //! Flags: `--redis URL` (omit for memory), `--concurrency N` (64), `--duration SECS` (5),
 //! `--identifiers N` (100), `--through layer|limiter` (limiter: one request limit, fixed
 //! window, that never denies), `--batching on|off` (Redis: batch concurrent acquires,
-//! default on). The last line is exactly
+//! default on), `--limits 1|2|4` (through the layer: requests; + tokens; + a second
+//! request and token window). The last line is exactly
 //! `decisions_per_sec=<number> p50_us=<number> p99_us=<number>`.
 
 use std::convert::Infallible;
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tower::{Service, ServiceExt, service_fn};
 use tower_llm_ratelimit::{
-    FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer, RedisOptions,
-    RedisStore, Store,
+    FixedWindow, Limit, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer,
+    RedisOptions, RedisStore, Store,
 };
 
 struct Args {
@@ -29,6 +30,7 @@ struct Args {
     identifiers: usize,
     through_layer: bool,
     batching: bool,
+    limits: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -39,6 +41,7 @@ fn parse() -> Result<Args, String> {
         identifiers: 100,
         through_layer: false,
         batching: true,
+        limits: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -49,6 +52,12 @@ fn parse() -> Result<Args, String> {
             "--concurrency" => args.concurrency = number(value()?)?.max(1) as usize,
             "--duration" => args.duration = Duration::from_secs(number(value()?)?.max(1)),
             "--identifiers" => args.identifiers = number(value()?)?.max(1) as usize,
+            "--limits" => {
+                args.limits = match number(value()?)? {
+                    n @ (1 | 2 | 4) => n as usize,
+                    n => return Err(format!("--limits must be 1, 2 or 4, not {n}")),
+                }
+            }
             "--batching" => {
                 args.batching = match value()?.as_str() {
                     "on" => true,
@@ -110,12 +119,22 @@ async fn main() {
         Arc::new((0..args.identifiers).map(|i| format!("user-{i}")).collect());
     let limiter =
         Arc::new(Ratelimit::with_shared_store(never_denies, store.clone(), &prefix).unwrap());
-    let layer = RatelimitLayer::builder()
+    // Through the layer: 1 limit (requests), 2 (requests + tokens), or 4 (two request
+    // windows, two token windows), all never denying.
+    let day = FixedWindow::new(1 << 40, Duration::from_secs(86_400)).unwrap();
+    let mut builder = RatelimitLayer::builder()
         .shared_store(store)
         .prefix(prefix.clone())
-        .request_limit(never_denies)
-        .build()
-        .unwrap();
+        .limit("rpm", Limit::requests(never_denies));
+    if args.limits >= 2 {
+        builder = builder.limit("tpm", Limit::tokens(never_denies));
+    }
+    if args.limits == 4 {
+        builder = builder
+            .limit("rpd", Limit::requests(day))
+            .limit("tpd", Limit::tokens(day));
+    }
+    let layer = builder.build().unwrap();
     let inner = service_fn(|_: LlmRequest| async { Ok::<_, Infallible>(LlmResponse::default()) });
     let service = tower::Layer::layer(&layer, inner);
 
@@ -125,9 +144,9 @@ async fn main() {
         args.duration,
         args.identifiers,
         if args.through_layer {
-            "layer"
+            format!("layer ({} limits)", args.limits)
         } else {
-            "limiter"
+            "limiter".to_owned()
         },
         args.redis.as_deref().unwrap_or("the memory store"),
     );
