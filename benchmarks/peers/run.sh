@@ -3,10 +3,10 @@
 # redis-benchmark ceilings for our own script), Redis memory per identifier, and the
 # criterion benches, side by side on this machine, against a redis-server it starts.
 #
-# Usage: bench/run.sh [SECONDS]   (default 5 per loadgen/peer run; add CRITERION=1 to
+# Usage: benchmarks/peers/run.sh [SECONDS]   (default 5 per loadgen/peer run; add CRITERION=1 to
 #                                  also run the criterion benches, a few minutes more)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 SECS="${1:-5}"
 PORT="${BENCH_REDIS_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 DIR="$(mktemp -d)"
@@ -36,8 +36,8 @@ for through in limiter layer; do
   echo "ours/redis/$through: $($LOADGEN --redis "$URL" --duration "$SECS" --through $through 2>&1 | tail -1)"
 done
 
-(cd bench && [ -d node_modules/rate-limiter-flexible ] || npm install --silent --no-audit --no-fund)
-echo "rate-limiter-flexible/redis (ioredis, consume): $(node bench/peers.mjs "$PORT" 64 "$SECS" 100 | tail -1)"
+(cd benchmarks/peers && [ -d node_modules/rate-limiter-flexible ] || npm install --silent --no-audit --no-fund)
+echo "rate-limiter-flexible/redis (ioredis, consume): $(node benchmarks/peers/peers.mjs "$PORT" 64 "$SECS" 100 | tail -1)"
 
 echo; echo "# redis-benchmark ceiling: EVALSHA of our acquire script, 64 clients, 100 keys"
 SHA=$(redis-cli -p "$PORT" SCRIPT LOAD "$(cat src/store/lua/lib.lua src/store/lua/acquire.lua)")
