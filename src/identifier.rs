@@ -135,16 +135,25 @@ pub fn hash_api_key(key: &[u8]) -> String {
 impl<B> ExtractIdentifier<http::Request<B>> for ApiKey {
     fn extract<'r>(&self, request: &'r http::Request<B>) -> Option<Cow<'r, [u8]>> {
         let headers = request.headers();
-        let key = headers
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-            .and_then(|v| {
-                let (scheme, rest) = v.split_at(v.len().min(7));
-                scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
-            })
-            .or_else(|| headers.get("x-api-key").map(|v| v.as_bytes()))
-            .map(|k| k.trim_ascii())
-            .filter(|k| !k.is_empty())?;
+        let bearer = || {
+            headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes())
+                .and_then(|v| {
+                    let (scheme, rest) = v.split_at(v.len().min(7));
+                    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+                })
+        };
+        let x_api_key = || headers.get("x-api-key").map(|v| v.as_bytes());
+        // The credential the provider authenticates with comes first: Anthropic's
+        // Messages API reads `x-api-key`, OpenAI's reads the bearer token. A client
+        // cannot pick new budgets by varying the header the provider ignores.
+        let key = if request.uri().path().contains("/messages") {
+            x_api_key().or_else(bearer)
+        } else {
+            bearer().or_else(x_api_key)
+        };
+        let key = key.map(|k| k.trim_ascii()).filter(|k| !k.is_empty())?;
         Some(Cow::Owned(hash_api_key(key).into_bytes()))
     }
 }

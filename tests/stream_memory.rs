@@ -152,6 +152,56 @@ async fn stream(events: Vec<Vec<u8>>) -> (isize, u64) {
     (peak, charged)
 }
 
+/// A gzip body that inflates a thousandfold (100 MB from ~100 KB): decoded in small
+/// pieces, read and dropped, so memory stays bounded while it is metered.
+async fn bomb() -> isize {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let line = format!(
+        "{{\"usage\":{{\"prompt_tokens\":1}},\"pad\":\"{}\"}}\n",
+        " ".repeat(1000)
+    );
+    for _ in 0..100_000 {
+        gz.write_all(line.as_bytes()).unwrap();
+    }
+    let compressed = Bytes::from(gz.finish().unwrap());
+    let layer = RatelimitLayer::builder()
+        .token_limit(
+            FixedWindow::new(1_000_000, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
+        )
+        .identifier(Fixed::new("bomb"))
+        .build_http()
+        .unwrap();
+    let upstream = service_fn(move |_req| {
+        let frames: Vec<Vec<u8>> = compressed.chunks(16 * 1024).map(<[u8]>::to_vec).collect();
+        async move {
+            let mut response = Response::new(Frames {
+                events: frames.into_iter(),
+            });
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("content-encoding", "gzip".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let svc = layer.layer(upstream);
+    let request = Request::post("/v1/chat/completions")
+        .header("content-type", "text/plain")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut body = svc.oneshot(request).await.unwrap().into_body();
+    let baseline = LIVE.load(Ordering::SeqCst);
+    let mut peak = 0;
+    while let Some(frame) = body.frame().await {
+        drop(frame.unwrap());
+        peak = peak.max(LIVE.load(Ordering::SeqCst) - baseline);
+    }
+    peak
+}
+
 #[test]
 fn a_metered_stream_keeps_at_most_16_kib() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -170,4 +220,9 @@ fn a_metered_stream_keeps_at_most_16_kib() {
             "{name}: the stream kept {peak} bytes beyond its start (bound {BOUND})"
         );
     }
+    let peak = rt.block_on(bomb());
+    assert!(
+        peak <= 2 * 1024 * 1024,
+        "a decompression bomb held {peak} bytes while metered"
+    );
 }

@@ -37,6 +37,9 @@ enum Phase {
 pub(crate) enum Ending<'a> {
     /// A response was delivered, with the usage it reported (if any).
     Delivered(Option<&'a Usage>),
+    /// A complete response was delivered without usage; this is what it is estimated
+    /// at (the prompt estimate and the output seen), for the missing-usage policy.
+    Unreported(Usage),
     /// The call failed without producing output (an inner error, an error status
     /// without usage): the reservation is refunded.
     Failed,
@@ -230,8 +233,16 @@ impl Settlement {
             Ending::Failed => 0,
             Ending::Delivered(Some(u)) => self.engine.cost(t.limit, u, model),
             Ending::Incomplete(estimate) => self.engine.cost(t.limit, &estimate, model),
-            Ending::Delivered(None) => match self.engine.missing_usage {
-                MissingUsage::ChargeReservation => t.reserved,
+            // Without usage, the reservation or the estimate (whichever is larger): never
+            // less than what the call is known to have cost.
+            Ending::Delivered(None) | Ending::Unreported(_) => match self.engine.missing_usage {
+                MissingUsage::ChargeReservation => {
+                    let estimate = match ending {
+                        Ending::Unreported(estimate) => estimate,
+                        _ => Usage::new(self.prompt_estimate, 0),
+                    };
+                    t.reserved.max(self.engine.cost(t.limit, &estimate, model))
+                }
                 MissingUsage::ChargeNothing => 0,
                 MissingUsage::ChargeFixed(n) => n.min(crate::algorithm::MAX_UNITS),
             },
@@ -350,7 +361,7 @@ impl Settlement {
             return;
         }
         match ending {
-            Ending::Delivered(None) => tracing::warn!(
+            Ending::Delivered(None) | Ending::Unreported(_) => tracing::warn!(
                 policy = ?self.engine.missing_usage,
                 "LLM response reported no usage; charging per the missing-usage policy"
             ),

@@ -30,19 +30,30 @@ pub(crate) struct Meter {
     settled: bool,
     /// Prompt tokens estimated from the request (charged if the usage never arrives).
     prompt_estimate: u64,
-    /// Output seen so far: SSE `data:` events (providers stream about one token per
-    /// event), or, for other bodies, bytes.
+    /// Output seen so far: SSE events (providers stream about one token per event), or,
+    /// for other bodies, bytes.
     events: u64,
+    /// Bytes of the SSE line in progress at the end of the last frame.
+    line_carry: usize,
     bytes: u64,
     event_stream: bool,
     /// The body's `Content-Encoding`: usage is read from a decoded view.
     encoding: Encoding,
     /// The body could not be decoded: its usage is unreadable.
     unreadable: bool,
+    /// Bytes decoded so far (compressed bodies).
+    decoded: u64,
 }
 
+/// Compressed input decoded at a time (its output is at most ~1,000 times larger).
+const DECODE_PIECE: usize = 256;
+/// The most a compressed body is decoded to for metering: LLM answers are far smaller;
+/// beyond, the body counts as unreadable (charged its estimate).
+const MAX_DECODED: u64 = 64 * 1024 * 1024;
+
 /// The estimate charged for a call whose usage never arrived: the prompt estimate, and
-/// one output token per streamed event (or per 4 bytes of a non-streamed body) seen.
+/// one output token per streamed event (or per 4 bytes of any other body, or of a body
+/// that could not be read) seen.
 fn incomplete_estimate(
     prompt: u64,
     event_stream: bool,
@@ -50,7 +61,8 @@ fn incomplete_estimate(
     bytes: u64,
     seen: Option<Usage>,
 ) -> Usage {
-    let output = if event_stream {
+    // Streams: one token per event; other (or unreadable) bodies: 4 bytes a token.
+    let output = if event_stream && events > 0 {
         events
     } else {
         bytes.div_ceil(4)
@@ -87,6 +99,7 @@ impl Meter {
         Self {
             encoding,
             unreadable,
+            decoded: 0,
             parser,
             settlement: Some(settlement),
             success,
@@ -96,6 +109,7 @@ impl Meter {
             settled: false,
             prompt_estimate,
             events: 0,
+            line_carry: 0,
             bytes: 0,
             event_stream,
         }
@@ -104,34 +118,64 @@ impl Meter {
     fn count(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
         if self.event_stream {
-            self.events += memmem::find_iter(data, b"data:").count() as u64;
+            // SSE events end with a blank line: count those (the line in progress may
+            // have begun in an earlier frame).
+            let mut start = 0;
+            for nl in memchr::memchr_iter(b'\n', data) {
+                let line = &data[start..nl];
+                let carried = if start == 0 { self.line_carry } else { 0 };
+                if carried + line.len() == 0 || (carried == 0 && line == b"\r") {
+                    self.events += 1;
+                }
+                start = nl + 1;
+                self.line_carry = 0;
+            }
+            self.line_carry += data.len() - start;
         }
     }
 
     /// Read a frame of the body (decoded if it is compressed).
     fn observe(&mut self, data: &Bytes) {
         if self.unreadable {
+            // Unreadable: its bytes still stand for output (4 bytes a token).
+            self.bytes += data.len() as u64;
             return;
         }
-        let decoded = match &mut self.encoding {
+        let mut encoding = std::mem::replace(&mut self.encoding, Encoding::Identity);
+        match &mut encoding {
             Encoding::Identity => {
                 self.count(data);
                 if let Some(p) = &mut self.parser {
                     p.feed(data);
                 }
-                return;
             }
-            Encoding::Unknown(_) => return,
+            Encoding::Unknown(_) => self.bytes += data.len() as u64,
             Encoding::Known(decoder) => {
-                let mut out = Vec::new();
-                if let Err(error) = decoder.write(data, &mut out) {
-                    tracing::warn!(%error, "cannot decode a compressed response body; charging the estimate");
-                    self.unreadable = true;
+                // Small pieces of input at a time: a piece decodes to a bounded amount
+                // of output, read and dropped before the next (a body that inflates a
+                // thousandfold costs time, not memory), up to a total.
+                for piece in data.chunks(DECODE_PIECE) {
+                    let mut out = Vec::new();
+                    let result = decoder.write(piece, &mut out);
+                    self.decoded += out.len() as u64;
+                    self.read_decoded(out);
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "cannot decode a compressed response body; charging the estimate");
+                        self.unreadable = true;
+                        break;
+                    }
+                    if self.decoded > MAX_DECODED {
+                        tracing::warn!(
+                            max = MAX_DECODED,
+                            "a compressed response body decodes to more than the rate limiter reads; charging the estimate"
+                        );
+                        self.unreadable = true;
+                        break;
+                    }
                 }
-                out
             }
-        };
-        self.read_decoded(decoded);
+        }
+        self.encoding = encoding;
     }
 
     fn read_decoded(&mut self, decoded: Vec<u8>) {
@@ -144,12 +188,14 @@ impl Meter {
         }
     }
 
-    /// The body ended: flush the decoder.
+    /// The body ended (or was cut): flush the decoder, once.
     fn end_of_body(&mut self) {
         if self.unreadable {
             return;
         }
-        if let Encoding::Known(decoder) = &mut self.encoding {
+        if let Encoding::Known(mut decoder) =
+            std::mem::replace(&mut self.encoding, Encoding::Identity)
+        {
             let mut out = Vec::new();
             if let Err(error) = decoder.finish(&mut out) {
                 tracing::warn!(%error, "a compressed response body ended early; charging the estimate");
@@ -161,9 +207,8 @@ impl Meter {
 
     /// `finished`: the body ended normally (its usage, if any, has been seen).
     fn start_settlement(&mut self, finished: bool) {
-        if finished {
-            self.end_of_body();
-        }
+        // Also when cut short: what the decoder holds was seen.
+        self.end_of_body();
         let usage = match &mut self.parser {
             Some(p) if finished => p.finish(),
             Some(p) => p.usage(),
@@ -179,7 +224,13 @@ impl Meter {
             }
             // An error status without usage: the model produced nothing to charge.
             (None, _) if !self.success => Ending::Failed,
-            (None, true) if !self.unreadable => Ending::Delivered(None),
+            (None, true) if !self.unreadable => Ending::Unreported(incomplete_estimate(
+                self.prompt_estimate,
+                self.event_stream,
+                self.events,
+                self.bytes,
+                None,
+            )),
             // Cut short (client gone, upstream cut, body error) or unreadable: never
             // charged 0.
             (seen, _) => Ending::Incomplete(incomplete_estimate(

@@ -84,13 +84,19 @@ impl Decoder {
                 DeflateKind::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
             });
         }
+        // Flushed after each write: the decoded bytes are read (and dropped) now, not
+        // held in the decoder's own buffer, and a body cut right after is still counted.
         let result = match self {
-            Decoder::Gzip(d) => d.write_all(input),
-            Decoder::Deflate(Some(DeflateKind::Zlib(d))) => d.write_all(input),
-            Decoder::Deflate(Some(DeflateKind::Raw(d))) => d.write_all(input),
+            Decoder::Gzip(d) => d.write_all(input).and_then(|()| d.flush()),
+            Decoder::Deflate(Some(DeflateKind::Zlib(d))) => {
+                d.write_all(input).and_then(|()| d.flush())
+            }
+            Decoder::Deflate(Some(DeflateKind::Raw(d))) => {
+                d.write_all(input).and_then(|()| d.flush())
+            }
             Decoder::Deflate(None) => Ok(()),
-            Decoder::Brotli(d) => d.write_all(input),
-            Decoder::Zstd(d) => d.write_all(input),
+            Decoder::Brotli(d) => d.write_all(input).and_then(|()| d.flush()),
+            Decoder::Zstd(d) => d.write_all(input).and_then(|()| d.flush()),
         };
         // Take what was decoded even if the input then failed.
         let decoded = self.output();

@@ -131,6 +131,17 @@ fn is_event_stream(parts: &http::response::Parts) -> bool {
         .is_some_and(|ct| ct.starts_with("text/event-stream"))
 }
 
+/// Ask the upstream for an uncompressed answer on a metered call: usage is read without
+/// a decoder (whose window would cost ~64 KiB per stream), and the usage chunk the layer
+/// asked for can be taken out of the stream. The client receives what the upstream
+/// sent; an upstream that compresses anyway is still metered, through a decoded view.
+fn ask_for_identity(headers: &mut http::HeaderMap) {
+    headers.insert(
+        http::header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    );
+}
+
 /// The error and its causes, each once: `a: b: c`.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
@@ -283,7 +294,7 @@ where
     /// Straight to the call (the request body is not read: no estimate, no rewrite).
     pub(crate) fn calling(
         service: S,
-        request: Request<RequestBody<B>>,
+        mut request: Request<RequestBody<B>>,
         engine: Arc<Engine>,
         http: Arc<HttpConfig>,
         identifier: Vec<u8>,
@@ -296,6 +307,9 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(0, |len| len.div_ceil(4));
+        if engine.settles_after_body() {
+            ask_for_identity(request.headers_mut());
+        }
         let call = Call::new(
             engine.clone(),
             service,
@@ -383,7 +397,20 @@ where
                     };
                     if let Some(rest) = rest {
                         // Larger than the layer reads, and no estimate is needed: the
-                        // request goes on as it came (no usage injection, no model).
+                        // request goes on as it came (no usage injection, no model),
+                        // its length standing in for the prompt (4 bytes a token).
+                        if info.engine.settles_after_body() {
+                            ask_for_identity(&mut parts.headers);
+                        }
+                        let length = parts
+                            .headers
+                            .get(CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0)
+                            .max(bytes.len() as u64);
+                        info.prompt_estimate = length.div_ceil(4);
+                        let estimate = Some(Usage::new(info.prompt_estimate, 0));
                         let request =
                             Request::from_parts(parts, RequestBody::prefixed(bytes, rest));
                         let call = Call::new(
@@ -393,7 +420,7 @@ where
                             CallRequest {
                                 identifier,
                                 model: None,
-                                estimate: None,
+                                estimate,
                             },
                         );
                         this.state.set(State::Calling {
@@ -421,6 +448,9 @@ where
                         .prompt
                         .zip(inspection.estimate)
                         .map(|(p, total)| Usage::new(p, total.saturating_sub(p)));
+                    if info.engine.settles_after_body() {
+                        ask_for_identity(&mut parts.headers);
+                    }
                     let request = Request::from_parts(parts, RequestBody::buffered(body));
                     let call = Call::new(
                         info.engine.clone(),

@@ -108,6 +108,10 @@ pub(crate) fn inspect(body: &[u8], default_output: u64, inject_usage: bool) -> I
         let options = obj
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Default::default()));
+        // `"stream_options": null` asks for nothing: the same as leaving it out.
+        if options.is_null() {
+            *options = Value::Object(Default::default());
+        }
         if let Value::Object(options) = options
             && options.get("include_usage").and_then(Value::as_bool) != Some(true)
         {
@@ -141,6 +145,8 @@ mod tests {
         assert!(i.filter_usage_chunk);
         let v: Value = serde_json::from_slice(&i.rewritten.unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+        let null = inspect(br#"{"stream":true,"stream_options":null}"#, 0, true);
+        assert!(null.filter_usage_chunk && null.rewritten.is_some());
         let asked = inspect(
             br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
             0,

@@ -58,16 +58,15 @@ impl<S, X> HttpRatelimited<S, X> {
     crate::inner_service_accessors!();
 }
 
-fn is_json<B>(request: &Request<B>) -> bool {
-    match request
+/// Whether a body may be JSON the layer can read: anything but uploads (multipart, as
+/// audio and file endpoints take). The content type is not trusted further: upstreams
+/// accept JSON under other types, and a mislabelled body must not escape metering.
+fn may_be_json<B>(request: &Request<B>) -> bool {
+    !request
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .map(|v| v.to_str())
-    {
-        None => true,
-        Some(Ok(ct)) => ct.to_ascii_lowercase().starts_with("application/json"),
-        Some(Err(_)) => false,
-    }
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("multipart/"))
 }
 
 impl<S, X, B, ResBody> Service<Request<B>> for HttpRatelimited<S, X>
@@ -103,7 +102,7 @@ where
             needs_estimate || (tokens && self.http.inject_stream_usage) || engine.needs_model();
         let read_body = api != Api::Grpc
             && request.method() == http::Method::POST
-            && is_json(&request)
+            && may_be_json(&request)
             && wants_body;
         let http = self.http.clone();
         if read_body {
@@ -132,9 +131,8 @@ fn api_of<B>(request: &Request<B>) -> Api {
         .unwrap_or("");
     if content_type.starts_with("application/grpc") {
         Api::Grpc
-    } else if request.uri().path().ends_with("/messages")
-        || request.headers().contains_key("anthropic-version")
-    {
+    } else if request.uri().path().ends_with("/messages") {
+        // By path only: a header the client sets must not change how the call is read.
         Api::Anthropic
     } else {
         Api::OpenAi

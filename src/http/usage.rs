@@ -247,8 +247,12 @@ enum Scan {
         in_string: bool,
         escaped: bool,
     },
-    /// Inside the event's `type` string.
-    Type { bytes: Vec<u8>, escaped: bool },
+    /// Inside a `type` string: its first bytes (only two short values matter).
+    Type {
+        bytes: [u8; MAX_TYPE],
+        len: usize,
+        escaped: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,8 +261,8 @@ enum Key {
     Type,
 }
 
-/// The longest `type` value kept (event types are short).
-const MAX_TYPE: usize = 64;
+/// The longest `type` value kept (the two that matter are 13 bytes).
+const MAX_TYPE: usize = 16;
 
 static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
@@ -278,9 +282,10 @@ static TYPE_KEY: LazyLock<memmem::Finder<'static>> =
 #[derive(Default)]
 pub struct SseUsage {
     scan: Scan,
-    /// The `type` values seen in the current line (the event's own and nested ones, in
-    /// whatever order its keys come), a few at most.
-    line_types: Vec<Vec<u8>>,
+    /// Whether the current line has a `"type"` of `message_start` / `message_delta`
+    /// (the event's own, in whatever order its keys come).
+    line_start: bool,
+    line_delta: bool,
     /// The last usage object of the current line, applied when the line ends (when its
     /// event type is known).
     line_usage: Option<Usage>,
@@ -308,10 +313,9 @@ impl SseUsage {
 
     /// Apply a line's usage according to its event type.
     fn apply(&mut self, u: Usage) {
-        let has = |t: &[u8]| self.line_types.iter().any(|x| x == t);
-        let event = if has(b"message_start") {
+        let event = if self.line_start {
             Some(&b"message_start"[..])
-        } else if has(b"message_delta") {
+        } else if self.line_delta {
             Some(&b"message_delta"[..])
         } else {
             None
@@ -408,8 +412,9 @@ impl SseUsage {
                             in_string: false,
                             escaped: false,
                         },
-                        (Key::Type, b'"') if self.line_types.len() < 8 => Scan::Type {
-                            bytes: Vec::new(),
+                        (Key::Type, b'"') => Scan::Type {
+                            bytes: [0; MAX_TYPE],
+                            len: 0,
                             escaped: false,
                         },
                         _ => Scan::Idle,
@@ -453,7 +458,11 @@ impl SseUsage {
                         }
                     }
                 }
-                Scan::Type { bytes, escaped } => {
+                Scan::Type {
+                    bytes,
+                    len,
+                    escaped,
+                } => {
                     let b = seg[i];
                     i += 1;
                     if *escaped {
@@ -461,14 +470,16 @@ impl SseUsage {
                     } else if b == b'\\' {
                         *escaped = true;
                     } else if b == b'"' {
-                        let value = std::mem::take(bytes);
-                        self.line_types.push(value);
+                        let value = &bytes[..(*len).min(MAX_TYPE)];
+                        self.line_start |= value == b"message_start";
+                        self.line_delta |= value == b"message_delta";
                         self.scan = Scan::Idle;
                         continue;
                     }
-                    if bytes.len() < MAX_TYPE {
-                        bytes.push(b);
+                    if *len < MAX_TYPE {
+                        bytes[*len] = b;
                     }
+                    *len += 1;
                 }
             }
         }
@@ -488,8 +499,39 @@ impl SseUsage {
         if let Some(u) = self.line_usage.take() {
             self.apply(u);
         }
-        self.line_types.clear();
+        self.line_start = false;
+        self.line_delta = false;
         self.carry.clear();
+    }
+
+    /// Nothing of the current line is pending: lines up to the next key can be skipped.
+    fn line_is_clean(&self) -> bool {
+        matches!(self.scan, Scan::Idle)
+            && self.line_usage.is_none()
+            && !self.line_start
+            && !self.line_delta
+    }
+
+    /// Where, in `rest`, the line holding the next key starts (`Some(0)`: the current
+    /// line, including a key split across the previous frame); `None`: no key.
+    fn next_key_line(&self, rest: &[u8]) -> Option<usize> {
+        if !self.carry.is_empty() {
+            let mut joined = self.carry.clone();
+            let carried = joined.len();
+            joined.extend_from_slice(&rest[..rest.len().min(8)]);
+            let mut from = 0;
+            while let Some((at, _, len)) = find_key(&joined, from) {
+                if at >= carried {
+                    break;
+                }
+                if at + len > carried {
+                    return Some(0);
+                }
+                from = at + 1;
+            }
+        }
+        let (at, _, _) = find_key(rest, 0)?;
+        Some(memchr::memrchr(b'\n', &rest[..at]).map_or(0, |nl| nl + 1))
     }
 }
 
@@ -531,12 +573,41 @@ fn find_key(hay: &[u8], from: usize) -> Option<(usize, Key, usize)> {
 impl UsageParser for SseUsage {
     fn feed(&mut self, chunk: &Bytes) {
         let mut rest = &chunk[..];
-        while let Some(nl) = memchr::memchr(b'\n', rest) {
-            self.segment(&rest[..nl]);
-            self.end_line();
-            rest = &rest[nl + 1..];
+        while !rest.is_empty() {
+            if self.line_is_clean() {
+                // Lines before the next key hold nothing to read: skip them whole.
+                match self.next_key_line(rest) {
+                    None => {
+                        // Keep the current line's last bytes, for a key split across
+                        // frames.
+                        match memchr::memrchr(b'\n', rest) {
+                            Some(nl) => {
+                                self.carry.clear();
+                                roll(&mut self.carry, &rest[nl + 1..]);
+                            }
+                            None => roll(&mut self.carry, rest),
+                        }
+                        return;
+                    }
+                    Some(0) => {}
+                    Some(start) => {
+                        self.carry.clear();
+                        rest = &rest[start..];
+                    }
+                }
+            }
+            match memchr::memchr(b'\n', rest) {
+                Some(nl) => {
+                    self.segment(&rest[..nl]);
+                    self.end_line();
+                    rest = &rest[nl + 1..];
+                }
+                None => {
+                    self.segment(rest);
+                    return;
+                }
+            }
         }
-        self.segment(rest);
     }
 
     fn usage(&mut self) -> Option<Usage> {

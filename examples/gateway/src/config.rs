@@ -374,8 +374,9 @@ pub fn settings(cli: &Cli, file: File, env: Env<'_>) -> Result<Settings, ConfigE
             &["prompt", "total"],
         )?;
         if l.count.is_some() && kind != "tokens" {
-            return err(format!("{at}.count: only token limits count tokens"));
+            tracing::warn!("{at}.count is ignored: only token limits count tokens");
         }
+        check_limit(&at, &kind, l.quota as u64, window)?;
         if limits.iter().any(|x: &LimitSpec| x.name == l.name) {
             return err(format!("limits: the name {:?} is used twice", l.name));
         }
@@ -489,6 +490,49 @@ pub fn settings(cli: &Cli, file: File, env: Env<'_>) -> Result<Settings, ConfigE
         }
     }
 
+    // The provider's credential must not become everyone's: with it, the gateway needs
+    // its own keys (or a trusted proxy in front that sets the identifier header).
+    let provider_key = openai.api_key.is_some() || anthropic.api_key.is_some();
+    if provider_key && keys.is_empty() && identity == Identity::ApiKey {
+        return err(
+            "upstream_api_key_env: with the gateway's own provider key, clients need gateway keys \
+             ([[keys]]); otherwise any made-up key would spend the provider key's budget",
+        );
+    }
+    for (api, target) in [("openai", &openai), ("anthropic", &anthropic)] {
+        if !keys.is_empty() && target.url.is_some() && target.api_key.is_none() {
+            return err(format!(
+                "upstreams.{api}.api_key_env: with [[keys]], the gateway sends its own provider \
+                 key upstream (clients' keys are gateway keys); set upstream_api_key_env"
+            ));
+        }
+        if let Some(url) = &target.url {
+            let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return err(format!(
+                    "upstream: {url:?} is not an http:// or https:// URL"
+                ));
+            }
+        }
+    }
+    let upstream_ca = pick(&cli.upstream_ca, &file.upstream_ca);
+    if let Some(ca) = &upstream_ca
+        && std::fs::metadata(ca).is_err()
+    {
+        return err(format!("upstream_ca: cannot read {ca:?}"));
+    }
+    let redis = pick(&cli.redis, &file.redis);
+    if let Some(url) = &redis {
+        for node in url.split(',') {
+            if !(node.trim().starts_with("redis://") || node.trim().starts_with("rediss://")) {
+                return err(format!(
+                    "redis: {node:?} is not a redis:// or rediss:// URL"
+                ));
+            }
+        }
+    }
     let reserve = cli.reserve || token_mode == "reserve";
     let include_output_tokens =
         cli.include_output_tokens || file.include_output_tokens == Some(true);
@@ -500,8 +544,8 @@ pub fn settings(cli: &Cli, file: File, env: Env<'_>) -> Result<Settings, ConfigE
         listen,
         openai,
         anthropic,
-        upstream_ca: pick(&cli.upstream_ca, &file.upstream_ca),
-        redis: pick(&cli.redis, &file.redis),
+        upstream_ca,
+        redis,
         identity,
         on_store_error,
         store_timeout,
@@ -515,6 +559,28 @@ pub fn settings(cli: &Cli, file: File, env: Env<'_>) -> Result<Settings, ConfigE
         tier_of,
         keys,
     })
+}
+
+/// A limit's quota and window within what the crate accepts.
+fn check_limit(at: &str, kind: &str, quota: u64, window: Duration) -> Result<(), ConfigError> {
+    use tower_llm_ratelimit::algorithm::{MAX_UNITS, MAX_WINDOW, MIN_WINDOW};
+    if quota > MAX_UNITS {
+        return err(format!(
+            "{at}.quota: {quota} is more than the maximum of {MAX_UNITS}"
+        ));
+    }
+    if window < MIN_WINDOW || window > MAX_WINDOW {
+        let what = if kind == "concurrency" {
+            "lease"
+        } else {
+            "window"
+        };
+        return err(format!(
+            "{at}.window: the {what} must be between {MIN_WINDOW:?} and {} days",
+            MAX_WINDOW.as_secs() / 86_400
+        ));
+    }
+    Ok(())
 }
 
 /// 64 hex digits → 32 bytes.
@@ -576,9 +642,7 @@ quotas = { rpm = 600 }
 
     #[test]
     fn the_documented_example_parses() {
-        // `count` on a request limit is refused: the documented example as a token limit.
-        let text = EXAMPLE.replace("kind = \"requests\"", "kind = \"tokens\"");
-        let s = parse(&text).unwrap();
+        let s = parse(EXAMPLE).unwrap();
         assert_eq!(s.limits.len(), 1);
         assert_eq!(s.limits[0].window, Duration::from_secs(60));
         assert_eq!(s.tiers["pro"]["rpm"], 600);

@@ -17,16 +17,19 @@ impl AsRef<[u8]> for ClientName {
     }
 }
 
-/// The key a request presents: `Authorization: Bearer <key>` or `x-api-key: <key>`.
-pub fn presented(headers: &http::HeaderMap) -> Option<&[u8]> {
-    headers
+/// The keys a request presents: `Authorization: Bearer <key>` and `x-api-key: <key>`.
+pub fn presented(headers: &http::HeaderMap) -> impl Iterator<Item = &[u8]> {
+    let bearer = headers
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes())
         .and_then(|v| {
             let (scheme, rest) = v.split_at(v.len().min(7));
             scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
-        })
-        .or_else(|| headers.get("x-api-key").map(|v| v.as_bytes()))
+        });
+    let x_api_key = headers.get("x-api-key").map(|v| v.as_bytes());
+    bearer
+        .into_iter()
+        .chain(x_api_key)
         .map(|k| k.trim_ascii())
         .filter(|k| !k.is_empty())
 }

@@ -245,7 +245,13 @@ impl Gateway {
         let presented = request
             .headers()
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(|v| v.as_bytes())
+            .and_then(|v| {
+                let (scheme, rest) = v.split_at(v.len().min(7));
+                scheme
+                    .eq_ignore_ascii_case(b"bearer ")
+                    .then_some(rest.trim_ascii())
+            })
             .unwrap_or(b"");
         // Constant time: the comparison says nothing about how much of the token matched.
         let ok = presented.len() == token.len() && bool::from(presented.ct_eq(token.as_bytes()));
@@ -366,7 +372,7 @@ impl Service<Request<Incoming>> for Gateway {
             if !rt.settings.keys.is_empty() {
                 // Gateway keys: a listed key or nothing reaches the limiter or upstream.
                 let client = keys::presented(request.headers())
-                    .and_then(|k| keys::authenticate(&rt.settings.keys, k))
+                    .find_map(|k| keys::authenticate(&rt.settings.keys, k))
                     .map(|k| k.name.clone());
                 let Some(name) = client else {
                     let kind = match api {

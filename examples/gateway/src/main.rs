@@ -61,8 +61,12 @@ async fn main() {
     let gateway = match Gateway::new(settings).await {
         Ok(g) => g,
         Err(e) => {
+            // A configuration the crate refuses is a configuration error too.
+            let invalid = e
+                .downcast_ref::<tower_llm_ratelimit::Error>()
+                .is_some_and(|e| e.kind() == tower_llm_ratelimit::ErrorKind::InvalidInput);
             eprintln!("llm-gateway: {}", llm_gateway::proxy::error_chain(&*e));
-            std::process::exit(1);
+            std::process::exit(if invalid { 2 } else { 1 });
         }
     };
     let listener = match TcpListener::bind(listen).await {

@@ -85,6 +85,8 @@ const HOP_BY_HOP: [&str; 8] = [
 #[derive(Clone)]
 pub struct Upstream {
     client: Option<Arc<HttpsClient>>,
+    /// Clients hold gateway keys: their credential headers never go upstream.
+    strip_client_keys: bool,
     openai: UpstreamTarget,
     anthropic: UpstreamTarget,
 }
@@ -103,17 +105,22 @@ impl Upstream {
         };
         Ok(Self {
             client,
+            strip_client_keys: !settings.keys.is_empty(),
             openai: settings.openai.clone(),
             anthropic: settings.anthropic.clone(),
         })
     }
 }
 
-/// Replace the client's credential with the gateway's, when the gateway has one.
-fn set_credential(headers: &mut http::HeaderMap, api: Api, key: Option<&str>) {
-    let Some(key) = key else { return };
+/// Replace the client's credential with the gateway's. With gateway keys (`strip`),
+/// the client's credential is a gateway key and never goes upstream, whatever else.
+fn set_credential(headers: &mut http::HeaderMap, api: Api, key: Option<&str>, strip: bool) {
+    if key.is_none() && !strip {
+        return;
+    }
     headers.remove(http::header::AUTHORIZATION);
     headers.remove("x-api-key");
+    let Some(key) = key else { return };
     let value = match api {
         Api::OpenAi => HeaderValue::from_str(&format!("Bearer {key}")),
         Api::Anthropic => HeaderValue::from_str(key),
@@ -145,7 +152,12 @@ impl Service<Request<RequestBody<Incoming>>> for Upstream {
                 Api::Anthropic => &this.anthropic,
             };
             let (mut parts, body) = request.into_parts();
-            set_credential(&mut parts.headers, api, target.api_key.as_deref());
+            set_credential(
+                &mut parts.headers,
+                api,
+                target.api_key.as_deref(),
+                this.strip_client_keys,
+            );
             let (Some(base), Some(client)) = (&target.url, &this.client) else {
                 let response =
                     llm_mock_upstream::mock_upstream(Request::from_parts(parts, body)).await;
