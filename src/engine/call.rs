@@ -42,7 +42,7 @@ pub(crate) enum Outcome<S: Service<R>, R> {
     Refused {
         error: Error,
         decisions: Vec<Decision>,
-        plan: Option<Plan>,
+        plan: Option<Arc<Plan>>,
         decider: Decider,
     },
     /// The inner service answered; the settlement is armed (or already done).
@@ -50,7 +50,7 @@ pub(crate) enum Outcome<S: Service<R>, R> {
         result: Result<S::Response, S::Error>,
         settlement: Settlement,
         decisions: Vec<Decision>,
-        plan: Plan,
+        plan: Arc<Plan>,
     },
 }
 
@@ -59,7 +59,8 @@ struct Pending<S, R> {
     engine: Arc<Engine>,
     service: S,
     request: R,
-    identifier: Vec<u8>,
+    /// The identifier's hash tag, while its quotas are being looked up.
+    tag: Option<String>,
     model: Option<String>,
     estimate: Option<Usage>,
     /// Wait mode: the latest instant the call may still be dispatched.
@@ -82,10 +83,10 @@ pin_project! {
         S: Service<R>,
     {
         Resolving { quotas: QuotaFuture, pending: Option<Pending<S, R>> },
-        Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Plan>, pending: Option<Pending<S, R>> },
-        Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Plan>, pending: Option<Pending<S, R>> },
-        Acquiring { settlement: Option<Settlement>, plan: Option<Plan>, pending: Option<Pending<S, R>> },
-        Calling { #[pin] future: S::Future, settlement: Option<Settlement>, decisions: Vec<Decision>, plan: Option<Plan> },
+        Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
+        Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
+        Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
+        Calling { #[pin] future: S::Future, settlement: Option<Settlement>, decisions: Vec<Decision>, plan: Option<Arc<Plan>> },
         Refused { outcome: Option<Outcome<S, R>> },
         Done,
     }
@@ -108,7 +109,7 @@ impl<S: Service<R>, R> Call<S, R> {
             engine: engine.clone(),
             service,
             request,
-            identifier: call.identifier.to_vec(),
+            tag: None,
             model: call.model.map(str::to_owned),
             estimate: call.estimate,
             deadline,
@@ -121,6 +122,8 @@ impl<S: Service<R>, R> Call<S, R> {
             Some(resolver) => match resolver.resolve(call.identifier) {
                 Resolution::Ready(q) => q,
                 Resolution::Pending(quotas) => {
+                    let mut pending = pending;
+                    pending.tag = Some(tag);
                     return Call::Resolving {
                         quotas,
                         pending: Some(pending),
@@ -128,7 +131,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 }
             },
         };
-        let plan = engine.plan(tag, call.model, quotas.as_deref(), call.estimate);
+        let plan = Arc::new(engine.plan(tag, call.model, quotas.as_deref(), call.estimate));
         Self::planned(plan, pending)
     }
 
@@ -145,7 +148,7 @@ impl<S: Service<R>, R> Call<S, R> {
 
     /// The plan is known: refuse a suspended identifier, answer from the denial cache,
     /// queue behind waiting calls, or acquire.
-    fn planned(plan: Plan, mut pending: Pending<S, R>) -> Self {
+    fn planned(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
         let engine = pending.engine.clone();
         if let Some(error) = engine.suspension(&plan) {
             return Call::Refused {
@@ -183,7 +186,7 @@ impl<S: Service<R>, R> Call<S, R> {
 
     /// Wait for this call's turn (if it does not hold it yet), then for its denial to
     /// lift, then acquire again.
-    fn queue(plan: Plan, pending: Pending<S, R>) -> Self {
+    fn queue(plan: Arc<Plan>, pending: Pending<S, R>) -> Self {
         if pending.turn.is_some() {
             return Self::after_turn(plan, pending);
         }
@@ -201,7 +204,7 @@ impl<S: Service<R>, R> Call<S, R> {
 
     /// This call holds its turn: sleep until its denial lifts (if it still can within
     /// the bound), else acquire now.
-    fn after_turn(plan: Plan, mut pending: Pending<S, R>) -> Self {
+    fn after_turn(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
         let now = Instant::now();
         match pending.denied.take() {
             Some((error, lifts)) if lifts > now => {
@@ -226,7 +229,7 @@ impl<S: Service<R>, R> Call<S, R> {
         }
     }
 
-    fn acquire(plan: Plan, pending: Pending<S, R>) -> Self {
+    fn acquire(plan: Arc<Plan>, pending: Pending<S, R>) -> Self {
         let settlement = Settlement::new(pending.engine.clone(), plan.clone());
         Call::Acquiring {
             settlement: Some(settlement),
@@ -268,18 +271,20 @@ impl<S: Service<R>, R> Future for Call<S, R> {
             match self.as_mut().project() {
                 CallProj::Resolving { quotas, pending } => {
                     let quotas = ready!(quotas.as_mut().poll(cx));
-                    let pending = taken(pending);
-                    let tag = match identifier_tag(&pending.identifier) {
-                        Ok(tag) => tag,
-                        Err(error) => return Poll::Ready(refusal(error, None)),
+                    let mut pending = taken(pending);
+                    let Some(tag) = pending.tag.take() else {
+                        return Poll::Ready(refusal(
+                            Error::invalid_input("quotas resolved without an identifier"),
+                            None,
+                        ));
                     };
                     let engine = pending.engine.clone();
-                    let plan = engine.plan(
+                    let plan = Arc::new(engine.plan(
                         tag,
                         pending.model.as_deref(),
                         quotas.as_deref(),
                         pending.estimate,
-                    );
+                    ));
                     self.set(Self::planned(plan, pending));
                 }
                 CallProj::Queued {
@@ -411,7 +416,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
     }
 }
 
-fn refusal<S: Service<R>, R>(error: Error, plan: Option<Plan>) -> Outcome<S, R> {
+fn refusal<S: Service<R>, R>(error: Error, plan: Option<Arc<Plan>>) -> Outcome<S, R> {
     Outcome::Refused {
         error,
         decisions: Vec::new(),

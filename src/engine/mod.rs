@@ -78,15 +78,12 @@ pub struct LimitUsage {
 pub(crate) struct Taken {
     /// Index into [`Engine::limits`].
     pub limit: usize,
-    pub key: String,
     /// The rule with the identifier's quota.
     pub rule: Rule,
     /// Concurrency: this call's slot id; else 0.
     pub slot: u64,
     /// Tokens reserved before the call (token limits in `Reserve` mode).
     pub reserved: u64,
-    /// The window that paid, once the acquire answered (fixed and sliding windows).
-    pub window: Option<i64>,
 }
 
 /// The store operation for one call, before dispatch: one check per applicable limit,
@@ -257,7 +254,7 @@ impl Engine {
                 }
             };
             checks.push(LimitCheck {
-                key: key.clone(),
+                key,
                 rule,
                 cost,
                 take,
@@ -265,11 +262,9 @@ impl Engine {
             });
             taken.push(Taken {
                 limit: i,
-                key,
                 rule,
                 slot,
                 reserved,
-                window: None,
             });
         }
         Plan {

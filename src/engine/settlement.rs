@@ -8,6 +8,8 @@ use std::task::{Context, Poll, Waker};
 
 use super::limit::LimitKind;
 use super::reliability::{Decider, StoreErrorPolicy, fallback_decisions, next_id, with_timeout};
+use smallvec::SmallVec;
+
 use super::{Engine, MissingUsage, Plan, Taken, metrics};
 use crate::error::StoreError;
 use crate::llm::Usage;
@@ -52,11 +54,14 @@ pub(crate) enum Ending<'a> {
 /// taken before dispatch, settled against the reported usage after it.
 pub(crate) struct Settlement {
     engine: Arc<Engine>,
-    tag: String,
-    model: Option<String>,
+    /// What the call took: shared with the call itself (no copy per call).
+    plan: Arc<Plan>,
     /// Prompt tokens charged if the call is dropped before it ends.
     prompt_estimate: u64,
-    taken: Vec<Taken>,
+    /// The window each limit's units were taken in (fixed and sliding windows).
+    windows: SmallVec<[Option<i64>; 4]>,
+    /// Decided by `FailOpen`: nothing was taken anywhere (no reservation, no slot).
+    open: bool,
     /// Dedupes retried writes of this settlement in the store.
     id: u64,
     decider: Decider,
@@ -110,7 +115,7 @@ fn acquire(engine: Arc<Engine>, checks: Vec<LimitCheck>) -> AcquireFuture {
 }
 
 impl Settlement {
-    pub(crate) fn new(engine: Arc<Engine>, plan: Plan) -> Self {
+    pub(crate) fn new(engine: Arc<Engine>, plan: Arc<Plan>) -> Self {
         let sync = if engine.store_is_local {
             engine.store.acquire_sync(&plan.checks)
         } else {
@@ -118,15 +123,15 @@ impl Settlement {
         };
         let phase = match sync {
             Some(decisions) => Phase::Acquired(Some(Ok((decisions, Decider::Store)))),
-            None => Phase::Acquiring(acquire(engine.clone(), plan.checks)),
+            None => Phase::Acquiring(acquire(engine.clone(), plan.checks.clone())),
         };
         Self {
-            tag: plan.tag,
-            model: plan.model,
             prompt_estimate: plan
                 .estimate
                 .map_or(engine.default_estimate, |e| e.prompt_tokens),
-            taken: plan.taken,
+            windows: SmallVec::new(),
+            open: false,
+            plan,
             id: next_id(),
             decider: Decider::Store,
             phase,
@@ -162,20 +167,11 @@ impl Settlement {
 
     fn arm(&mut self, decisions: &[Decision], decider: Decider) {
         self.decider = decider;
-        if decider == Decider::Open {
-            // Nothing was taken anywhere: the usage is all there is to write.
-            for t in &mut self.taken {
-                t.reserved = 0;
-            }
-            let engine = &self.engine;
-            self.taken
-                .retain(|t| engine.limits[t.limit].kind != LimitKind::Concurrency);
-        }
-        for (taken, decision) in self.taken.iter_mut().zip(decisions) {
-            taken.window = decision.window;
-        }
+        // FailOpen: nothing was taken anywhere; the usage is all there is to write.
+        self.open = decider == Decider::Open;
+        self.windows = decisions.iter().map(|d| d.window).collect();
         let allowed = decisions.iter().all(|d| d.allowed);
-        metrics::decisions(&self.engine, &self.taken, decisions, allowed);
+        metrics::decisions(&self.engine, &self.plan.taken, decisions, allowed);
         if allowed {
             self.phase = Phase::Armed;
             self.start_renewal();
@@ -185,12 +181,17 @@ impl Settlement {
     /// Calls can outlive their slot's lease (streams of many minutes): while the call
     /// runs, renew the leases every half lease.
     fn start_renewal(&mut self) {
+        if self.open {
+            return;
+        }
         let renewals: Vec<Adjustment> = self
+            .plan
             .taken
             .iter()
-            .filter(|t| t.rule.is_concurrency())
-            .map(|t| Adjustment {
-                key: t.key.clone(),
+            .zip(&self.plan.checks)
+            .filter(|(t, _)| t.rule.is_concurrency())
+            .map(|(t, c)| Adjustment {
+                key: c.key.clone(),
                 rule: t.rule,
                 delta: 1,
                 slot: t.slot,
@@ -226,9 +227,9 @@ impl Settlement {
         self.renewal = Some(task.abort_handle());
     }
 
-    /// Units token limit `t` charges for this ending (`None`: keep the reservation).
-    fn charge(&self, t: &Taken, ending: Ending<'_>) -> u64 {
-        let model = self.model.as_deref();
+    /// Units token limit `t` (with `reserved` taken) charges for this ending.
+    fn charge(&self, t: &Taken, reserved: u64, ending: Ending<'_>) -> u64 {
+        let model = self.plan.model.as_deref();
         match ending {
             Ending::Failed => 0,
             Ending::Delivered(Some(u)) => self.engine.cost(t.limit, u, model),
@@ -241,7 +242,7 @@ impl Settlement {
                         Ending::Unreported(estimate) => estimate,
                         _ => Usage::new(self.prompt_estimate, 0),
                     };
-                    t.reserved.max(self.engine.cost(t.limit, &estimate, model))
+                    reserved.max(self.engine.cost(t.limit, &estimate, model))
                 }
                 MissingUsage::ChargeNothing => 0,
                 MissingUsage::ChargeFixed(n) => n.min(crate::algorithm::MAX_UNITS),
@@ -252,46 +253,51 @@ impl Settlement {
     /// The writes for this ending: `(to the store, to the in-process fallback store)`.
     fn writes(&self, ending: Ending<'_>) -> (Vec<Adjustment>, Vec<Adjustment>) {
         let (mut remote, mut local) = (Vec::new(), Vec::new());
-        let adjustment = |t: &Taken, delta: i64, window: Option<i64>| Adjustment {
-            key: t.key.clone(),
+        let adjustment = |i: usize, t: &Taken, delta: i64, window: Option<i64>| Adjustment {
+            key: self.plan.checks[i].key.clone(),
             rule: t.rule,
             delta,
             slot: t.slot,
             window,
         };
-        for t in &self.taken {
+        for (i, t) in self.plan.taken.iter().enumerate() {
             let kind = self.engine.limits[t.limit].kind;
+            if self.open && kind == LimitKind::Concurrency {
+                continue;
+            }
+            let reserved = if self.open { 0 } else { t.reserved };
+            let window = self.windows.get(i).copied().flatten();
             let charge = match kind {
-                LimitKind::Tokens => self.charge(t, ending) as i64,
+                LimitKind::Tokens => self.charge(t, reserved, ending) as i64,
                 _ => 0,
             };
-            let delta = charge - t.reserved as i64;
+            let delta = charge - reserved as i64;
             if kind == LimitKind::Tokens {
                 metrics::tokens_charged(&self.engine.limits[t.limit].name, charge as u64);
             }
             match (self.decider, kind) {
                 (Decider::Store, LimitKind::Tokens) if delta != 0 => {
-                    remote.push(adjustment(t, delta, t.window))
+                    remote.push(adjustment(i, t, delta, window))
                 }
-                (Decider::Store, LimitKind::Concurrency) => remote.push(adjustment(t, -1, None)),
+                (Decider::Store, LimitKind::Concurrency) => remote.push(adjustment(i, t, -1, None)),
                 // Nothing was taken from the store: it gets the request and the usage
                 // once it answers again, so the shared budget stays whole.
-                (Decider::Open, LimitKind::Requests) => remote.push(adjustment(t, 1, None)),
+                (Decider::Open, LimitKind::Requests) => remote.push(adjustment(i, t, 1, None)),
                 (Decider::Open, LimitKind::Tokens) if charge != 0 => {
-                    remote.push(adjustment(t, charge, None))
+                    remote.push(adjustment(i, t, charge, None))
                 }
                 // The local store holds the reservation and slot; the shared store gets
                 // the request and the usage itself.
-                (Decider::Local, LimitKind::Requests) => remote.push(adjustment(t, 1, None)),
+                (Decider::Local, LimitKind::Requests) => remote.push(adjustment(i, t, 1, None)),
                 (Decider::Local, LimitKind::Tokens) => {
                     if delta != 0 {
-                        local.push(adjustment(t, delta, t.window));
+                        local.push(adjustment(i, t, delta, window));
                     }
                     if charge != 0 {
-                        remote.push(adjustment(t, charge, None));
+                        remote.push(adjustment(i, t, charge, None));
                     }
                 }
-                (Decider::Local, LimitKind::Concurrency) => local.push(adjustment(t, -1, None)),
+                (Decider::Local, LimitKind::Concurrency) => local.push(adjustment(i, t, -1, None)),
                 _ => {}
             }
         }
@@ -312,7 +318,7 @@ impl Settlement {
             .any(|a| a.delta < 0 && !a.rule.is_concurrency())
         {
             // Budget comes back: a denial cached here may no longer hold.
-            self.engine.forget_denials(&self.tag);
+            self.engine.forget_denials(&self.plan.tag);
         }
         if !local.is_empty() {
             self.engine.local.adjust_now(&local);
@@ -404,10 +410,12 @@ impl Drop for Settlement {
                 // An in-process answer nobody took: undo all of it, as a store undoes an
                 // acquire whose caller left.
                 let checks: Vec<LimitCheck> = self
+                    .plan
                     .taken
                     .iter()
-                    .map(|t| LimitCheck {
-                        key: t.key.clone(),
+                    .zip(&self.plan.checks)
+                    .map(|(t, c)| LimitCheck {
+                        key: c.key.clone(),
                         rule: t.rule,
                         cost: match self.engine.limits[t.limit].kind {
                             LimitKind::Tokens => t.reserved,

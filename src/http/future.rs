@@ -482,7 +482,7 @@ where
                                 tracing::info!(%error, "rate limit denied a request");
                             }
                             let mut response =
-                                refused(engine, &error, plan.as_ref(), &decisions, info.api);
+                                refused(engine, &error, plan.as_deref(), &decisions, info.api);
                             headers::insert_fallback(response.headers_mut(), decider.label());
                             this.state.set(State::Respond {
                                 response: Some(response),
