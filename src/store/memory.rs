@@ -211,8 +211,18 @@ impl MemoryStore {
         }
     }
 
+    /// The shard of a key: by its hash tag (`{…}`), so every key of one identifier is in
+    /// one shard and a call's limits take one lock, as they take one Redis hash slot.
     fn shard_of(&self, key: &str) -> usize {
-        (self.inner.hasher.hash_one(key) as usize) % SHARDS
+        let tag = key
+            .find('{')
+            .and_then(|open| {
+                let rest = &key[open + 1..];
+                rest.find('}').map(|close| &rest[..close])
+            })
+            .filter(|t| !t.is_empty())
+            .unwrap_or(key);
+        (self.inner.hasher.hash_one(tag) as usize) % SHARDS
     }
 
     /// Live (unexpired) entries: `(key, time to live)`. For inspection and tests.
