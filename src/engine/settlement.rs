@@ -41,6 +41,7 @@ pub(crate) enum Ending<'a> {
     Delivered(Option<&'a Usage>),
     /// A complete response was delivered without usage; this is what it is estimated
     /// at (the prompt estimate and the output seen), for the missing-usage policy.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     Unreported(Usage),
     /// The call failed without producing output (an inner error, an error status
     /// without usage): the reservation is refunded.
