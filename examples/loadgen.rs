@@ -6,11 +6,11 @@
 //! cargo run --release --example loadgen -- --through layer     # memory store, via the layer
 //! ```
 //!
-//! Flags: `--redis URL` (omit for memory), `--concurrency N` (64), `--duration SECS` (5),
-//! `--identifiers N` (100), `--through layer|limiter` (limiter: one request limit, fixed
-//! window, that never denies), `--batching on|off` (Redis: batch concurrent acquires,
-//! default on), `--limits 1|2|4` (through the layer: requests; + tokens; + a second
-//! request and token window). The last line is exactly
+//! Flags (`--help`): `--redis URL` (omit for memory), `--concurrency N` (64),
+//! `--duration SECS` (5), `--identifiers N` (100), `--through layer|limiter` (limiter: one
+//! request limit, fixed window, that never denies), `--batching on|off` (Redis: batch
+//! concurrent acquires, default on), `--limits 1|2|4` (through the layer: requests;
+//! + tokens; + a second request and token window). The last line is exactly
 //! `decisions_per_sec=<number> p50_us=<number> p99_us=<number>`.
 
 use std::convert::Infallible;
@@ -23,6 +23,32 @@ use tower_llm_ratelimit::{
     RedisOptions, RedisStore, Store,
 };
 
+/// Drives N concurrent rate-limit decisions and prints throughput and latency.
+#[derive(clap::Parser, Debug)]
+struct Cli {
+    /// Redis URL (omit for the memory store).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Decisions in flight.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    duration: u64,
+    /// Identifiers the decisions are spread over.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    identifiers: u64,
+    /// `limiter` (one request limit, never denying) or `layer`.
+    #[arg(long, default_value = "limiter", value_parser = ["limiter", "layer"])]
+    through: String,
+    /// Redis: batch concurrent acquires (`on` or `off`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    batching: String,
+    /// Through the layer: 1 (requests), 2 (+ tokens) or 4 (+ a second window of each).
+    #[arg(long, default_value_t = 1)]
+    limits: usize,
+}
+
 struct Args {
     redis: Option<String>,
     concurrency: usize,
@@ -34,55 +60,19 @@ struct Args {
 }
 
 fn parse() -> Result<Args, String> {
-    let mut args = Args {
-        redis: None,
-        concurrency: 64,
-        duration: Duration::from_secs(5),
-        identifiers: 100,
-        through_layer: false,
-        batching: true,
-        limits: 1,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        let number = |v: String| v.parse::<u64>().map_err(|e| format!("{flag}: {v:?}: {e}"));
-        match flag.as_str() {
-            "--redis" => args.redis = Some(value()?),
-            "--concurrency" => args.concurrency = number(value()?)?.max(1) as usize,
-            "--duration" => args.duration = Duration::from_secs(number(value()?)?.max(1)),
-            "--identifiers" => args.identifiers = number(value()?)?.max(1) as usize,
-            "--limits" => {
-                args.limits = match number(value()?)? {
-                    n @ (1 | 2 | 4) => n as usize,
-                    n => return Err(format!("--limits must be 1, 2 or 4, not {n}")),
-                }
-            }
-            "--batching" => {
-                args.batching = match value()?.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    other => return Err(format!("--batching must be on or off, not {other:?}")),
-                }
-            }
-            "--through" => {
-                args.through_layer = match value()?.as_str() {
-                    "layer" => true,
-                    "limiter" => false,
-                    other => {
-                        return Err(format!("--through must be layer or limiter, not {other:?}"));
-                    }
-                }
-            }
-            other => {
-                return Err(format!(
-                    "unknown flag {other:?}; usage: loadgen [--redis URL] [--concurrency N] \
-                     [--duration SECS] [--identifiers N] [--through layer|limiter]"
-                ));
-            }
-        }
+    let cli = <Cli as clap::Parser>::parse();
+    if ![1, 2, 4].contains(&cli.limits) {
+        return Err(format!("--limits must be 1, 2 or 4, not {}", cli.limits));
     }
-    Ok(args)
+    Ok(Args {
+        redis: cli.redis,
+        concurrency: cli.concurrency as usize,
+        duration: Duration::from_secs(cli.duration),
+        identifiers: cli.identifiers as usize,
+        through_layer: cli.through == "layer",
+        batching: cli.batching == "on",
+        limits: cli.limits,
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]
