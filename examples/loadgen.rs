@@ -9,8 +9,8 @@
 //! Flags (`--help`): `--redis URL` (omit for memory), `--concurrency N` (64),
 //! `--duration SECS` (5), `--identifiers N` (100), `--through layer|limiter` (limiter: one
 //! request limit, fixed window, that never denies), `--batching on|off` (Redis: batch
-//! concurrent acquires, default on), `--limits 1|2|4` (through the layer: requests;
-//! + tokens; + a second request and token window). The last line is exactly
+//! concurrent acquires, default on), `--limits 1|2|4` (through the layer: requests,
+//! then tokens, then a second request and token window). The last line is exactly
 //! `decisions_per_sec=<number> p50_us=<number> p99_us=<number>`.
 
 use std::convert::Infallible;
