@@ -217,30 +217,15 @@ pub(crate) fn decide_slots(
     if wrote {
         slots.push((slot, now + limit.lease_us as i64));
     }
-    let earliest = slots
-        .iter()
-        .map(|(_, end)| *end)
-        .min()
-        .map_or(0, |end| (end - now).max(0) as u64);
-    let outcome = Outcome {
-        allowed,
-        limit: limit.max,
-        remaining: limit.max.saturating_sub(slots.len() as u64),
-        reset_after_us: earliest,
-        retry_after_us: (!allowed).then_some(earliest.max(1)),
-        window: None,
-    };
+    let mut outcome = slots_outcome(limit, slots, now);
+    outcome.allowed = allowed;
+    outcome.retry_after_us = (!allowed).then_some(outcome.reset_after_us.max(1));
     (outcome, wrote)
 }
 
-/// Release slot `slot` (a no-op if it already expired).
-pub(crate) fn release_slot(
-    limit: &ConcurrencyLimit,
-    slots: &mut Slots,
-    now: i64,
-    slot: u64,
-) -> Outcome {
-    slots.retain(|(id, end)| *end > now && *id != slot);
+/// The state of held `slots` at `now` (expired ones already dropped), as an allowed
+/// outcome: `reset_after` is the time until the earliest lease ends.
+fn slots_outcome(limit: &ConcurrencyLimit, slots: &Slots, now: i64) -> Outcome {
     let earliest = slots
         .iter()
         .map(|(_, end)| *end)
@@ -254,6 +239,17 @@ pub(crate) fn release_slot(
         retry_after_us: None,
         window: None,
     }
+}
+
+/// Release slot `slot` (a no-op if it already expired).
+pub(crate) fn release_slot(
+    limit: &ConcurrencyLimit,
+    slots: &mut Slots,
+    now: i64,
+    slot: u64,
+) -> Outcome {
+    slots.retain(|(id, end)| *end > now && *id != slot);
+    slots_outcome(limit, slots, now)
 }
 
 /// Extend slot `slot`'s lease to `lease` from `now` (a call still running); a no-op if
@@ -270,19 +266,7 @@ pub(crate) fn renew_slot(
             *end = now + limit.lease_us as i64;
         }
     }
-    let earliest = slots
-        .iter()
-        .map(|(_, end)| *end)
-        .min()
-        .map_or(0, |end| (end - now).max(0) as u64);
-    Outcome {
-        allowed: true,
-        limit: limit.max,
-        remaining: limit.max.saturating_sub(slots.len() as u64),
-        reset_after_us: earliest,
-        retry_after_us: None,
-        window: None,
-    }
+    slots_outcome(limit, slots, now)
 }
 
 /// One of the rate algorithms with its quota. (A [`ConcurrencyLimit`] is not a rate

@@ -159,6 +159,15 @@ fn with_quota(rule: Rule, quota: u64, name: &str) -> Rule {
     })
 }
 
+/// The error of a denial by a limit of `kind`.
+fn limit_error(kind: LimitKind, exceeded: LimitExceeded) -> Error {
+    match kind {
+        LimitKind::Requests => Error::RequestLimitReached(exceeded),
+        LimitKind::Tokens => Error::TokenLimitReached(exceeded),
+        LimitKind::Concurrency => Error::ConcurrencyLimitReached(exceeded),
+    }
+}
+
 /// The per-model part of a key: the model as it is when short and plain, else a hash.
 fn model_tag(model: &str) -> String {
     identifier_tag(model.as_bytes()).unwrap_or_else(|_| "#".to_owned())
@@ -190,7 +199,6 @@ impl Engine {
     }
 
     /// Whether any token limit is configured.
-    #[cfg(feature = "http")]
     pub(crate) fn has_token_limit(&self) -> bool {
         self.limits.iter().any(|l| l.kind == LimitKind::Tokens)
     }
@@ -287,11 +295,7 @@ impl Engine {
             retry_after: None,
             reset_after: Duration::ZERO,
         };
-        Some(match spec.kind {
-            LimitKind::Requests => Error::RequestLimitReached(exceeded),
-            LimitKind::Tokens => Error::TokenLimitReached(exceeded),
-            LimitKind::Concurrency => Error::ConcurrencyLimitReached(exceeded),
-        })
+        Some(limit_error(spec.kind, exceeded))
     }
 
     /// Units token limit `index` charges for `usage` of `model`.
@@ -338,11 +342,7 @@ impl Engine {
             retry_after: d.retry_after,
             reset_after: d.reset_after,
         };
-        match spec.kind {
-            LimitKind::Requests => Error::RequestLimitReached(exceeded),
-            LimitKind::Tokens => Error::TokenLimitReached(exceeded),
-            LimitKind::Concurrency => Error::ConcurrencyLimitReached(exceeded),
-        }
+        limit_error(spec.kind, exceeded)
     }
 
     /// Remember a denial that only time can lift (see [`denied`]).

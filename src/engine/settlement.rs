@@ -410,23 +410,7 @@ impl Drop for Settlement {
             Phase::Acquired(Some(Ok((decisions, _)))) => {
                 // An in-process answer nobody took: undo all of it, as a store undoes an
                 // acquire whose caller left.
-                let checks: Vec<LimitCheck> = self
-                    .plan
-                    .taken
-                    .iter()
-                    .zip(&self.plan.checks)
-                    .map(|(t, c)| LimitCheck {
-                        key: c.key.clone(),
-                        rule: t.rule,
-                        cost: match self.engine.limits[t.limit].kind {
-                            LimitKind::Tokens => t.reserved,
-                            _ => 1,
-                        },
-                        take: true,
-                        slot: t.slot,
-                    })
-                    .collect();
-                let undo = undo_adjustments(&checks, &decisions);
+                let undo = undo_adjustments(&self.plan.checks, &decisions);
                 if !undo.is_empty() {
                     self.engine.store.adjust_sync(&undo);
                 }

@@ -131,6 +131,15 @@ fn is_event_stream(parts: &http::response::Parts) -> bool {
         .is_some_and(|ct| ct.starts_with("text/event-stream"))
 }
 
+/// The request's `Content-Length`, 0 when absent or unreadable.
+fn content_length(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Ask the upstream for an uncompressed answer on a metered call: usage is read without
 /// a decoder (whose window would cost ~64 KiB per stream), and the usage chunk the layer
 /// asked for can be taken out of the stream. The client receives what the upstream
@@ -301,12 +310,7 @@ where
         api: Api,
     ) -> Self {
         // The body is not read: its length stands in for the prompt (4 bytes a token).
-        let prompt_estimate = request
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |len| len.div_ceil(4));
+        let prompt_estimate = content_length(request.headers()).div_ceil(4);
         if engine.settles_after_body() {
             ask_for_identity(request.headers_mut());
         }
@@ -402,13 +406,7 @@ where
                         if info.engine.settles_after_body() {
                             ask_for_identity(&mut parts.headers);
                         }
-                        let length = parts
-                            .headers
-                            .get(CONTENT_LENGTH)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .unwrap_or(0)
-                            .max(bytes.len() as u64);
+                        let length = content_length(&parts.headers).max(bytes.len() as u64);
                         info.prompt_estimate = length.div_ceil(4);
                         let estimate = Some(Usage::new(info.prompt_estimate, 0));
                         let request =

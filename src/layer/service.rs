@@ -6,7 +6,6 @@ use tower_service::Service;
 use super::ResponseFuture;
 use crate::engine::Engine;
 use crate::engine::call::{Call, CallRequest};
-use crate::engine::limit::LimitKind;
 use crate::error::{BoxError, Error};
 use crate::identifier::ExtractIdentifier;
 use crate::llm::{ReportsUsage, TokenEstimate};
@@ -79,7 +78,7 @@ where
         drop(extracted);
         let model = request.model().map(str::to_owned);
         // Reserved in `Reserve` mode, and charged in any mode if the call is dropped.
-        let estimate = if engine.limits.iter().any(|l| l.kind == LimitKind::Tokens) {
+        let estimate = if engine.has_token_limit() {
             request.estimated_usage()
         } else {
             None

@@ -17,17 +17,23 @@ impl AsRef<[u8]> for ClientName {
     }
 }
 
-/// The keys a request presents: `Authorization: Bearer <key>` and `x-api-key: <key>`.
-pub fn presented(headers: &http::HeaderMap) -> impl Iterator<Item = &[u8]> {
-    let bearer = headers
+/// The token of `Authorization: Bearer <token>` (the scheme in any case), trimmed.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
+    headers
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes())
         .and_then(|v| {
             let (scheme, rest) = v.split_at(v.len().min(7));
-            scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
-        });
+            scheme
+                .eq_ignore_ascii_case(b"bearer ")
+                .then_some(rest.trim_ascii())
+        })
+}
+
+/// The keys a request presents: `Authorization: Bearer <key>` and `x-api-key: <key>`.
+pub fn presented(headers: &http::HeaderMap) -> impl Iterator<Item = &[u8]> {
     let x_api_key = headers.get("x-api-key").map(|v| v.as_bytes());
-    bearer
+    bearer(headers)
         .into_iter()
         .chain(x_api_key)
         .map(|k| k.trim_ascii())

@@ -242,17 +242,7 @@ impl Gateway {
         let Some(token) = &rt.settings.admin_token else {
             return not_found();
         };
-        let presented = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-            .and_then(|v| {
-                let (scheme, rest) = v.split_at(v.len().min(7));
-                scheme
-                    .eq_ignore_ascii_case(b"bearer ")
-                    .then_some(rest.trim_ascii())
-            })
-            .unwrap_or(b"");
+        let presented = keys::bearer(request.headers()).unwrap_or(b"");
         // Constant time: the comparison says nothing about how much of the token matched.
         let ok = presented.len() == token.len() && bool::from(presented.ct_eq(token.as_bytes()));
         if !ok {
