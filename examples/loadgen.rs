@@ -10,8 +10,12 @@
 //! `--duration SECS` (5), `--identifiers N` (100), `--through layer|limiter` (limiter: one
 //! request limit, fixed window, that never denies), `--batching on|off` (Redis: batch
 //! concurrent acquires, default on), `--limits 1|2|4` (through the layer: requests,
-//! then tokens, then a second request and token window). The last line is exactly
-//! `decisions_per_sec=<number> p50_us=<number> p99_us=<number>`.
+//! then tokens, then a second request and token window; every call reports 150 tokens
+//! used, so a token limit also costs a settlement write), `--threads N` (runtime worker
+//! threads, 1: current-thread). The last line is exactly
+//! `decisions_per_sec=<number> p50_us=<number> p99_us=<number> decisions=<number>
+//! client_cpu_us_per_decision=<number>` (client CPU: this process's user + system time,
+//! from `/proc/self/stat`; 0 where that file does not exist).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tower::{Service, ServiceExt, service_fn};
 use tower_llm_ratelimit::{
     FixedWindow, Limit, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer,
-    RedisOptions, RedisStore, Store,
+    RedisOptions, RedisStore, Store, Usage,
 };
 
 /// Drives N concurrent rate-limit decisions and prints throughput and latency.
@@ -47,6 +51,9 @@ struct Cli {
     /// Through the layer: 1 (requests), 2 (+ tokens) or 4 (+ a second window of each).
     #[arg(long, default_value_t = 1)]
     limits: usize,
+    /// Runtime worker threads (1: a current-thread runtime).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
 }
 
 struct Args {
@@ -57,6 +64,7 @@ struct Args {
     through_layer: bool,
     batching: bool,
     limits: usize,
+    threads: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -72,11 +80,11 @@ fn parse() -> Result<Args, String> {
         through_layer: cli.through == "layer",
         batching: cli.batching == "on",
         limits: cli.limits,
+        threads: cli.threads as usize,
     })
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+fn main() {
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {
@@ -84,6 +92,40 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    };
+    runtime.expect("a Tokio runtime").block_on(run(args));
+}
+
+/// This process's user + system CPU time in microseconds (Linux), or 0.
+fn process_cpu_us() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) end with ')'; utime and
+    // stime are fields 14 and 15 of the whole line, in clock ticks of 1/100 s.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) * 10_000
+}
+
+async fn run(args: Args) {
     let store: Arc<dyn Store> = match &args.redis {
         Some(url) => {
             match RedisStore::connect_with(url, RedisOptions::default().batching(args.batching))
@@ -125,7 +167,12 @@ async fn main() {
             .limit("tpd", Limit::tokens(day));
     }
     let layer = builder.build().unwrap();
-    let inner = service_fn(|_: LlmRequest| async { Ok::<_, Infallible>(LlmResponse::default()) });
+    let inner = service_fn(|_: LlmRequest| async {
+        Ok::<_, Infallible>(LlmResponse {
+            text: String::new(),
+            usage: Some(Usage::new(100, 50)),
+        })
+    });
     let service = tower::Layer::layer(&layer, inner);
 
     println!(
@@ -140,6 +187,7 @@ async fn main() {
         },
         args.redis.as_deref().unwrap_or("the memory store"),
     );
+    let cpu_before = process_cpu_us();
     let started = Instant::now();
     let deadline = started + args.duration;
     let workers: Vec<_> = (0..args.concurrency)
@@ -181,6 +229,7 @@ async fn main() {
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_us().saturating_sub(cpu_before);
     all.sort_unstable();
     let pct = |p: f64| -> u32 {
         if all.is_empty() {
@@ -193,9 +242,11 @@ async fn main() {
         println!("loadgen: {errors} decisions failed");
     }
     println!(
-        "decisions_per_sec={:.0} p50_us={} p99_us={}",
+        "decisions_per_sec={:.0} p50_us={} p99_us={} decisions={} client_cpu_us_per_decision={:.2}",
         all.len() as f64 / elapsed,
         pct(0.50),
-        pct(0.99)
+        pct(0.99),
+        all.len(),
+        cpu as f64 / all.len().max(1) as f64,
     );
 }

@@ -289,3 +289,82 @@ async fn concurrent_acquires_are_batched_and_exact() {
         "{calls} scripts for 400 decisions: nothing was batched"
     );
 }
+
+/// Concurrent settlements are batched too (fewer scripts than acquires + settlements),
+/// and every one is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_settlements_are_batched_and_exact() {
+    use tower::{BoxError, Layer, ServiceExt, service_fn};
+    use tower_llm_ratelimit::{LlmRequest, LlmResponse, RatelimitLayer, Usage};
+    let server = common::RedisServer::start();
+    let layer = RatelimitLayer::builder()
+        .store(RedisStore::connect(&server.url).await.unwrap())
+        .prefix(common::unique_prefix("settle-batch"))
+        .request_limit(
+            FixedWindow::new(1_000_000, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
+        )
+        .token_limit(
+            FixedWindow::new(LAYER_TOKENS, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
+        )
+        .include_output_tokens(true)
+        .build()
+        .unwrap();
+    // Every call reports its own usage (1..=17 prompt tokens, 3 output tokens), which the
+    // settlement charges.
+    async fn llm(req: LlmRequest) -> Result<LlmResponse, BoxError> {
+        let prompt: u64 = req.prompt.parse()?;
+        Ok(LlmResponse {
+            text: String::new(),
+            usage: Some(Usage::new(prompt, 3)),
+        })
+    }
+    let svc = layer.clone().layer(service_fn(llm));
+    let calls = 400u64;
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let prompt = 1 + i % 17;
+                svc.oneshot(LlmRequest::new(
+                    format!("user-{}", i % 4),
+                    prompt.to_string(),
+                ))
+                .await
+                .map(|_| prompt + 3)
+                .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let mut usage = 0;
+    for t in tasks {
+        usage += t.await.unwrap().unwrap();
+    }
+    // Settlements finish in the background of each call; give the last ones a moment.
+    let mut charged = 0;
+    for _ in 0..100 {
+        charged = 0;
+        for user in 0..4 {
+            let limits = layer.usage(&format!("user-{user}")).await.unwrap();
+            let tokens = limits.iter().find(|l| l.name == "tokens").unwrap();
+            charged += tokens.limit - tokens.remaining;
+        }
+        if charged == usage {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(charged, usage, "every settlement charged exactly once");
+    let out = Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "info", "commandstats"])
+        .output()
+        .unwrap();
+    let scripts: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap());
+    assert!(
+        scripts < calls,
+        "{scripts} scripts for {calls} acquires and {calls} settlements: settlements were not batched"
+    );
+}

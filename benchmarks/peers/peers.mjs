@@ -1,10 +1,17 @@
 // rate-limiter-flexible (RateLimiterRedis on ioredis): `consume` with N in flight over K
 // keys for D seconds, against the same Redis. Same last-line format as examples/loadgen.
+// The first line names the versions measured.
 // Usage: node peers.mjs PORT CONCURRENCY DURATION_SECS IDENTIFIERS
 import Redis from "ioredis";
 import { RateLimiterRedis } from "rate-limiter-flexible";
 
+import { createRequire } from "node:module";
+const require = createRequire(import.meta.url);
 const [port, concurrency, duration, identifiers] = process.argv.slice(2).map(Number);
+console.log(
+  `rate-limiter-flexible ${require("rate-limiter-flexible/package.json").version}, ` +
+    `ioredis ${require("ioredis/package.json").version}, node ${process.version}`,
+);
 const redis = new Redis({ port, host: "127.0.0.1", enableOfflineQueue: false });
 await new Promise((ok) => redis.once("ready", ok));
 const limiter = new RateLimiterRedis({
@@ -29,11 +36,17 @@ async function worker(w) {
     }
   }
 }
+const cpuBefore = process.cpuUsage();
 const started = performance.now();
 await Promise.all(Array.from({ length: concurrency }, (_, w) => worker(w)));
 const elapsed = (performance.now() - started) / 1000;
+const cpu = process.cpuUsage(cpuBefore);
 latencies.sort((a, b) => a - b);
 const pct = (p) => Math.round(latencies[Math.round((latencies.length - 1) * p)] ?? 0);
 if (errors) console.log(`rate-limiter-flexible: ${errors} errors`);
-console.log(`decisions_per_sec=${Math.round(latencies.length / elapsed)} p50_us=${pct(0.5)} p99_us=${pct(0.99)}`);
+const clientCpu = (cpu.user + cpu.system) / Math.max(latencies.length, 1);
+console.log(
+  `decisions_per_sec=${Math.round(latencies.length / elapsed)} p50_us=${pct(0.5)} p99_us=${pct(0.99)} ` +
+    `decisions=${latencies.length} client_cpu_us_per_decision=${clientCpu.toFixed(2)}`,
+);
 redis.disconnect();

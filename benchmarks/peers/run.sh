@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Reproduces BENCHMARKS.md: our loadgen, the peers (rate-limiter-flexible on ioredis,
-# redis-benchmark ceilings for our own script), Redis memory per identifier, and the
-# criterion benches, side by side on this machine, against a redis-server it starts.
+# Reproduces BENCHMARKS.md: our loadgen and the peer (rate-limiter-flexible on ioredis),
+# runs alternated, against one fresh redis-server this script starts; for every Redis run
+# the Redis server's CPU per decision (INFO cpu, user + sys), its script time per decision
+# (INFO commandstats: EVALSHA/EVAL/FCALL) and the client's CPU per decision. Then
+# redis-benchmark ceilings for our acquire script, Redis memory per identifier, and the
+# criterion benches when asked.
 #
-# Usage: benchmarks/peers/run.sh [SECONDS]   (default 5 per loadgen/peer run; add CRITERION=1 to
-#                                  also run the criterion benches, a few minutes more)
+# Usage: benchmarks/peers/run.sh [SECONDS] [ROUNDS]   (defaults 5 and 2; CRITERION=1 to also
+#        run the criterion benches, a few minutes more)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS="${1:-5}"
+ROUNDS="${2:-2}"
 PORT="${BENCH_REDIS_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 DIR="$(mktemp -d)"
 
@@ -21,35 +25,68 @@ for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep
 redis-cli -p "$PORT" ping >/dev/null || { echo "redis-server did not start on port $PORT"; exit 1; }
 URL="redis://127.0.0.1:$PORT/"
 
+cargo build --release --example loadgen -q
+LOADGEN=target/release/examples/loadgen
+(cd benchmarks/peers && [ -d node_modules/rate-limiter-flexible ] || npm install --silent --no-audit --no-fund)
+
 echo "# machine"
 echo "cpus=$(nproc) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "redis=$(redis-server --version | awk '{print $3}') rustc=$(rustc --version | awk '{print $2}') node=$(node --version)"
+echo "peer: $(node benchmarks/peers/peers.mjs "$PORT" 1 1 1 | head -1)"
 
-cargo build --release --example loadgen -q
-LOADGEN=target/release/examples/loadgen
+# Redis server CPU so far, in microseconds (user + sys).
+redis_cpu_us() {
+  redis-cli -p "$PORT" INFO cpu | tr -d '\r' |
+    awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { printf "%.0f", s * 1000000 }'
+}
+# Script calls and their total microseconds so far.
+script_stats() {
+  redis-cli -p "$PORT" INFO commandstats | tr -d '\r' |
+    awk -F'[:,=]' '/^cmdstat_(evalsha|eval|fcall):/ { c += $3; u += $5 } END { printf "%d %d\n", c, u }'
+}
+# measure LABEL COMMAND...: run COMMAND (its last line carries decisions=N) and print its
+# throughput with the Redis work and client CPU per decision.
+measure() {
+  local label="$1"; shift
+  local cpu0 cpu1 c0 u0 c1 u1 out decisions
+  cpu0=$(redis_cpu_us); read -r c0 u0 < <(script_stats)
+  out=$("$@" 2>&1 | tail -1)
+  cpu1=$(redis_cpu_us); read -r c1 u1 < <(script_stats)
+  decisions=$(sed -n 's/.* decisions=\([0-9]*\).*/\1/p' <<<"$out")
+  if [ -z "$decisions" ] || [ "$decisions" = 0 ]; then echo "$label: $out"; return; fi
+  awk -v l="$label" -v o="$out" -v d="$decisions" -v cpu=$((cpu1 - cpu0)) -v c=$((c1 - c0)) -v u=$((u1 - u0)) \
+    'BEGIN { split(o, f, " "); printf "%-34s %s %s %s redis_cpu_us_per_decision=%.2f script_us_per_decision=%.2f scripts_per_decision=%.2f %s\n", l, f[1], f[2], f[3], cpu / d, u / d, c / d, f[5] }'
+}
 
-echo; echo "# decisions at 64 in flight, 100 identifiers, ${SECS}s each"
-for through in limiter layer; do
-  echo "ours/memory/$through: $($LOADGEN --duration "$SECS" --through $through | tail -1)"
+echo; echo "# Redis: 64 in flight, 100 identifiers, ${SECS}s per run, $ROUNDS rounds, runs alternated"
+for round in $(seq "$ROUNDS"); do
+  echo "## round $round"
+  measure "ours limiter batching=on" $LOADGEN --redis "$URL" --duration "$SECS"
+  measure "rate-limiter-flexible consume" node benchmarks/peers/peers.mjs "$PORT" 64 "$SECS" 100
+  measure "ours limiter batching=off" $LOADGEN --redis "$URL" --duration "$SECS" --batching off
+  measure "ours limiter threads=2" $LOADGEN --redis "$URL" --duration "$SECS" --threads 2
+  for limits in 1 2 4; do
+    measure "ours layer limits=$limits" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits "$limits"
+  done
+  measure "ours layer limits=2 batching=off" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits 2 --batching off
 done
-for through in limiter layer; do
-  echo "ours/redis/$through: $($LOADGEN --redis "$URL" --duration "$SECS" --through $through 2>&1 | tail -1)"
+
+echo; echo "# memory store, ${SECS}s"
+for limits in 1 4; do
+  echo "ours/memory/layer limits=$limits: $($LOADGEN --duration "$SECS" --through layer --limits $limits | tail -1)"
 done
 
-(cd benchmarks/peers && [ -d node_modules/rate-limiter-flexible ] || npm install --silent --no-audit --no-fund)
-echo "rate-limiter-flexible/redis (ioredis, consume): $(node benchmarks/peers/peers.mjs "$PORT" 64 "$SECS" 100 | tail -1)"
-
-echo; echo "# redis-benchmark ceiling: EVALSHA of our acquire script, 64 clients, 100 keys"
-SHA=$(redis-cli -p "$PORT" SCRIPT LOAD "$(cat src/store/lua/lib.lua src/store/lua/acquire.lua)")
+echo; echo "# redis-benchmark ceiling: EVALSHA of our acquire script (one call, one limit), 64 clients, 100 keys"
+SHA=$(redis-cli -p "$PORT" SCRIPT LOAD "$(echo "local TEST_CLOCK = false"; cat src/store/lua/state.lua src/store/lua/acquire.lua)")
 N=$((SECS * 40000))
 for pipeline in 1 16; do
   line=$(redis-benchmark -p "$PORT" -c 64 -n "$N" -r 100 -P "$pipeline" -q \
-    EVALSHA "$SHA" 1 "ceiling:{__rand_int__}" 1 1000000000000 3600000000 0 1 1 2>/dev/null | tr '\r' '\n' | grep "requests per second" | tail -1)
+    EVALSHA "$SHA" 1 "ceiling:{__rand_int__}" 1 1 1 1000000000000 3600000000 0 1 1 2>/dev/null | tr '\r' '\n' | grep "requests per second" | tail -1)
   echo "redis-benchmark pipeline=$pipeline: ${line#*: }"
 done
 
 echo; echo "# Redis memory per identifier and limit (MEMORY USAGE, 100 keys sampled)"
-for pattern in 'loadgen-*:{user-*}' 'loadgen-*:requests:{user-*}'; do
+for pattern in 'loadgen-*:rpm:{*}' 'rlf-*'; do
   keys=$(redis-cli -p "$PORT" --scan --pattern "$pattern" | awk 'NR <= 100')
   total=0; count=0
   for k in $keys; do

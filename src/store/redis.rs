@@ -18,19 +18,17 @@ const PRELUDE: &str = "local TEST_CLOCK = true\n";
 #[cfg(not(feature = "test-util"))]
 const PRELUDE: &str = "local TEST_CLOCK = false\n";
 
-/// `lib.lua` (the shared functions) and one script.
+/// `state.lua` (what the scripts share) and one script.
 fn script(body: &str) -> Script {
-    Script::new(&[PRELUDE, include_str!("lua/lib.lua"), body].concat())
+    Script::new(&[PRELUDE, include_str!("lua/state.lua"), body].concat())
 }
 
+/// The acquires of one call, or of a batch of calls.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/acquire.lua")));
 
-static ACQUIRE_BATCH: LazyLock<Script> =
-    LazyLock::new(|| script(include_str!("lua/acquire_batch.lua")));
-
-/// Most calls' acquires sent in one batch script.
+/// Most acquires (or settlements) sent in one batch script.
 const MAX_BATCH: usize = 32;
-/// Batches in flight at once; while all are out, new acquires queue up and go together.
+/// Batches in flight at once; while all are out, new work queues up and goes together.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 static ADJUST: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/adjust.lua")));
@@ -44,9 +42,9 @@ pub struct RedisOptions {
     /// How long one store operation may take before it fails with a timeout
     /// ([`StoreError::is_timeout`]). The script may still have run in Redis.
     pub response_timeout: Duration,
-    /// Send the acquires of concurrent calls together in one script when Redis is
-    /// already busy with earlier ones (single Redis only; default on). A call that finds
-    /// Redis idle goes alone at once, so batching adds no latency.
+    /// Send the acquires and settlements of concurrent calls together in one script
+    /// when Redis is already busy with earlier ones (single Redis only; default on). A
+    /// call that finds Redis idle goes alone at once, so batching adds no latency.
     pub batching: bool,
     /// How long a settlement id is remembered, so that a settlement retried after an
     /// ambiguous failure (sent, but no answer) is applied once (default 10 s). At most
@@ -143,10 +141,27 @@ impl redis::aio::ConnectionLike for Connection {
     }
 }
 
-/// One call's acquire waiting for a batch.
-struct Queued {
-    checks: Vec<LimitCheck>,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<Decision>, StoreError>>,
+type ReplySender = tokio::sync::oneshot::Sender<Result<Vec<Decision>, StoreError>>;
+
+/// One call's acquire or settlement waiting for a batch.
+enum Queued {
+    Acquire {
+        checks: Vec<LimitCheck>,
+        reply: ReplySender,
+    },
+    Adjust {
+        adjustments: Vec<Adjustment>,
+        settlement_id: Option<u64>,
+        reply: ReplySender,
+    },
+}
+
+impl Queued {
+    /// An acquire whose caller left before it was sent: never send it. (A settlement
+    /// is sent anyway: its caller retries under the same id, which then finds it applied.)
+    fn abandoned(&self) -> bool {
+        matches!(self, Queued::Acquire { reply, .. } if reply.is_closed())
+    }
 }
 
 type ReplyFuture = Pin<Box<dyn Future<Output = Result<Vec<i64>, StoreError>> + Send>>;
@@ -300,14 +315,18 @@ impl RedisStore {
         }
     }
 
-    fn push_test_clock(&self, args: &mut Vec<i64>) {
-        #[cfg(not(feature = "test-util"))]
-        let _ = args;
+    /// A test's "now" (`test-util` builds with a test clock only).
+    fn test_now(&self) -> Option<i64> {
         #[cfg(feature = "test-util")]
         if let Some(clock) = &self.shared.clock {
             use crate::store::Clock;
-            args.push(clock.now_micros());
+            return Some(clock.now_micros());
         }
+        None
+    }
+
+    fn push_test_clock(&self, args: &mut Vec<i64>) {
+        args.extend(self.test_now());
     }
 
     /// Send `script` and wait for its reply as long as the connection does (no timeout
@@ -547,7 +566,7 @@ fn rule_args(rule: &super::Rule, slot: u64, args: &mut Vec<i64>) {
     args.extend(rule.script_params(slot).iter().map(|&p| p as i64));
 }
 
-/// The six ARGV values of one check in acquire.lua / acquire_batch.lua.
+/// The six ARGV values of one check in acquire.lua.
 fn check_args(c: &LimitCheck, args: &mut Vec<i64>) {
     rule_args(&c.rule, c.slot, args);
     args.push(c.cost as i64);
@@ -558,8 +577,10 @@ impl RedisStore {
     /// One call's acquire as its own script, with the caller-facing timeout.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
         let count = checks.len();
-        let mut args = Vec::with_capacity(count * 6 + 1);
+        let mut args = Vec::with_capacity(2 + count * 6 + 1);
         let mut keys = Vec::with_capacity(count);
+        // One call of `count` limits.
+        args.extend([1, count as i64]);
         for c in &checks {
             check_args(c, &mut args);
             keys.push(c.key.clone());
@@ -581,34 +602,30 @@ impl RedisStore {
 
     /// Several calls' acquires as one script; each call gets its own decisions. A call
     /// whose caller left before the reply came has what it took given back.
-    async fn acquire_batch(&self, batch: Vec<Queued>) {
+    async fn acquire_batch(&self, batch: Vec<(Vec<LimitCheck>, ReplySender)>) {
         let calls = batch.len();
-        let total: usize = batch.iter().map(|q| q.checks.len()).sum();
+        let total: usize = batch.iter().map(|(checks, _)| checks.len()).sum();
         let mut args = Vec::with_capacity(1 + calls + total * 6);
         let mut keys = Vec::with_capacity(total);
         args.push(calls as i64);
-        args.extend(batch.iter().map(|q| q.checks.len() as i64));
-        for q in &batch {
-            for c in &q.checks {
+        args.extend(batch.iter().map(|(checks, _)| checks.len() as i64));
+        for (checks, _) in &batch {
+            for c in checks {
                 check_args(c, &mut args);
                 keys.push(c.key.clone());
             }
         }
         self.push_test_clock(&mut args);
-        let reply = Self::invoke(self.shared.clone(), &ACQUIRE_BATCH, keys, args).await;
+        let reply = Self::invoke(self.shared.clone(), &ACQUIRE, keys, args).await;
         let mut rest = match &reply {
             Ok(reply) => &reply[..],
             Err(_) => &[][..],
         };
-        for q in batch {
-            let count = q.checks.len();
+        for (checks, sender) in batch {
+            let count = checks.len();
             let size = 1 + count * FIELDS;
             let result = match &reply {
-                Err(error) => Err(if error.is_timeout() {
-                    StoreError::timeout(self.shared.response_timeout)
-                } else {
-                    StoreError::new(format!("batched acquire failed: {error}"))
-                }),
+                Err(error) => Err(self.batch_error(error)),
                 Ok(_) if rest.len() >= size => {
                     let decisions = parse_decisions(&rest[1..size], count);
                     rest = &rest[size..];
@@ -616,17 +633,87 @@ impl RedisStore {
                 }
                 Ok(_) => Err(StoreError::new("short batch reply")),
             };
-            if let Err(result) = q.reply.send(result) {
+            if let Err(result) = sender.send(result) {
                 // The caller stopped waiting (timeout or cancellation).
-                tokio::spawn(reconcile(self.clone(), q.checks, result));
+                tokio::spawn(reconcile(self.clone(), checks, result));
             }
         }
     }
+
+    /// Several settlements as one script; each gets its own decisions. A settlement
+    /// whose caller left is applied all the same (its caller retries it under the same
+    /// id, which then finds it applied).
+    async fn adjust_batch(&self, batch: Vec<(Vec<Adjustment>, Option<u64>, ReplySender)>) {
+        let settlements: Vec<_> = batch.iter().map(|(a, id, _)| (&a[..], *id)).collect();
+        let (keys, args) = self.adjust_script_input(&settlements);
+        let reply = Self::invoke(self.shared.clone(), &ADJUST, keys, args).await;
+        let mut rest = match &reply {
+            Ok(reply) => &reply[..],
+            Err(_) => &[][..],
+        };
+        for (adjustments, _, sender) in batch {
+            let size = adjustments.len() * FIELDS;
+            let result = match &reply {
+                Err(error) => Err(self.batch_error(error)),
+                Ok(_) if rest.len() >= size => {
+                    let decisions = parse_decisions(&rest[..size], adjustments.len());
+                    rest = &rest[size..];
+                    decisions
+                }
+                Ok(_) => Err(StoreError::new("short batch reply")),
+            };
+            let _ = sender.send(result);
+        }
+    }
+
+    /// What a failed batch script tells each of its callers.
+    fn batch_error(&self, error: &StoreError) -> StoreError {
+        if error.is_timeout() {
+            StoreError::timeout(self.shared.response_timeout)
+        } else {
+            StoreError::new(format!("batched script failed: {error}"))
+        }
+    }
+
+    /// KEYS and ARGV of adjust.lua for these settlements.
+    fn adjust_script_input(
+        &self,
+        settlements: &[(&[Adjustment], Option<u64>)],
+    ) -> (Vec<String>, Vec<i64>) {
+        let limits: usize = settlements.iter().map(|(a, _)| a.len()).sum();
+        let mut args = Vec::with_capacity(4 + settlements.len() * 2 + limits * 6);
+        let mut keys = Vec::with_capacity(limits + settlements.len());
+        // ARGV[1]: how many settlements; ARGV[2]: how long to remember an id (ms);
+        // ARGV[3]: the most ids kept per identifier; ARGV[4]: a test's "now" or -1.
+        args.push(settlements.len() as i64);
+        args.push(
+            self.shared
+                .settlement_dedupe
+                .as_millis()
+                .min(i64::MAX as u128) as i64,
+        );
+        args.push(SETTLEMENT_IDS_KEPT as i64);
+        args.push(self.test_now().unwrap_or(-1));
+        for (adjustments, id) in settlements {
+            args.push(adjustments.len() as i64);
+            args.push(id.map_or(-1, |id| id as i64));
+            for a in adjustments.iter() {
+                rule_args(&a.rule, a.slot, &mut args);
+                args.push(a.delta);
+                args.push(a.window.unwrap_or(-1));
+                keys.push(a.key.clone());
+            }
+            if let (Some(_), Some(first)) = (id, adjustments.first()) {
+                keys.push(settled_ids_key(&first.key));
+            }
+        }
+        (keys, args)
+    }
 }
 
-/// Sends queued acquires: alone when Redis is idle, together when earlier batches are
-/// still out (up to [`MAX_BATCHES_IN_FLIGHT`] at once). Ends when every store handle
-/// that could queue is gone.
+/// Sends queued acquires and settlements: alone when Redis is idle, together when
+/// earlier batches are still out (up to [`MAX_BATCHES_IN_FLIGHT`] at once). Ends when
+/// every store handle that could queue is gone.
 async fn batch_worker(store: RedisStore, mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     while let Some(first) = queue.recv().await {
@@ -635,47 +722,84 @@ async fn batch_worker(store: RedisStore, mut queue: tokio::sync::mpsc::Unbounded
         };
         // Everything that queued up while waiting goes in this batch, but for acquires
         // whose caller already left: those are never sent.
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        batch.extend(Some(first).filter(|q| !q.reply.is_closed()));
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(q) if q.reply.is_closed() => {}
-                Ok(q) => batch.push(q),
-                Err(_) => break,
+        let mut acquires = Vec::new();
+        let mut adjusts = Vec::new();
+        let mut sort = |q: Queued| match q {
+            Queued::Acquire { checks, reply } => acquires.push((checks, reply)),
+            Queued::Adjust {
+                adjustments,
+                settlement_id,
+                reply,
+            } => adjusts.push((adjustments, settlement_id, reply)),
+        };
+        let mut taken = 0;
+        for q in std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok())) {
+            if !q.abandoned() {
+                sort(q);
+            }
+            taken += 1;
+            if taken == MAX_BATCH {
+                break;
             }
         }
-        if batch.is_empty() {
+        if acquires.is_empty() && adjusts.is_empty() {
             continue;
         }
         let store = store.clone();
         tokio::spawn(async move {
-            store.acquire_batch(batch).await;
+            let acquire = async {
+                if !acquires.is_empty() {
+                    store.acquire_batch(acquires).await;
+                }
+            };
+            let adjust = async {
+                if !adjusts.is_empty() {
+                    store.adjust_batch(adjusts).await;
+                }
+            };
+            tokio::join!(acquire, adjust);
             drop(permit);
         });
     }
 }
 
+impl RedisStore {
+    /// Queue `job` for the batching task; `None` if there is none (or it stopped).
+    fn enqueue(
+        &self,
+        job: impl FnOnce(ReplySender) -> Queued,
+    ) -> Option<StoreFuture<Vec<Decision>>> {
+        let batcher = self.shared.batcher.as_ref()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if batcher.send(job(reply)).is_err() {
+            return Some(Box::pin(std::future::ready(Err(StoreError::new(
+                "the batching task stopped",
+            )))));
+        }
+        let timeout = self.shared.response_timeout;
+        // Dropping `answer` (timeout, cancellation) tells the batcher to skip an acquire
+        // not sent yet, or to undo it when its reply comes.
+        Some(Box::pin(async move {
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(answer) => {
+                    answer.unwrap_or_else(|_| Err(StoreError::new("the batching task stopped")))
+                }
+                Err(_) => Err(StoreError::timeout(timeout)),
+            }
+        }))
+    }
+}
+
 impl Store for RedisStore {
     fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        if let Some(batcher) = &self.shared.batcher {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            if batcher.send(Queued { checks, reply }).is_ok() {
-                let timeout = self.shared.response_timeout;
-                // Dropping `answer` (timeout, cancellation) tells the batcher to skip the
-                // acquire if not sent yet, or to undo it when its reply comes.
-                return Box::pin(async move {
-                    match tokio::time::timeout(timeout, answer).await {
-                        Ok(answer) => answer
-                            .unwrap_or_else(|_| Err(StoreError::new("the batching task stopped"))),
-                        Err(_) => Err(StoreError::timeout(timeout)),
-                    }
-                });
-            }
-            return Box::pin(std::future::ready(Err(StoreError::new(
-                "the batching task stopped",
-            ))));
+        let mut pending = Some(checks);
+        if let Some(answer) = self.enqueue(|reply| Queued::Acquire {
+            checks: pending.take().unwrap_or_default(),
+            reply,
+        }) {
+            return answer;
         }
-        self.acquire_unbatched(checks)
+        self.acquire_unbatched(pending.unwrap_or_default())
     }
 
     fn adjust(
@@ -683,32 +807,19 @@ impl Store for RedisStore {
         adjustments: Vec<Adjustment>,
         settlement_id: Option<u64>,
     ) -> StoreFuture<Vec<Decision>> {
+        let mut pending = Some(adjustments);
+        if let Some(answer) = self.enqueue(|reply| Queued::Adjust {
+            adjustments: pending.take().unwrap_or_default(),
+            settlement_id,
+            reply,
+        }) {
+            return answer;
+        }
         let this = self.clone();
+        let adjustments = pending.unwrap_or_default();
         Box::pin(async move {
             let count = adjustments.len();
-            let mut args = Vec::with_capacity(3 + count * 6 + 1);
-            let mut keys = Vec::with_capacity(count + 1);
-            // ARGV[1]: the id (-1 for none); ARGV[2]: how long to remember it (ms);
-            // ARGV[3]: the most ids kept per identifier.
-            args.push(settlement_id.map_or(-1, |id| id as i64));
-            args.push(
-                this.shared
-                    .settlement_dedupe
-                    .as_millis()
-                    .min(i64::MAX as u128) as i64,
-            );
-            args.push(SETTLEMENT_IDS_KEPT as i64);
-            let dedupe_key = settlement_id
-                .zip(adjustments.first())
-                .map(|(_, a)| settled_ids_key(&a.key));
-            for a in adjustments {
-                rule_args(&a.rule, a.slot, &mut args);
-                args.push(a.delta);
-                args.push(a.window.unwrap_or(-1));
-                keys.push(a.key);
-            }
-            this.push_test_clock(&mut args);
-            keys.extend(dedupe_key);
+            let (keys, args) = this.adjust_script_input(&[(&adjustments[..], settlement_id)]);
             let reply = Self::run(this.shared.clone(), &ADJUST, keys, args).await?;
             parse_decisions(&reply, count)
         })

@@ -1,22 +1,131 @@
-
--- acquire.lua: evaluate several limits atomically, all-or-nothing.
+-- acquire.lua: the acquires of one or more calls in one round trip, each call
+-- all-or-nothing across its limits. (state.lua is prepended.)
 --
--- KEYS[i]  state key of limit i; all keys share one hash tag (one cluster slot).
--- ARGV     six values per limit i, starting at ARGV[6*(i-1)+1]:
---          algorithm (1 fixed, 2 sliding, 3 bucket, 4 concurrency), p1 (limit, capacity
---          or max in flight), p2 (window us, bucket refill, or lease us), p3 (bucket
+-- KEYS     the state keys of every call, call after call. One call's keys share one hash
+--          tag; on a Redis Cluster a script carries one call.
+-- ARGV[1]  the number of calls g; ARGV[2..g+1] how many limits (keys) each call has;
+--          then six values per key, in key order: algorithm (1 fixed window, 2 sliding
+--          window, 3 token bucket, 4 concurrency), p1 (limit, capacity or max in
+--          flight), p2 (window us, bucket refill per interval, or lease us), p3 (bucket
 --          interval us; for concurrency the call's slot id; else 0), cost, take (1: take
---          the cost if it fits; 0: only check that it fits).
--- Reply    { allowed_all (0|1), then per limit: allowed (0|1), limit, remaining,
---          reset_after_us, retry_after_us (-1: none, or the cost can never pass),
---          window index the decision was made in (-1: a bucket or slots) }.
--- ARGV[6n+1] (builds with the `test-util` feature only) "now" in microseconds instead of
---          the server's TIME.
--- Writes   nothing if any limit denies (beyond dropping expired concurrency slots);
---          otherwise each taken cost or slot, with a TTL.
+--          the cost if every limit of the call allows it; 0: only check that it fits).
+-- ARGV[g+2+6*#KEYS] (builds with the `test-util` feature only) "now" in microseconds
+--          instead of the server's TIME.
+-- Reply    per call, calls concatenated: allowed_all (0|1), then six integers per limit:
+--          allowed (0|1), limit, remaining, reset_after_us, retry_after_us (-1: none, or
+--          the cost can never pass), window index the decision was made in (-1: a bucket
+--          or slots).
+-- Writes   for each call that every limit allows and that takes: each cost taken (a
+--          state with a TTL) or slot held; nothing for a denied call (beyond dropping
+--          expired slots).
 
-local n = #KEYS
-local now = test_now(ARGV[6 * n + 1])
-local reply = {}
-acquire_group(KEYS, 0, n, ARGV, 0, now, reply)
+local calls = ARGV[1] + 0
+local base = 1 + calls -- ARGV index before the first limit's six values
+local now = clock(ARGV[base + 6 * #KEYS + 1])
+local reply, len = {}, 0
+-- Ten values per limit of the call being decided (its arguments, then its view),
+-- reused from call to call.
+local L = {}
+local k0 = 0
+for call = 1, calls do
+  local n = ARGV[1 + call] + 0
+  -- Pass 1: read every limit; the call passes only if all of them allow it.
+  local all = 1
+  for i = 1, n do
+    local key, o, l = KEYS[k0 + i], base + 6 * (k0 + i - 1), 10 * i
+    local alg, p1, p2, p3 = ARGV[o + 1] + 0, ARGV[o + 2] + 0, ARGV[o + 3] + 0, ARGV[o + 4]
+    L[l - 9], L[l - 8], L[l - 7], L[l - 6] = alg, p1, p2, p3
+    if alg == 4 then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      local held = redis.call('ZCARD', key)
+      L[l - 4] = held
+      if held >= p1 then all = 0 end
+    else
+      p3 = p3 + 0
+      local cost = ARGV[o + 5] + 0
+      local anchor, cur, prev, used, same = view(key, alg, p2, p3, now)
+      L[l - 6], L[l - 5] = p3, cost
+      L[l - 4], L[l - 3], L[l - 2], L[l - 1], L[l] = anchor, cur, prev, used, same
+      if used + cost > p1 then all = 0 end
+    end
+  end
+  -- Pass 2: take (if the call passes and takes) and report every limit.
+  len = len + 1
+  reply[len] = all
+  for i = 1, n do
+    local key, l = KEYS[k0 + i], 10 * i
+    local take = all == 1 and ARGV[base + 6 * (k0 + i - 1) + 6] == '1'
+    local alg, p1, p2, p3 = L[l - 9], L[l - 8], L[l - 7], L[l - 6]
+    if alg == 4 then
+      local held = L[l - 4]
+      local allowed = held < p1 and 1 or 0
+      if take then
+        redis.call('ZADD', key, now + p2, p3)
+        redis.call('PEXPIRE', key, lease_ms(p2))
+        held = held + 1
+      end
+      len = push_slots(reply, len, key, p1, held, allowed, now)
+    else
+      local cost = L[l - 5]
+      local anchor, cur, prev, used = L[l - 4], L[l - 3], L[l - 2], L[l - 1]
+      local window = alg == 3 and -1 or anchor
+      if used + cost <= p1 then
+        if take and cost > 0 then
+          -- Taking adds exactly `cost` to what is used (the previous window's weight
+          -- and the bucket's refill do not change).
+          cur, used = cur + cost, used + cost
+          local reset = reset_after(alg, p2, p3, anchor, cur, prev, now)
+          if L[l] then
+            -- Same window, something used already: its TTL already ends where this
+            -- state's does, so only the "used" field changes.
+            redis.call('SETRANGE', key, 8, struct.pack('<d', cur))
+          else
+            persist(key, alg, anchor, cur, prev, reset)
+          end
+          len = push(reply, len, 1, p1, used, reset, -1, window)
+        else
+          len = push(reply, len, 1, p1, used, reset_after(alg, p2, p3, anchor, cur, prev, now), -1, window)
+        end
+      else
+        -- Denied: the earliest time the cost would fit if nothing else happens (-1 if
+        -- it never can).
+        local retry = -1
+        if cost <= p1 then
+          if alg == 1 then
+            retry = (anchor + 1) * p2 - now
+          elseif alg == 2 then
+            local room = p1 - cost - cur
+            if room >= 0 then
+              -- Wait in this window until ceil(prev * (W - e) / W) <= room.
+              local e = p2 - room * p2 / prev
+              local f = e % 1
+              if f > 0 then e = e - f + 1 end
+              retry = e - (now - anchor * p2)
+            else
+              -- Next window: the current count becomes the previous one.
+              local to_next = (anchor + 1) * p2 - now
+              local room_next = p1 - cost
+              if cur <= room_next then
+                retry = to_next
+              else
+                local e = p2 - room_next * p2 / cur
+                local f = e % 1
+                if f > 0 then e = e - f + 1 end
+                retry = to_next + (e > 0 and e or 0)
+              end
+            end
+          else
+            local intervals = (cost - (p1 - cur)) / p2
+            local f = intervals % 1
+            if f > 0 then intervals = intervals - f + 1 end
+            retry = anchor + intervals * p3 - now
+          end
+          if retry < 1 then retry = 1 end
+        end
+        len = push(reply, len, 0, p1, used, reset_after(alg, p2, p3, anchor, cur, prev, now), retry, window)
+      end
+    end
+  end
+  k0 = k0 + n
+end
 return reply

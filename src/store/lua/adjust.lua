@@ -1,87 +1,136 @@
--- adjust.lua: charge (forced debit, may create debt) or refund units on several limits,
--- release or renew concurrency slots; at most once per settlement id.
+-- adjust.lua: settlements, one or several in one round trip. Each charges (a forced
+-- debit, may create debt) or refunds units on several limits, releases or renews
+-- concurrency slots, and is applied at most once per settlement id. (state.lua is
+-- prepended.)
 --
--- KEYS[i]  state key of limit i, i = 1..n; all keys share one hash tag (one cluster slot).
--- KEYS[n+1] (only with a settlement id) the identifier's set of recent settlement ids
---          (a sorted set: id -> expiry ms), same hash tag.
--- ARGV[1]  settlement id, or -1 for none; ARGV[2] how long to remember an id (ms);
---          ARGV[3] the most ids remembered per set (the oldest are forgotten first).
--- ARGV     then six values per limit i, starting at ARGV[3+6*(i-1)+1]:
---          algorithm (1 fixed, 2 sliding, 3 bucket, 4 concurrency), p1, p2, p3 (as in
---          acquire.lua; for concurrency p3 is the slot), delta (> 0 charge or renew the
---          slot's lease, < 0 refund or release; a refund never goes beyond a full budget),
---          window (the window index that paid for a refund, -1: none; see
---          `algorithm::adjust` for where a refund lands once that window has rolled).
--- ARGV[3+6n+1] (builds with the `test-util` feature only) "now" in microseconds instead
---          of the server's TIME.
--- Reply    per limit: within_limit (0|1), limit, remaining, reset_after_us, -1, window.
+-- KEYS     per settlement, settlement after settlement: the state key of each of its
+--          limits, then (only with a settlement id) the identifier's set of recent
+--          settlement ids (a sorted set: id -> time applied, ms). One settlement's keys
+--          share one hash tag; on a Redis Cluster a script carries one settlement.
+-- ARGV[1]  the number of settlements g; ARGV[2] how long to remember an id (ms);
+--          ARGV[3] the most ids remembered per set (the oldest are forgotten first);
+--          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
+--          instead of the server's TIME, or -1.
+-- ARGV     then per settlement: the number of limits n, the settlement id (-1: none), and
+--          six values per limit: algorithm (1 fixed, 2 sliding, 3 bucket, 4
+--          concurrency), p1, p2, p3 (as in acquire.lua; for concurrency p3 is the slot),
+--          delta (> 0 charge or renew the slot's lease, < 0 refund or release; a refund
+--          never goes beyond a full budget), window (the window index that paid for a
+--          refund, -1: none; see `algorithm::adjust` for where a refund lands once that
+--          window has rolled).
+-- Reply    per settlement, concatenated: per limit, within_limit (0|1), limit,
+--          remaining, reset_after_us, -1, window.
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
---          the id into the set (pruned by expiry and size, with a TTL); nothing when the
---          set shows the id was applied already.
+--          the id into the set (expiring as long after the last settlement as an id is
+--          remembered; trimmed to the newest ids on one settlement in ten, by the id's
+--          last digit, so it holds at most about that many); nothing for a settlement
+--          whose id the set already holds (a retry of one that was applied).
 
-local dedupe = ARGV[1] ~= '-1'
-local n = #KEYS
-if dedupe then n = n - 1 end
-local now = test_now(ARGV[3 + 6 * n + 1])
-local apply = true
-local ids, now_ms
-if dedupe then
-  ids = KEYS[n + 1]
-  now_ms = math.floor(now / 1000)
-  redis.call('ZREMRANGEBYSCORE', ids, '-inf', now_ms)
-  if redis.call('ZSCORE', ids, ARGV[1]) then apply = false end
-end
-local reply = {}
-for i = 1, n do
-  local o = 3 + 6 * (i - 1)
-  local alg, p1, p2, p3 = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
-  local delta = tonumber(ARGV[o + 5])
-  local window = tonumber(ARGV[o + 6])
-  if alg == 4 then
-    local held = slots_held(KEYS[i], now)
-    if apply and delta < 0 then
-      redis.call('ZREM', KEYS[i], ARGV[o + 4])
-      held = redis.call('ZCARD', KEYS[i])
-    elseif apply and delta > 0 and redis.call('ZSCORE', KEYS[i], ARGV[o + 4]) then
-      redis.call('ZADD', KEYS[i], now + p2, ARGV[o + 4])
-      redis.call('PEXPIRE', KEYS[i], math.ceil(p2 / 1000))
-    end
-    if held == 0 then redis.call('DEL', KEYS[i]) end
-    push_slots_outcome(reply, KEYS[i], p1, now, held, true)
-  else
-    local v = view(alg, p1, p2, p3, load_state(KEYS[i]), now)
-    local changed = apply and delta ~= 0
-    if changed then
-      if delta > 0 then
-        if alg == 3 then v.cur = clamp_counter(v.cur - delta) else v.cur = clamp_counter(v.cur + delta) end
-      else
-        local back = -delta
-        if alg == 3 then
-          v.cur = math.min(clamp_counter(v.cur + back), p1)
-        elseif window >= 0 and window >= v.anchor then
-          if alg == 1 then v.cur = math.max(v.cur - back, 0) else v.cur = v.cur - math.min(back, math.max(v.cur, 0)) end
-        elseif window >= 0 and alg == 2 and window == v.anchor - 1 then
-          v.prev = math.max(v.prev - back, 0)
-        elseif window >= 0 then
-          changed = false
-        elseif alg == 1 then
-          v.cur = math.max(v.cur - back, 0)
-        else
-          local from_current = math.min(back, math.max(v.cur, 0))
-          v.cur = v.cur - from_current
-          v.prev = math.max(v.prev - (back - from_current), 0)
-        end
+local settlements = ARGV[1] + 0
+local remember_ms, kept = ARGV[2] + 0, ARGV[3] + 0
+local now = clock(ARGV[4] ~= '-1' and ARGV[4] or nil)
+local reply, len = {}, 0
+local k, o0 = 0, 4 -- KEYS and ARGV indices before the current settlement's
+for _ = 1, settlements do
+  local n, id = ARGV[o0 + 1] + 0, ARGV[o0 + 2]
+  local apply = true
+  if id ~= '-1' then
+    -- ZADD NX adds the id and says whether it was new in one command.
+    local ids = KEYS[k + n + 1]
+    apply = redis.call('ZADD', ids, 'NX', (now - now % 1000) / 1000, id) == 1
+    if apply then
+      redis.call('PEXPIRE', ids, remember_ms + ttl_pad_ms)
+      if string.byte(id, -1) == 48 then
+        -- Keep the newest ids only (ranks 0 .. -(kept+1) are the older ones).
+        redis.call('ZREMRANGEBYRANK', ids, 0, -kept - 1)
       end
     end
-    if changed then write(KEYS[i], alg, p1, p2, p3, v, now) end
-    push_outcome(reply, alg, p1, p2, p3, v, now, used(alg, p1, p2, v, now) <= p1, nil)
   end
-end
-if dedupe and apply then
-  local horizon = tonumber(ARGV[2])
-  redis.call('ZADD', ids, now_ms + horizon, ARGV[1])
-  local extra = redis.call('ZCARD', ids) - tonumber(ARGV[3])
-  if extra > 0 then redis.call('ZREMRANGEBYRANK', ids, 0, extra - 1) end
-  redis.call('PEXPIRE', ids, horizon + TTL_PAD_MS)
+  for i = 1, n do
+    local key, o = KEYS[k + i], o0 + 2 + 6 * (i - 1)
+    local alg, p1, p2, p3 = ARGV[o + 1] + 0, ARGV[o + 2] + 0, ARGV[o + 3] + 0, ARGV[o + 4]
+    local delta = ARGV[o + 5] + 0
+    if alg == 4 then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      if apply and delta < 0 then
+        redis.call('ZREM', key, p3)
+      elseif apply and delta > 0 and redis.call('ZSCORE', key, p3) then
+        redis.call('ZADD', key, now + p2, p3)
+        redis.call('PEXPIRE', key, lease_ms(p2))
+      end
+      -- An empty sorted set is deleted by Redis itself.
+      len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)
+    else
+      p3 = p3 + 0
+      local window = ARGV[o + 6] + 0
+      local anchor, cur, prev, _, same = view(key, alg, p2, p3, now)
+      local changed = apply and delta ~= 0
+      if changed then
+        if delta > 0 then
+          cur = cur + delta
+          if alg == 3 then
+            -- As algorithm.rs keeps tokens (p1 - used): clamp those, not what is used.
+            local tokens = p1 - cur
+            if tokens < -MAX then cur = p1 + MAX end
+          elseif cur > MAX then
+            cur = MAX
+          end
+        else
+          local back = -delta
+          if alg == 3 then
+            local tokens = p1 - cur + back
+            if tokens > MAX then tokens = MAX end
+            if tokens > p1 then tokens = p1 end
+            cur = p1 - tokens
+          elseif window >= 0 and window >= anchor then
+            -- Into the window that paid, which is the current one.
+            if alg == 1 then
+              cur = cur - back
+              if cur < 0 then cur = 0 end
+            else
+              local from_current = cur > 0 and cur or 0
+              if back < from_current then from_current = back end
+              cur = cur - from_current
+            end
+          elseif window >= 0 and alg == 2 and window == anchor - 1 then
+            -- The paying window is the previous one: its weight shrinks.
+            prev = prev - back
+            if prev < 0 then prev = 0 end
+          elseif window >= 0 then
+            -- The paying window has rolled out of the state: nothing to give back.
+            changed = false
+          elseif alg == 1 then
+            cur = cur - back
+            if cur < 0 then cur = 0 end
+          else
+            -- Give back from the current window first, then from the previous one.
+            local from_current = cur > 0 and cur or 0
+            if back < from_current then from_current = back end
+            cur = cur - from_current
+            prev = prev - (back - from_current)
+            if prev < 0 then prev = 0 end
+          end
+        end
+      end
+      local used = cur
+      if alg == 2 and prev > 0 then
+        local w = prev * (p2 - (now - anchor * p2)) / p2
+        local f = w % 1
+        if f > 0 then w = w - f + 1 end
+        used = cur + w
+      end
+      local reset = reset_after(alg, p2, p3, anchor, cur, prev, now)
+      if changed and same and delta > 0 then
+        -- A charge into this very window of a state with something used: its TTL
+        -- already ends where the new state's does, so only "used" changes.
+        redis.call('SETRANGE', key, 8, struct.pack('<d', cur))
+      elseif changed then
+        persist(key, alg, anchor, cur, prev, reset)
+      end
+      len = push(reply, len, used <= p1 and 1 or 0, p1, used, reset, -1, alg == 3 and -1 or anchor)
+    end
+  end
+  k = k + n + (id ~= '-1' and 1 or 0)
+  o0 = o0 + 2 + 6 * n
 end
 return reply

@@ -1,0 +1,165 @@
+-- state.lua: what acquire.lua and adjust.lua share, prepended to each at compile time.
+-- Defines no KEYS, ARGV or reply of its own.
+--
+-- The arithmetic is a line-for-line port of src/algorithm.rs (read that file for the
+-- math). Redis Lua numbers are IEEE doubles: every quantity stays below 2^53, and the one
+-- fractional step (the sliding-window weight) uses the same operations in the same order
+-- as the Rust code, so both stores decide identically.
+--
+-- Cost matters here: these scripts run once per decision on a Redis that every instance
+-- shares, and Redis's Lua spends ~10 ns per VM instruction and ~100 ns per call of a C
+-- function. So the hot path builds no tables (functions return several values), calls
+-- TIME once per script, reads each ARGV value once (by arithmetic coercion, not
+-- tonumber), rounds with `%` (not math.floor/ceil), and keeps each limit's state in one
+-- 24-byte string of three little-endian doubles, packed and unpacked by `struct` in C:
+--   fixed window:   window index, used, 0
+--   sliding window: window index, used in that window, used in the window before
+--   token bucket:   used (capacity - tokens; above the capacity is debt), last refill
+--                   time (us), 0. Keeping "used" lets a changed capacity keep it.
+-- A state in the text form "a:b:c" of earlier releases is still read.
+--
+-- Rounding: for integers 0 <= a < 2^53 and b > 0, a % b is exact, so (a - a % b) / b is
+-- floor(a / b) exactly; for a double x, x - x % 1 is floor(x).
+
+local MAX = 4503599627370496 -- 2^52: counters saturate here, TTLs (us) are capped here
+local PACK = '<ddd'
+-- Added to every TTL when a test supplies "now": an expired state equals an absent one,
+-- so a longer TTL never changes a decision, and keys cannot expire in real time before
+-- the test's virtual time is done with them.
+local ttl_pad_ms = 0
+
+-- "Now" in microseconds: the server's TIME, or (only in builds with the `test-util`
+-- feature, where the prelude sets TEST_CLOCK) a test's virtual time.
+local function clock(override)
+  if TEST_CLOCK and override then
+    ttl_pad_ms = 600000
+    return override + 0
+  end
+  local t = redis.call('TIME')
+  return t[1] * 1000000 + t[2]
+end
+
+-- The state of `key` normalized to `now` (View in algorithm.rs), as five values:
+--   fixed:   window index, used, 0, used
+--   sliding: window index, used in it, used in the one before, weighted use
+--   bucket:  last refill time, used after refilling, 0, used
+-- and whether the key holds a packed state of this very window with something used in
+-- it, so that a take only has to rewrite the "used" field (its TTL already ends where
+-- the new state's does).
+-- alg: 1 fixed, 2 sliding, 3 bucket; p2 window us or refill per interval; p3 bucket
+-- interval us.
+local function view(key, alg, p2, p3, now)
+  local raw = redis.call('GET', key)
+  local a, b, c
+  local packed = false
+  if raw then
+    if #raw == 24 then
+      a, b, c = struct.unpack(PACK, raw)
+      packed = true
+    else
+      a, b, c = string.match(raw, '^(-?%d+):(-?%d+):(-?%d+)$')
+      if a then a, b, c = a + 0, b + 0, c + 0 end
+    end
+  end
+  if alg == 3 then
+    if not a then return now, 0, 0, 0, false end
+    local elapsed = now - b
+    if elapsed < 0 then elapsed = 0 end
+    local intervals = (elapsed - elapsed % p3) / p3
+    local used = a - intervals * p2
+    if used <= 0 then return now, 0, 0, 0, false end
+    return b + intervals * p3, used, 0, used, false
+  end
+  local idx = (now - now % p2) / p2
+  if alg == 1 then
+    if a and a >= idx then return idx, b, 0, b, packed and a == idx and b > 0 end
+    return idx, 0, 0, 0, false
+  end
+  local cur, prev = 0, 0
+  if a and a >= idx then
+    cur, prev = b, c
+  elseif a and a == idx - 1 then
+    prev = b
+  end
+  local same = packed and a == idx and cur > 0
+  if prev <= 0 then return idx, cur, prev, cur, same end
+  local w = prev * (p2 - (now - idx * p2)) / p2
+  local f = w % 1
+  if f > 0 then w = w - f + 1 end
+  return idx, cur, prev, cur + w, same
+end
+
+-- Time (us) until the budget of a view (anchor, cur, prev) is fully restored.
+local function reset_after(alg, p2, p3, anchor, cur, prev, now)
+  if alg == 1 then return (anchor + 1) * p2 - now end
+  if alg == 2 then
+    if cur > 0 then return (anchor + 2) * p2 - now end
+    if prev > 0 then return (anchor + 1) * p2 - now end
+    return 0
+  end
+  if cur <= 0 then return 0 end
+  local intervals = cur / p2
+  local f = intervals % 1
+  if f > 0 then intervals = intervals - f + 1 end
+  return anchor + intervals * p3 - now
+end
+
+-- Persist a view whose budget is restored after `reset` us: delete the key when the
+-- view equals "absent", else store it with a TTL of exactly as long as it can matter.
+local function persist(key, alg, anchor, cur, prev, reset)
+  if cur == 0 and prev == 0 or alg == 3 and cur <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  local state
+  if alg == 3 then
+    if cur > MAX then cur = MAX elseif cur < -MAX then cur = -MAX end
+    state = struct.pack(PACK, cur, anchor, 0)
+  else
+    state = struct.pack(PACK, anchor, cur, prev)
+  end
+  if reset < 1 then reset = 1 elseif reset > MAX then reset = MAX end
+  local ms = reset / 1000
+  local f = ms % 1
+  if f > 0 then ms = ms - f + 1 end
+  redis.call('SET', key, state, 'PX', ms + ttl_pad_ms)
+end
+
+-- Append one decision's six reply fields at reply[n+1..n+6]: allowed (0|1), limit,
+-- remaining, reset_after_us, retry_after_us (-1: none), window index (-1: a bucket or
+-- slots). Returns the new length.
+local function push(reply, n, allowed, limit, used, reset, retry, window)
+  local remaining = limit - used
+  if remaining < 0 then remaining = 0 end
+  if reset < 0 then reset = 0 elseif reset > MAX then reset = MAX end
+  if retry > MAX then retry = MAX end
+  reply[n + 1], reply[n + 2], reply[n + 3] = allowed, limit, remaining
+  reply[n + 4], reply[n + 5], reply[n + 6] = reset, retry, window
+  return n + 6
+end
+
+-- Concurrency slots: a sorted set of slot id -> lease end (us). Expired slots are dropped
+-- before counting, so a slot of a crashed process frees itself. Appends the decision
+-- (reset and retry: the time until the earliest lease ends, an upper bound on when a
+-- slot frees) and returns the new length.
+local function push_slots(reply, n, key, max, held, allowed, now)
+  local earliest = 0
+  if held > 0 then
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if first[2] then
+      earliest = first[2] - now
+      if earliest < 0 then earliest = 0 end
+    end
+  end
+  local retry = -1
+  if allowed == 0 then retry = earliest > 1 and earliest or 1 end
+  return push(reply, n, allowed, max, held, earliest, retry, -1)
+end
+
+-- Lease (us) to the PEXPIRE of a slot set: whole milliseconds, rounded up.
+local function lease_ms(lease_us)
+  local ms = lease_us / 1000
+  local f = ms % 1
+  if f > 0 then ms = ms - f + 1 end
+  return ms
+end
