@@ -368,3 +368,51 @@ async fn concurrent_settlements_are_batched_and_exact() {
         "{scripts} scripts for {calls} acquires and {calls} settlements: settlements were not batched"
     );
 }
+
+/// A state left in the text form `"index:used:previous"` by earlier releases is still
+/// read (an upgrade keeps what was used), and the next take rewrites it packed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_states_of_earlier_releases_are_read() {
+    let server = common::RedisServer::start();
+    let window = tower_llm_ratelimit::algorithm::MAX_WINDOW;
+    let store = RedisStore::connect(&server.url).await.unwrap();
+    let prefix = common::unique_prefix("legacy");
+    for (name, alg) in [
+        (
+            "fixed",
+            Algorithm::from(FixedWindow::new(10, window).unwrap()),
+        ),
+        ("sliding", SlidingWindow::new(10, window).unwrap().into()),
+    ] {
+        let rl = Ratelimit::new(alg, store.clone(), &format!("{prefix}-{name}")).unwrap();
+        let key = rl.key("old-user").unwrap();
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros();
+        let index = now_us / window.as_micros();
+        let out = Command::new("redis-cli")
+            .args(["-p", &server.port.to_string(), "SET", &key])
+            .arg(format!("{index}:7:0"))
+            .args(["PX", "600000"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let decision = rl.limit("old-user", 1).await.unwrap();
+        assert!(decision.allowed, "{name}");
+        assert_eq!(
+            decision.remaining, 2,
+            "{name}: 7 used before the upgrade, 1 now"
+        );
+        let strlen = Command::new("redis-cli")
+            .args(["-p", &server.port.to_string(), "STRLEN", &key])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&strlen.stdout).trim(),
+            "24",
+            "{name}: rewritten packed"
+        );
+        assert_eq!(rl.remaining("old-user").await.unwrap(), 2, "{name}");
+    }
+}
