@@ -11,7 +11,8 @@
 //! request limit, fixed window, that never denies), `--batching on|off` (Redis: batch
 //! concurrent acquires, default on), `--limits 1|2|4` (through the layer: requests,
 //! then tokens, then a second request and token window; every call reports 150 tokens
-//! used, so a token limit also costs a settlement write), `--threads N` (runtime worker
+//! used, so a token limit also costs a settlement write; `--no-usage`: none is reported
+//! and nothing settled), `--threads N` (runtime worker
 //! threads, 1: current-thread). The last line is exactly
 //! `decisions_per_sec=<number> p50_us=<number> p99_us=<number> decisions=<number>
 //! client_cpu_us_per_decision=<number>` (client CPU: this process's user + system time,
@@ -51,6 +52,11 @@ struct Cli {
     /// Through the layer: 1 (requests), 2 (+ tokens) or 4 (+ a second window of each).
     #[arg(long, default_value_t = 1)]
     limits: usize,
+    /// The service reports no usage, so a call settles nothing (its acquire is all the
+    /// store work; without it every call reports 150 tokens, which a token limit charges
+    /// in a settlement write).
+    #[arg(long)]
+    no_usage: bool,
     /// Runtime worker threads (1: a current-thread runtime).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
@@ -65,6 +71,7 @@ struct Args {
     batching: bool,
     limits: usize,
     threads: usize,
+    no_usage: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -81,6 +88,7 @@ fn parse() -> Result<Args, String> {
         batching: cli.batching == "on",
         limits: cli.limits,
         threads: cli.threads as usize,
+        no_usage: cli.no_usage,
     })
 }
 
@@ -167,10 +175,11 @@ async fn run(args: Args) {
             .limit("tpd", Limit::tokens(day));
     }
     let layer = builder.build().unwrap();
-    let inner = service_fn(|_: LlmRequest| async {
+    let usage = (!args.no_usage).then(|| Usage::new(100, 50));
+    let inner = service_fn(move |_: LlmRequest| async move {
         Ok::<_, Infallible>(LlmResponse {
             text: String::new(),
-            usage: Some(Usage::new(100, 50)),
+            usage,
         })
     });
     let service = tower::Layer::layer(&layer, inner);

@@ -69,6 +69,9 @@ for round in $(seq "$ROUNDS"); do
     measure "ours layer limits=$limits" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits "$limits"
   done
   measure "ours layer limits=2 batching=off" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits 2 --batching off
+  for limits in 1 4; do
+    measure "ours layer limits=$limits no usage" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits "$limits" --no-usage
+  done
 done
 
 echo; echo "# memory store, ${SECS}s"
