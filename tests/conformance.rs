@@ -175,7 +175,12 @@ impl Env {
             (None, Some(url)) => {
                 let client = redis::Client::open(url.as_str()).unwrap();
                 let mut c = client.get_connection().unwrap();
-                redis::cmd("GET").arg(key).query(&mut c).unwrap()
+                // The state is binary (packed doubles): compare its bytes.
+                redis::cmd("GET")
+                    .arg(key)
+                    .query::<Option<Vec<u8>>>(&mut c)
+                    .unwrap()
+                    .map(|bytes| format!("{bytes:?}"))
             }
             #[cfg(feature = "cluster")]
             _ if self.cluster => cluster::shared().get(key),

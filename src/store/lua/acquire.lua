@@ -4,12 +4,13 @@
 -- KEYS     the state keys of every call, call after call. One call's keys share one hash
 --          tag; on a Redis Cluster a script carries one call.
 -- ARGV[1]  the number of calls g; ARGV[2..g+1] how many limits (keys) each call has;
---          then six values per key, in key order: algorithm (1 fixed window, 2 sliding
---          window, 3 token bucket, 4 concurrency), p1 (limit, capacity or max in
---          flight), p2 (window us, bucket refill per interval, or lease us), p3 (bucket
---          interval us; for concurrency the call's slot id; else 0), cost, take (1: take
---          the cost if every limit of the call allows it; 0: only check that it fits).
--- ARGV[g+2+6*#KEYS] (builds with the `test-util` feature only) "now" in microseconds
+--          then one value per key, in key order: six little-endian doubles (48 bytes):
+--          algorithm (1 fixed window, 2 sliding window, 3 token bucket, 4 concurrency),
+--          p1 (limit, capacity or max in flight), p2 (window us, bucket refill per
+--          interval, or lease us), p3 (bucket interval us; for concurrency the call's
+--          slot id; else 0), cost, take (1: take the cost if every limit of the call
+--          allows it; 0: only check that it fits).
+-- ARGV[g+2+#KEYS] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME.
 -- Reply    per call, calls concatenated: allowed_all (0|1), then six integers per limit:
 --          allowed (0|1), limit, remaining, reset_after_us, retry_after_us (-1: none, or
@@ -20,32 +21,33 @@
 --          expired slots).
 
 local calls = ARGV[1] + 0
-local base = 1 + calls -- ARGV index before the first limit's six values
-local now = clock(ARGV[base + 6 * #KEYS + 1])
-local reply, len = {}, 0
--- Ten values per limit of the call being decided (its arguments, then its view),
--- reused from call to call.
-local L = {}
+local base = 1 + calls -- ARGV index before the first limit's
+local now = clock(ARGV[base + #KEYS + 1])
+-- Tables are built at their smallest sizes up front (growing one rehashes it): the
+-- reply holds at least one call's flag and one limit's six fields.
+local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
+-- Ten values per limit of the call being decided, reused from call to call: its six
+-- arguments (take folded into flags: 1 take, +2 "same window", see view), then its
+-- view (anchor, cur, prev, used; for slots, the slots held).
+local L = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 local k0 = 0
 for call = 1, calls do
   local n = ARGV[1 + call] + 0
   -- Pass 1: read every limit; the call passes only if all of them allow it.
   local all = 1
   for i = 1, n do
-    local key, o, l = KEYS[k0 + i], base + 6 * (k0 + i - 1), 10 * i
-    local alg, p1, p2, p3 = ARGV[o + 1] + 0, ARGV[o + 2] + 0, ARGV[o + 3] + 0, ARGV[o + 4]
-    L[l - 9], L[l - 8], L[l - 7], L[l - 6] = alg, p1, p2, p3
+    local key, l = KEYS[k0 + i], 10 * i
+    local alg, p1, p2, p3, cost, take = struct.unpack(PACKED_LIMIT, ARGV[base + k0 + i])
+    L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5] = alg, p1, p2, p3, cost
     if alg == 4 then
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
       local held = redis.call('ZCARD', key)
-      L[l - 4] = held
+      L[l - 4], L[l - 3] = take, held
       if held >= p1 then all = 0 end
     else
-      p3 = p3 + 0
-      local cost = ARGV[o + 5] + 0
       local anchor, cur, prev, used, same = view(key, alg, p2, p3, now)
-      L[l - 6], L[l - 5] = p3, cost
-      L[l - 4], L[l - 3], L[l - 2], L[l - 1], L[l] = anchor, cur, prev, used, same
+      L[l - 4] = same and take + 2 or take
+      L[l - 3], L[l - 2], L[l - 1], L[l] = anchor, cur, prev, used
       if used + cost > p1 then all = 0 end
     end
   end
@@ -54,20 +56,21 @@ for call = 1, calls do
   reply[len] = all
   for i = 1, n do
     local key, l = KEYS[k0 + i], 10 * i
-    local take = all == 1 and ARGV[base + 6 * (k0 + i - 1) + 6] == '1'
-    local alg, p1, p2, p3 = L[l - 9], L[l - 8], L[l - 7], L[l - 6]
+    local alg, p1, p2, p3, cost = L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5]
+    local flags = L[l - 4]
+    local take = all == 1 and flags % 2 == 1
     if alg == 4 then
-      local held = L[l - 4]
+      local held = L[l - 3]
       local allowed = held < p1 and 1 or 0
       if take then
-        redis.call('ZADD', key, now + p2, p3)
+        local slot = string.format('%.0f', p3)
+        redis.call('ZADD', key, now + p2, slot)
         redis.call('PEXPIRE', key, lease_ms(p2))
         held = held + 1
       end
       len = push_slots(reply, len, key, p1, held, allowed, now)
     else
-      local cost = L[l - 5]
-      local anchor, cur, prev, used = L[l - 4], L[l - 3], L[l - 2], L[l - 1]
+      local anchor, cur, prev, used = L[l - 3], L[l - 2], L[l - 1], L[l]
       local window = alg == 3 and -1 or anchor
       if used + cost <= p1 then
         if take and cost > 0 then
@@ -75,7 +78,7 @@ for call = 1, calls do
           -- and the bucket's refill do not change).
           cur, used = cur + cost, used + cost
           local reset = reset_after(alg, p2, p3, anchor, cur, prev, now)
-          if L[l] then
+          if flags >= 2 then
             -- Same window, something used already: its TTL already ends where this
             -- state's does, so only the "used" field changes.
             redis.call('SETRANGE', key, 8, struct.pack('<d', cur))
@@ -128,4 +131,5 @@ for call = 1, calls do
   end
   k0 = k0 + n
 end
+for i = len + 1, 7 do reply[i] = nil end
 return reply

@@ -11,13 +11,14 @@
 --          ARGV[3] the most ids remembered per set (the oldest are forgotten first);
 --          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME, or -1.
--- ARGV     then per settlement: the number of limits n, the settlement id (-1: none), and
---          six values per limit: algorithm (1 fixed, 2 sliding, 3 bucket, 4
---          concurrency), p1, p2, p3 (as in acquire.lua; for concurrency p3 is the slot),
---          delta (> 0 charge or renew the slot's lease, < 0 refund or release; a refund
---          never goes beyond a full budget), window (the window index that paid for a
---          refund, -1: none; see `algorithm::adjust` for where a refund lands once that
---          window has rolled).
+-- ARGV[5..4+2g] per settlement: the number of its limits n and its id (-1: none).
+-- ARGV     then one value per limit, settlement after settlement (in KEYS order, not
+--          counting the id sets): six little-endian doubles (48 bytes): algorithm
+--          (1 fixed, 2 sliding, 3 bucket, 4 concurrency), p1, p2, p3 (as in
+--          acquire.lua; for concurrency p3 is the slot), delta (> 0 charge or renew the
+--          slot's lease, < 0 refund or release; a refund never goes beyond a full
+--          budget), window (the window index that paid for a refund, -1: none; see
+--          `algorithm::adjust` for where a refund lands once that window has rolled).
 -- Reply    per settlement, concatenated: per limit, within_limit (0|1), limit,
 --          remaining, reset_after_us, -1, window.
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
@@ -29,10 +30,11 @@
 local settlements = ARGV[1] + 0
 local remember_ms, kept = ARGV[2] + 0, ARGV[3] + 0
 local now = clock(ARGV[4] ~= '-1' and ARGV[4] or nil)
-local reply, len = {}, 0
-local k, o0 = 0, 4 -- KEYS and ARGV indices before the current settlement's
-for _ = 1, settlements do
-  local n, id = ARGV[o0 + 1] + 0, ARGV[o0 + 2]
+local reply, len = { 0, 0, 0, 0, 0, 0 }, 0
+-- KEYS index, and ARGV index of packed limits, before the current settlement's.
+local k, o = 0, 4 + 2 * settlements
+for s = 1, settlements do
+  local n, id = ARGV[3 + 2 * s] + 0, ARGV[4 + 2 * s]
   local apply = true
   if id ~= '-1' then
     -- ZADD NX adds the id and says whether it was new in one command.
@@ -47,22 +49,20 @@ for _ = 1, settlements do
     end
   end
   for i = 1, n do
-    local key, o = KEYS[k + i], o0 + 2 + 6 * (i - 1)
-    local alg, p1, p2, p3 = ARGV[o + 1] + 0, ARGV[o + 2] + 0, ARGV[o + 3] + 0, ARGV[o + 4]
-    local delta = ARGV[o + 5] + 0
+    local key = KEYS[k + i]
+    local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, ARGV[o + i])
     if alg == 4 then
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      local slot = string.format('%.0f', p3)
       if apply and delta < 0 then
-        redis.call('ZREM', key, p3)
-      elseif apply and delta > 0 and redis.call('ZSCORE', key, p3) then
-        redis.call('ZADD', key, now + p2, p3)
+        redis.call('ZREM', key, slot)
+      elseif apply and delta > 0 and redis.call('ZSCORE', key, slot) then
+        redis.call('ZADD', key, now + p2, slot)
         redis.call('PEXPIRE', key, lease_ms(p2))
       end
       -- An empty sorted set is deleted by Redis itself.
       len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)
     else
-      p3 = p3 + 0
-      local window = ARGV[o + 6] + 0
       local anchor, cur, prev, _, same = view(key, alg, p2, p3, now)
       local changed = apply and delta ~= 0
       if changed then
@@ -131,6 +131,7 @@ for _ = 1, settlements do
     end
   end
   k = k + n + (id ~= '-1' and 1 or 0)
-  o0 = o0 + 2 + 6 * n
+  o = o + n
 end
+for i = len + 1, 6 do reply[i] = nil end
 return reply

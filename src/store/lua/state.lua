@@ -9,8 +9,10 @@
 -- Cost matters here: these scripts run once per decision on a Redis that every instance
 -- shares, and Redis's Lua spends ~10 ns per VM instruction and ~100 ns per call of a C
 -- function. So the hot path builds no tables (functions return several values), calls
--- TIME once per script, reads each ARGV value once (by arithmetic coercion, not
--- tonumber), rounds with `%` (not math.floor/ceil), and keeps each limit's state in one
+-- TIME once per script, takes each limit's six numbers as one packed argument (one C call
+-- instead of six decimal parses; other ARGV values are read once, by arithmetic
+-- coercion, not tonumber), rounds with `%` (not math.floor/ceil), builds tables at their
+-- final size where it is known, and keeps each limit's state in one
 -- 24-byte string of three little-endian doubles, packed and unpacked by `struct` in C:
 --   fixed window:   window index, used, 0
 --   sliding window: window index, used in that window, used in the window before
@@ -23,6 +25,8 @@
 
 local MAX = 4503599627370496 -- 2^52: counters saturate here, TTLs (us) are capped here
 local PACK = '<ddd'
+-- One limit's six script arguments, packed by the client (see the scripts' headers).
+local PACKED_LIMIT = '<dddddd'
 -- Added to every TTL when a test supplies "now": an expired state equals an absent one,
 -- so a longer TTL never changes a decision, and keys cannot expire in real time before
 -- the test's virtual time is done with them.
