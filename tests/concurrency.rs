@@ -369,50 +369,148 @@ async fn concurrent_settlements_are_batched_and_exact() {
     );
 }
 
-/// A state left in the text form `"index:used:previous"` by earlier releases is still
-/// read (an upgrade keeps what was used), and the next take rewrites it packed.
+/// A state left in the text form `"a:b:c"` by earlier releases is still read (an upgrade
+/// keeps what was used), whatever its length (24 bytes included: the length of the
+/// packed form without its marker), and the next take rewrites it packed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_states_of_earlier_releases_are_read() {
     let server = common::RedisServer::start();
     let window = tower_llm_ratelimit::algorithm::MAX_WINDOW;
     let store = RedisStore::connect(&server.url).await.unwrap();
     let prefix = common::unique_prefix("legacy");
-    for (name, alg) in [
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let index = now_us / window.as_micros();
+    // (name, algorithm, text state, remaining after a take of 1)
+    let cases: [(&str, Algorithm, String, u64); 3] = [
         (
             "fixed",
-            Algorithm::from(FixedWindow::new(10, window).unwrap()),
+            FixedWindow::new(10, window).unwrap().into(),
+            format!("{index}:7:0"),
+            2,
         ),
-        ("sliding", SlidingWindow::new(10, window).unwrap().into()),
-    ] {
+        (
+            "sliding",
+            SlidingWindow::new(10, window).unwrap().into(),
+            format!("{index}:7:0"),
+            2,
+        ),
+        (
+            // 12345 used of 100 000, refilled 1 per hour: "12345:<16 digits>:0" is
+            // exactly 24 bytes.
+            "bucket",
+            TokenBucket::new(100_000, 1, Duration::from_secs(3600))
+                .unwrap()
+                .into(),
+            format!("12345:{now_us}:0"),
+            100_000 - 12_346,
+        ),
+    ];
+    assert_eq!(
+        cases[2].2.len(),
+        24,
+        "the bucket's text state is 24 bytes long"
+    );
+    for (name, alg, text, want) in cases {
         let rl = Ratelimit::new(alg, store.clone(), &format!("{prefix}-{name}")).unwrap();
         let key = rl.key("old-user").unwrap();
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros();
-        let index = now_us / window.as_micros();
         let out = Command::new("redis-cli")
-            .args(["-p", &server.port.to_string(), "SET", &key])
-            .arg(format!("{index}:7:0"))
+            .args(["-p", &server.port.to_string(), "SET", &key, &text])
             .args(["PX", "600000"])
             .output()
             .unwrap();
         assert!(out.status.success());
         let decision = rl.limit("old-user", 1).await.unwrap();
         assert!(decision.allowed, "{name}");
-        assert_eq!(
-            decision.remaining, 2,
-            "{name}: 7 used before the upgrade, 1 now"
-        );
+        assert_eq!(decision.remaining, want, "{name}: {text:?} read as it was");
         let strlen = Command::new("redis-cli")
             .args(["-p", &server.port.to_string(), "STRLEN", &key])
             .output()
             .unwrap();
         assert_eq!(
             String::from_utf8_lossy(&strlen.stdout).trim(),
-            "24",
+            "25",
             "{name}: rewritten packed"
         );
-        assert_eq!(rl.remaining("old-user").await.unwrap(), 2, "{name}");
+        assert_eq!(rl.remaining("old-user").await.unwrap(), want, "{name}");
     }
+}
+
+/// A key that holds another Redis type (a key prefix shared with other data) fails the
+/// calls and settlements on it, and only them: the others batched in the same scripts
+/// are applied exactly, and nothing is written for the failed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_key_fails_only_its_own_calls_in_a_batch() {
+    let server = common::RedisServer::start();
+    let store = RedisStore::connect(&server.url).await.unwrap();
+    let rl = Arc::new(
+        Ratelimit::new(
+            FixedWindow::new(1_000_000, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
+            store,
+            &common::unique_prefix("foreign"),
+        )
+        .unwrap(),
+    );
+    let foreign = rl.key("foreign").unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(server.port.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    cli(&["ZADD", &foreign, "1", "someone-elses-data"]);
+    let tasks: Vec<_> = (0..400u64)
+        .map(|i| {
+            let rl = rl.clone();
+            tokio::spawn(async move {
+                let id = if i % 2 == 0 { "good" } else { "foreign" };
+                let result = if i % 4 < 2 {
+                    rl.limit(id, 2).await.map(|d| d.allowed)
+                } else {
+                    rl.charge(id, 3).await.map(|_| true)
+                };
+                (id, result.is_ok())
+            })
+        })
+        .collect();
+    let mut ok = std::collections::HashMap::new();
+    for t in tasks {
+        let (id, fine) = t.await.unwrap();
+        *ok.entry((id, fine)).or_insert(0u64) += 1;
+    }
+    assert_eq!(ok.get(&("good", true)), Some(&200), "{ok:?}");
+    assert_eq!(ok.get(&("foreign", false)), Some(&200), "{ok:?}");
+    // 100 takes of 2 and 100 charges of 3 for "good", nothing more.
+    assert_eq!(rl.remaining("good").await.unwrap(), 1_000_000 - 500);
+    assert_eq!(cli(&["TYPE", &foreign]), "zset");
+    assert_eq!(cli(&["ZCARD", &foreign]), "1");
+}
+
+/// Empty operations are answered without a script, so they cannot disturb the others
+/// batched with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_operations_touch_nothing() {
+    use tower_llm_ratelimit::Store;
+    let server = common::RedisServer::start();
+    let store = RedisStore::connect(&server.url).await.unwrap();
+    let rl = Ratelimit::new(
+        algorithm("fixed"),
+        store.clone(),
+        &common::unique_prefix("empty"),
+    )
+    .unwrap();
+    assert!(rl.limit("someone", 1).await.unwrap().allowed);
+    let (empty_adjust, empty_acquire, take) = tokio::join!(
+        store.adjust(Vec::new(), Some(5)),
+        store.acquire(Vec::new()),
+        rl.limit("someone", 1),
+    );
+    assert!(empty_adjust.unwrap().is_empty());
+    assert!(empty_acquire.unwrap().is_empty());
+    assert_eq!(take.unwrap().remaining, LIMIT - 2);
 }

@@ -419,8 +419,15 @@ fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreE
 }
 
 /// One call's decisions from an acquire reply (`allowed_all` first).
-fn parse_acquire(reply: &[i64], count: usize) -> Result<Vec<Decision>, StoreError> {
+/// One call's (or settlement's) decisions from its part of a script reply: a flag (-1:
+/// one of its keys holds another Redis type, and nothing was written for it), then
+/// [`FIELDS`] integers per limit.
+fn parse_flagged(reply: &[i64], count: usize) -> Result<Vec<Decision>, StoreError> {
     match reply.split_first() {
+        Some((-1, _)) => Err(StoreError::new(
+            "a key of this call holds another Redis type (is the key prefix shared with \
+             other data?); nothing was written for it",
+        )),
         Some((_, rest)) => parse_decisions(rest, count),
         None => Err(StoreError::new("empty script reply")),
     }
@@ -502,7 +509,7 @@ impl Future for InFlightAcquire {
         self.sent = true;
         let reply = std::task::ready!(result);
         self.reply = None;
-        Poll::Ready(reply.and_then(|r| parse_acquire(&r, self.checks.len())))
+        Poll::Ready(reply.and_then(|r| parse_flagged(&r, self.checks.len())))
     }
 }
 
@@ -516,7 +523,7 @@ impl Drop for InFlightAcquire {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 let count = checks.len();
-                let decisions = reply.await.and_then(|r| parse_acquire(&r, count));
+                let decisions = reply.await.and_then(|r| parse_flagged(&r, count));
                 reconcile(store, checks, decisions).await;
             });
         }
@@ -677,7 +684,7 @@ impl RedisStore {
             let result = match &reply {
                 Err(error) => Err(self.batch_error(error)),
                 Ok(_) if rest.len() >= size => {
-                    let decisions = parse_decisions(&rest[1..size], count);
+                    let decisions = parse_flagged(&rest[..size], count);
                     rest = &rest[size..];
                     decisions
                 }
@@ -702,11 +709,11 @@ impl RedisStore {
             Err(_) => &[][..],
         };
         for (adjustments, _, sender) in batch {
-            let size = adjustments.len() * FIELDS;
+            let size = 1 + adjustments.len() * FIELDS;
             let result = match &reply {
                 Err(error) => Err(self.batch_error(error)),
                 Ok(_) if rest.len() >= size => {
-                    let decisions = parse_decisions(&rest[..size], adjustments.len());
+                    let decisions = parse_flagged(&rest[..size], adjustments.len());
                     rest = &rest[size..];
                     decisions
                 }
@@ -845,6 +852,9 @@ impl RedisStore {
 
 impl Store for RedisStore {
     fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
+        if checks.is_empty() {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
         let mut pending = Some(checks);
         if let Some(answer) = self.enqueue(|reply| Queued::Acquire {
             checks: pending.take().unwrap_or_default(),
@@ -860,6 +870,9 @@ impl Store for RedisStore {
         adjustments: Vec<Adjustment>,
         settlement_id: Option<u64>,
     ) -> StoreFuture<Vec<Decision>> {
+        if adjustments.is_empty() {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
         let mut pending = Some(adjustments);
         if let Some(answer) = self.enqueue(|reply| Queued::Adjust {
             adjustments: pending.take().unwrap_or_default(),
@@ -874,7 +887,7 @@ impl Store for RedisStore {
             let count = adjustments.len();
             let (keys, args) = this.adjust_script_input(&[(&adjustments[..], settlement_id)]);
             let reply = Self::run(this.shared.clone(), &ADJUST, keys, args).await?;
-            parse_decisions(&reply, count)
+            parse_flagged(&reply, count)
         })
     }
 

@@ -12,7 +12,9 @@
 --          allows it; 0: only check that it fits).
 -- ARGV[g+2+#KEYS] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME.
--- Reply    per call, calls concatenated: allowed_all (0|1), then six integers per limit:
+-- Reply    per call, calls concatenated: allowed_all (0|1; -1 if one of its keys holds
+--          something else than a limiter state: nothing is taken), then six integers per
+--          limit:
 --          allowed (0|1), limit, remaining, reset_after_us, retry_after_us (-1: none, or
 --          the cost can never pass), window index the decision was made in (-1: a bucket
 --          or slots).
@@ -40,15 +42,17 @@ for call = 1, calls do
     local alg, p1, p2, p3, cost, take = struct.unpack(PACKED_LIMIT, ARGV[base + k0 + i])
     L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5] = alg, p1, p2, p3, cost
     if alg == 4 then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      local held = redis.call('ZCARD', key)
+      -- pcall, as in view: a key of another type fails this call only.
+      local held = redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)
+      if type(held) == 'number' then held = redis.call('ZCARD', key) else held, all = 0, -1 end
       L[l - 4], L[l - 3] = take, held
-      if held >= p1 then all = 0 end
+      if held >= p1 and all == 1 then all = 0 end
     else
       local anchor, cur, prev, used, same = view(key, alg, p2, p3, now)
+      if anchor == nil then anchor, cur, prev, used, same, all = 0, 0, 0, 0, false, -1 end
       L[l - 4] = same and take + 2 or take
       L[l - 3], L[l - 2], L[l - 1], L[l] = anchor, cur, prev, used
-      if used + cost > p1 then all = 0 end
+      if used + cost > p1 and all == 1 then all = 0 end
     end
   end
   -- Pass 2: take (if the call passes and takes) and report every limit.
@@ -59,7 +63,9 @@ for call = 1, calls do
     local alg, p1, p2, p3, cost = L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5]
     local flags = L[l - 4]
     local take = all == 1 and flags % 2 == 1
-    if alg == 4 then
+    if all == -1 then
+      len = push(reply, len, 0, 0, 0, 0, -1, -1)
+    elseif alg == 4 then
       local held = L[l - 3]
       local allowed = held < p1 and 1 or 0
       if take then
@@ -81,7 +87,7 @@ for call = 1, calls do
           if flags >= 2 then
             -- Same window, something used already: its TTL already ends where this
             -- state's does, so only the "used" field changes.
-            redis.call('SETRANGE', key, 8, struct.pack('<d', cur))
+            redis.call('SETRANGE', key, USED_AT, struct.pack('<d', cur))
           else
             persist(key, alg, anchor, cur, prev, reset)
           end

@@ -19,8 +19,10 @@
 --          slot's lease, < 0 refund or release; a refund never goes beyond a full
 --          budget), window (the window index that paid for a refund, -1: none; see
 --          `algorithm::adjust` for where a refund lands once that window has rolled).
--- Reply    per settlement, concatenated: per limit, within_limit (0|1), limit,
---          remaining, reset_after_us, -1, window.
+-- Reply    per settlement, concatenated: 1, or -1 if one of its keys holds something
+--          else than a limiter state (the settlement is then neither applied nor
+--          recorded), then per limit: within_limit (0|1), limit, remaining,
+--          reset_after_us, -1, window.
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
 --          the id into the set (expiring as long after the last settlement as an id is
 --          remembered; trimmed to the newest ids on one settlement in ten, by the id's
@@ -30,17 +32,39 @@
 local settlements = ARGV[1] + 0
 local remember_ms, kept = ARGV[2] + 0, ARGV[3] + 0
 local now = clock(ARGV[4] ~= '-1' and ARGV[4] or nil)
-local reply, len = { 0, 0, 0, 0, 0, 0 }, 0
+local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
+-- Per limit of the settlement being applied, reused from settlement to settlement: its
+-- view (anchor, cur, prev, same window; for slots, nothing).
+local V = { 0, 0, 0, 0 }
 -- KEYS index, and ARGV index of packed limits, before the current settlement's.
 local k, o = 0, 4 + 2 * settlements
 for s = 1, settlements do
   local n, id = ARGV[3 + 2 * s] + 0, ARGV[4 + 2 * s]
-  local apply = true
-  if id ~= '-1' then
+  -- Pass 1: read every limit. A key holding something else than a limiter state (a
+  -- misconfigured prefix) fails this settlement only, before anything is written.
+  local failed = false
+  for i = 1, n do
+    local key = KEYS[k + i]
+    local alg, _, p2, p3 = struct.unpack(PACKED_LIMIT, ARGV[o + i])
+    if alg == 4 then
+      failed = failed or type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) ~= 'number'
+    else
+      local anchor, cur, prev, _, same = view(key, alg, p2, p3, now)
+      if anchor == nil then failed = true end
+      local v = 4 * i
+      V[v - 3], V[v - 2], V[v - 1], V[v] = anchor, cur, prev, same
+    end
+  end
+  local apply = not failed
+  if apply and id ~= '-1' then
     -- ZADD NX adds the id and says whether it was new in one command.
     local ids = KEYS[k + n + 1]
-    apply = redis.call('ZADD', ids, 'NX', (now - now % 1000) / 1000, id) == 1
-    if apply then
+    local added = redis.pcall('ZADD', ids, 'NX', (now - now % 1000) / 1000, id)
+    if type(added) ~= 'number' then
+      failed, apply = true, false
+    elseif added == 0 then
+      apply = false
+    else
       redis.call('PEXPIRE', ids, remember_ms + ttl_pad_ms)
       if string.byte(id, -1) == 48 then
         -- Keep the newest ids only (ranks 0 .. -(kept+1) are the older ones).
@@ -48,11 +72,15 @@ for s = 1, settlements do
       end
     end
   end
+  -- Pass 2: apply (unless failed or applied before) and report every limit.
+  len = len + 1
+  reply[len] = failed and -1 or 1
   for i = 1, n do
     local key = KEYS[k + i]
     local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, ARGV[o + i])
-    if alg == 4 then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if failed then
+      len = push(reply, len, 0, 0, 0, 0, -1, -1)
+    elseif alg == 4 then
       local slot = string.format('%.0f', p3)
       if apply and delta < 0 then
         redis.call('ZREM', key, slot)
@@ -63,7 +91,8 @@ for s = 1, settlements do
       -- An empty sorted set is deleted by Redis itself.
       len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)
     else
-      local anchor, cur, prev, _, same = view(key, alg, p2, p3, now)
+      local v = 4 * i
+      local anchor, cur, prev, same = V[v - 3], V[v - 2], V[v - 1], V[v]
       local changed = apply and delta ~= 0
       if changed then
         if delta > 0 then
@@ -123,7 +152,7 @@ for s = 1, settlements do
       if changed and same and delta > 0 then
         -- A charge into this very window of a state with something used: its TTL
         -- already ends where the new state's does, so only "used" changes.
-        redis.call('SETRANGE', key, 8, struct.pack('<d', cur))
+        redis.call('SETRANGE', key, USED_AT, struct.pack('<d', cur))
       elseif changed then
         persist(key, alg, anchor, cur, prev, reset)
       end
@@ -133,5 +162,5 @@ for s = 1, settlements do
   k = k + n + (id ~= '-1' and 1 or 0)
   o = o + n
 end
-for i = len + 1, 6 do reply[i] = nil end
+for i = len + 1, 7 do reply[i] = nil end
 return reply

@@ -12,8 +12,9 @@
 -- TIME once per script, takes each limit's six numbers as one packed argument (one C call
 -- instead of six decimal parses; other ARGV values are read once, by arithmetic
 -- coercion, not tonumber), rounds with `%` (not math.floor/ceil), builds tables at their
--- final size where it is known, and keeps each limit's state in one
--- 24-byte string of three little-endian doubles, packed and unpacked by `struct` in C:
+-- final size where it is known, and keeps each limit's state in one 25-byte string: a
+-- byte 1 (no state of earlier releases starts with it), then three little-endian
+-- doubles, packed and unpacked by `struct` in C:
 --   fixed window:   window index, used, 0
 --   sliding window: window index, used in that window, used in the window before
 --   token bucket:   used (capacity - tokens; above the capacity is debt), last refill
@@ -24,7 +25,9 @@
 -- floor(a / b) exactly; for a double x, x - x % 1 is floor(x).
 
 local MAX = 4503599627370496 -- 2^52: counters saturate here, TTLs (us) are capped here
-local PACK = '<ddd'
+local PACK = '<Bddd'
+-- Offset of the "used" double (after the marker byte and the first double).
+local USED_AT = 9
 -- One limit's six script arguments, packed by the client (see the scripts' headers).
 local PACKED_LIMIT = '<dddddd'
 -- Added to every TTL when a test supplies "now": an expired state equals an absent one,
@@ -49,16 +52,19 @@ end
 --   bucket:  last refill time, used after refilling, 0, used
 -- and whether the key holds a packed state of this very window with something used in
 -- it, so that a take only has to rewrite the "used" field (its TTL already ends where
--- the new state's does).
+-- the new state's does). Nothing (nil) if the key holds another type.
 -- alg: 1 fixed, 2 sliding, 3 bucket; p2 window us or refill per interval; p3 bucket
 -- interval us.
 local function view(key, alg, p2, p3, now)
-  local raw = redis.call('GET', key)
-  local a, b, c
+  -- pcall: a key of another type (a misconfigured prefix) fails its own call only, as
+  -- nil, before the script has written anything for that call.
+  local raw = redis.pcall('GET', key)
+  local _, a, b, c
   local packed = false
   if raw then
-    if #raw == 24 then
-      a, b, c = struct.unpack(PACK, raw)
+    if type(raw) == 'table' then return nil end
+    if #raw == 25 and string.byte(raw, 1) == 1 then
+      _, a, b, c = struct.unpack(PACK, raw)
       packed = true
     else
       a, b, c = string.match(raw, '^(-?%d+):(-?%d+):(-?%d+)$')
@@ -118,9 +124,9 @@ local function persist(key, alg, anchor, cur, prev, reset)
   local state
   if alg == 3 then
     if cur > MAX then cur = MAX elseif cur < -MAX then cur = -MAX end
-    state = struct.pack(PACK, cur, anchor, 0)
+    state = struct.pack(PACK, 1, cur, anchor, 0)
   else
-    state = struct.pack(PACK, anchor, cur, prev)
+    state = struct.pack(PACK, 1, anchor, cur, prev)
   end
   if reset < 1 then reset = 1 elseif reset > MAX then reset = MAX end
   local ms = reset / 1000
