@@ -173,10 +173,11 @@ pub struct ConcurrencyLimit {
 }
 
 impl ConcurrencyLimit {
-    /// The parameters as sent to the Lua scripts: `[4, max, lease µs, slot]`.
+    /// The parameters as sent to the Lua scripts: `[4, max, lease µs]` (the slot id
+    /// travels apart).
     #[cfg(feature = "redis")]
-    pub(crate) fn script_params(&self, slot: u64) -> [u64; 4] {
-        [4, self.max, self.lease_us, slot]
+    pub(crate) fn script_params(&self) -> [u64; 3] {
+        [4, self.max, self.lease_us]
     }
 
     /// At most `max` calls in flight, each slot expiring after `lease` at the latest.

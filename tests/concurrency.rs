@@ -514,3 +514,107 @@ async fn empty_operations_touch_nothing() {
     assert!(empty_acquire.unwrap().is_empty());
     assert_eq!(take.unwrap().remaining, LIMIT - 2);
 }
+
+mod store_edges {
+    //! The store interface with any ids: settlement ids and slot ids use all 64 bits.
+
+    use super::*;
+    use tower_llm_ratelimit::Store;
+    use tower_llm_ratelimit::store::{Adjustment, LimitCheck, Rule};
+
+    fn charge(key: &str, delta: i64) -> Adjustment {
+        Adjustment {
+            key: key.to_string(),
+            rule: Rule::Rate(algorithm("fixed")),
+            delta,
+            slot: 0,
+            window: None,
+        }
+    }
+
+    /// Any settlement id, `u64::MAX` included, is applied once, in a batch or alone, and
+    /// leaves the other settlements of its batch alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settlement_ids_of_all_64_bits_apply_once() {
+        let server = common::RedisServer::start();
+        let prefix = common::unique_prefix("ids");
+        for batching in [true, false] {
+            let options = tower_llm_ratelimit::RedisOptions::default().batching(batching);
+            let store = Arc::new(
+                RedisStore::connect_with(&server.url, options)
+                    .await
+                    .unwrap(),
+            );
+            let key = |i: u64| format!("{prefix}-{batching}:{{u{i}}}");
+            let id = |i: u64| {
+                if i.is_multiple_of(2) {
+                    u64::MAX - i
+                } else {
+                    (1 << 53) + i
+                }
+            };
+            for _round in 0..2 {
+                // Twice the same settlements: the second round finds every id applied.
+                let tasks: Vec<_> = (0..64u64)
+                    .map(|i| {
+                        let (store, key) = (store.clone(), key(i));
+                        tokio::spawn(async move {
+                            store.adjust(vec![charge(&key, 3)], Some(id(i))).await
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    let decisions = t.await.unwrap().unwrap();
+                    assert_eq!(decisions[0].remaining, LIMIT - 3, "batching {batching}");
+                }
+            }
+            for i in 0..64 {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &server.port.to_string(), "TYPE", &key(i)])
+                    .output()
+                    .unwrap();
+                assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "string");
+            }
+        }
+    }
+
+    fn slot_check(key: &str, slot: u64) -> LimitCheck {
+        LimitCheck {
+            key: key.to_string(),
+            rule: Rule::Concurrency(
+                tower_llm_ratelimit::ConcurrencyLimit::new(2, Duration::from_secs(60)).unwrap(),
+            ),
+            cost: 1,
+            take: true,
+            slot,
+        }
+    }
+
+    /// Slot ids that differ only beyond 2^53 (or in the low bits of huge ids) stay
+    /// distinct: releasing one frees one slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slot_ids_of_all_64_bits_stay_distinct() {
+        let server = common::RedisServer::start();
+        let store = RedisStore::connect(&server.url).await.unwrap();
+        let prefix = common::unique_prefix("slots");
+        for (n, (a, b)) in [((1u64 << 53) + 1, 1 << 53), (u64::MAX, u64::MAX - 1)]
+            .into_iter()
+            .enumerate()
+        {
+            let key = format!("{prefix}:{{s{n}}}");
+            let first = store.acquire(vec![slot_check(&key, a)]).await.unwrap();
+            assert_eq!(first[0].remaining, 1);
+            let second = store.acquire(vec![slot_check(&key, b)]).await.unwrap();
+            assert_eq!(second[0].remaining, 0);
+            let release = Adjustment {
+                key: key.clone(),
+                rule: slot_check(&key, a).rule,
+                delta: -1,
+                slot: a,
+                window: None,
+            };
+            let after = store.adjust(vec![release], None).await.unwrap();
+            assert_eq!(after[0].remaining, 1, "only slot {a} was released");
+        }
+    }
+}

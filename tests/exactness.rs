@@ -584,3 +584,37 @@ async fn a_long_stall_undoes_a_failed_call_exactly_once() {
         assert_eq!(got, (3, 10_000 - 30, 1), "batching={batching}");
     }
 }
+
+/// Under a test clock every key outlives real time, slot sets included, so a Redis
+/// store on virtual time decides as the memory store does however slow the test runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_under_a_test_clock_do_not_expire_in_real_time() {
+    let clock = ManualClock::new(Duration::from_secs(1_000_000));
+    let redis = RedisStore::connect(&common::redis_url())
+        .await
+        .unwrap()
+        .with_test_clock(clock.clone());
+    let memory = MemoryStore::with_clock(clock.clone());
+    let key = format!("{}:{{slots}}", common::unique_prefix("test-clock-slots"));
+    let check = |slot: u64| LimitCheck {
+        key: key.clone(),
+        rule: tower_llm_ratelimit::store::Rule::Concurrency(
+            ConcurrencyLimit::new(1, Duration::from_millis(50)).unwrap(),
+        ),
+        cost: 1,
+        take: true,
+        slot,
+    };
+    for store in [&redis as &dyn Store, &memory] {
+        assert!(store.acquire(vec![check(1)]).await.unwrap()[0].allowed);
+    }
+    // Real time passes the lease; virtual time does not.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for store in [&redis as &dyn Store, &memory] {
+        let second = store.acquire(vec![check(2)]).await.unwrap();
+        assert!(
+            !second[0].allowed,
+            "the first slot is still held at virtual time"
+        );
+    }
+}

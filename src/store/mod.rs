@@ -102,15 +102,6 @@ impl Rule {
         }
     }
 
-    /// `[code, p1, p2, p3]` for the Lua scripts; `slot` goes in p3 for slots.
-    #[cfg(feature = "redis")]
-    pub(crate) fn script_params(&self, slot: u64) -> [u64; 4] {
-        match self {
-            Rule::Rate(a) => a.script_params(),
-            Rule::Concurrency(c) => c.script_params(slot),
-        }
-    }
-
     pub(crate) fn is_concurrency(&self) -> bool {
         matches!(self, Rule::Concurrency(_))
     }

@@ -47,9 +47,10 @@ pub struct RedisOptions {
     /// call that finds Redis idle goes alone at once, so batching adds no latency.
     pub batching: bool,
     /// How long a settlement id is remembered, so that a settlement retried after an
-    /// ambiguous failure (sent, but no answer) is applied once (default 10 s). At most
-    /// 128 ids are kept per identifier, so Redis memory is bounded
-    /// per identifier, not by traffic.
+    /// ambiguous failure (sent, but no answer) is applied once (default 10 s). About
+    /// 128 ids are kept per identifier and limit key (in one sorted set, trimmed back to
+    /// 128 on one settlement in ten), so Redis memory is bounded per identifier, not by
+    /// traffic.
     pub settlement_dedupe: Duration,
 }
 
@@ -383,6 +384,9 @@ fn prepare<'a>(
     for a in &args.head {
         invocation.arg(*a);
     }
+    for id in &args.ids {
+        invocation.arg(*id);
+    }
     for l in &args.limits {
         invocation.arg(&l[..]);
     }
@@ -579,23 +583,15 @@ fn settled_ids_key(key: &str) -> String {
 
 /// The six numbers of one limit as the scripts take them: one ARGV value of six
 /// little-endian IEEE doubles (`struct.unpack('<dddddd')` in Lua), which Redis's Lua reads
-/// with one C call instead of six decimal parses. `[code, p1, p2, p3]` are the rule's
-/// (for concurrency p3 is the call's slot), then two values per script. Every value is
-/// an integer below 2^53 (quotas ≤ 2^40, windows ≤ 10 years in µs, ids of 53 bits), so
-/// each is exact; a larger delta saturates the counters anyway and is clamped first.
+/// with one C call instead of six decimal parses: `[code, p1, p2, p3]` are the rule's,
+/// then two values per script. Every value is an integer below 2^53 (quotas ≤ 2^40,
+/// windows ≤ 10 years in µs), so each is exact; a larger delta saturates the counters
+/// anyway and is clamped first. A concurrency slot id (any u64) travels as its high and
+/// low 32 bits: the high half as p3, the low half in the field the script does not use
+/// for slots (the cost of an acquire, the window of an adjustment).
 type PackedLimit = [u8; 48];
 
-fn packed(rule: &super::Rule, slot: u64, fifth: i64, sixth: i64) -> PackedLimit {
-    const EXACT: i64 = 1 << 53;
-    let [code, p1, p2, p3] = rule.script_params(slot);
-    let values = [
-        code as f64,
-        p1 as f64,
-        p2 as f64,
-        p3 as f64,
-        fifth.clamp(-EXACT, EXACT) as f64,
-        sixth.clamp(-EXACT, EXACT) as f64,
-    ];
+fn packed(values: [f64; 6]) -> PackedLimit {
     let mut out = [0u8; 48];
     for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
         chunk.copy_from_slice(&v.to_le_bytes());
@@ -603,25 +599,67 @@ fn packed(rule: &super::Rule, slot: u64, fifth: i64, sixth: i64) -> PackedLimit 
     out
 }
 
+/// `v` as sent: exact below 2^53 (beyond it a delta saturates the counters anyway).
+fn exact(v: i64) -> f64 {
+    const EXACT: i64 = 1 << 53;
+    v.clamp(-EXACT, EXACT) as f64
+}
+
+/// A slot id's high and low 32 bits.
+fn slot_halves(slot: u64) -> (f64, f64) {
+    ((slot >> 32) as f64, (slot & 0xffff_ffff) as f64)
+}
+
 /// One check of acquire.lua: rule, cost, take (1 or 0).
 fn check_packed(c: &LimitCheck) -> PackedLimit {
-    packed(
-        &c.rule,
-        c.slot,
-        c.cost.min(i64::MAX as u64) as i64,
-        c.take as i64,
-    )
+    let take = f64::from(u8::from(c.take));
+    match &c.rule {
+        super::Rule::Rate(a) => {
+            let [code, p1, p2, p3] = a.script_params().map(|p| p as f64);
+            packed([
+                code,
+                p1,
+                p2,
+                p3,
+                exact(c.cost.min(i64::MAX as u64) as i64),
+                take,
+            ])
+        }
+        super::Rule::Concurrency(l) => {
+            let [code, max, lease] = l.script_params().map(|p| p as f64);
+            let (high, low) = slot_halves(c.slot);
+            packed([code, max, lease, high, low, take])
+        }
+    }
 }
 
 /// One adjustment of adjust.lua: rule, delta, window (-1: none).
 fn adjustment_packed(a: &Adjustment) -> PackedLimit {
-    packed(&a.rule, a.slot, a.delta, a.window.unwrap_or(-1))
+    match &a.rule {
+        super::Rule::Rate(alg) => {
+            let [code, p1, p2, p3] = alg.script_params().map(|p| p as f64);
+            packed([
+                code,
+                p1,
+                p2,
+                p3,
+                exact(a.delta),
+                exact(a.window.unwrap_or(-1)),
+            ])
+        }
+        super::Rule::Concurrency(l) => {
+            let [code, max, lease] = l.script_params().map(|p| p as f64);
+            let (high, low) = slot_halves(a.slot);
+            packed([code, max, lease, high, exact(a.delta), low])
+        }
+    }
 }
 
-/// A script's ARGV: decimal integers, then packed limits, then decimal integers.
+/// A script's ARGV: decimal integers, unsigned ids, packed limits, decimal integers.
 #[derive(Default)]
 struct ScriptArgs {
     head: Vec<i64>,
+    ids: Vec<u64>,
     limits: Vec<PackedLimit>,
     tail: Vec<i64>,
 }
@@ -634,7 +672,7 @@ impl RedisStore {
         let mut args = ScriptArgs {
             head: vec![1, count as i64],
             limits: checks.iter().map(check_packed).collect(),
-            tail: Vec::new(),
+            ..ScriptArgs::default()
         };
         let keys = checks.iter().map(|c| c.key.clone()).collect();
         self.push_test_clock(&mut args);
@@ -660,7 +698,7 @@ impl RedisStore {
         let mut args = ScriptArgs {
             head: Vec::with_capacity(1 + calls),
             limits: Vec::with_capacity(total),
-            tail: Vec::new(),
+            ..ScriptArgs::default()
         };
         let mut keys = Vec::with_capacity(total);
         args.head.push(calls as i64);
@@ -740,13 +778,15 @@ impl RedisStore {
         let limits: usize = settlements.iter().map(|(a, _)| a.len()).sum();
         let mut args = ScriptArgs {
             head: Vec::with_capacity(4 + settlements.len() * 2),
+            ids: Vec::with_capacity(settlements.len()),
             limits: Vec::with_capacity(limits),
             tail: Vec::new(),
         };
         let mut keys = Vec::with_capacity(limits + settlements.len());
         // ARGV[1]: how many settlements; ARGV[2]: how long to remember an id (ms);
-        // ARGV[3]: the most ids kept per identifier; ARGV[4]: a test's "now" or -1;
-        // then each settlement's limit count and id (-1: none); then every limit.
+        // ARGV[3]: the most ids kept per set; ARGV[4]: a test's "now" or -1; then each
+        // settlement's limit count and whether it has an id; then the ids (0: none);
+        // then every limit.
         args.head.extend([
             settlements.len() as i64,
             self.shared
@@ -758,7 +798,8 @@ impl RedisStore {
         ]);
         for (adjustments, id) in settlements {
             args.head.push(adjustments.len() as i64);
-            args.head.push(id.map_or(-1, |id| id as i64));
+            args.head.push(i64::from(id.is_some()));
+            args.ids.push(id.unwrap_or(0));
             for a in adjustments.iter() {
                 args.limits.push(adjustment_packed(a));
                 keys.push(a.key.clone());

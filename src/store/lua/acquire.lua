@@ -7,9 +7,10 @@
 --          then one value per key, in key order: six little-endian doubles (48 bytes):
 --          algorithm (1 fixed window, 2 sliding window, 3 token bucket, 4 concurrency),
 --          p1 (limit, capacity or max in flight), p2 (window us, bucket refill per
---          interval, or lease us), p3 (bucket interval us; for concurrency the call's
---          slot id; else 0), cost, take (1: take the cost if every limit of the call
---          allows it; 0: only check that it fits).
+--          interval, or lease us), p3 (bucket interval us; else 0), cost, take (1: take
+--          the cost if every limit of the call allows it; 0: only check that it fits).
+--          For concurrency, the call's slot id travels as its high 32 bits in p3 and its
+--          low 32 bits in the cost field (a slot's cost is always one slot).
 -- ARGV[g+2+#KEYS] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME.
 -- Reply    per call, calls concatenated: allowed_all (0|1; -1 if one of its keys holds
@@ -69,9 +70,9 @@ for call = 1, calls do
       local held = L[l - 3]
       local allowed = held < p1 and 1 or 0
       if take then
-        local slot = string.format('%.0f', p3)
+        local slot = string.format('%.0f:%.0f', p3, cost)
         redis.call('ZADD', key, now + p2, slot)
-        redis.call('PEXPIRE', key, lease_ms(p2))
+        redis.call('PEXPIRE', key, lease_ms(p2) + ttl_pad_ms)
         held = held + 1
       end
       len = push_slots(reply, len, key, p1, held, allowed, now)

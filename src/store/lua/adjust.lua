@@ -11,14 +11,16 @@
 --          ARGV[3] the most ids remembered per set (the oldest are forgotten first);
 --          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME, or -1.
--- ARGV[5..4+2g] per settlement: the number of its limits n and its id (-1: none).
+-- ARGV[5..4+2g] per settlement: the number of its limits n, and 1 if it has an id (0:
+--          none); ARGV[5+2g..4+3g] the settlements' ids (unsigned integers; 0: none).
 -- ARGV     then one value per limit, settlement after settlement (in KEYS order, not
 --          counting the id sets): six little-endian doubles (48 bytes): algorithm
 --          (1 fixed, 2 sliding, 3 bucket, 4 concurrency), p1, p2, p3 (as in
---          acquire.lua; for concurrency p3 is the slot), delta (> 0 charge or renew the
---          slot's lease, < 0 refund or release; a refund never goes beyond a full
---          budget), window (the window index that paid for a refund, -1: none; see
---          `algorithm::adjust` for where a refund lands once that window has rolled).
+--          acquire.lua), delta (> 0 charge or renew the slot's lease, < 0 refund or
+--          release; a refund never goes beyond a full budget), window (the window index
+--          that paid for a refund, -1: none; see `algorithm::adjust` for where a refund
+--          lands once that window has rolled). For concurrency, p3 is the slot id's high
+--          32 bits and the window field its low 32 bits.
 -- Reply    per settlement, concatenated: 1, or -1 if one of its keys holds something
 --          else than a limiter state (the settlement is then neither applied nor
 --          recorded), then per limit: within_limit (0|1), limit, remaining,
@@ -37,9 +39,9 @@ local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
 -- view (anchor, cur, prev, same window; for slots, nothing).
 local V = { 0, 0, 0, 0 }
 -- KEYS index, and ARGV index of packed limits, before the current settlement's.
-local k, o = 0, 4 + 2 * settlements
+local k, o = 0, 4 + 3 * settlements
 for s = 1, settlements do
-  local n, id = ARGV[3 + 2 * s] + 0, ARGV[4 + 2 * s]
+  local n, has_id, id = ARGV[3 + 2 * s] + 0, ARGV[4 + 2 * s] == '1', ARGV[4 + 2 * settlements + s]
   -- Pass 1: read every limit. A key holding something else than a limiter state (a
   -- misconfigured prefix) fails this settlement only, before anything is written.
   local failed = false
@@ -56,7 +58,7 @@ for s = 1, settlements do
     end
   end
   local apply = not failed
-  if apply and id ~= '-1' then
+  if apply and has_id then
     -- ZADD NX adds the id and says whether it was new in one command.
     local ids = KEYS[k + n + 1]
     local added = redis.pcall('ZADD', ids, 'NX', (now - now % 1000) / 1000, id)
@@ -81,12 +83,12 @@ for s = 1, settlements do
     if failed then
       len = push(reply, len, 0, 0, 0, 0, -1, -1)
     elseif alg == 4 then
-      local slot = string.format('%.0f', p3)
+      local slot = string.format('%.0f:%.0f', p3, window)
       if apply and delta < 0 then
         redis.call('ZREM', key, slot)
       elseif apply and delta > 0 and redis.call('ZSCORE', key, slot) then
         redis.call('ZADD', key, now + p2, slot)
-        redis.call('PEXPIRE', key, lease_ms(p2))
+        redis.call('PEXPIRE', key, lease_ms(p2) + ttl_pad_ms)
       end
       -- An empty sorted set is deleted by Redis itself.
       len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)
@@ -159,7 +161,7 @@ for s = 1, settlements do
       len = push(reply, len, used <= p1 and 1 or 0, p1, used, reset, -1, alg == 3 and -1 or anchor)
     end
   end
-  k = k + n + (id ~= '-1' and 1 or 0)
+  k = k + n + (has_id and 1 or 0)
   o = o + n
 end
 for i = len + 1, 7 do reply[i] = nil end
