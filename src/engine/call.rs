@@ -20,6 +20,7 @@ use super::reliability::Decider;
 use super::settlement::Settlement;
 use super::{Engine, Plan, metrics};
 use crate::error::Error;
+use crate::error::StoreError;
 use crate::llm::Usage;
 use crate::store::{Decision, identifier_tag};
 
@@ -32,6 +33,31 @@ pub(crate) struct CallRequest<'a> {
     pub model: Option<&'a str>,
     /// The estimate, for token limits that reserve.
     pub estimate: Option<Usage>,
+}
+
+/// What a call takes from its request before the request moves into the call: the
+/// identifier's hash tag and quota lookup (so the identifier need not be copied).
+pub(crate) struct Prepared {
+    tag: Result<String, Error>,
+    model: Option<String>,
+    estimate: Option<Usage>,
+    quotas: Option<Resolution>,
+}
+
+impl Prepared {
+    pub(crate) fn new(engine: &Engine, call: CallRequest<'_>) -> Self {
+        let tag = identifier_tag(call.identifier);
+        let quotas = match (&tag, &engine.quotas) {
+            (Ok(_), Some(resolver)) => Some(resolver.resolve(call.identifier)),
+            _ => None,
+        };
+        Self {
+            tag,
+            model: call.model.map(str::to_owned),
+            estimate: call.estimate,
+            quotas,
+        }
+    }
 }
 
 /// Where a call ended up.
@@ -82,10 +108,12 @@ pin_project! {
     where
         S: Service<R>,
     {
-        Resolving { quotas: QuotaFuture, pending: Option<Pending<S, R>> },
-        Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
-        Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
-        Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
+        // What waits with the call is boxed: the states are moved as the call goes on,
+        // and a call answered by an in-process store never waits in one of these.
+        Resolving { quotas: QuotaFuture, pending: Option<Box<Pending<S, R>>> },
+        Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Arc<Plan>>, pending: Option<Box<Pending<S, R>>> },
+        Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Box<Pending<S, R>>> },
+        Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Box<Pending<S, R>>> },
         Calling { #[pin] future: S::Future, settlement: Option<Settlement>, decisions: Vec<Decision>, plan: Option<Arc<Plan>> },
         Refused { outcome: Option<Outcome<S, R>> },
         Done,
@@ -95,7 +123,19 @@ pin_project! {
 impl<S: Service<R>, R> Call<S, R> {
     /// Start a call: `service` has been driven to readiness.
     pub(crate) fn new(engine: Arc<Engine>, service: S, request: R, call: CallRequest<'_>) -> Self {
-        let tag = match identifier_tag(call.identifier) {
+        let prepared = Prepared::new(&engine, call);
+        Self::start(engine, service, request, prepared)
+    }
+
+    /// Start a call prepared while its request was still borrowed.
+    pub(crate) fn start(engine: Arc<Engine>, service: S, request: R, prepared: Prepared) -> Self {
+        let Prepared {
+            tag,
+            model,
+            estimate,
+            quotas,
+        } = prepared;
+        let tag = match tag {
             Ok(tag) => tag,
             Err(error) => return Self::refused(error),
         };
@@ -105,33 +145,31 @@ impl<S: Service<R>, R> Call<S, R> {
             now.checked_add(d)
                 .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
         });
-        let pending = Pending {
+        let mut pending = Pending {
             engine: engine.clone(),
             service,
             request,
             tag: None,
-            model: call.model.map(str::to_owned),
-            estimate: call.estimate,
+            model,
+            estimate,
             deadline,
             turn: None,
             denied: None,
             no_more_waiting: false,
         };
-        let quotas = match &engine.quotas {
+        let quotas = match quotas {
             None => None,
-            Some(resolver) => match resolver.resolve(call.identifier) {
-                Resolution::Ready(q) => q,
-                Resolution::Pending(quotas) => {
-                    let mut pending = pending;
-                    pending.tag = Some(tag);
-                    return Call::Resolving {
-                        quotas,
-                        pending: Some(pending),
-                    };
-                }
-            },
+            Some(Resolution::Ready(q)) => q,
+            Some(Resolution::Pending(quotas)) => {
+                pending.tag = Some(tag);
+                return Call::Resolving {
+                    quotas,
+                    pending: Some(Box::new(pending)),
+                };
+            }
         };
-        let plan = Arc::new(engine.plan(tag, call.model, quotas.as_deref(), call.estimate));
+        let plan =
+            Arc::new(engine.plan(tag, pending.model.as_deref(), quotas.as_deref(), estimate));
         Self::planned(plan, pending)
     }
 
@@ -198,7 +236,7 @@ impl<S: Service<R>, R> Call<S, R> {
             turn,
             deadline,
             plan: Some(plan),
-            pending: Some(pending),
+            pending: Some(Box::new(pending)),
         }
     }
 
@@ -222,7 +260,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 Call::Sleeping {
                     sleep: Box::pin(tokio::time::sleep_until(lifts)),
                     plan: Some(plan),
-                    pending: Some(pending),
+                    pending: Some(Box::new(pending)),
                 }
             }
             _ => Self::acquire(plan, pending),
@@ -230,13 +268,87 @@ impl<S: Service<R>, R> Call<S, R> {
     }
 
     fn acquire(plan: Arc<Plan>, pending: Pending<S, R>) -> Self {
-        let settlement = Settlement::new(pending.engine.clone(), plan.clone());
+        let mut settlement = Settlement::new(pending.engine.clone(), plan.clone());
+        // An in-process store has answered already: go straight to the call (or the
+        // refusal), without a state and a poll in between. Not in wait mode, where a
+        // denial queues the call again (that loop belongs to `poll`).
+        if pending.deadline.is_none()
+            && let Some(acquired) = settlement.acquired_now()
+        {
+            return match Self::after_acquire(acquired, settlement, plan, pending) {
+                Next::State(next) => next,
+                Next::Finished(outcome) => Call::Refused {
+                    outcome: Some(outcome),
+                },
+            };
+        }
         Call::Acquiring {
             settlement: Some(settlement),
             plan: Some(plan),
-            pending: Some(pending),
+            pending: Some(Box::new(pending)),
         }
     }
+
+    /// The acquire answered: call the inner service, refuse, or (wait mode) queue again.
+    fn after_acquire(
+        acquired: Result<Vec<Decision>, StoreError>,
+        settlement: Settlement,
+        plan: Arc<Plan>,
+        mut pending: Pending<S, R>,
+    ) -> Next<S, R> {
+        let decider = settlement.decider();
+        let decisions = match acquired {
+            Ok(decisions) => decisions,
+            Err(error) => {
+                release_turn(&mut pending, &plan);
+                return Next::Finished(Outcome::Refused {
+                    error: Error::Store(error),
+                    decisions: Vec::new(),
+                    plan: Some(plan),
+                    decider,
+                });
+            }
+        };
+        if !decisions.iter().all(|d| d.allowed) {
+            let engine = pending.engine.clone();
+            let error = engine.denial(&plan, &decisions);
+            engine.remember_denial(&plan, &error);
+            if let Some(wait) = waitable(&pending, &error) {
+                tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
+                pending.denied = Some((error, Instant::now() + wait));
+                return Next::State(Self::queue(plan, pending));
+            }
+            release_turn(&mut pending, &plan);
+            tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
+            return Next::Finished(Outcome::Refused {
+                error,
+                decisions,
+                plan: Some(plan),
+                decider,
+            });
+        }
+        release_turn(&mut pending, &plan);
+        let _span = tracing::debug_span!(
+            "llm_ratelimit_call",
+            identifier = %plan.tag,
+            limits = plan.taken.len(),
+        )
+        .entered();
+        let mut service = pending.service;
+        let future = service.call(pending.request);
+        Next::State(Call::Calling {
+            future,
+            settlement: Some(settlement),
+            decisions,
+            plan: Some(plan),
+        })
+    }
+}
+
+/// Where a call goes once its acquire answered.
+enum Next<S: Service<R>, R> {
+    State(Call<S, R>),
+    Finished(Outcome<S, R>),
 }
 
 /// The FIFO queue a call waits in: its identifier and model (per-model budgets are
@@ -271,7 +383,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
             match self.as_mut().project() {
                 CallProj::Resolving { quotas, pending } => {
                     let quotas = ready!(quotas.as_mut().poll(cx));
-                    let mut pending = taken(pending);
+                    let mut pending = *taken(pending);
                     let Some(tag) = pending.tag.take() else {
                         return Poll::Ready(refusal(
                             Error::invalid_input("quotas resolved without an identifier"),
@@ -295,7 +407,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                 } => {
                     match turn.as_mut().poll(cx) {
                         Poll::Ready(guard) => {
-                            let (plan, mut pending) = (taken(plan), taken(pending));
+                            let (plan, mut pending) = (taken(plan), *taken(pending));
                             pending.turn = Some(guard);
                             self.set(Self::after_turn(plan, pending));
                         }
@@ -305,7 +417,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             };
                             ready!(deadline.as_mut().poll(cx));
                             // The bound passed while queued: one last try, no more waiting.
-                            let (plan, mut pending) = (taken(plan), taken(pending));
+                            let (plan, mut pending) = (taken(plan), *taken(pending));
                             pending.no_more_waiting = true;
                             if let Some((error, _)) = pending.denied.take() {
                                 return Poll::Ready(Outcome::Refused {
@@ -325,7 +437,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     pending,
                 } => {
                     ready!(sleep.as_mut().poll(cx));
-                    let (plan, pending) = (taken(plan), taken(pending));
+                    let (plan, pending) = (taken(plan), *taken(pending));
                     self.set(Self::acquire(plan, pending));
                 }
                 CallProj::Acquiring {
@@ -339,55 +451,15 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             .expect("call state polled after completion")
                             .poll_acquire(cx)
                     );
-                    let (plan, mut pending) = (taken(plan), taken(pending));
-                    let settlement = taken(settlement);
-                    let decider = settlement.decider();
-                    let decisions = match acquired {
-                        Ok(decisions) => decisions,
-                        Err(error) => {
-                            release_turn(&mut pending, &plan);
-                            return Poll::Ready(Outcome::Refused {
-                                error: Error::Store(error),
-                                decisions: Vec::new(),
-                                plan: Some(plan),
-                                decider,
-                            });
+                    let (plan, pending, settlement) =
+                        (taken(plan), *taken(pending), taken(settlement));
+                    match Self::after_acquire(acquired, settlement, plan, pending) {
+                        Next::State(next) => self.set(next),
+                        Next::Finished(outcome) => {
+                            self.set(Call::Done);
+                            return Poll::Ready(outcome);
                         }
-                    };
-                    if !decisions.iter().all(|d| d.allowed) {
-                        let engine = pending.engine.clone();
-                        let error = engine.denial(&plan, &decisions);
-                        engine.remember_denial(&plan, &error);
-                        if let Some(wait) = waitable(&pending, &error) {
-                            tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
-                            pending.denied = Some((error, Instant::now() + wait));
-                            self.set(Self::queue(plan, pending));
-                            continue;
-                        }
-                        release_turn(&mut pending, &plan);
-                        tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
-                        return Poll::Ready(Outcome::Refused {
-                            error,
-                            decisions,
-                            plan: Some(plan),
-                            decider,
-                        });
                     }
-                    release_turn(&mut pending, &plan);
-                    let _span = tracing::debug_span!(
-                        "llm_ratelimit_call",
-                        identifier = %plan.tag,
-                        limits = plan.taken.len(),
-                    )
-                    .entered();
-                    let mut service = pending.service;
-                    let future = service.call(pending.request);
-                    self.set(Call::Calling {
-                        future,
-                        settlement: Some(settlement),
-                        decisions,
-                        plan: Some(plan),
-                    });
                 }
                 CallProj::Calling {
                     future,

@@ -60,9 +60,10 @@ impl DeniedCache {
 
     /// The denial still in force for a call of `tag` for `model`, if any.
     pub(crate) fn check(&self, tag: &str, model: Option<&str>) -> Option<Error> {
-        let now = Instant::now();
         let mut shard = self.shard(tag);
         let entries = shard.get_mut(tag)?;
+        // The clock is read only for an identifier with cached denials (the rare case).
+        let now = Instant::now();
         entries.retain(|e| e.until > now);
         let entry = entries.iter().find(|e| e.model.as_deref() == model);
         let error = entry.map(|entry| {

@@ -10,6 +10,7 @@
 //! | `llm_ratelimit_fallback_decisions_total` | counter | `policy` (`open` \| `local`) |
 //! | `llm_ratelimit_pending_settlements` | gauge | |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::reliability::StoreErrorPolicy;
@@ -28,7 +29,8 @@ pub(crate) fn decisions(engine: &Engine, taken: &[Taken], decisions: &[Decision]
         };
         ::metrics::counter!(
             "llm_ratelimit_decisions_total",
-            "limit" => engine.limits[t.limit].name.to_string(),
+            // The name is shared (an `Arc<str>`): no copy per decision.
+            "limit" => ::metrics::SharedString::from(engine.limits[t.limit].name.clone()),
             "outcome" => outcome
         )
         .increment(1);
@@ -47,10 +49,13 @@ pub(crate) fn cached_denial(name: &str) {
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) fn tokens_charged(name: &str, units: u64) {
+pub(crate) fn tokens_charged(name: &Arc<str>, units: u64) {
     if units > 0 {
-        ::metrics::counter!("llm_ratelimit_tokens_charged_total", "limit" => name.to_owned())
-            .increment(units);
+        ::metrics::counter!(
+            "llm_ratelimit_tokens_charged_total",
+            "limit" => ::metrics::SharedString::from(name.clone())
+        )
+        .increment(units);
     }
 }
 
@@ -84,7 +89,7 @@ pub(crate) fn decisions(_: &Engine, _: &[Taken], _: &[Decision], _: bool) {}
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn cached_denial(_: &str) {}
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn tokens_charged(_: &str, _: u64) {}
+pub(crate) fn tokens_charged(_: &Arc<str>, _: u64) {}
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn store_error() {}
 #[cfg(not(feature = "metrics"))]

@@ -5,7 +5,7 @@ use tower_service::Service;
 
 use super::ResponseFuture;
 use crate::engine::Engine;
-use crate::engine::call::{Call, CallRequest};
+use crate::engine::call::{Call, CallRequest, Prepared};
 use crate::error::{BoxError, Error};
 use crate::identifier::ExtractIdentifier;
 use crate::llm::{ReportsUsage, TokenEstimate};
@@ -70,33 +70,34 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         let engine = &self.engine;
-        let extracted = self.extractor.extract(&request);
-        let identifier = match engine.identifier(extracted.as_deref()) {
-            Ok(id) => id.to_vec(),
-            Err(error) => return ResponseFuture::failed(error),
-        };
-        drop(extracted);
-        let model = request.model().map(str::to_owned);
-        // Reserved in `Reserve` mode, and charged in any mode if the call is dropped.
-        let estimate = if engine.has_token_limit() {
-            request.estimated_usage()
-        } else {
-            None
+        // Everything the call needs from the request's identifier is taken while the
+        // request is borrowed (no copy of the identifier).
+        let prepared = {
+            let extracted = self.extractor.extract(&request);
+            let identifier = match engine.identifier(extracted.as_deref()) {
+                Ok(id) => id,
+                Err(error) => return ResponseFuture::failed(error),
+            };
+            // Reserved in `Reserve` mode, and charged in any mode if the call is dropped.
+            let estimate = if engine.has_token_limit() {
+                request.estimated_usage()
+            } else {
+                None
+            };
+            Prepared::new(
+                engine,
+                CallRequest {
+                    identifier,
+                    model: request.model(),
+                    estimate,
+                },
+            )
         };
         // The service that was driven to readiness goes into the future; this one keeps
         // a fresh clone (tower's usual pattern for deferred calls).
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let call = Call::new(
-            engine.clone(),
-            ready,
-            request,
-            CallRequest {
-                identifier: &identifier,
-                model: model.as_deref(),
-                estimate,
-            },
-        );
+        let call = Call::start(engine.clone(), ready, request, prepared);
         ResponseFuture::new(call)
     }
 }
