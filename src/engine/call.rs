@@ -121,7 +121,9 @@ pin_project! {
 }
 
 impl<S: Service<R>, R> Call<S, R> {
-    /// Start a call: `service` has been driven to readiness.
+    /// Start a call: `service` has been driven to readiness. (The Tower layer prepares
+    /// its calls itself, see [`Call::start`]; the HTTP adapter owns its identifier.)
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn new(engine: Arc<Engine>, service: S, request: R, call: CallRequest<'_>) -> Self {
         let prepared = Prepared::new(&engine, call);
         Self::start(engine, service, request, prepared)
