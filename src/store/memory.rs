@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use smallvec::SmallVec;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::{Adjustment, Decision, LimitCheck, Rule, Store, StoreFuture};
 use crate::algorithm::{self, Algorithm, Slots, State, Write};
@@ -17,16 +17,75 @@ pub trait Clock: Send + Sync + 'static {
     fn now_micros(&self) -> i64;
 }
 
-/// The system's wall clock.
+/// The system's wall clock, read fast.
+///
+/// Asking the OS for the time costs more than a whole decision of the memory store, so
+/// each thread reads the wall clock once a second and counts the microseconds in between
+/// with the CPU's time-stamp counter (through `quanta`, which falls back to the OS's
+/// monotonic clock where there is no usable counter). The reading is the wall clock at
+/// most one second of counter drift ago (microseconds), never more.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_micros(&self) -> i64 {
+        wall::now_micros()
+    }
+}
+
+mod wall {
+    use std::cell::Cell;
+    use std::sync::LazyLock;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// How long a thread extrapolates from one reading of the wall clock.
+    const REANCHOR_NS: u64 = 1_000_000_000;
+
+    static COUNTER: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
+
+    /// A reading of the wall clock (µs since the Unix epoch) and the counter at it.
+    #[derive(Clone, Copy)]
+    struct Anchor {
+        raw: u64,
+        wall_us: i64,
+    }
+
+    thread_local! {
+        static ANCHOR: Cell<Option<Anchor>> = const { Cell::new(None) };
+    }
+
+    /// The wall clock from the OS, in µs since the Unix epoch (0 before it).
+    pub(super) fn os_micros() -> i64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
+            .map(|d| d.as_secs() as i64 * 1_000_000 + i64::from(d.subsec_micros()))
             .unwrap_or(0)
+    }
+
+    /// Start the counter's calibration now (it takes about a millisecond, once per
+    /// process), not on the first decision.
+    pub(super) fn warm_up() {
+        LazyLock::force(&COUNTER);
+    }
+
+    pub(super) fn now_micros() -> i64 {
+        let counter = &*COUNTER;
+        let raw = counter.raw();
+        ANCHOR.with(|anchor| {
+            if let Some(a) = anchor.get() {
+                let elapsed_ns = counter.delta_as_nanos(a.raw, raw);
+                // `raw < a.raw` (another core's counter, slightly behind) reads as 0.
+                if elapsed_ns < REANCHOR_NS {
+                    return a.wall_us + (elapsed_ns / 1000) as i64;
+                }
+            }
+            let wall_us = os_micros();
+            anchor.set(Some(Anchor {
+                raw: counter.raw(),
+                wall_us,
+            }));
+            wall_us
+        })
     }
 }
 
@@ -196,6 +255,7 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 impl MemoryStore {
     /// A store on the system clock.
     pub fn new() -> Self {
+        wall::warm_up();
         Self::with_clock(SystemClock)
     }
 
@@ -479,5 +539,31 @@ impl Store for MemoryStore {
 
     fn adjust_sync(&self, adjustments: &[Adjustment]) -> Option<Vec<Decision>> {
         Some(self.adjust_now(adjustments))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast clock stays with the OS's wall clock: within a millisecond of it on
+    /// every read, across sleeps and past a re-anchoring.
+    #[test]
+    fn system_clock_follows_the_wall_clock() {
+        let clock = SystemClock;
+        let deadline = std::time::Instant::now() + Duration::from_millis(1300);
+        let mut reads = 0;
+        while std::time::Instant::now() < deadline {
+            let before = wall::os_micros();
+            let fast = clock.now_micros();
+            let after = wall::os_micros();
+            assert!(
+                fast >= before - 1000 && fast <= after + 1000,
+                "{fast} outside [{before}, {after}] ± 1 ms"
+            );
+            reads += 1;
+            std::thread::sleep(Duration::from_millis(if reads % 2 == 0 { 1 } else { 37 }));
+        }
+        assert!(reads > 20);
     }
 }
