@@ -155,9 +155,8 @@ pub struct Adjustment {
 }
 
 /// Unique-enough ids for slots, settlements and undos: a random per-process base plus
-/// a counter, odd-multiplied so consecutive ids differ in many bits. 53 bits, so they
-/// travel exactly as IEEE doubles (the Redis scripts take their numbers packed as
-/// doubles) and as positive integers.
+/// a counter, odd-multiplied so consecutive ids differ in many bits (63 bits, so they
+/// also travel as positive signed integers).
 pub(crate) fn next_id() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -168,7 +167,7 @@ pub(crate) fn next_id() -> u64 {
         COUNTER
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    ) & ((1 << 53) - 1)
+    ) & (u64::MAX >> 1)
 }
 
 /// The adjustments that undo an allowed acquire of `checks` (answered by `decisions`):
