@@ -381,11 +381,31 @@ async fn settled_calls_leave_bounded_redis_memory() {
     while tasks.join_next().await.is_some() {}
     let keys = common::redis_keys(&server.url, &prefix);
     assert!(keys.len() <= 3, "{keys:?}");
+    // The recent settlement ids: at most 128, in Redis's compact encoding (a set that
+    // ever grew past 128 would take ~130 bytes per id until it expires).
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let (settled, _) = keys
+        .iter()
+        .find(|(key, _)| key.ends_with(":settled"))
+        .expect("a set of recent settlement ids");
+    let ids: i64 = redis::cmd("ZCARD").arg(settled).query(&mut c).unwrap();
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(settled)
+        .query(&mut c)
+        .unwrap();
+    let bytes: i64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(settled)
+        .query(&mut c)
+        .unwrap();
+    assert!(ids <= 128, "{ids} ids kept");
+    assert_eq!(encoding, "listpack");
+    assert!(bytes <= 4096, "{settled}: {bytes} bytes");
     tokio::time::sleep(horizon + Duration::from_millis(500)).await;
     let keys = common::redis_keys(&server.url, &prefix);
     assert_eq!(keys.len(), 2, "after the dedupe horizon: {keys:?}");
-    let client = redis::Client::open(server.url.as_str()).unwrap();
-    let mut c = client.get_connection().unwrap();
     for (key, ttl) in keys {
         assert!(ttl > 0, "{key} has no TTL");
         let bytes: i64 = redis::cmd("MEMORY")

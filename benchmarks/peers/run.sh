@@ -2,9 +2,9 @@
 # Reproduces BENCHMARKS.md: our loadgen and the peer (rate-limiter-flexible on ioredis),
 # runs alternated, against one fresh redis-server this script starts; for every Redis run
 # the Redis server's CPU per decision (INFO cpu, user + sys), its script time per decision
-# (INFO commandstats: EVALSHA/EVAL/FCALL) and the client's CPU per decision. Then
-# redis-benchmark ceilings for our acquire script, Redis memory per identifier, and the
-# criterion benches when asked.
+# (INFO commandstats: EVALSHA/EVAL/FCALL) and the client's CPU per decision. Then Redis
+# memory per identifier, and the criterion benches when asked. (No redis-benchmark
+# ceiling: our scripts take packed binary arguments, which a command line cannot carry.)
 #
 # Usage: benchmarks/peers/run.sh [SECONDS] [ROUNDS]   (defaults 5 and 2; CRITERION=1 to also
 #        run the criterion benches, a few minutes more)
@@ -77,15 +77,6 @@ done
 echo; echo "# memory store, ${SECS}s"
 for limits in 1 4; do
   echo "ours/memory/layer limits=$limits: $($LOADGEN --duration "$SECS" --through layer --limits $limits | tail -1)"
-done
-
-echo; echo "# redis-benchmark ceiling: EVALSHA of our acquire script (one call, one limit), 64 clients, 100 keys"
-SHA=$(redis-cli -p "$PORT" SCRIPT LOAD "$(echo "local TEST_CLOCK = false"; cat src/store/lua/state.lua src/store/lua/acquire.lua)")
-N=$((SECS * 40000))
-for pipeline in 1 16; do
-  line=$(redis-benchmark -p "$PORT" -c 64 -n "$N" -r 100 -P "$pipeline" -q \
-    EVALSHA "$SHA" 1 "ceiling:{__rand_int__}" 1 1 1 1000000000000 3600000000 0 1 1 2>/dev/null | tr '\r' '\n' | grep "requests per second" | tail -1)
-  echo "redis-benchmark pipeline=$pipeline: ${line#*: }"
 done
 
 echo; echo "# Redis memory per identifier and limit (MEMORY USAGE, 100 keys sampled)"

@@ -47,10 +47,9 @@ pub struct RedisOptions {
     /// call that finds Redis idle goes alone at once, so batching adds no latency.
     pub batching: bool,
     /// How long a settlement id is remembered, so that a settlement retried after an
-    /// ambiguous failure (sent, but no answer) is applied once (default 10 s). About
-    /// 128 ids are kept per identifier and limit key (in one sorted set, trimmed back to
-    /// 128 on one settlement in ten), so Redis memory is bounded per identifier, not by
-    /// traffic.
+    /// ambiguous failure (sent, but no answer) is applied once (default 10 s). At most
+    /// 128 ids are kept per identifier and the limit that settles first (one sorted set
+    /// of about 3 KB at most), so Redis memory is bounded per identifier, not by traffic.
     pub settlement_dedupe: Duration,
 }
 

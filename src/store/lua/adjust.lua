@@ -27,9 +27,8 @@
 --          reset_after_us, -1, window.
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
 --          the id into the set (expiring as long after the last settlement as an id is
---          remembered; trimmed to the newest ids on one settlement in ten, by the id's
---          last digit, so it holds at most about that many); nothing for a settlement
---          whose id the set already holds (a retry of one that was applied).
+--          remembered, trimmed to the newest ids); nothing for a settlement whose id the
+--          set already holds (a retry of one that was applied).
 
 local settlements = ARGV[1] + 0
 local remember_ms, kept = ARGV[2] + 0, ARGV[3] + 0
@@ -68,10 +67,11 @@ for s = 1, settlements do
       apply = false
     else
       redis.call('PEXPIRE', ids, remember_ms + ttl_pad_ms)
-      if string.byte(id, -1) == 48 then
-        -- Keep the newest ids only (ranks 0 .. -(kept+1) are the older ones).
-        redis.call('ZREMRANGEBYRANK', ids, 0, -kept - 1)
-      end
+      -- Keep the newest kept - 1 ids (ranks 0 .. -kept are the older ones), so the next
+      -- add makes at most `kept`: a set that never holds more than 128 stays in Redis's
+      -- compact encoding (one that ever grew past it takes ~130 bytes per id until it
+      -- expires).
+      redis.call('ZREMRANGEBYRANK', ids, 0, -kept)
     end
   end
   -- Pass 2: apply (unless failed or applied before) and report every limit.
