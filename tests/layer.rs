@@ -825,3 +825,78 @@ async fn denied_identifiers_are_not_asked_about_again_until_their_reset() {
         );
     }
 }
+
+/// A response future dropped before it is first polled takes nothing, on both stores
+/// (an in-process store answers at once, but that answer is only taken up on the poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_before_its_first_poll_takes_nothing() {
+    for (store, prefix) in stores("unpolled").await {
+        let layer = RatelimitLayer::builder()
+            .shared_store(store)
+            .prefix(prefix)
+            .request_limit(FixedWindow::new(10, MINUTE).unwrap())
+            .token_limit(FixedWindow::new(1000, MINUTE).unwrap())
+            .build()
+            .unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counter = ran.clone();
+        let mut svc = tower::Layer::layer(
+            &layer,
+            service_fn(move |_: LlmRequest| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, BoxError>(LlmResponse::default())
+                }
+            }),
+        );
+        for _ in 0..10 {
+            svc.ready().await.unwrap();
+            drop(svc.call(LlmRequest::new("unpolled", "hello world prompt")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let usage = layer.usage("unpolled").await.unwrap();
+        for limit in &usage {
+            assert_eq!(limit.remaining, limit.limit, "{}: {usage:?}", limit.name);
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        svc.oneshot(LlmRequest::new("unpolled", "x")).await.unwrap();
+    }
+}
+
+/// A call whose future was made outside any runtime (then spawned on one) still keeps
+/// its concurrency slot leased for as long as it runs.
+#[test]
+fn a_call_made_outside_a_runtime_keeps_its_slot() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = RatelimitLayer::builder()
+        .store(MemoryStore::new())
+        .concurrency_limit(
+            tower_llm_ratelimit::ConcurrencyLimit::new(1, Duration::from_millis(100)).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let slow = service_fn(|_: LlmRequest| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Ok::<_, BoxError>(LlmResponse::default())
+    });
+    let mut svc = tower::Layer::layer(&layer, slow);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let first = svc.call(LlmRequest::new("outside", "x"));
+    rt.block_on(async move {
+        let running = tokio::spawn(first);
+        // Three leases later the first call still holds the only slot.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = svc.oneshot(LlmRequest::new("outside", "y")).await;
+        assert_eq!(
+            second.unwrap_err().kind(),
+            ErrorKind::ConcurrencyLimitReached
+        );
+        running.await.unwrap().unwrap();
+    });
+}

@@ -270,20 +270,10 @@ impl<S: Service<R>, R> Call<S, R> {
     }
 
     fn acquire(plan: Arc<Plan>, pending: Pending<S, R>) -> Self {
-        let mut settlement = Settlement::new(pending.engine.clone(), plan.clone());
-        // An in-process store has answered already: go straight to the call (or the
-        // refusal), without a state and a poll in between. Not in wait mode, where a
-        // denial queues the call again (that loop belongs to `poll`).
-        if pending.deadline.is_none()
-            && let Some(acquired) = settlement.acquired_now()
-        {
-            return match Self::after_acquire(acquired, settlement, plan, pending) {
-                Next::State(next) => next,
-                Next::Finished(outcome) => Call::Refused {
-                    outcome: Some(outcome),
-                },
-            };
-        }
+        // Even an in-process store's answer is taken up on the first poll, not here: a
+        // future dropped before it is polled must take nothing, and the slots' lease
+        // renewal needs the runtime that polls.
+        let settlement = Settlement::new(pending.engine.clone(), plan.clone());
         Call::Acquiring {
             settlement: Some(settlement),
             plan: Some(plan),

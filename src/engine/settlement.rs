@@ -163,7 +163,7 @@ impl Settlement {
     }
 
     /// The acquire's answer if an in-process store already gave it (no polling needed).
-    pub(crate) fn acquired_now(&mut self) -> Option<Result<Vec<Decision>, StoreError>> {
+    fn acquired_now(&mut self) -> Option<Result<Vec<Decision>, StoreError>> {
         let Phase::Acquired(result) = &mut self.phase else {
             return None;
         };
