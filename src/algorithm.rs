@@ -402,12 +402,35 @@ struct View {
     anchor: i64,
 }
 
+/// The time a decision is made at: `now`, or the start of the state's window (fixed and
+/// sliding) or its last refill (bucket) if that is later.
+///
+/// A state from "the future" was written by a caller whose clock read later than this
+/// one's (two threads whose clock reads and lock acquisitions are ordered differently,
+/// clocks of different processes, a Redis failover to a server whose clock is behind).
+/// Deciding at the state's time counts this call in the window the state is in, and
+/// writes it back there; deciding at the earlier `now` would write the state back under
+/// the older window, and the newer window would lose its count.
+fn effective_now(alg: &Algorithm, state: Option<State>, now: i64) -> i64 {
+    let Some(s) = state else {
+        return now;
+    };
+    let from = match alg {
+        Algorithm::FixedWindow(FixedWindow { window_us, .. })
+        | Algorithm::SlidingWindow(SlidingWindow { window_us, .. }) => {
+            s.a.saturating_mul(*window_us as i64)
+        }
+        Algorithm::TokenBucket(_) => s.b,
+    };
+    now.max(from)
+}
+
 fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
     match alg {
         Algorithm::FixedWindow(a) => {
             let idx = now / a.window_us as i64;
             let current = match state {
-                // A window from the future (a clock stepped back) still counts.
+                // Never later than `effective_now`: a state is from this window or older.
                 Some(s) if s.a >= idx => s.b,
                 _ => 0,
             };
@@ -623,6 +646,7 @@ pub(crate) fn decide(
     cost: u64,
     take: bool,
 ) -> (Outcome, Write) {
+    let now = effective_now(alg, state, now);
     let mut v = view(alg, state, now);
     let cost_i = cost as i64;
     let used_now = used(alg, &v, now);
@@ -682,6 +706,7 @@ pub(crate) fn adjust(
     delta: i64,
     window: Option<i64>,
 ) -> (Outcome, Write) {
+    let now = effective_now(alg, state, now);
     let mut v = view(alg, state, now);
     let mut changed = delta != 0;
     if delta > 0 {

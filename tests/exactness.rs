@@ -638,3 +638,93 @@ async fn slots_under_a_test_clock_do_not_expire_in_real_time() {
         );
     }
 }
+
+/// A caller whose clock reads earlier than the one that last wrote a limit's state (two
+/// threads, two processes, a failover to a server whose clock is behind) decides in the
+/// state's newer window: it counts there, and that window keeps its count. Memory and
+/// Redis alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_behind_the_state_decides_in_the_state_window() {
+    let window = Duration::from_millis(10);
+    let start = Duration::from_secs(1_000_000);
+    for sliding in [false, true] {
+        let alg: tower_llm_ratelimit::Algorithm = if sliding {
+            SlidingWindow::new(5, window).unwrap().into()
+        } else {
+            FixedWindow::new(5, window).unwrap().into()
+        };
+        let clock = ManualClock::new(start);
+        let redis = RedisStore::connect(&common::redis_url())
+            .await
+            .unwrap()
+            .with_test_clock(clock.clone());
+        let memory = MemoryStore::with_clock(clock.clone());
+        let key = format!("{}:{{behind}}", common::unique_prefix("behind"));
+        let check = || LimitCheck {
+            key: key.clone(),
+            rule: tower_llm_ratelimit::store::Rule::Rate(alg),
+            cost: 1,
+            take: true,
+            slot: 0,
+        };
+        let mut seen = Vec::new();
+        for store in [&memory as &dyn Store, &redis] {
+            clock.set(start + window); // the first µs of window w+1
+            let ahead = store.acquire(vec![check()]).await.unwrap().remove(0);
+            clock.set(start + window - Duration::from_micros(1)); // the last µs of w
+            let behind = store.acquire(vec![check()]).await.unwrap().remove(0);
+            clock.set(start + window + Duration::from_micros(2));
+            let after = store.acquire(vec![check()]).await.unwrap().remove(0);
+            assert_eq!(
+                behind.window, ahead.window,
+                "sliding {sliding}: decided in w+1"
+            );
+            assert_eq!(
+                after.remaining, 2,
+                "sliding {sliding}: w+1 counts all three"
+            );
+            seen.push((ahead, behind, after));
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "sliding {sliding}: memory and Redis agree"
+        );
+    }
+}
+
+/// Two OS threads hammering one fixed window through the memory store's own clock
+/// never let more than the limit through in any window (each decision is counted in
+/// the window it reports).
+#[test]
+fn two_threads_never_overfill_a_window() {
+    use std::collections::HashMap;
+    let store = Arc::new(MemoryStore::new());
+    let alg: tower_llm_ratelimit::Algorithm = FixedWindow::new(100, Duration::from_millis(10))
+        .unwrap()
+        .into();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut allowed: HashMap<i64, u64> = HashMap::new();
+                while Instant::now() < deadline {
+                    let d = store.decide("overfill:{one}", &alg, 1);
+                    if d.allowed {
+                        *allowed.entry(d.window.unwrap()).or_default() += 1;
+                    }
+                }
+                allowed
+            })
+        })
+        .collect();
+    let mut per_window: HashMap<i64, u64> = HashMap::new();
+    for t in threads {
+        for (w, n) in t.join().unwrap() {
+            *per_window.entry(w).or_default() += n;
+        }
+    }
+    assert!(per_window.len() > 50, "{} windows", per_window.len());
+    let over: Vec<_> = per_window.iter().filter(|(_, n)| **n > 100).collect();
+    assert!(over.is_empty(), "windows over the limit: {over:?}");
+}

@@ -29,17 +29,18 @@ local now = clock(ARGV[base + #KEYS + 1])
 -- Tables are built at their smallest sizes up front (growing one rehashes it): the
 -- reply holds at least one call's flag and one limit's six fields.
 local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
--- Ten values per limit of the call being decided, reused from call to call: its six
--- arguments (take folded into flags: 1 take, +2 "same window", see view), then its
--- view (anchor, cur, prev, used; for slots, the slots held).
-local L = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+-- Eleven values per limit of the call being decided, reused from call to call: its
+-- six arguments (take folded into flags: 1 take, +2 "same window", see view), then its
+-- view (anchor, cur, prev, used, and the time it is decided at; for slots, the slots
+-- held).
+local L = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 local k0 = 0
 for call = 1, calls do
   local n = ARGV[1 + call] + 0
   -- Pass 1: read every limit; the call passes only if all of them allow it.
   local all = 1
   for i = 1, n do
-    local key, l = KEYS[k0 + i], 10 * i
+    local key, l = KEYS[k0 + i], 11 * i - 1
     local alg, p1, p2, p3, cost, take = struct.unpack(PACKED_LIMIT, ARGV[base + k0 + i])
     L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5] = alg, p1, p2, p3, cost
     if alg == 4 then
@@ -49,10 +50,10 @@ for call = 1, calls do
       L[l - 4], L[l - 3] = take, held
       if held >= p1 and all == 1 then all = 0 end
     else
-      local anchor, cur, prev, used, same = view(key, alg, p2, p3, now)
-      if anchor == nil then anchor, cur, prev, used, same, all = 0, 0, 0, 0, false, -1 end
+      local anchor, cur, prev, used, same, at = view(key, alg, p2, p3, now)
+      if anchor == nil then anchor, cur, prev, used, same, at, all = 0, 0, 0, 0, false, now, -1 end
       L[l - 4] = same and take + 2 or take
-      L[l - 3], L[l - 2], L[l - 1], L[l] = anchor, cur, prev, used
+      L[l - 3], L[l - 2], L[l - 1], L[l], L[l + 1] = anchor, cur, prev, used, at
       if used + cost > p1 and all == 1 then all = 0 end
     end
   end
@@ -60,7 +61,7 @@ for call = 1, calls do
   len = len + 1
   reply[len] = all
   for i = 1, n do
-    local key, l = KEYS[k0 + i], 10 * i
+    local key, l = KEYS[k0 + i], 11 * i - 1
     local alg, p1, p2, p3, cost = L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5]
     local flags = L[l - 4]
     local take = all == 1 and flags % 2 == 1
@@ -78,6 +79,8 @@ for call = 1, calls do
       len = push_slots(reply, len, key, p1, held, allowed, now)
     else
       local anchor, cur, prev, used = L[l - 3], L[l - 2], L[l - 1], L[l]
+      -- This limit's decision time (see view), shadowing the script's.
+      local now = L[l + 1]
       local window = alg == 3 and -1 or anchor
       if used + cost <= p1 then
         if take and cost > 0 then

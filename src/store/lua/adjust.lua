@@ -35,8 +35,8 @@ local remember_ms, kept = ARGV[2] + 0, ARGV[3] + 0
 local now = clock(ARGV[4] ~= '-1' and ARGV[4] or nil)
 local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
 -- Per limit of the settlement being applied, reused from settlement to settlement: its
--- view (anchor, cur, prev, same window; for slots, nothing).
-local V = { 0, 0, 0, 0 }
+-- view (anchor, cur, prev, same window, decision time; for slots, nothing).
+local V = { 0, 0, 0, 0, 0 }
 -- KEYS index, and ARGV index of packed limits, before the current settlement's.
 local k, o = 0, 4 + 3 * settlements
 for s = 1, settlements do
@@ -50,10 +50,10 @@ for s = 1, settlements do
     if alg == 4 then
       failed = failed or type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) ~= 'number'
     else
-      local anchor, cur, prev, _, same = view(key, alg, p2, p3, now)
+      local anchor, cur, prev, _, same, at = view(key, alg, p2, p3, now)
       if anchor == nil then failed = true end
-      local v = 4 * i
-      V[v - 3], V[v - 2], V[v - 1], V[v] = anchor, cur, prev, same
+      local v = 5 * i
+      V[v - 4], V[v - 3], V[v - 2], V[v - 1], V[v] = anchor, cur, prev, same, at
     end
   end
   local apply = not failed
@@ -93,8 +93,10 @@ for s = 1, settlements do
       -- An empty sorted set is deleted by Redis itself.
       len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)
     else
-      local v = 4 * i
-      local anchor, cur, prev, same = V[v - 3], V[v - 2], V[v - 1], V[v]
+      local v = 5 * i
+      local anchor, cur, prev, same = V[v - 4], V[v - 3], V[v - 2], V[v - 1]
+      -- This limit's decision time (see view), shadowing the script's.
+      local now = V[v]
       local changed = apply and delta ~= 0
       if changed then
         if delta > 0 then

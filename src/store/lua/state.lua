@@ -52,7 +52,11 @@ end
 --   bucket:  last refill time, used after refilling, 0, used
 -- and whether the key holds a packed state of this very window with something used in
 -- it, so that a take only has to rewrite the "used" field (its TTL already ends where
--- the new state's does). Nothing (nil) if the key holds another type.
+-- the new state's does), and the time the decision is made at: `now`, or the start of the
+-- state's window (its last refill for a bucket) if later (`effective_now` in
+-- algorithm.rs: a state from "the future" was written by a caller whose clock read later;
+-- deciding in its window keeps its count there). Nothing (nil) if the key holds another
+-- type.
 -- alg: 1 fixed, 2 sliding, 3 bucket; p2 window us or refill per interval; p3 bucket
 -- interval us.
 local function view(key, alg, p2, p3, now)
@@ -72,18 +76,19 @@ local function view(key, alg, p2, p3, now)
     end
   end
   if alg == 3 then
-    if not a then return now, 0, 0, 0, false end
+    if not a then return now, 0, 0, 0, false, now end
+    if b > now then now = b end
     local elapsed = now - b
-    if elapsed < 0 then elapsed = 0 end
     local intervals = (elapsed - elapsed % p3) / p3
     local used = a - intervals * p2
-    if used <= 0 then return now, 0, 0, 0, false end
-    return b + intervals * p3, used, 0, used, false
+    if used <= 0 then return now, 0, 0, 0, false, now end
+    return b + intervals * p3, used, 0, used, false, now
   end
+  if a and a * p2 > now then now = a * p2 end
   local idx = (now - now % p2) / p2
   if alg == 1 then
-    if a and a >= idx then return idx, b, 0, b, packed and a == idx and b > 0 end
-    return idx, 0, 0, 0, false
+    if a and a >= idx then return idx, b, 0, b, packed and a == idx and b > 0, now end
+    return idx, 0, 0, 0, false, now
   end
   local cur, prev = 0, 0
   if a and a >= idx then
@@ -92,11 +97,11 @@ local function view(key, alg, p2, p3, now)
     prev = b
   end
   local same = packed and a == idx and cur > 0
-  if prev <= 0 then return idx, cur, prev, cur, same end
+  if prev <= 0 then return idx, cur, prev, cur, same, now end
   local w = prev * (p2 - (now - idx * p2)) / p2
   local f = w % 1
   if f > 0 then w = w - f + 1 end
-  return idx, cur, prev, cur + w, same
+  return idx, cur, prev, cur + w, same, now
 end
 
 -- Time (us) until the budget of a view (anchor, cur, prev) is fully restored.
