@@ -143,11 +143,39 @@ impl redis::aio::ConnectionLike for Connection {
 
 type ReplySender = tokio::sync::oneshot::Sender<Result<Vec<Decision>, StoreError>>;
 
+/// A batched acquire's answer on its way to its caller. Whatever took it leaves no trace
+/// if the caller never does: dropped unread (the caller left after it was sent, or before
+/// it could be sent), it gives back what the acquire took.
+struct AcquireAnswer {
+    result: Option<Result<Vec<Decision>, StoreError>>,
+    /// The store and checks to undo with, until the caller takes the answer.
+    undo: Option<(RedisStore, Vec<LimitCheck>)>,
+}
+
+impl AcquireAnswer {
+    fn take(mut self) -> Result<Vec<Decision>, StoreError> {
+        self.undo = None;
+        self.result
+            .take()
+            .unwrap_or_else(|| Err(StoreError::new("acquire answer taken twice")))
+    }
+}
+
+impl Drop for AcquireAnswer {
+    fn drop(&mut self) {
+        if let (Some(result), Some((store, checks))) = (self.result.take(), self.undo.take())
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(reconcile(store, checks, result));
+        }
+    }
+}
+
 /// One call's acquire or settlement waiting for a batch.
 enum Queued {
     Acquire {
         checks: Vec<LimitCheck>,
-        reply: ReplySender,
+        reply: tokio::sync::oneshot::Sender<AcquireAnswer>,
     },
     Adjust {
         adjustments: Vec<Adjustment>,
@@ -691,7 +719,10 @@ impl RedisStore {
 
     /// Several calls' acquires as one script; each call gets its own decisions. A call
     /// whose caller left before the reply came has what it took given back.
-    async fn acquire_batch(&self, batch: Vec<(Vec<LimitCheck>, ReplySender)>) {
+    async fn acquire_batch(
+        &self,
+        batch: Vec<(Vec<LimitCheck>, tokio::sync::oneshot::Sender<AcquireAnswer>)>,
+    ) {
         let calls = batch.len();
         let total: usize = batch.iter().map(|(checks, _)| checks.len()).sum();
         let mut args = ScriptArgs {
@@ -727,10 +758,11 @@ impl RedisStore {
                 }
                 Ok(_) => Err(StoreError::new("short batch reply")),
             };
-            if let Err(result) = sender.send(result) {
-                // The caller stopped waiting (timeout or cancellation).
-                tokio::spawn(reconcile(self.clone(), checks, result));
-            }
+            // Not taken by the caller (gone before or after the send): undone on drop.
+            let _ = sender.send(AcquireAnswer {
+                result: Some(result),
+                undo: Some((self.clone(), checks)),
+            });
         }
     }
 
@@ -865,9 +897,10 @@ async fn batch_worker(store: RedisStore, mut queue: tokio::sync::mpsc::Unbounded
 
 impl RedisStore {
     /// Queue `job` for the batching task; `None` if there is none (or it stopped).
-    fn enqueue(
+    fn enqueue<T: Send + 'static>(
         &self,
-        job: impl FnOnce(ReplySender) -> Queued,
+        job: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Queued,
+        read: fn(T) -> Result<Vec<Decision>, StoreError>,
     ) -> Option<StoreFuture<Vec<Decision>>> {
         let batcher = self.shared.batcher.as_ref()?;
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -878,12 +911,11 @@ impl RedisStore {
         }
         let timeout = self.shared.response_timeout;
         // Dropping `answer` (timeout, cancellation) tells the batcher to skip an acquire
-        // not sent yet, or to undo it when its reply comes.
+        // not sent yet; one sent is undone when its answer is dropped unread.
         Some(Box::pin(async move {
             match tokio::time::timeout(timeout, answer).await {
-                Ok(answer) => {
-                    answer.unwrap_or_else(|_| Err(StoreError::new("the batching task stopped")))
-                }
+                Ok(Ok(answer)) => read(answer),
+                Ok(Err(_)) => Err(StoreError::new("the batching task stopped")),
                 Err(_) => Err(StoreError::timeout(timeout)),
             }
         }))
@@ -896,10 +928,13 @@ impl Store for RedisStore {
             return Box::pin(std::future::ready(Ok(Vec::new())));
         }
         let mut pending = Some(checks);
-        if let Some(answer) = self.enqueue(|reply| Queued::Acquire {
-            checks: pending.take().unwrap_or_default(),
-            reply,
-        }) {
+        if let Some(answer) = self.enqueue(
+            |reply| Queued::Acquire {
+                checks: pending.take().unwrap_or_default(),
+                reply,
+            },
+            AcquireAnswer::take,
+        ) {
             return answer;
         }
         self.acquire_unbatched(pending.unwrap_or_default())
@@ -914,11 +949,14 @@ impl Store for RedisStore {
             return Box::pin(std::future::ready(Ok(Vec::new())));
         }
         let mut pending = Some(adjustments);
-        if let Some(answer) = self.enqueue(|reply| Queued::Adjust {
-            adjustments: pending.take().unwrap_or_default(),
-            settlement_id,
-            reply,
-        }) {
+        if let Some(answer) = self.enqueue(
+            |reply| Queued::Adjust {
+                adjustments: pending.take().unwrap_or_default(),
+                settlement_id,
+                reply,
+            },
+            std::convert::identity,
+        ) {
             return answer;
         }
         let this = self.clone();
