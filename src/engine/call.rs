@@ -20,7 +20,6 @@ use super::reliability::Decider;
 use super::settlement::Settlement;
 use super::{Engine, Plan, metrics};
 use crate::error::Error;
-use crate::error::StoreError;
 use crate::llm::Usage;
 use crate::store::{Decision, identifier_tag};
 
@@ -108,12 +107,10 @@ pin_project! {
     where
         S: Service<R>,
     {
-        // What waits with the call is boxed: the states are moved as the call goes on,
-        // and a call answered by an in-process store never waits in one of these.
-        Resolving { quotas: QuotaFuture, pending: Option<Box<Pending<S, R>>> },
-        Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Arc<Plan>>, pending: Option<Box<Pending<S, R>>> },
-        Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Box<Pending<S, R>>> },
-        Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Box<Pending<S, R>>> },
+        Resolving { quotas: QuotaFuture, pending: Option<Pending<S, R>> },
+        Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
+        Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
+        Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
         Calling { #[pin] future: S::Future, settlement: Option<Settlement>, decisions: Vec<Decision>, plan: Option<Arc<Plan>> },
         Refused { outcome: Option<Outcome<S, R>> },
         Done,
@@ -166,7 +163,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 pending.tag = Some(tag);
                 return Call::Resolving {
                     quotas,
-                    pending: Some(Box::new(pending)),
+                    pending: Some(pending),
                 };
             }
         };
@@ -238,7 +235,7 @@ impl<S: Service<R>, R> Call<S, R> {
             turn,
             deadline,
             plan: Some(plan),
-            pending: Some(Box::new(pending)),
+            pending: Some(pending),
         }
     }
 
@@ -262,7 +259,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 Call::Sleeping {
                     sleep: Box::pin(tokio::time::sleep_until(lifts)),
                     plan: Some(plan),
-                    pending: Some(Box::new(pending)),
+                    pending: Some(pending),
                 }
             }
             _ => Self::acquire(plan, pending),
@@ -277,70 +274,9 @@ impl<S: Service<R>, R> Call<S, R> {
         Call::Acquiring {
             settlement: Some(settlement),
             plan: Some(plan),
-            pending: Some(Box::new(pending)),
+            pending: Some(pending),
         }
     }
-
-    /// The acquire answered: call the inner service, refuse, or (wait mode) queue again.
-    fn after_acquire(
-        acquired: Result<Vec<Decision>, StoreError>,
-        settlement: Settlement,
-        plan: Arc<Plan>,
-        mut pending: Pending<S, R>,
-    ) -> Next<S, R> {
-        let decider = settlement.decider();
-        let decisions = match acquired {
-            Ok(decisions) => decisions,
-            Err(error) => {
-                release_turn(&mut pending, &plan);
-                return Next::Finished(Outcome::Refused {
-                    error: Error::Store(error),
-                    decisions: Vec::new(),
-                    plan: Some(plan),
-                    decider,
-                });
-            }
-        };
-        if !decisions.iter().all(|d| d.allowed) {
-            let engine = pending.engine.clone();
-            let error = engine.denial(&plan, &decisions);
-            engine.remember_denial(&plan, &error);
-            if let Some(wait) = waitable(&pending, &error) {
-                tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
-                pending.denied = Some((error, Instant::now() + wait));
-                return Next::State(Self::queue(plan, pending));
-            }
-            release_turn(&mut pending, &plan);
-            tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
-            return Next::Finished(Outcome::Refused {
-                error,
-                decisions,
-                plan: Some(plan),
-                decider,
-            });
-        }
-        release_turn(&mut pending, &plan);
-        let _span = tracing::debug_span!(
-            "llm_ratelimit_call",
-            identifier = %plan.tag,
-            limits = plan.taken.len(),
-        )
-        .entered();
-        let mut service = pending.service;
-        let future = service.call(pending.request);
-        Next::State(Call::Calling {
-            future,
-            settlement: Some(settlement),
-            decisions,
-            plan: Some(plan),
-        })
-    }
-}
-
-/// Where a call goes once its acquire answered.
-enum Next<S: Service<R>, R> {
-    State(Call<S, R>),
-    Finished(Outcome<S, R>),
 }
 
 /// The FIFO queue a call waits in: its identifier and model (per-model budgets are
@@ -375,7 +311,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
             match self.as_mut().project() {
                 CallProj::Resolving { quotas, pending } => {
                     let quotas = ready!(quotas.as_mut().poll(cx));
-                    let mut pending = *taken(pending);
+                    let mut pending = taken(pending);
                     let Some(tag) = pending.tag.take() else {
                         return Poll::Ready(refusal(
                             Error::invalid_input("quotas resolved without an identifier"),
@@ -399,7 +335,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                 } => {
                     match turn.as_mut().poll(cx) {
                         Poll::Ready(guard) => {
-                            let (plan, mut pending) = (taken(plan), *taken(pending));
+                            let (plan, mut pending) = (taken(plan), taken(pending));
                             pending.turn = Some(guard);
                             self.set(Self::after_turn(plan, pending));
                         }
@@ -409,7 +345,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             };
                             ready!(deadline.as_mut().poll(cx));
                             // The bound passed while queued: one last try, no more waiting.
-                            let (plan, mut pending) = (taken(plan), *taken(pending));
+                            let (plan, mut pending) = (taken(plan), taken(pending));
                             pending.no_more_waiting = true;
                             if let Some((error, _)) = pending.denied.take() {
                                 return Poll::Ready(Outcome::Refused {
@@ -429,7 +365,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     pending,
                 } => {
                     ready!(sleep.as_mut().poll(cx));
-                    let (plan, pending) = (taken(plan), *taken(pending));
+                    let (plan, pending) = (taken(plan), taken(pending));
                     self.set(Self::acquire(plan, pending));
                 }
                 CallProj::Acquiring {
@@ -443,15 +379,55 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             .expect("call state polled after completion")
                             .poll_acquire(cx)
                     );
-                    let (plan, pending, settlement) =
-                        (taken(plan), *taken(pending), taken(settlement));
-                    match Self::after_acquire(acquired, settlement, plan, pending) {
-                        Next::State(next) => self.set(next),
-                        Next::Finished(outcome) => {
-                            self.set(Call::Done);
-                            return Poll::Ready(outcome);
+                    let (plan, mut pending) = (taken(plan), taken(pending));
+                    let settlement = taken(settlement);
+                    let decider = settlement.decider();
+                    let decisions = match acquired {
+                        Ok(decisions) => decisions,
+                        Err(error) => {
+                            release_turn(&mut pending, &plan);
+                            return Poll::Ready(Outcome::Refused {
+                                error: Error::Store(error),
+                                decisions: Vec::new(),
+                                plan: Some(plan),
+                                decider,
+                            });
                         }
+                    };
+                    if !decisions.iter().all(|d| d.allowed) {
+                        let engine = pending.engine.clone();
+                        let error = engine.denial(&plan, &decisions);
+                        engine.remember_denial(&plan, &error);
+                        if let Some(wait) = waitable(&pending, &error) {
+                            tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
+                            pending.denied = Some((error, Instant::now() + wait));
+                            self.set(Self::queue(plan, pending));
+                            continue;
+                        }
+                        release_turn(&mut pending, &plan);
+                        tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
+                        return Poll::Ready(Outcome::Refused {
+                            error,
+                            decisions,
+                            plan: Some(plan),
+                            decider,
+                        });
                     }
+                    release_turn(&mut pending, &plan);
+                    let _span = tracing::debug_span!(
+                        "llm_ratelimit_call",
+                        identifier = %plan.tag,
+                        limits = plan.taken.len(),
+                    )
+                    .entered();
+                    let mut service = pending.service;
+                    let future = service.call(pending.request);
+                    self.set(Call::Calling {
+                        future,
+                        settlement: Some(settlement),
+                        decisions,
+                        plan: Some(plan),
+                    });
                 }
                 CallProj::Calling {
                     future,

@@ -152,36 +152,18 @@ impl Settlement {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Vec<Decision>, StoreError>> {
-        if let Some(result) = self.acquired_now() {
-            return Poll::Ready(result);
-        }
         let result = match &mut self.phase {
             Phase::Acquiring(fut) => std::task::ready!(fut.as_mut().poll(cx)),
+            Phase::Acquired(result) => result
+                .take()
+                .unwrap_or_else(|| Err(StoreError::new("acquire polled twice"))),
             _ => return Poll::Ready(Ok(Vec::new())),
         };
-        Poll::Ready(self.finish_acquire(result))
-    }
-
-    /// The acquire's answer if an in-process store already gave it (no polling needed).
-    fn acquired_now(&mut self) -> Option<Result<Vec<Decision>, StoreError>> {
-        let Phase::Acquired(result) = &mut self.phase else {
-            return None;
-        };
-        let result = result
-            .take()
-            .unwrap_or_else(|| Err(StoreError::new("acquire polled twice")));
-        Some(self.finish_acquire(result))
-    }
-
-    fn finish_acquire(
-        &mut self,
-        result: Result<(Vec<Decision>, Decider), StoreError>,
-    ) -> Result<Vec<Decision>, StoreError> {
         self.phase = Phase::Done;
-        result.map(|(decisions, decider)| {
+        Poll::Ready(result.map(|(decisions, decider)| {
             self.arm(&decisions, decider);
             decisions
-        })
+        }))
     }
 
     fn arm(&mut self, decisions: &[Decision], decider: Decider) {
