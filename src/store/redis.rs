@@ -449,7 +449,6 @@ fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreE
         .collect())
 }
 
-/// One call's decisions from an acquire reply (`allowed_all` first).
 /// One call's (or settlement's) decisions from its part of a script reply: a flag (-1:
 /// one of its keys holds another Redis type, and nothing was written for it), then
 /// [`FIELDS`] integers per limit.
@@ -742,22 +741,8 @@ impl RedisStore {
         }
         self.push_test_clock(&mut args);
         let reply = Self::invoke(self.shared.clone(), &ACQUIRE, keys, args).await;
-        let mut rest = match &reply {
-            Ok(reply) => &reply[..],
-            Err(_) => &[][..],
-        };
-        for (checks, sender) in batch {
-            let count = checks.len();
-            let size = 1 + count * FIELDS;
-            let result = match &reply {
-                Err(error) => Err(self.batch_error(error)),
-                Ok(_) if rest.len() >= size => {
-                    let decisions = parse_flagged(&rest[..size], count);
-                    rest = &rest[size..];
-                    decisions
-                }
-                Ok(_) => Err(StoreError::new("short batch reply")),
-            };
+        let results = self.split_batch_reply(reply, batch.iter().map(|(checks, _)| checks.len()));
+        for ((checks, sender), result) in batch.into_iter().zip(results) {
             // Not taken by the caller (gone before or after the send): undone on drop.
             let _ = sender.send(AcquireAnswer {
                 result: Some(result),
@@ -773,32 +758,48 @@ impl RedisStore {
         let settlements: Vec<_> = batch.iter().map(|(a, id, _)| (&a[..], *id)).collect();
         let (keys, args) = self.adjust_script_input(&settlements);
         let reply = Self::invoke(self.shared.clone(), &ADJUST, keys, args).await;
-        let mut rest = match &reply {
-            Ok(reply) => &reply[..],
-            Err(_) => &[][..],
-        };
-        for (adjustments, _, sender) in batch {
-            let size = 1 + adjustments.len() * FIELDS;
-            let result = match &reply {
-                Err(error) => Err(self.batch_error(error)),
-                Ok(_) if rest.len() >= size => {
-                    let decisions = parse_flagged(&rest[..size], adjustments.len());
-                    rest = &rest[size..];
-                    decisions
-                }
-                Ok(_) => Err(StoreError::new("short batch reply")),
-            };
+        let results = self.split_batch_reply(reply, batch.iter().map(|(a, _, _)| a.len()));
+        for ((_, _, sender), result) in batch.into_iter().zip(results) {
             let _ = sender.send(result);
         }
     }
 
-    /// What a failed batch script tells each of its callers.
-    fn batch_error(&self, error: &StoreError) -> StoreError {
-        if error.is_timeout() {
-            StoreError::timeout(self.shared.response_timeout)
-        } else {
-            StoreError::new(format!("batched script failed: {error}"))
-        }
+    /// A batch script's reply cut into each item's decisions (a flag, then [`FIELDS`]
+    /// integers per limit; `limits` gives each item's limit count), or each item's share
+    /// of the script's failure.
+    fn split_batch_reply(
+        &self,
+        reply: Result<Vec<i64>, StoreError>,
+        limits: impl Iterator<Item = usize>,
+    ) -> Vec<Result<Vec<Decision>, StoreError>> {
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => {
+                let timeout = error.is_timeout();
+                let message = format!("batched script failed: {error}");
+                return limits
+                    .map(|_| {
+                        Err(if timeout {
+                            StoreError::timeout(self.shared.response_timeout)
+                        } else {
+                            StoreError::new(message.clone())
+                        })
+                    })
+                    .collect();
+            }
+        };
+        let mut rest = &reply[..];
+        limits
+            .map(|count| {
+                let size = 1 + count * FIELDS;
+                if rest.len() < size {
+                    return Err(StoreError::new("short batch reply"));
+                }
+                let (item, tail) = rest.split_at(size);
+                rest = tail;
+                parse_flagged(item, count)
+            })
+            .collect()
     }
 
     /// KEYS and ARGV of adjust.lua for these settlements.
@@ -896,29 +897,29 @@ async fn batch_worker(store: RedisStore, mut queue: tokio::sync::mpsc::Unbounded
 }
 
 impl RedisStore {
-    /// Queue `job` for the batching task; `None` if there is none (or it stopped).
+    /// Queue `job` for the batching task and wait for its answer (read by `read`).
     fn enqueue<T: Send + 'static>(
         &self,
+        batcher: &tokio::sync::mpsc::UnboundedSender<Queued>,
         job: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Queued,
         read: fn(T) -> Result<Vec<Decision>, StoreError>,
-    ) -> Option<StoreFuture<Vec<Decision>>> {
-        let batcher = self.shared.batcher.as_ref()?;
+    ) -> StoreFuture<Vec<Decision>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if batcher.send(job(reply)).is_err() {
-            return Some(Box::pin(std::future::ready(Err(StoreError::new(
+            return Box::pin(std::future::ready(Err(StoreError::new(
                 "the batching task stopped",
-            )))));
+            ))));
         }
         let timeout = self.shared.response_timeout;
         // Dropping `answer` (timeout, cancellation) tells the batcher to skip an acquire
         // not sent yet; one sent is undone when its answer is dropped unread.
-        Some(Box::pin(async move {
+        Box::pin(async move {
             match tokio::time::timeout(timeout, answer).await {
                 Ok(Ok(answer)) => read(answer),
                 Ok(Err(_)) => Err(StoreError::new("the batching task stopped")),
                 Err(_) => Err(StoreError::timeout(timeout)),
             }
-        }))
+        })
     }
 }
 
@@ -927,17 +928,14 @@ impl Store for RedisStore {
         if checks.is_empty() {
             return Box::pin(std::future::ready(Ok(Vec::new())));
         }
-        let mut pending = Some(checks);
-        if let Some(answer) = self.enqueue(
-            |reply| Queued::Acquire {
-                checks: pending.take().unwrap_or_default(),
-                reply,
-            },
-            AcquireAnswer::take,
-        ) {
-            return answer;
+        match &self.shared.batcher {
+            Some(batcher) => self.enqueue(
+                batcher,
+                |reply| Queued::Acquire { checks, reply },
+                AcquireAnswer::take,
+            ),
+            None => self.acquire_unbatched(checks),
         }
-        self.acquire_unbatched(pending.unwrap_or_default())
     }
 
     fn adjust(
@@ -948,19 +946,18 @@ impl Store for RedisStore {
         if adjustments.is_empty() {
             return Box::pin(std::future::ready(Ok(Vec::new())));
         }
-        let mut pending = Some(adjustments);
-        if let Some(answer) = self.enqueue(
-            |reply| Queued::Adjust {
-                adjustments: pending.take().unwrap_or_default(),
-                settlement_id,
-                reply,
-            },
-            std::convert::identity,
-        ) {
-            return answer;
+        if let Some(batcher) = &self.shared.batcher {
+            return self.enqueue(
+                batcher,
+                |reply| Queued::Adjust {
+                    adjustments,
+                    settlement_id,
+                    reply,
+                },
+                std::convert::identity,
+            );
         }
         let this = self.clone();
-        let adjustments = pending.unwrap_or_default();
         Box::pin(async move {
             let count = adjustments.len();
             let (keys, args) = this.adjust_script_input(&[(&adjustments[..], settlement_id)]);

@@ -88,7 +88,7 @@ for s = 1, settlements do
         redis.call('ZREM', key, slot)
       elseif apply and delta > 0 and redis.call('ZSCORE', key, slot) then
         redis.call('ZADD', key, now + p2, slot)
-        redis.call('PEXPIRE', key, lease_ms(p2) + ttl_pad_ms)
+        redis.call('PEXPIRE', key, ms_up(p2) + ttl_pad_ms)
       end
       -- An empty sorted set is deleted by Redis itself.
       len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)

@@ -119,6 +119,14 @@ local function reset_after(alg, p2, p3, anchor, cur, prev, now)
   return anchor + intervals * p3 - now
 end
 
+-- Microseconds as whole milliseconds, rounded up (for PX and PEXPIRE).
+local function ms_up(us)
+  local ms = us / 1000
+  local f = ms % 1
+  if f > 0 then ms = ms - f + 1 end
+  return ms
+end
+
 -- Persist a view whose budget is restored after `reset` us: delete the key when the
 -- view equals "absent", else store it with a TTL of exactly as long as it can matter.
 local function persist(key, alg, anchor, cur, prev, reset)
@@ -134,10 +142,7 @@ local function persist(key, alg, anchor, cur, prev, reset)
     state = struct.pack(PACK, 1, anchor, cur, prev)
   end
   if reset < 1 then reset = 1 elseif reset > MAX then reset = MAX end
-  local ms = reset / 1000
-  local f = ms % 1
-  if f > 0 then ms = ms - f + 1 end
-  redis.call('SET', key, state, 'PX', ms + ttl_pad_ms)
+  redis.call('SET', key, state, 'PX', ms_up(reset) + ttl_pad_ms)
 end
 
 -- Append one decision's six reply fields at reply[n+1..n+6]: allowed (0|1), limit,
@@ -169,12 +174,4 @@ local function push_slots(reply, n, key, max, held, allowed, now)
   local retry = -1
   if allowed == 0 then retry = earliest > 1 and earliest or 1 end
   return push(reply, n, allowed, max, held, earliest, retry, -1)
-end
-
--- Lease (us) to the PEXPIRE of a slot set: whole milliseconds, rounded up.
-local function lease_ms(lease_us)
-  local ms = lease_us / 1000
-  local f = ms % 1
-  if f > 0 then ms = ms - f + 1 end
-  return ms
 end
