@@ -174,12 +174,7 @@ impl<S: Service<R>, R> Call<S, R> {
 
     fn refused(error: Error) -> Self {
         Call::Refused {
-            outcome: Some(Outcome::Refused {
-                error,
-                decisions: Vec::new(),
-                plan: None,
-                decider: Decider::Store,
-            }),
+            outcome: Some(refusal(error, None)),
         }
     }
 
@@ -189,12 +184,7 @@ impl<S: Service<R>, R> Call<S, R> {
         let engine = pending.engine.clone();
         if let Some(error) = engine.suspension(&plan) {
             return Call::Refused {
-                outcome: Some(Outcome::Refused {
-                    error,
-                    decisions: Vec::new(),
-                    plan: Some(plan),
-                    decider: Decider::Store,
-                }),
+                outcome: Some(refusal(error, Some(plan))),
             };
         }
         if let Some(error) = engine.cached_denial(&plan) {
@@ -206,12 +196,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 metrics::cached_denial(&e.name);
             }
             return Call::Refused {
-                outcome: Some(Outcome::Refused {
-                    error,
-                    decisions: Vec::new(),
-                    plan: Some(plan),
-                    decider: Decider::Store,
-                }),
+                outcome: Some(refusal(error, Some(plan))),
             };
         }
         if pending.deadline.is_some() && engine.waiters.busy(&queue_key(&plan)) {
@@ -248,12 +233,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 if pending.deadline.is_some_and(|d| lifts > d) {
                     release_turn(&mut pending, &plan);
                     return Call::Refused {
-                        outcome: Some(Outcome::Refused {
-                            error,
-                            decisions: Vec::new(),
-                            plan: Some(plan),
-                            decider: Decider::Store,
-                        }),
+                        outcome: Some(refusal(error, Some(plan))),
                     };
                 }
                 Call::Sleeping {
@@ -348,12 +328,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             let (plan, mut pending) = (taken(plan), taken(pending));
                             pending.no_more_waiting = true;
                             if let Some((error, _)) = pending.denied.take() {
-                                return Poll::Ready(Outcome::Refused {
-                                    error,
-                                    decisions: Vec::new(),
-                                    plan: Some(plan),
-                                    decider: Decider::Store,
-                                });
+                                return Poll::Ready(refusal(error, Some(plan)));
                             }
                             self.set(Self::acquire(plan, pending));
                         }
