@@ -61,9 +61,9 @@ fn stalled_layer(store: RedisStore, prefix: &str, policy: StoreErrorPolicy) -> R
         .unwrap()
 }
 
-/// Replies from Redis arrive after the store timeout: ten users' calls all see the stall
-/// at once. Afterwards Redis holds exactly what the calls that reached the model used.
-async fn stall(policy: StoreErrorPolicy, batching: bool) {
+/// A Redis of this test's own, reached through a fault proxy, and a store on it that
+/// times out after [`TIMEOUT`].
+async fn behind_a_proxy(batching: bool) -> (common::RedisServer, FaultProxy, RedisStore) {
     let server = common::RedisServer::start();
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", server.port).parse().unwrap()).await;
     let options = RedisOptions::default()
@@ -72,6 +72,13 @@ async fn stall(policy: StoreErrorPolicy, batching: bool) {
     let store = RedisStore::connect_with(&proxy.url(), options)
         .await
         .unwrap();
+    (server, proxy, store)
+}
+
+/// Replies from Redis arrive after the store timeout: ten users' calls all see the stall
+/// at once. Afterwards Redis holds exactly what the calls that reached the model used.
+async fn stall(policy: StoreErrorPolicy, batching: bool) {
+    let (server, proxy, store) = behind_a_proxy(batching).await;
     let prefix = common::unique_prefix(&format!("stall-{policy:?}"));
     let layer = stalled_layer(store, &prefix, policy);
     let svc = layer.layer(llm(Duration::ZERO, Usage::new(10, 5)));
@@ -566,14 +573,7 @@ async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stall_undoes_a_failed_call_exactly_once() {
     for batching in [false, true] {
-        let server = common::RedisServer::start();
-        let proxy = FaultProxy::start(format!("127.0.0.1:{}", server.port).parse().unwrap()).await;
-        let options = RedisOptions::default()
-            .response_timeout(TIMEOUT)
-            .batching(batching);
-        let store = RedisStore::connect_with(&proxy.url(), options)
-            .await
-            .unwrap();
+        let (server, proxy, store) = behind_a_proxy(batching).await;
         let prefix = common::unique_prefix("long-stall");
         let layer = stalled_layer(store, &prefix, StoreErrorPolicy::FailClosed);
         let svc = layer.layer(llm(Duration::ZERO, Usage::new(10, 5)));
