@@ -70,33 +70,43 @@ pub(crate) enum Outcome<S: Service<R>, R> {
         plan: Option<Arc<Plan>>,
         decider: Decider,
     },
-    /// The inner service answered; the settlement is armed (or already done).
+    /// The inner service answered; the settlement is armed (or already done) and
+    /// holds the acquire's decisions.
     Called {
         result: Result<S::Response, S::Error>,
         settlement: Settlement,
-        decisions: Vec<Decision>,
         plan: Arc<Plan>,
     },
 }
 
-/// Everything that waits with the call until it is dispatched.
+/// Everything that waits with the call until it is dispatched. Kept small: the call's
+/// state moves each time it changes.
 struct Pending<S, R> {
     engine: Arc<Engine>,
     service: S,
     request: R,
-    /// The identifier's hash tag, while its quotas are being looked up.
-    tag: Option<String>,
-    model: Option<String>,
-    estimate: Option<Usage>,
-    /// Wait mode: the latest instant the call may still be dispatched.
-    deadline: Option<Instant>,
-    /// Wait mode: this call's turn in its identifier's queue, while it holds it.
+    /// Wait mode only (boxed: calls that do not wait do not carry it).
+    wait: Option<Box<Waiting>>,
+}
+
+/// A call in wait mode.
+struct Waiting {
+    /// The latest instant the call may still be dispatched.
+    deadline: Instant,
+    /// This call's turn in its identifier's queue, while it holds it.
     turn: Option<OwnedMutexGuard<()>>,
-    /// Wait mode: the denial that made the call wait, and when it lifts.
+    /// The denial that made the call wait, and when it lifts.
     denied: Option<(Error, Instant)>,
-    /// Wait mode is over for this call (its deadline passed while queued): the next
+    /// Waiting is over for this call (its deadline passed while queued): the next
     /// denial fails it.
     no_more_waiting: bool,
+}
+
+/// What planning needs while the identifier's quotas are being looked up.
+struct Unplanned {
+    tag: String,
+    model: Option<String>,
+    estimate: Option<Usage>,
 }
 
 pin_project! {
@@ -107,12 +117,12 @@ pin_project! {
     where
         S: Service<R>,
     {
-        Resolving { quotas: QuotaFuture, pending: Option<Pending<S, R>> },
+        Resolving { quotas: QuotaFuture, unplanned: Option<Box<Unplanned>>, pending: Option<Pending<S, R>> },
         Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
         Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
         Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
-        Calling { #[pin] future: S::Future, settlement: Option<Settlement>, decisions: Vec<Decision>, plan: Option<Arc<Plan>> },
-        Refused { outcome: Option<Outcome<S, R>> },
+        Calling { #[pin] future: S::Future, settlement: Option<Settlement>, plan: Option<Arc<Plan>> },
+        Refused { error: Option<Error>, plan: Option<Arc<Plan>> },
         Done,
     }
 }
@@ -138,43 +148,47 @@ impl<S: Service<R>, R> Call<S, R> {
             Ok(tag) => tag,
             Err(error) => return Self::refused(error),
         };
-        // A bound too large to add is no bound: a century from now.
-        let deadline = engine.wait_up_to.map(|d| {
+        let wait = engine.wait_up_to.map(|d| {
             let now = Instant::now();
-            now.checked_add(d)
-                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+            Box::new(Waiting {
+                // A bound too large to add is no bound: a century from now.
+                deadline: now
+                    .checked_add(d)
+                    .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400)),
+                turn: None,
+                denied: None,
+                no_more_waiting: false,
+            })
         });
-        let mut pending = Pending {
+        let pending = Pending {
             engine: engine.clone(),
             service,
             request,
-            tag: None,
-            model,
-            estimate,
-            deadline,
-            turn: None,
-            denied: None,
-            no_more_waiting: false,
+            wait,
         };
         let quotas = match quotas {
             None => None,
             Some(Resolution::Ready(q)) => q,
             Some(Resolution::Pending(quotas)) => {
-                pending.tag = Some(tag);
                 return Call::Resolving {
                     quotas,
+                    unplanned: Some(Box::new(Unplanned {
+                        tag,
+                        model,
+                        estimate,
+                    })),
                     pending: Some(pending),
                 };
             }
         };
-        let plan =
-            Arc::new(engine.plan(tag, pending.model.as_deref(), quotas.as_deref(), estimate));
+        let plan = Arc::new(engine.plan(tag, model.as_deref(), quotas.as_deref(), estimate));
         Self::planned(plan, pending)
     }
 
     fn refused(error: Error) -> Self {
         Call::Refused {
-            outcome: Some(refusal(error, None)),
+            error: Some(error),
+            plan: None,
         }
     }
 
@@ -184,22 +198,25 @@ impl<S: Service<R>, R> Call<S, R> {
         let engine = pending.engine.clone();
         if let Some(error) = engine.suspension(&plan) {
             return Call::Refused {
-                outcome: Some(refusal(error, Some(plan))),
+                error: Some(error),
+                plan: Some(plan),
             };
         }
         if let Some(error) = engine.cached_denial(&plan) {
-            if let Some(wait) = waitable(&pending, &error) {
-                pending.denied = Some((error, Instant::now() + wait));
+            if let Some(waiting) = waiting_for(&mut pending, &error) {
+                let lifts = Instant::now() + waiting.1;
+                waiting.0.denied = Some((error, lifts));
                 return Self::queue(plan, pending);
             }
             if let Some(e) = error.limit_exceeded() {
                 metrics::cached_denial(&e.name);
             }
             return Call::Refused {
-                outcome: Some(refusal(error, Some(plan))),
+                error: Some(error),
+                plan: Some(plan),
             };
         }
-        if pending.deadline.is_some() && engine.waiters.busy(&queue_key(&plan)) {
+        if pending.wait.is_some() && engine.waiters.busy(&queue_key(&plan)) {
             // Calls of this identifier (and model) are waiting: take a turn behind them.
             return Self::queue(plan, pending);
         }
@@ -209,13 +226,14 @@ impl<S: Service<R>, R> Call<S, R> {
     /// Wait for this call's turn (if it does not hold it yet), then for its denial to
     /// lift, then acquire again.
     fn queue(plan: Arc<Plan>, pending: Pending<S, R>) -> Self {
-        if pending.turn.is_some() {
+        if pending.wait.as_ref().is_some_and(|w| w.turn.is_some()) {
             return Self::after_turn(plan, pending);
         }
         let turn = Box::pin(pending.engine.waiters.queue(&queue_key(&plan)).lock_owned());
         let deadline = pending
-            .deadline
-            .map(|d| Box::pin(tokio::time::sleep_until(d)));
+            .wait
+            .as_ref()
+            .map(|w| Box::pin(tokio::time::sleep_until(w.deadline)));
         Call::Queued {
             turn,
             deadline,
@@ -228,12 +246,17 @@ impl<S: Service<R>, R> Call<S, R> {
     /// the bound), else acquire now.
     fn after_turn(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
         let now = Instant::now();
-        match pending.denied.take() {
+        let (denied, deadline) = match &mut pending.wait {
+            Some(w) => (w.denied.take(), Some(w.deadline)),
+            None => (None, None),
+        };
+        match denied {
             Some((error, lifts)) if lifts > now => {
-                if pending.deadline.is_some_and(|d| lifts > d) {
+                if deadline.is_some_and(|d| lifts > d) {
                     release_turn(&mut pending, &plan);
                     return Call::Refused {
-                        outcome: Some(refusal(error, Some(plan))),
+                        error: Some(error),
+                        plan: Some(plan),
                     };
                 }
                 Call::Sleeping {
@@ -268,15 +291,18 @@ fn queue_key(plan: &Plan) -> String {
     }
 }
 
-/// Wait mode: how long to sleep before trying a denied call again, if its wait fits
-/// in what is left of the bound.
-fn waitable<S, R>(pending: &Pending<S, R>, error: &Error) -> Option<Duration> {
-    if pending.no_more_waiting {
+/// Wait mode: the call's wait state and how long to sleep before trying a denied call
+/// again, if its wait fits in what is left of the bound.
+fn waiting_for<'p, S, R>(
+    pending: &'p mut Pending<S, R>,
+    error: &Error,
+) -> Option<(&'p mut Waiting, Duration)> {
+    let waiting = pending.wait.as_deref_mut()?;
+    if waiting.no_more_waiting {
         return None;
     }
-    let deadline = pending.deadline?;
     let wait = error.retry_after()?;
-    (Instant::now() + wait <= deadline).then_some(wait)
+    (Instant::now() + wait <= waiting.deadline).then_some((waiting, wait))
 }
 
 fn taken<T>(slot: &mut Option<T>) -> T {
@@ -289,21 +315,18 @@ impl<S: Service<R>, R> Future for Call<S, R> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project() {
-                CallProj::Resolving { quotas, pending } => {
+                CallProj::Resolving {
+                    quotas,
+                    unplanned,
+                    pending,
+                } => {
                     let quotas = ready!(quotas.as_mut().poll(cx));
-                    let mut pending = taken(pending);
-                    let Some(tag) = pending.tag.take() else {
-                        return Poll::Ready(refusal(
-                            Error::invalid_input("quotas resolved without an identifier"),
-                            None,
-                        ));
-                    };
-                    let engine = pending.engine.clone();
-                    let plan = Arc::new(engine.plan(
-                        tag,
-                        pending.model.as_deref(),
+                    let (pending, unplanned) = (taken(pending), taken(unplanned));
+                    let plan = Arc::new(pending.engine.plan(
+                        unplanned.tag,
+                        unplanned.model.as_deref(),
                         quotas.as_deref(),
-                        pending.estimate,
+                        unplanned.estimate,
                     ));
                     self.set(Self::planned(plan, pending));
                 }
@@ -316,7 +339,9 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     match turn.as_mut().poll(cx) {
                         Poll::Ready(guard) => {
                             let (plan, mut pending) = (taken(plan), taken(pending));
-                            pending.turn = Some(guard);
+                            if let Some(w) = &mut pending.wait {
+                                w.turn = Some(guard);
+                            }
                             self.set(Self::after_turn(plan, pending));
                         }
                         Poll::Pending => {
@@ -326,9 +351,11 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             ready!(deadline.as_mut().poll(cx));
                             // The bound passed while queued: one last try, no more waiting.
                             let (plan, mut pending) = (taken(plan), taken(pending));
-                            pending.no_more_waiting = true;
-                            if let Some((error, _)) = pending.denied.take() {
-                                return Poll::Ready(refusal(error, Some(plan)));
+                            if let Some(w) = &mut pending.wait {
+                                w.no_more_waiting = true;
+                                if let Some((error, _)) = w.denied.take() {
+                                    return Poll::Ready(refusal(error, Some(plan)));
+                                }
                             }
                             self.set(Self::acquire(plan, pending));
                         }
@@ -355,10 +382,10 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             .poll_acquire(cx)
                     );
                     let (plan, mut pending) = (taken(plan), taken(pending));
-                    let settlement = taken(settlement);
+                    let mut settlement = taken(settlement);
                     let decider = settlement.decider();
-                    let decisions = match acquired {
-                        Ok(decisions) => decisions,
+                    let allowed = match acquired {
+                        Ok(allowed) => allowed,
                         Err(error) => {
                             release_turn(&mut pending, &plan);
                             return Poll::Ready(Outcome::Refused {
@@ -369,13 +396,14 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             });
                         }
                     };
-                    if !decisions.iter().all(|d| d.allowed) {
+                    if !allowed {
+                        let decisions = settlement.take_decisions();
                         let engine = pending.engine.clone();
                         let error = engine.denial(&plan, &decisions);
                         engine.remember_denial(&plan, &error);
-                        if let Some(wait) = waitable(&pending, &error) {
+                        if let Some((waiting, wait)) = waiting_for(&mut pending, &error) {
                             tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
-                            pending.denied = Some((error, Instant::now() + wait));
+                            waiting.denied = Some((error, Instant::now() + wait));
                             self.set(Self::queue(plan, pending));
                             continue;
                         }
@@ -400,28 +428,25 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     self.set(Call::Calling {
                         future,
                         settlement: Some(settlement),
-                        decisions,
                         plan: Some(plan),
                     });
                 }
                 CallProj::Calling {
                     future,
                     settlement,
-                    decisions,
                     plan,
                 } => {
                     let result = ready!(future.poll(cx));
                     let outcome = Outcome::Called {
                         result,
                         settlement: taken(settlement),
-                        decisions: std::mem::take(decisions),
                         plan: taken(plan),
                     };
                     self.set(Call::Done);
                     return Poll::Ready(outcome);
                 }
-                CallProj::Refused { outcome } => {
-                    let outcome = taken(outcome);
+                CallProj::Refused { error, plan } => {
+                    let outcome = refusal(taken(error), plan.take());
                     self.set(Call::Done);
                     return Poll::Ready(outcome);
                 }
@@ -442,7 +467,7 @@ fn refusal<S: Service<R>, R>(error: Error, plan: Option<Arc<Plan>>) -> Outcome<S
 
 /// Give up this call's turn, letting the next waiting call of the identifier go.
 fn release_turn<S, R>(pending: &mut Pending<S, R>, plan: &Plan) {
-    if pending.turn.take().is_some() {
+    if pending.wait.as_mut().and_then(|w| w.turn.take()).is_some() {
         pending.engine.waiters.release(&queue_key(plan));
     }
 }

@@ -274,6 +274,8 @@ pub(crate) struct LimitSpec {
     pub models: Vec<WildMatch>,
     /// `<layer prefix>:<name>`.
     pub prefix: String,
+    /// Its metrics' keys (labelled with its name).
+    pub metrics: super::metrics::LimitKeys,
 }
 
 impl LimitSpec {
@@ -292,8 +294,10 @@ impl LimitSpec {
         }
         let prefix = format!("{layer_prefix}:{name}");
         crate::store::validate_prefix(&prefix)?;
+        let name: Arc<str> = name.into();
         Ok(Self {
-            name: name.into(),
+            metrics: super::metrics::LimitKeys::new(&name),
+            name,
             kind: limit.kind,
             rule: limit.rule,
             count: limit.count,

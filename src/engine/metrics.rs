@@ -17,24 +17,57 @@ use super::reliability::StoreErrorPolicy;
 use super::{Engine, Taken};
 use crate::store::Decision;
 
+/// A limit's metric keys, built once with the limit: recording a decision then looks
+/// its counter up by reference, with no label allocation per call.
+#[cfg(feature = "metrics")]
+#[derive(Clone, Debug)]
+pub(crate) struct LimitKeys {
+    allowed: ::metrics::Key,
+    denied: ::metrics::Key,
+    tokens_charged: ::metrics::Key,
+}
+
+#[cfg(feature = "metrics")]
+impl LimitKeys {
+    pub(crate) fn new(name: &Arc<str>) -> Self {
+        let limit = || ::metrics::Label::new("limit", ::metrics::SharedString::from(name.clone()));
+        let decision = |outcome: &'static str| {
+            ::metrics::Key::from_parts(
+                "llm_ratelimit_decisions_total",
+                vec![limit(), ::metrics::Label::new("outcome", outcome)],
+            )
+        };
+        Self {
+            allowed: decision("allowed"),
+            denied: decision("denied"),
+            tokens_charged: ::metrics::Key::from_parts(
+                "llm_ratelimit_tokens_charged_total",
+                vec![limit()],
+            ),
+        }
+    }
+}
+
+/// What the `metrics` macros would attach to the counters registered by key here.
+#[cfg(feature = "metrics")]
+static METADATA: ::metrics::Metadata<'static> =
+    ::metrics::Metadata::new(module_path!(), ::metrics::Level::INFO, Some(module_path!()));
+
 /// One call's decision: `allowed` for every limit when the call passed, `denied` for
 /// each limit that refused it (the others took nothing and are not counted).
 #[cfg(feature = "metrics")]
 pub(crate) fn decisions(engine: &Engine, taken: &[Taken], decisions: &[Decision], allowed: bool) {
-    for (t, d) in taken.iter().zip(decisions) {
-        let outcome = match (allowed, d.allowed) {
-            (true, _) => "allowed",
-            (false, false) => "denied",
-            (false, true) => continue,
-        };
-        ::metrics::counter!(
-            "llm_ratelimit_decisions_total",
-            // The name is shared (an `Arc<str>`): no copy per decision.
-            "limit" => ::metrics::SharedString::from(engine.limits[t.limit].name.clone()),
-            "outcome" => outcome
-        )
-        .increment(1);
-    }
+    ::metrics::with_recorder(|recorder| {
+        for (t, d) in taken.iter().zip(decisions) {
+            let keys = &engine.limits[t.limit].metrics;
+            let key = match (allowed, d.allowed) {
+                (true, _) => &keys.allowed,
+                (false, false) => &keys.denied,
+                (false, true) => continue,
+            };
+            recorder.register_counter(key, &METADATA).increment(1);
+        }
+    });
 }
 
 /// A denial answered from the denial cache, for limit `name`.
@@ -49,13 +82,13 @@ pub(crate) fn cached_denial(name: &str) {
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) fn tokens_charged(name: &Arc<str>, units: u64) {
+pub(crate) fn tokens_charged(keys: &LimitKeys, units: u64) {
     if units > 0 {
-        ::metrics::counter!(
-            "llm_ratelimit_tokens_charged_total",
-            "limit" => ::metrics::SharedString::from(name.clone())
-        )
-        .increment(units);
+        ::metrics::with_recorder(|recorder| {
+            recorder
+                .register_counter(&keys.tokens_charged, &METADATA)
+                .increment(units)
+        });
     }
 }
 
@@ -89,7 +122,16 @@ pub(crate) fn decisions(_: &Engine, _: &[Taken], _: &[Decision], _: bool) {}
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn cached_denial(_: &str) {}
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn tokens_charged(_: &Arc<str>, _: u64) {}
+#[derive(Clone, Debug)]
+pub(crate) struct LimitKeys;
+#[cfg(not(feature = "metrics"))]
+impl LimitKeys {
+    pub(crate) fn new(_: &Arc<str>) -> Self {
+        Self
+    }
+}
+#[cfg(not(feature = "metrics"))]
+pub(crate) fn tokens_charged(_: &LimitKeys, _: u64) {}
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn store_error() {}
 #[cfg(not(feature = "metrics"))]

@@ -12,6 +12,8 @@ pub(crate) mod reliability;
 pub(crate) mod settlement;
 
 use std::collections::HashMap;
+
+use smallvec::SmallVec;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -95,8 +97,9 @@ pub(crate) struct Plan {
     /// The request's estimate (prompt and output), if known: reserved from token limits
     /// in `Reserve` mode, and charged if the call ends before its usage arrives.
     pub estimate: Option<Usage>,
-    pub checks: Vec<LimitCheck>,
-    pub taken: Vec<Taken>,
+    /// Inline for the usual few limits: a plan is one allocation.
+    pub checks: SmallVec<[LimitCheck; 4]>,
+    pub taken: SmallVec<[Taken; 4]>,
     /// A limit whose quota for this identifier is 0 (a suspended tenant): every call is
     /// refused by it.
     pub suspended: Option<usize>,
@@ -232,8 +235,8 @@ impl Engine {
         quotas: Option<&Quotas>,
         estimate: Option<Usage>,
     ) -> Plan {
-        let mut checks = Vec::with_capacity(self.limits.len());
-        let mut taken = Vec::with_capacity(self.limits.len());
+        let mut checks = SmallVec::with_capacity(self.limits.len());
+        let mut taken = SmallVec::with_capacity(self.limits.len());
         let mut suspended = None;
         for (i, spec) in self.limits.iter().enumerate() {
             if !spec.applies_to(model) {

@@ -8,7 +8,6 @@ use std::task::{Context, Poll, Waker};
 
 use super::limit::LimitKind;
 use super::reliability::{Decider, StoreErrorPolicy, fallback_decisions, next_id, with_timeout};
-use smallvec::SmallVec;
 
 use super::{Engine, MissingUsage, Plan, Taken, metrics};
 use crate::error::StoreError;
@@ -59,8 +58,9 @@ pub(crate) struct Settlement {
     plan: Arc<Plan>,
     /// Prompt tokens charged if the call is dropped before it ends.
     prompt_estimate: u64,
-    /// The window each limit's units were taken in (fixed and sliding windows).
-    windows: SmallVec<[Option<i64>; 4]>,
+    /// The acquire's decisions, once it answered (each limit's window is settled in the
+    /// window its units were taken in).
+    decisions: Vec<Decision>,
     /// Decided by `FailOpen`: nothing was taken anywhere (no reservation, no slot).
     open: bool,
     /// Dedupes retried writes of this settlement in the store.
@@ -124,13 +124,13 @@ impl Settlement {
         };
         let phase = match sync {
             Some(decisions) => Phase::Acquired(Some(Ok((decisions, Decider::Store)))),
-            None => Phase::Acquiring(acquire(engine.clone(), plan.checks.clone())),
+            None => Phase::Acquiring(acquire(engine.clone(), plan.checks.to_vec())),
         };
         Self {
             prompt_estimate: plan
                 .estimate
                 .map_or(engine.default_estimate, |e| e.prompt_tokens),
-            windows: SmallVec::new(),
+            decisions: Vec::new(),
             open: false,
             plan,
             id: next_id(),
@@ -146,37 +146,44 @@ impl Settlement {
         self.decider
     }
 
-    /// Drive the acquire. Ready(Ok(decisions)) arms the settlement if all were allowed
-    /// (a denial took nothing, so there is nothing left to settle).
-    pub(crate) fn poll_acquire(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Vec<Decision>, StoreError>> {
+    /// Drive the acquire: `Ready(Ok(allowed))` once it answered, with its decisions kept
+    /// here ([`Settlement::decisions`]). It arms the settlement if all were allowed (a
+    /// denial took nothing, so there is nothing left to settle).
+    pub(crate) fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, StoreError>> {
         let result = match &mut self.phase {
             Phase::Acquiring(fut) => std::task::ready!(fut.as_mut().poll(cx)),
             Phase::Acquired(result) => result
                 .take()
                 .unwrap_or_else(|| Err(StoreError::new("acquire polled twice"))),
-            _ => return Poll::Ready(Ok(Vec::new())),
+            _ => return Poll::Ready(Ok(self.decisions.iter().all(|d| d.allowed))),
         };
         self.phase = Phase::Done;
-        Poll::Ready(result.map(|(decisions, decider)| {
-            self.arm(&decisions, decider);
-            decisions
-        }))
+        Poll::Ready(result.map(|(decisions, decider)| self.arm(decisions, decider)))
     }
 
-    fn arm(&mut self, decisions: &[Decision], decider: Decider) {
+    /// The acquire's decisions (empty until it answered).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn decisions(&self) -> &[Decision] {
+        &self.decisions
+    }
+
+    /// The decisions of an acquire that was denied (nothing to settle, nothing kept).
+    pub(crate) fn take_decisions(&mut self) -> Vec<Decision> {
+        std::mem::take(&mut self.decisions)
+    }
+
+    fn arm(&mut self, decisions: Vec<Decision>, decider: Decider) -> bool {
         self.decider = decider;
         // FailOpen: nothing was taken anywhere; the usage is all there is to write.
         self.open = decider == Decider::Open;
-        self.windows = decisions.iter().map(|d| d.window).collect();
         let allowed = decisions.iter().all(|d| d.allowed);
-        metrics::decisions(&self.engine, &self.plan.taken, decisions, allowed);
+        metrics::decisions(&self.engine, &self.plan.taken, &decisions, allowed);
+        self.decisions = decisions;
         if allowed {
             self.phase = Phase::Armed;
             self.start_renewal();
         }
+        allowed
     }
 
     /// Calls can outlive their slot's lease (streams of many minutes): while the call
@@ -267,14 +274,14 @@ impl Settlement {
                 continue;
             }
             let reserved = if self.open { 0 } else { t.reserved };
-            let window = self.windows.get(i).copied().flatten();
+            let window = self.decisions.get(i).and_then(|d| d.window);
             let charge = match kind {
                 LimitKind::Tokens => self.charge(t, reserved, ending) as i64,
                 _ => 0,
             };
             let delta = charge - reserved as i64;
             if kind == LimitKind::Tokens {
-                metrics::tokens_charged(&self.engine.limits[t.limit].name, charge as u64);
+                metrics::tokens_charged(&self.engine.limits[t.limit].metrics, charge as u64);
             }
             match (self.decider, kind) {
                 (Decider::Store, LimitKind::Tokens) if delta != 0 => {

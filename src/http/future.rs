@@ -500,13 +500,12 @@ where
                         Outcome::Called {
                             result: Ok(response),
                             settlement,
-                            decisions,
                             plan,
                         } => {
                             let (mut parts, body) = response.into_parts();
                             headers::insert_rate_limit_headers(
                                 &mut parts.headers,
-                                &infos(engine, &plan, &decisions),
+                                &infos(engine, &plan, settlement.decisions()),
                             );
                             headers::insert_fallback(
                                 &mut parts.headers,

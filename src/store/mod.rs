@@ -298,8 +298,8 @@ pub fn identifier_tag(identifier: &[u8]) -> Result<String, Error> {
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
     if safe {
-        // Safe bytes are ASCII.
-        return Ok(String::from_utf8_lossy(identifier).into_owned());
+        // Safe bytes are ASCII, so this never fails (and never replaces a byte).
+        return Ok(String::from_utf8(identifier.to_vec()).unwrap_or_default());
     }
     let digest = Sha256::digest(identifier);
     let mut tag = String::with_capacity(33);
