@@ -25,12 +25,13 @@ fn algorithms() -> [(&'static str, Algorithm); 3] {
 }
 
 fn decisions(c: &mut Criterion) {
-    let keys: Vec<String> = (0..100)
+    let keys: Vec<std::sync::Arc<str>> = (0..100)
         .map(|i| {
             state_key(
                 "bench",
                 &identifier_tag(format!("user-{i}").as_bytes()).unwrap(),
             )
+            .into()
         })
         .collect();
     let mut group = c.benchmark_group("memory_store");

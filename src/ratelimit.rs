@@ -102,7 +102,7 @@ impl Ratelimit {
     pub async fn limit(&self, identifier: impl AsRef<[u8]>, cost: u64) -> Result<Decision, Error> {
         check_cost(cost)?;
         let check = LimitCheck {
-            key: self.key(identifier)?,
+            key: self.key(identifier)?.into(),
             rule: self.algorithm.into(),
             cost,
             take: true,
@@ -145,7 +145,7 @@ impl Ratelimit {
 
     async fn adjust(&self, identifier: impl AsRef<[u8]>, delta: i64) -> Result<Decision, Error> {
         let adjustment = Adjustment {
-            key: self.key(identifier)?,
+            key: self.key(identifier)?.into(),
             rule: self.algorithm.into(),
             delta,
             slot: 0,

@@ -524,7 +524,7 @@ mod store_edges {
 
     fn charge(key: &str, delta: i64) -> Adjustment {
         Adjustment {
-            key: key.to_string(),
+            key: key.into(),
             rule: Rule::Rate(algorithm("fixed")),
             delta,
             slot: 0,
@@ -580,7 +580,7 @@ mod store_edges {
 
     fn slot_check(key: &str, slot: u64) -> LimitCheck {
         LimitCheck {
-            key: key.to_string(),
+            key: key.into(),
             rule: Rule::Concurrency(
                 tower_llm_ratelimit::ConcurrencyLimit::new(2, Duration::from_secs(60)).unwrap(),
             ),
@@ -607,7 +607,7 @@ mod store_edges {
             let second = store.acquire(vec![slot_check(&key, b)]).await.unwrap();
             assert_eq!(second[0].remaining, 0);
             let release = Adjustment {
-                key: key.clone(),
+                key: key.as_str().into(),
                 rule: slot_check(&key, a).rule,
                 delta: -1,
                 slot: a,

@@ -539,7 +539,7 @@ async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
     // the ones that were kept.
     let store = RedisStore::connect(&common::redis_url()).await.unwrap();
     let prefix = common::unique_prefix("batchdrop");
-    let key = format!("{prefix}:{{hank}}");
+    let key: std::sync::Arc<str> = format!("{prefix}:{{hank}}").into();
     let check = || LimitCheck {
         key: key.clone(),
         rule: FixedWindow::new(1_000_000, LONG).unwrap().into(),
@@ -615,7 +615,8 @@ async fn slots_under_a_test_clock_do_not_expire_in_real_time() {
         .unwrap()
         .with_test_clock(clock.clone());
     let memory = MemoryStore::with_clock(clock.clone());
-    let key = format!("{}:{{slots}}", common::unique_prefix("test-clock-slots"));
+    let key: std::sync::Arc<str> =
+        format!("{}:{{slots}}", common::unique_prefix("test-clock-slots")).into();
     let check = |slot: u64| LimitCheck {
         key: key.clone(),
         rule: tower_llm_ratelimit::store::Rule::Concurrency(
@@ -659,7 +660,8 @@ async fn a_clock_behind_the_state_decides_in_the_state_window() {
             .unwrap()
             .with_test_clock(clock.clone());
         let memory = MemoryStore::with_clock(clock.clone());
-        let key = format!("{}:{{behind}}", common::unique_prefix("behind"));
+        let key: std::sync::Arc<str> =
+            format!("{}:{{behind}}", common::unique_prefix("behind")).into();
         let check = || LimitCheck {
             key: key.clone(),
             rule: tower_llm_ratelimit::store::Rule::Rate(alg),

@@ -249,7 +249,7 @@ async fn run_op(
     let d = match op {
         Op::RefundInto(n, back) => {
             let adjustment = Adjustment {
-                key: rl.key("p").unwrap(),
+                key: rl.key("p").unwrap().into(),
                 rule: (*rl.algorithm()).into(),
                 delta: -(n as i64),
                 slot: 0,
@@ -471,7 +471,7 @@ fn multi_differential(start_ms: u64, ops: Vec<MultiOp>) -> Result<(), TestCaseEr
             .zip(costs)
             .enumerate()
             .map(|(i, (k, cost))| LimitCheck {
-                key: format!("{prefix}:l{i}:{{p}}"),
+                key: format!("{prefix}:l{i}:{{p}}").into(),
                 rule: k.algorithm().into(),
                 cost,
                 take: true,

@@ -331,7 +331,7 @@ async fn a_slot_of_a_dead_process_expires_after_its_lease() {
     // A "crashed" holder: takes the only slot and never releases it.
     let crashed = store
         .acquire(vec![tower_llm_ratelimit::store::LimitCheck {
-            key: format!("{prefix}:concurrency:{{carl}}"),
+            key: format!("{prefix}:concurrency:{{carl}}").into(),
             rule: limit.into(),
             cost: 1,
             take: true,
@@ -459,7 +459,7 @@ async fn a_settlement_id_is_applied_once() {
     .unwrap();
     let charge = |id| {
         let adjustment = Adjustment {
-            key: rl.key("fay").unwrap(),
+            key: rl.key("fay").unwrap().into(),
             rule: (*rl.algorithm()).into(),
             delta: 7,
             slot: 0,

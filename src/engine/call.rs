@@ -417,12 +417,16 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         });
                     }
                     release_turn(&mut pending, &plan);
-                    let _span = tracing::debug_span!(
-                        "llm_ratelimit_call",
-                        identifier = %plan.tag,
-                        limits = plan.taken.len(),
-                    )
-                    .entered();
+                    // Checked first: building a disabled span still costs (it is offered
+                    // to the `log` crate when tracing's `log` feature is on).
+                    let _span = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+                        tracing::debug_span!(
+                            "llm_ratelimit_call",
+                            identifier = %plan.tag,
+                            limits = plan.taken.len(),
+                        )
+                        .entered()
+                    });
                     let mut service = pending.service;
                     let future = service.call(pending.request);
                     self.set(Call::Calling {

@@ -9,8 +9,9 @@
 //! entries at once.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, LimitExceeded};
@@ -34,34 +35,72 @@ struct Entry {
 }
 
 pub(crate) struct DeniedCache {
-    shards: Vec<Mutex<HashMap<String, Vec<Entry>>>>,
-    hasher: RandomState,
+    shards: Vec<Shard>,
+    hasher: Hasher,
     max_age: Duration,
+}
+
+/// Tags come from user identifiers: a randomly seeded hasher (foldhash, as the memory
+/// store uses).
+type Hasher = foldhash::fast::RandomState;
+
+/// One shard: its identifiers, and how many there are, readable without the lock (most
+/// calls find their shard empty and take no lock at all).
+#[derive(Default)]
+struct Shard {
+    map: Mutex<HashMap<String, Vec<Entry>, Hasher>>,
+    len: AtomicUsize,
+}
+
+/// A shard's map, locked; its length is published when the guard is dropped.
+struct Locked<'a> {
+    map: MutexGuard<'a, HashMap<String, Vec<Entry>, Hasher>>,
+    len: &'a AtomicUsize,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.len.store(self.map.len(), Ordering::Release);
+    }
 }
 
 impl DeniedCache {
     pub(crate) fn new(max_age: Duration) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: Hasher::default(),
             max_age,
         }
     }
 
-    fn shard(&self, tag: &str) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Entry>>> {
-        let i = self.hasher.hash_one(tag) as usize % SHARDS;
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    fn shard_of(&self, tag: &str) -> &Shard {
+        &self.shards[self.hasher.hash_one(tag) as usize % SHARDS]
+    }
+
+    fn lock(shard: &Shard) -> Locked<'_> {
+        Locked {
+            map: shard.map.lock().unwrap_or_else(|p| p.into_inner()),
+            len: &shard.len,
+        }
+    }
+
+    /// The shard of `tag`, locked; `None` when it holds nothing (then no lock is taken).
+    fn occupied(&self, tag: &str) -> Option<Locked<'_>> {
+        let shard = self.shard_of(tag);
+        (shard.len.load(Ordering::Acquire) > 0).then(|| Self::lock(shard))
     }
 
     /// Drop every entry of `tag`.
     pub(crate) fn forget(&self, tag: &str) {
-        self.shard(tag).remove(tag);
+        if let Some(mut shard) = self.occupied(tag) {
+            shard.map.remove(tag);
+        }
     }
 
     /// The denial still in force for a call of `tag` for `model`, if any.
     pub(crate) fn check(&self, tag: &str, model: Option<&str>) -> Option<Error> {
-        let mut shard = self.shard(tag);
-        let entries = shard.get_mut(tag)?;
+        let mut shard = self.occupied(tag)?;
+        let entries = shard.map.get_mut(tag)?;
         // The clock is read only for an identifier with cached denials (the rare case).
         let now = Instant::now();
         entries.retain(|e| e.until > now);
@@ -85,7 +124,7 @@ impl DeniedCache {
             }
         });
         if entries.is_empty() {
-            shard.remove(tag);
+            shard.map.remove(tag);
         }
         error
     }
@@ -105,7 +144,8 @@ impl DeniedCache {
             return;
         }
         let now = Instant::now();
-        let mut shard = self.shard(tag);
+        let mut shard = Self::lock(self.shard_of(tag));
+        let shard = &mut *shard.map;
         if shard.len() >= MAX_PER_SHARD {
             shard.retain(|_, entries| entries.iter().any(|e| e.until > now));
             if shard.len() >= MAX_PER_SHARD {

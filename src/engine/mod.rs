@@ -22,7 +22,9 @@ use crate::algorithm::{
 };
 use crate::error::{Error, LimitExceeded};
 use crate::llm::Usage;
-use crate::store::{Decision, LimitCheck, MemoryStore, Rule, Store, identifier_tag, state_key};
+use crate::store::{
+    Decision, LimitCheck, MemoryStore, Rule, Store, identifier_tag, shared_state_key, state_key,
+};
 
 use limit::{LimitKind, LimitSpec, TokenCount};
 use quota::{QuotaResolver, Quotas};
@@ -216,13 +218,15 @@ impl Engine {
     }
 
     /// The key of limit `spec` for hash tag `tag` and `model`.
-    fn key(&self, spec: &LimitSpec, tag: &str, model: Option<&str>) -> String {
+    fn key(&self, spec: &LimitSpec, tag: &str, model: Option<&str>) -> Arc<str> {
         match model.filter(|_| spec.per_model) {
             Some(model) => {
                 let prefix = format!("{}:m.{}", spec.prefix, model_tag(model));
-                state_key(&prefix, tag)
+                state_key(&prefix, tag).into()
             }
-            None => state_key(&spec.prefix, tag),
+            // The usual case, in one allocation: the key is written straight into its
+            // `Arc`'s buffer's final size.
+            None => shared_state_key(&spec.prefix, tag),
         }
     }
 

@@ -121,13 +121,45 @@ impl Clock for ManualClock {
 }
 
 const SHARDS: usize = 64;
+
+/// The part of a key that picks its shard: the keys of one call must share it, so that
+/// the call takes one lock. Keys made by [`state_key`](super::state_key) end with their
+/// identifier's tag (`<prefix>:{<tag>}`, with no brace in the prefix or the tag), which
+/// is read from the end (a few bytes, not a scan of the whole key). Other keys use what
+/// is between their first `{` and the next `}`, as Redis Cluster does, or the whole key.
+/// (The choice only spreads keys over shards; any choice is correct.)
+fn hash_tag(key: &str) -> &str {
+    let bytes = key.as_bytes();
+    if let [body @ .., b'}'] = bytes
+        && let Some(open) = body.iter().rposition(|&b| b == b'{' || b == b'}')
+        && body[open] == b'{'
+        && open + 1 < body.len()
+    {
+        return &key[open + 1..body.len()];
+    }
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}').map(|close| &rest[..close])
+        })
+        .filter(|t| !t.is_empty())
+        .unwrap_or(key)
+}
 /// A shard sweeps out expired entries once it has seen at least this many writes and at
 /// least as many writes as it holds entries, so sweeping costs O(1) amortized per write.
 const MIN_WRITES_BETWEEN_SWEEPS: usize = 256;
 
+#[derive(Clone)]
 enum Value {
     Counter(State),
     Slots(Slots),
+}
+
+/// How to put back what an acquire wrote in place, if the acquire is denied.
+enum Undo {
+    Nothing,
+    Remove,
+    Restore(Value, i64),
 }
 
 struct Entry {
@@ -182,6 +214,61 @@ impl Shard {
             }
         }
         self.after_write(now);
+    }
+
+    /// Decide one counter check and write its outcome in place (one lookup), returning
+    /// how to put the entry back should another check of the same acquire deny.
+    fn decide_in_place(
+        &mut self,
+        key: &str,
+        algorithm: &Algorithm,
+        cost: u64,
+        take: bool,
+        now: i64,
+    ) -> (algorithm::Outcome, Undo) {
+        let Some(entry) = self.map.get_mut(key) else {
+            let (o, w) = algorithm::decide(algorithm, None, now, cost, take);
+            let undo = match w {
+                Write::Put(..) => Undo::Remove,
+                _ => Undo::Nothing,
+            };
+            self.apply(key, w, now);
+            return (o, undo);
+        };
+        let state = match entry.value {
+            Value::Counter(s) if entry.expires_at > now => Some(s),
+            _ => None,
+        };
+        let (o, w) = algorithm::decide(algorithm, state, now, cost, take);
+        let before = match &w {
+            Write::None => return (o, Undo::Nothing),
+            // Slots under a counter's key (a limit that changed kind): kept whole.
+            _ => Undo::Restore(entry.value.clone(), entry.expires_at),
+        };
+        match w {
+            Write::Put(s, ttl_us) => {
+                entry.value = Value::Counter(s);
+                entry.expires_at = now.saturating_add(ttl_us as i64);
+            }
+            _ => {
+                self.map.remove(key);
+            }
+        }
+        self.after_write(now);
+        (o, before)
+    }
+
+    /// Put an entry back as it was before [`Shard::decide_in_place`].
+    fn undo(&mut self, key: &str, undo: Undo) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::Remove => {
+                self.map.remove(key);
+            }
+            Undo::Restore(value, expires_at) => {
+                self.map.insert(key.into(), Entry { value, expires_at });
+            }
+        }
     }
 
     fn after_write(&mut self, now: i64) {
@@ -274,15 +361,7 @@ impl MemoryStore {
     /// The shard of a key: by its hash tag (`{…}`), so every key of one identifier is in
     /// one shard and a call's limits take one lock, as they take one Redis hash slot.
     fn shard_of(&self, key: &str) -> usize {
-        let tag = key
-            .find('{')
-            .and_then(|open| {
-                let rest = &key[open + 1..];
-                rest.find('}').map(|close| &rest[..close])
-            })
-            .filter(|t| !t.is_empty())
-            .unwrap_or(key);
-        (self.inner.hasher.hash_one(tag) as usize) % SHARDS
+        (self.inner.hasher.hash_one(hash_tag(key)) as usize) % SHARDS
     }
 
     /// Live (unexpired) entries: `(key, time to live)`. For inspection and tests.
@@ -369,8 +448,11 @@ impl MemoryStore {
             let check = &checks[0];
             return vec![self.decide_counter(&check.key, algorithm, check.cost, check.take, now)];
         }
-        let mut guards = self.lock_all(checks.iter().map(|c| c.key.as_str()));
+        let mut guards = self.lock_all(checks.iter().map(|c| &*c.key));
         let mut results = Vec::with_capacity(checks.len());
+        // Counters are written as they are decided (one lookup each, the usual case is
+        // that every check allows) and put back if one denies; slots are written at the
+        // end, only if every check allowed.
         let mut writes: SmallVec<[Pending; 4]> = SmallVec::with_capacity(checks.len());
         for (i, c) in checks.iter().enumerate() {
             let shard = guards.shard(i);
@@ -383,14 +465,19 @@ impl MemoryStore {
                     writes.push(Pending::Slots(wrote.then_some(slots)));
                 }
                 Rule::Rate(alg) => {
-                    let (o, w) =
-                        algorithm::decide(alg, shard.get(&c.key, now), now, c.cost, c.take);
+                    let (o, undo) = shard.decide_in_place(&c.key, alg, c.cost, c.take, now);
                     results.push(Decision::from(o));
-                    writes.push(Pending::Counter(w));
+                    writes.push(Pending::Counter(undo));
                 }
             }
         }
         if !results.iter().all(|d| d.allowed) {
+            // Put back, last first (so a key named twice ends as it began).
+            for (i, (c, w)) in checks.iter().zip(writes).enumerate().rev() {
+                if let Pending::Counter(undo) = w {
+                    guards.shard(i).undo(&c.key, undo);
+                }
+            }
             // A denial takes nothing: report the limits that would have allowed as they
             // are, not as if their cost had been taken.
             for (i, c) in checks.iter().enumerate() {
@@ -408,10 +495,8 @@ impl MemoryStore {
             }
         } else {
             for (i, (c, w)) in checks.iter().zip(writes).enumerate() {
-                match w {
-                    Pending::Counter(w) => guards.shard(i).apply(&c.key, w, now),
-                    Pending::Slots(Some(slots)) => guards.shard(i).put_slots(&c.key, slots, now),
-                    Pending::Slots(None) => {}
+                if let Pending::Slots(Some(slots)) = w {
+                    guards.shard(i).put_slots(&c.key, slots, now);
                 }
             }
         }
@@ -421,7 +506,7 @@ impl MemoryStore {
     /// Synchronous form of [`Store::adjust`].
     pub fn adjust_now(&self, adjustments: &[Adjustment]) -> Vec<Decision> {
         let now = self.inner.clock.now_micros();
-        let mut guards = self.lock_all(adjustments.iter().map(|a| a.key.as_str()));
+        let mut guards = self.lock_all(adjustments.iter().map(|a| &*a.key));
         adjustments
             .iter()
             .enumerate()
@@ -469,7 +554,29 @@ impl MemoryStore {
     }
 
     fn lock_all<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Guards<'_> {
-        let of_key: SmallVec<[usize; 4]> = keys.map(|k| self.shard_of(k)).collect();
+        // The keys of one call share their tag: hash it once.
+        let mut last: Option<(&str, usize)> = None;
+        let of_key: SmallVec<[usize; 4]> = keys
+            .map(|k| {
+                let tag = hash_tag(k);
+                match last {
+                    Some((t, shard)) if t == tag => shard,
+                    _ => {
+                        let shard = (self.inner.hasher.hash_one(tag) as usize) % SHARDS;
+                        last = Some((tag, shard));
+                        shard
+                    }
+                }
+            })
+            .collect();
+        if let [first, rest @ ..] = &of_key[..]
+            && rest.iter().all(|s| s == first)
+        {
+            let guards = [(*first, lock(&self.inner.shards[*first]))]
+                .into_iter()
+                .collect();
+            return Guards { of_key, guards };
+        }
         let mut order = of_key.clone();
         order.sort_unstable();
         order.dedup();
@@ -481,9 +588,10 @@ impl MemoryStore {
     }
 }
 
-/// A write decided during an acquire, applied only if every check allowed.
+/// What an acquire did or will do to one key: a counter written in place (and how to
+/// undo it), or slots to write only if every check allowed.
 enum Pending {
-    Counter(Write),
+    Counter(Undo),
     Slots(Option<Slots>),
 }
 
@@ -545,6 +653,19 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_of_one_identifier_share_their_shard_tag() {
+        assert_eq!(hash_tag("rl:rpm:{user-1}"), "user-1");
+        assert_eq!(hash_tag("rl:tpm:m.gpt-4o:{user-1}"), "user-1");
+        assert_eq!(hash_tag(&super::super::state_key("p", "#0a1b")), "#0a1b");
+        // Other keys: the Redis Cluster rule, or the whole key.
+        assert_eq!(hash_tag("a{b}c"), "b");
+        assert_eq!(hash_tag("plain"), "plain");
+        assert_eq!(hash_tag("{}"), "{}");
+        assert_eq!(hash_tag("x}"), "x}");
+        assert_eq!(hash_tag("}"), "}");
+    }
 
     /// The fast clock stays with the OS's wall clock: within a millisecond of it on
     /// every read, across sleeps and past a re-anchoring.

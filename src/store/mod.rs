@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -123,7 +124,8 @@ impl From<ConcurrencyLimit> for Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitCheck {
     /// The state key (see [`state_key`]); distinct across the checks of one acquire.
-    pub key: String,
+    /// Shared: a call's settlement and retries refer to the same key without copying it.
+    pub key: Arc<str>,
     /// The algorithm and quota, or the concurrency limit.
     pub rule: Rule,
     /// Units to take (0 reads).
@@ -138,7 +140,7 @@ pub struct LimitCheck {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Adjustment {
     /// The state key.
-    pub key: String,
+    pub key: Arc<str>,
     /// The algorithm and quota, or the concurrency limit.
     pub rule: Rule,
     /// Positive: charge (forced debit). Negative: refund. Magnitude at most
@@ -324,6 +326,22 @@ pub fn state_key(prefix: &str, tag: &str) -> String {
     key
 }
 
+/// [`state_key`] as a shared string, in one allocation (the key is assembled in a
+/// per-thread buffer, then copied once into its `Arc`).
+pub(crate) fn shared_state_key(prefix: &str, tag: &str) -> Arc<str> {
+    thread_local! {
+        static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    KEY.with_borrow_mut(|key| {
+        key.clear();
+        key.push_str(prefix);
+        key.push_str(":{");
+        key.push_str(tag);
+        key.push('}');
+        Arc::from(key.as_str())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,6 +356,10 @@ mod tests {
         assert_ne!(
             identifier_tag(&long).unwrap(),
             String::from_utf8(long).unwrap()
+        );
+        assert_eq!(
+            &*shared_state_key("p:x", "user-42"),
+            state_key("p:x", "user-42")
         );
         assert!(identifier_tag(b"").is_err());
         assert!(identifier_tag(&vec![0u8; MAX_IDENTIFIER + 1]).is_err());

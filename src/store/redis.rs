@@ -362,7 +362,7 @@ impl RedisStore {
     fn invoke(
         shared: Arc<Shared>,
         script: &'static Script,
-        keys: Vec<String>,
+        keys: Vec<Arc<str>>,
         args: ScriptArgs,
     ) -> ReplyFuture {
         Box::pin(async move {
@@ -379,7 +379,7 @@ impl RedisStore {
     async fn run(
         shared: Arc<Shared>,
         script: &'static Script,
-        keys: Vec<String>,
+        keys: Vec<Arc<str>>,
         args: ScriptArgs,
     ) -> Result<Vec<i64>, StoreError> {
         let mut conn = shared.conn.clone();
@@ -401,12 +401,12 @@ impl RedisStore {
 /// `script` with these KEYS and ARGV.
 fn prepare<'a>(
     script: &'a Script,
-    keys: &[String],
+    keys: &[Arc<str>],
     args: &ScriptArgs,
 ) -> redis::ScriptInvocation<'a> {
     let mut invocation = script.prepare_invoke();
     for k in keys {
-        invocation.key(k.as_str());
+        invocation.key(&**k);
     }
     for a in &args.head {
         invocation.arg(*a);
@@ -600,11 +600,11 @@ async fn cluster_keys_of(conn: &mut Connection, suffix: &str) -> redis::RedisRes
 
 /// The key of the recent settlement ids of the identifier whose state key is `key`: the
 /// same hash tag, one set per identifier (and prefix) however many calls it makes.
-fn settled_ids_key(key: &str) -> String {
+fn settled_ids_key(key: &str) -> Arc<str> {
     let mut ids = String::with_capacity(key.len() + 8);
     ids.push_str(key);
     ids.push_str(":settled");
-    ids
+    ids.into()
 }
 
 /// The six numbers of one limit as the scripts take them: one ARGV value of six
@@ -806,7 +806,7 @@ impl RedisStore {
     fn adjust_script_input(
         &self,
         settlements: &[(&[Adjustment], Option<u64>)],
-    ) -> (Vec<String>, ScriptArgs) {
+    ) -> (Vec<Arc<str>>, ScriptArgs) {
         let limits: usize = settlements.iter().map(|(a, _)| a.len()).sum();
         let mut args = ScriptArgs {
             head: Vec::with_capacity(4 + settlements.len() * 2),
