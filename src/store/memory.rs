@@ -216,18 +216,17 @@ impl Shard {
         self.after_write(now);
     }
 
-    /// Decide one counter check and write its outcome in place (one lookup), returning
-    /// how to put the entry back should another check of the same acquire deny.
-    fn decide_in_place(
+    /// Read one counter, compute its outcome and write with `f`, and write in place: one
+    /// lookup for an existing key. Returns how to put the entry back (should another check
+    /// of the same acquire deny).
+    fn update(
         &mut self,
         key: &str,
-        algorithm: &Algorithm,
-        cost: u64,
-        take: bool,
         now: i64,
+        f: impl FnOnce(Option<State>) -> (algorithm::Outcome, Write),
     ) -> (algorithm::Outcome, Undo) {
         let Some(entry) = self.map.get_mut(key) else {
-            let (o, w) = algorithm::decide(algorithm, None, now, cost, take);
+            let (o, w) = f(None);
             let undo = match w {
                 Write::Put(..) => Undo::Remove,
                 _ => Undo::Nothing,
@@ -239,7 +238,7 @@ impl Shard {
             Value::Counter(s) if entry.expires_at > now => Some(s),
             _ => None,
         };
-        let (o, w) = algorithm::decide(algorithm, state, now, cost, take);
+        let (o, w) = f(state);
         let before = match &w {
             Write::None => return (o, Undo::Nothing),
             // Slots under a counter's key (a limit that changed kind): kept whole.
@@ -258,7 +257,7 @@ impl Shard {
         (o, before)
     }
 
-    /// Put an entry back as it was before [`Shard::decide_in_place`].
+    /// Put an entry back as it was before [`Shard::update`].
     fn undo(&mut self, key: &str, undo: Undo) {
         match undo {
             Undo::Nothing => {}
@@ -409,28 +408,9 @@ impl MemoryStore {
         now: i64,
     ) -> Decision {
         let mut shard = lock(&self.inner.shards[self.shard_of(key)]);
-        let shard = &mut *shard;
-        if let Some(entry) = shard.map.get_mut(key) {
-            let state = match entry.value {
-                Value::Counter(s) if entry.expires_at > now => Some(s),
-                _ => None,
-            };
-            let (o, w) = algorithm::decide(algorithm, state, now, cost, take);
-            match w {
-                Write::None => return o.into(),
-                Write::Put(s, ttl_us) => {
-                    entry.value = Value::Counter(s);
-                    entry.expires_at = now.saturating_add(ttl_us as i64);
-                }
-                Write::Delete => {
-                    shard.map.remove(key);
-                }
-            }
-            shard.after_write(now);
-            return o.into();
-        }
-        let (o, w) = algorithm::decide(algorithm, None, now, cost, take);
-        shard.apply(key, w, now);
+        let (o, _) = shard.update(key, now, |state| {
+            algorithm::decide(algorithm, state, now, cost, take)
+        });
         o.into()
     }
 
@@ -465,7 +445,9 @@ impl MemoryStore {
                     writes.push(Pending::Slots(wrote.then_some(slots)));
                 }
                 Rule::Rate(alg) => {
-                    let (o, undo) = shard.decide_in_place(&c.key, alg, c.cost, c.take, now);
+                    let (o, undo) = shard.update(&c.key, now, |state| {
+                        algorithm::decide(alg, state, now, c.cost, c.take)
+                    });
                     results.push(Decision::from(o));
                     writes.push(Pending::Counter(undo));
                 }
@@ -524,9 +506,9 @@ impl MemoryStore {
                         Decision::from(o)
                     }
                     Rule::Rate(alg) => {
-                        let (o, w) =
-                            algorithm::adjust(alg, shard.get(&a.key, now), now, a.delta, a.window);
-                        shard.apply(&a.key, w, now);
+                        let (o, _) = shard.update(&a.key, now, |state| {
+                            algorithm::adjust(alg, state, now, a.delta, a.window)
+                        });
                         Decision::from(o)
                     }
                 }
