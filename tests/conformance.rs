@@ -230,6 +230,38 @@ mod cases {
         env.check_ttls(kind.ttl_bound());
     }
 
+    /// A key named twice in one acquire: each check is decided on the state before the
+    /// acquire and the later write wins (what the Redis script does); a denial by either
+    /// takes nothing.
+    pub async fn a_key_named_twice_is_decided_on_its_state_before_the_acquire(
+        env: Env,
+        kind: Kind,
+    ) {
+        let rl = env.limit(kind);
+        let key: Arc<str> = rl.key("dup").unwrap().into();
+        let check = |cost| tower_llm_ratelimit::store::LimitCheck {
+            key: key.clone(),
+            rule: kind.algorithm().into(),
+            cost,
+            take: true,
+            slot: 0,
+        };
+        let d = env.store.acquire(vec![check(2), check(2)]).await.unwrap();
+        assert!(d[0].allowed && d[1].allowed, "{kind:?}: {d:?}");
+        assert_eq!((d[0].remaining, d[1].remaining), (3, 3), "{kind:?}");
+        assert_eq!(rl.remaining("dup").await.unwrap(), 3, "{kind:?}");
+        let before = env.raw(&key);
+        let d = env.store.acquire(vec![check(1), check(4)]).await.unwrap();
+        assert!(d[0].allowed && !d[1].allowed, "{kind:?}: {d:?}");
+        assert_eq!((d[0].remaining, d[1].remaining), (3, 3), "{kind:?}");
+        assert_eq!(
+            env.raw(&key),
+            before,
+            "{kind:?}: a denial changed the state"
+        );
+        assert_eq!(rl.remaining("dup").await.unwrap(), 3, "{kind:?}");
+    }
+
     pub async fn cost_above_limit_never_passes(env: Env, kind: Kind) {
         let rl = env.limit(kind);
         let d = rl.limit("alice", 6).await.unwrap();
@@ -347,6 +379,14 @@ macro_rules! conformance {
             #[tokio::test]
             async fn denied_decision_writes_nothing() {
                 cases::denied_decision_writes_nothing(env().await, $kind).await
+            }
+            #[tokio::test]
+            async fn a_key_named_twice_is_decided_on_its_state_before_the_acquire() {
+                cases::a_key_named_twice_is_decided_on_its_state_before_the_acquire(
+                    env().await,
+                    $kind,
+                )
+                .await
             }
             #[tokio::test]
             async fn cost_above_limit_never_passes() {

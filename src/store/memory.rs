@@ -445,8 +445,15 @@ impl MemoryStore {
                     writes.push(Pending::Slots(wrote.then_some(slots)));
                 }
                 Rule::Rate(alg) => {
+                    // A key named twice is decided, like any other, on its state before
+                    // this acquire (as the Redis script does); the later write wins.
+                    let earlier = checks[..i]
+                        .iter()
+                        .zip(&writes)
+                        .filter(|(e, _)| e.key == c.key);
+                    let before = state_before_acquire(earlier.map(|(_, w)| w), now);
                     let (o, undo) = shard.update(&c.key, now, |state| {
-                        algorithm::decide(alg, state, now, c.cost, c.take)
+                        algorithm::decide(alg, before.unwrap_or(state), now, c.cost, c.take)
                     });
                     results.push(Decision::from(o));
                     writes.push(Pending::Counter(undo));
@@ -575,6 +582,23 @@ impl MemoryStore {
 enum Pending {
     Counter(Undo),
     Slots(Option<Slots>),
+}
+
+/// A counter's state before the acquire, from what the acquire's earlier checks of the
+/// same key wrote over it (the first write kept it in its undo); `None` when none of
+/// them wrote, so the stored state still is that.
+fn state_before_acquire<'a>(
+    mut earlier: impl Iterator<Item = &'a Pending>,
+    now: i64,
+) -> Option<Option<State>> {
+    earlier.find_map(|w| match w {
+        Pending::Counter(Undo::Remove) => Some(None),
+        Pending::Counter(Undo::Restore(Value::Counter(s), expires_at)) => {
+            Some((*expires_at > now).then_some(*s))
+        }
+        Pending::Counter(Undo::Restore(Value::Slots(_), _)) => Some(None),
+        Pending::Counter(Undo::Nothing) | Pending::Slots(_) => None,
+    })
 }
 
 /// Shard guards held for one multi-key operation, taken in ascending shard order so
