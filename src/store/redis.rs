@@ -853,6 +853,12 @@ async fn batch_worker(store: RedisStore, mut queue: tokio::sync::mpsc::Unbounded
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
+        if in_flight.available_permits() + 1 < MAX_BATCHES_IN_FLIGHT {
+            // Other batches are out, so Redis is busy: let the callers just woken by a
+            // batch's answer queue their next calls first, so this batch carries them
+            // (one script for many) instead of leaving with the few already queued.
+            tokio::task::yield_now().await;
+        }
         // Everything that queued up while waiting goes in this batch, but for acquires
         // whose caller already left: those are never sent.
         let mut acquires = Vec::new();
