@@ -730,3 +730,86 @@ fn two_threads_never_overfill_a_window() {
     let over: Vec<_> = per_window.iter().filter(|(_, n)| **n > 100).collect();
     assert!(over.is_empty(), "windows over the limit: {over:?}");
 }
+
+/// An acquire that was answered, its answer not yet read, and whose future is then
+/// dropped on a thread without a Tokio runtime: what it took is still given back (on the
+/// runtime the store was made on), batched or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_acquire_dropped_off_the_runtime_takes_nothing() {
+    for batching in [true, false] {
+        let options = RedisOptions::default().batching(batching);
+        let store = RedisStore::connect_with(&common::redis_url(), options)
+            .await
+            .unwrap();
+        let prefix = common::unique_prefix("offruntime");
+        let rl = tower_llm_ratelimit::Ratelimit::new(
+            FixedWindow::new(100, LONG).unwrap(),
+            store,
+            &prefix,
+        )
+        .unwrap();
+        let mut call = Box::pin(rl.limit("hank", 1));
+        // One poll sends the acquire; then its answer arrives and waits, unread.
+        std::future::poll_fn(|cx| {
+            assert!(call.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        std::thread::scope(|s| {
+            s.spawn(move || drop(call));
+        });
+        let mut remaining = 0;
+        for _ in 0..100 {
+            remaining = rl.remaining("hank").await.unwrap();
+            if remaining == 100 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            remaining, 100,
+            "batching {batching}: the dropped acquire kept its unit"
+        );
+    }
+}
+
+/// A reply too long to pack in one go (over 4 000 numbers: one call of 700 limits, then
+/// a settlement of them all) arrives whole and in order.
+#[tokio::test]
+async fn a_call_of_hundreds_of_limits_gets_every_decision() {
+    let store = RedisStore::connect(&common::redis_url()).await.unwrap();
+    let prefix = common::unique_prefix("wide");
+    let checks: Vec<LimitCheck> = (0..700u64)
+        .map(|i| LimitCheck {
+            key: format!("{prefix}:l{i}:{{wide}}").into(),
+            rule: FixedWindow::new(1000 + i, LONG).unwrap().into(),
+            cost: 1 + i % 3,
+            take: true,
+            slot: 0,
+        })
+        .collect();
+    let decisions = store.acquire(checks.clone()).await.unwrap();
+    assert_eq!(decisions.len(), 700);
+    for (i, (d, c)) in decisions.iter().zip(&checks).enumerate() {
+        assert!(d.allowed, "limit {i}");
+        assert_eq!(d.limit, 1000 + i as u64, "limit {i}");
+        assert_eq!(d.remaining, d.limit - c.cost, "limit {i}");
+    }
+    let adjustments: Vec<tower_llm_ratelimit::store::Adjustment> = checks
+        .iter()
+        .zip(&decisions)
+        .map(|(c, d)| tower_llm_ratelimit::store::Adjustment {
+            key: c.key.clone(),
+            rule: c.rule,
+            delta: -(c.cost as i64),
+            slot: 0,
+            window: d.window,
+        })
+        .collect();
+    let settled = store.adjust(adjustments, Some(7)).await.unwrap();
+    assert_eq!(settled.len(), 700);
+    for (i, d) in settled.iter().enumerate() {
+        assert_eq!(d.remaining, 1000 + i as u64, "limit {i} after the refund");
+    }
+}

@@ -163,11 +163,26 @@ impl AcquireAnswer {
 
 impl Drop for AcquireAnswer {
     fn drop(&mut self) {
-        if let (Some(result), Some((store, checks))) = (self.result.take(), self.undo.take())
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(reconcile(store, checks, result));
+        if let (Some(result), Some((store, checks))) = (self.result.take(), self.undo.take()) {
+            let runtime = store.shared.runtime.clone();
+            spawn_undo(runtime, reconcile(store, checks, result));
         }
+    }
+}
+
+/// Run an undo in the background: on the current runtime, or, when the future that
+/// needs it is dropped on a thread without one, on the runtime the store was made on.
+fn spawn_undo(
+    store_runtime: Option<tokio::runtime::Handle>,
+    undo: impl Future<Output = ()> + Send + 'static,
+) {
+    match tokio::runtime::Handle::try_current().ok().or(store_runtime) {
+        Some(runtime) => {
+            runtime.spawn(undo);
+        }
+        None => tracing::error!(
+            "an abandoned acquire could not be undone: no Tokio runtime to run it on"
+        ),
     }
 }
 
@@ -200,6 +215,9 @@ struct Shared {
     batcher: Option<tokio::sync::mpsc::UnboundedSender<Queued>>,
     response_timeout: Duration,
     settlement_dedupe: Duration,
+    /// The runtime the store was made on: undoes of acquires whose future is dropped on
+    /// a thread without one run there.
+    runtime: Option<tokio::runtime::Handle>,
     /// Tests only: decide at this clock's time instead of the server's.
     #[cfg(feature = "test-util")]
     clock: Option<crate::store::ManualClock>,
@@ -304,6 +322,7 @@ impl RedisStore {
             batcher: Some(tx),
             response_timeout: self.shared.response_timeout,
             settlement_dedupe: self.shared.settlement_dedupe,
+            runtime: self.shared.runtime.clone(),
             #[cfg(feature = "test-util")]
             clock: self.shared.clock.clone(),
         };
@@ -319,6 +338,7 @@ impl RedisStore {
                 batcher: None,
                 response_timeout,
                 settlement_dedupe: Duration::from_secs(10),
+                runtime: tokio::runtime::Handle::try_current().ok(),
                 #[cfg(feature = "test-util")]
                 clock: None,
             }),
@@ -336,6 +356,7 @@ impl RedisStore {
             batcher: None,
             response_timeout: self.shared.response_timeout,
             settlement_dedupe: self.shared.settlement_dedupe,
+            runtime: self.shared.runtime.clone(),
             clock: Some(clock),
         };
         Self {
@@ -368,8 +389,8 @@ impl RedisStore {
         Box::pin(async move {
             let mut conn = shared.conn.clone();
             let invocation = prepare(script, &keys, &args);
-            match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
-                Ok(reply) => Ok(reply),
+            match invocation.invoke_async::<Vec<u8>>(&mut conn).await {
+                Ok(reply) => unpack_reply(&reply),
                 Err(e) if e.is_timeout() => Err(StoreError::timeout(REPLY_WAIT)),
                 Err(e) => Err(StoreError::with_source("Redis script failed", e)),
             }
@@ -386,16 +407,31 @@ impl RedisStore {
         let invocation = prepare(script, &keys, &args);
         match tokio::time::timeout(
             shared.response_timeout,
-            invocation.invoke_async::<Vec<i64>>(&mut conn),
+            invocation.invoke_async::<Vec<u8>>(&mut conn),
         )
         .await
         {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => unpack_reply(&reply),
             Ok(Err(e)) if e.is_timeout() => Err(StoreError::timeout(shared.response_timeout)),
             Ok(Err(e)) => Err(StoreError::with_source("Redis script failed", e)),
             Err(_) => Err(StoreError::timeout(shared.response_timeout)),
         }
     }
+}
+
+/// A script's reply: numbers packed as little-endian doubles (see the scripts' headers),
+/// every one an integer below 2^53.
+fn unpack_reply(reply: &[u8]) -> Result<Vec<i64>, StoreError> {
+    if !reply.len().is_multiple_of(8) {
+        return Err(StoreError::new(format!(
+            "malformed script reply: {} bytes, not a whole number of 8-byte values",
+            reply.len()
+        )));
+    }
+    Ok(reply
+        .chunks_exact(8)
+        .map(|v| f64::from_le_bytes(v.try_into().unwrap_or([0; 8])) as i64)
+        .collect())
 }
 
 /// `script` with these KEYS and ARGV.
@@ -550,13 +586,12 @@ impl Drop for InFlightAcquire {
         };
         let store = self.store.clone();
         let checks = std::mem::take(&mut self.checks);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let count = checks.len();
-                let decisions = reply.await.and_then(|r| parse_flagged(&r, count));
-                reconcile(store, checks, decisions).await;
-            });
-        }
+        let runtime = store.shared.runtime.clone();
+        spawn_undo(runtime, async move {
+            let count = checks.len();
+            let decisions = reply.await.and_then(|r| parse_flagged(&r, count));
+            reconcile(store, checks, decisions).await;
+        });
     }
 }
 

@@ -13,12 +13,12 @@
 --          low 32 bits in the cost field (a slot's cost is always one slot).
 -- ARGV[g+2+#KEYS] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME.
--- Reply    per call, calls concatenated: allowed_all (0|1; -1 if one of its keys holds
---          something else than a limiter state: nothing is taken), then six integers per
---          limit:
---          allowed (0|1), limit, remaining, reset_after_us, retry_after_us (-1: none, or
---          the cost can never pass), window index the decision was made in (-1: a bucket
---          or slots).
+-- Reply    one string of little-endian doubles (8 bytes per number, all integers):
+--          per call, calls concatenated, allowed_all (0|1; -1 if one of its keys holds
+--          something else than a limiter state: nothing is taken), then six numbers per
+--          limit: allowed (0|1), limit, remaining, reset_after_us, retry_after_us (-1:
+--          none, or the cost can never pass), window index the decision was made in (-1:
+--          a bucket or slots).
 -- Writes   for each call that every limit allows and that takes: each cost taken (a
 --          state with a TTL) or slot held; nothing for a denied call (beyond dropping
 --          expired slots).
@@ -141,5 +141,4 @@ for call = 1, calls do
   end
   k0 = k0 + n
 end
-for i = len + 1, 7 do reply[i] = nil end
-return reply
+return pack_reply(reply, len)

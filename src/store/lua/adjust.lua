@@ -21,7 +21,8 @@
 --          that paid for a refund, -1: none; see `algorithm::adjust` for where a refund
 --          lands once that window has rolled). For concurrency, p3 is the slot id's high
 --          32 bits and the window field its low 32 bits.
--- Reply    per settlement, concatenated: 1, or -1 if one of its keys holds something
+-- Reply    one string of little-endian doubles (8 bytes per number), holding per
+--          settlement, concatenated: 1, or -1 if one of its keys holds something
 --          else than a limiter state (the settlement is then neither applied nor
 --          recorded), then per limit: within_limit (0|1), limit, remaining,
 --          reset_after_us, -1, window.
@@ -166,5 +167,4 @@ for s = 1, settlements do
   k = k + n + (has_id and 1 or 0)
   o = o + n
 end
-for i = len + 1, 7 do reply[i] = nil end
-return reply
+return pack_reply(reply, len)

@@ -145,6 +145,23 @@ local function persist(key, alg, anchor, cur, prev, reset)
   redis.call('SET', key, state, 'PX', ms_up(reset) + ttl_pad_ms)
 end
 
+-- The script's reply: its first `len` numbers as one string of little-endian doubles
+-- (every number is an integer below 2^53, so exact). Redis turns a table into one reply
+-- element per number, which costs more than packing them (and the client parses one
+-- string instead of hundreds of integers). `unpack` takes at most a few thousand values
+-- at a time: packed in parts.
+local function pack_reply(reply, len)
+  if len <= 4000 then return struct.pack('<' .. string.rep('d', len), unpack(reply, 1, len)) end
+  local parts, first = {}, 1
+  while first <= len do
+    local last = first + 3999
+    if last > len then last = len end
+    parts[#parts + 1] = struct.pack('<' .. string.rep('d', last - first + 1), unpack(reply, first, last))
+    first = last + 1
+  end
+  return table.concat(parts)
+end
+
 -- Append one decision's six reply fields at reply[n+1..n+6]: allowed (0|1), limit,
 -- remaining, reset_after_us, retry_after_us (-1: none), window index (-1: a bucket or
 -- slots). Returns the new length.
