@@ -706,6 +706,9 @@ pub(crate) fn adjust(
     delta: i64,
     window: Option<i64>,
 ) -> (Outcome, Write) {
+    // Beyond ±2^53 every outcome is the same (counters saturate at ±2^52), and no
+    // arithmetic below can overflow: a delta of any size is safe, as it is in Lua.
+    let delta = delta.clamp(-(1 << 53), 1 << 53);
     let now = effective_now(alg, state, now);
     let mut v = view(alg, state, now);
     let mut changed = delta != 0;
@@ -768,6 +771,30 @@ mod tests {
             Write::Put(s, _) => *st = Some(s),
         }
         o
+    }
+
+    #[test]
+    fn adjustments_of_any_size_saturate_without_overflow() {
+        let w = Duration::from_secs(10);
+        let algs: [Algorithm; 3] = [
+            FixedWindow::new(5, w).unwrap().into(),
+            SlidingWindow::new(5, w).unwrap().into(),
+            TokenBucket::new(5, 1, w).unwrap().into(),
+        ];
+        let t0 = 1_000 * 10 * S;
+        for alg in &algs {
+            let (_, w1) = adjust(alg, None, t0, 3, None);
+            let Write::Put(state, _) = w1 else {
+                panic!("a charge writes")
+            };
+            for (huge, bound) in [(i64::MAX, 1 << 53), (i64::MIN, -(1 << 53))] {
+                for window in [None, Some(t0 / (10 * S)), Some(t0 / (10 * S) - 1)] {
+                    let (o, w) = adjust(alg, Some(state), t0, huge, window);
+                    let (o_bound, w_bound) = adjust(alg, Some(state), t0, bound, window);
+                    assert_eq!((o, w), (o_bound, w_bound), "{alg:?} {huge} {window:?}");
+                }
+            }
+        }
     }
 
     #[test]
