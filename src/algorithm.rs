@@ -586,12 +586,18 @@ fn is_empty_state(alg: &Algorithm, v: &View) -> bool {
     }
 }
 
-fn write_of(alg: &Algorithm, v: &View, now: i64) -> Write {
+/// The write of state `v` decided at `now`, for a store whose own clock reads
+/// `store_now`: the state matters exactly until the budget is fully restored, and the
+/// store counts its TTL from `store_now` (earlier than `now` when the decision was made
+/// in a state's window that the caller's clock has not reached yet).
+fn write_of(alg: &Algorithm, v: &View, now: i64, store_now: i64) -> Write {
     if is_empty_state(alg, v) {
         Write::Delete
     } else {
-        // The state matters exactly until the budget is fully restored.
-        Write::Put(state_of(alg, v), ttl(reset_after(alg, v, now)))
+        Write::Put(
+            state_of(alg, v),
+            ttl(reset_after(alg, v, now) + (now - store_now)),
+        )
     }
 }
 
@@ -646,6 +652,7 @@ pub(crate) fn decide(
     cost: u64,
     take: bool,
 ) -> (Outcome, Write) {
+    let store_now = now;
     let now = effective_now(alg, state, now);
     let mut v = view(alg, state, now);
     let cost_i = cost as i64;
@@ -676,7 +683,7 @@ pub(crate) fn decide(
     let write = if is_empty_state(alg, &v) {
         Write::Delete
     } else {
-        Write::Put(state_of(alg, &v), ttl(reset))
+        Write::Put(state_of(alg, &v), ttl(reset + (now - store_now)))
     };
     (
         outcome_of(alg, &v, used_now + cost_i, reset, true, None),
@@ -709,6 +716,7 @@ pub(crate) fn adjust(
     // Beyond ±2^53 every outcome is the same (counters saturate at ±2^52), and no
     // arithmetic below can overflow: a delta of any size is safe, as it is in Lua.
     let delta = delta.clamp(-(1 << 53), 1 << 53);
+    let store_now = now;
     let now = effective_now(alg, state, now);
     let mut v = view(alg, state, now);
     let mut changed = delta != 0;
@@ -750,7 +758,7 @@ pub(crate) fn adjust(
     }
     let within = used(alg, &v, now) <= alg.limit() as i64;
     let write = if changed {
-        write_of(alg, &v, now)
+        write_of(alg, &v, now, store_now)
     } else {
         Write::None
     };

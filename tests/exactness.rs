@@ -694,6 +694,39 @@ async fn a_clock_behind_the_state_decides_in_the_state_window() {
     }
 }
 
+/// A call whose clock reads behind a state's window decides in that window, and the
+/// state it writes back lives to that window's end by the store's clock (not one skew
+/// earlier, which let a caller near the window's end start the window's count afresh).
+#[test]
+fn a_state_written_by_a_clock_behind_lives_to_its_windows_end() {
+    let window = Duration::from_millis(10);
+    let start = Duration::from_secs(1_000_000); // a window boundary
+    for sliding in [false, true] {
+        let clock = ManualClock::new(start);
+        let store = MemoryStore::with_clock(clock.clone());
+        let alg: tower_llm_ratelimit::Algorithm = if sliding {
+            SlidingWindow::new(2, window).unwrap().into()
+        } else {
+            FixedWindow::new(2, window).unwrap().into()
+        };
+        let key = "behind:{one}";
+        // A caller at the window's start takes one unit; one whose clock reads 1 ms
+        // behind takes the second, in the same window.
+        assert!(store.decide(key, &alg, 1).allowed);
+        clock.set(start - Duration::from_millis(1));
+        let d = store.decide(key, &alg, 1);
+        assert!(d.allowed, "sliding {sliding}");
+        assert_eq!(d.remaining, 0, "sliding {sliding}");
+        // Just before the window ends the budget is still spent.
+        clock.set(start + window - Duration::from_micros(500));
+        let d = store.decide(key, &alg, 1);
+        assert!(
+            !d.allowed,
+            "sliding {sliding}: a third call got through in a window of 2"
+        );
+    }
+}
+
 /// Two OS threads hammering one fixed window through the memory store's own clock
 /// never let more than the limit through in any window (each decision is counted in
 /// the window it reports).

@@ -79,7 +79,9 @@ for call = 1, calls do
       len = push_slots(reply, len, key, p1, held, allowed, now)
     else
       local anchor, cur, prev, used = L[l - 3], L[l - 2], L[l - 1], L[l]
-      -- This limit's decision time (see view), shadowing the script's.
+      -- This limit's decision time (see view), shadowing the script's; TTLs count from
+      -- the script's own time, so one made later lives that much longer.
+      local late = L[l + 1] - now
       local now = L[l + 1]
       local window = alg == 3 and -1 or anchor
       if used + cost <= p1 then
@@ -93,7 +95,7 @@ for call = 1, calls do
             -- state's does, so only the "used" field changes.
             redis.call('SETRANGE', key, USED_AT, struct.pack('<d', cur))
           else
-            persist(key, alg, anchor, cur, prev, reset)
+            persist(key, alg, anchor, cur, prev, reset + late)
           end
           len = push(reply, len, 1, p1, used, reset, -1, window)
         else

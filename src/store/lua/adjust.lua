@@ -96,7 +96,9 @@ for s = 1, settlements do
     else
       local v = 5 * i
       local anchor, cur, prev, same = V[v - 4], V[v - 3], V[v - 2], V[v - 1]
-      -- This limit's decision time (see view), shadowing the script's.
+      -- This limit's decision time (see view), shadowing the script's; TTLs count from
+      -- the script's own time, so one made later lives that much longer.
+      local late = V[v] - now
       local now = V[v]
       local changed = apply and delta ~= 0
       if changed then
@@ -159,7 +161,7 @@ for s = 1, settlements do
         -- already ends where the new state's does, so only "used" changes.
         redis.call('SETRANGE', key, USED_AT, struct.pack('<d', cur))
       elseif changed then
-        persist(key, alg, anchor, cur, prev, reset)
+        persist(key, alg, anchor, cur, prev, reset + late)
       end
       len = push(reply, len, used <= p1 and 1 or 0, p1, used, reset, -1, alg == 3 and -1 or anchor)
     end
