@@ -1,41 +1,19 @@
 //! MemoryStore decisions: ns per decision over a keyed workload (100 identifiers).
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower::{Service, ServiceExt, service_fn};
-use tower_llm_ratelimit::store::{LimitCheck, identifier_tag, state_key};
-use tower_llm_ratelimit::{
-    Algorithm, FixedWindow, Limit, LlmRequest, LlmResponse, MemoryStore, Ratelimit, RatelimitLayer,
-    SlidingWindow, TokenBucket, Usage,
-};
+use tower_llm_ratelimit::store::LimitCheck;
+use tower_llm_ratelimit::{LlmRequest, MemoryStore, Ratelimit};
 
-fn algorithms() -> [(&'static str, Algorithm); 3] {
-    // Quotas large enough that the benchmark measures allowed decisions.
-    let w = Duration::from_secs(3600);
-    [
-        ("fixed", FixedWindow::new(1 << 40, w).unwrap().into()),
-        ("sliding", SlidingWindow::new(1 << 40, w).unwrap().into()),
-        (
-            "bucket",
-            TokenBucket::new(1 << 40, 1 << 30, w).unwrap().into(),
-        ),
-    ]
-}
+#[path = "common/shapes.rs"]
+mod shapes;
 
 fn decisions(c: &mut Criterion) {
-    let keys: Vec<std::sync::Arc<str>> = (0..100)
-        .map(|i| {
-            state_key(
-                "bench",
-                &identifier_tag(format!("user-{i}").as_bytes()).unwrap(),
-            )
-            .into()
-        })
-        .collect();
+    let keys: Vec<std::sync::Arc<str>> = shapes::keys().into_iter().map(Into::into).collect();
     let mut group = c.benchmark_group("memory_store");
-    for (name, algorithm) in algorithms() {
+    for (name, algorithm) in shapes::algorithms() {
         let store = MemoryStore::new();
         let mut i = 0usize;
         group.bench_function(format!("acquire_now/{name}"), |b| {
@@ -55,7 +33,7 @@ fn decisions(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    for (name, algorithm) in algorithms() {
+    for (name, algorithm) in shapes::algorithms() {
         let rl = Ratelimit::new(algorithm, MemoryStore::new(), "bench").unwrap();
         let ids: Vec<String> = (0..100).map(|i| format!("user-{i}")).collect();
         let mut i = 0usize;
@@ -73,12 +51,7 @@ fn layer_overhead(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let llm = service_fn(|_: LlmRequest| async {
-        Ok::<_, std::convert::Infallible>(LlmResponse {
-            text: String::new(),
-            usage: Some(Usage::new(1, 1)),
-        })
-    });
+    let llm = service_fn(shapes::answer);
     let request = LlmRequest::new("user-1", "hello");
     let mut group = c.benchmark_group("layer");
     group.bench_function("bare_service", |b| {
@@ -96,40 +69,13 @@ fn layer_overhead(c: &mut Criterion) {
             })
         })
     });
-    let window = Duration::from_secs(3600);
-    let requests_only = RatelimitLayer::builder()
-        .request_limit(FixedWindow::new(1 << 40, window).unwrap())
-        .build()
-        .unwrap();
-    let requests_and_tokens = RatelimitLayer::builder()
-        .request_limit(FixedWindow::new(1 << 40, window).unwrap())
-        .token_limit(SlidingWindow::new(1 << 40, window).unwrap())
-        .build()
-        .unwrap();
-    let day = Duration::from_secs(86_400);
-    let four_limits = RatelimitLayer::builder()
-        .limit(
-            "rpm",
-            Limit::requests(FixedWindow::new(1 << 40, window).unwrap()),
-        )
-        .limit(
-            "rpd",
-            Limit::requests(FixedWindow::new(1 << 40, day).unwrap()),
-        )
-        .limit(
-            "tpm",
-            Limit::tokens(SlidingWindow::new(1 << 40, window).unwrap()),
-        )
-        .limit(
-            "tpd",
-            Limit::tokens(FixedWindow::new(1 << 40, day).unwrap()),
-        )
-        .build()
-        .unwrap();
     for (name, layer) in [
-        ("ratelimited_requests", requests_only),
-        ("ratelimited_requests_and_tokens", requests_and_tokens),
-        ("ratelimited_four_limits", four_limits),
+        ("ratelimited_requests", shapes::requests_only()),
+        (
+            "ratelimited_requests_and_tokens",
+            shapes::requests_and_tokens(),
+        ),
+        ("ratelimited_four_limits", shapes::four_limits()),
     ] {
         let mut svc = tower::Layer::layer(&layer, llm);
         group.bench_function(name, |b| {

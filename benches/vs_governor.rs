@@ -2,48 +2,21 @@
 //! workload (100 keys, quotas that never deny), single thread and on all cores.
 
 use std::hint::black_box;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use governor::{Quota, RateLimiter};
-use tower_llm_ratelimit::store::{identifier_tag, state_key};
-use tower_llm_ratelimit::{Algorithm, FixedWindow, MemoryStore, SlidingWindow, TokenBucket};
+use governor::RateLimiter;
+use shapes::{KEYS, algorithms, governor_quota, keys};
+use tower_llm_ratelimit::MemoryStore;
 
-const KEYS: usize = 100;
-
-fn keys() -> Vec<String> {
-    (0..KEYS)
-        .map(|i| {
-            state_key(
-                "bench",
-                &identifier_tag(format!("user-{i}").as_bytes()).unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn quota() -> Quota {
-    Quota::per_second(NonZeroU32::new(u32::MAX).unwrap())
-}
-
-fn ours() -> [(&'static str, Algorithm); 3] {
-    let w = Duration::from_secs(3600);
-    [
-        ("fixed", FixedWindow::new(1 << 40, w).unwrap().into()),
-        ("sliding", SlidingWindow::new(1 << 40, w).unwrap().into()),
-        (
-            "bucket",
-            TokenBucket::new(1 << 40, 1 << 30, w).unwrap().into(),
-        ),
-    ]
-}
+#[path = "common/shapes.rs"]
+mod shapes;
 
 fn single_thread(c: &mut Criterion) {
     let keys = keys();
     let mut group = c.benchmark_group("keyed_decision/single_thread");
-    let governor = RateLimiter::keyed(quota());
+    let governor = RateLimiter::keyed(governor_quota());
     let mut i = 0usize;
     group.bench_function("governor_keyed", |b| {
         b.iter(|| {
@@ -51,7 +24,7 @@ fn single_thread(c: &mut Criterion) {
             black_box(governor.check_key(&keys[i]).is_ok())
         })
     });
-    for (name, algorithm) in ours() {
+    for (name, algorithm) in algorithms() {
         let store = MemoryStore::new();
         let mut i = 0usize;
         group.bench_function(format!("memory_store_{name}"), |b| {
@@ -89,7 +62,7 @@ fn multi_thread(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let keys = Arc::new(keys());
     let mut group = c.benchmark_group(format!("keyed_decision/{threads}_threads"));
-    let governor = Arc::new(RateLimiter::keyed(quota()));
+    let governor = Arc::new(RateLimiter::keyed(governor_quota()));
     {
         let (governor, keys) = (governor.clone(), keys.clone());
         let decide: Arc<dyn Fn(usize) -> bool + Send + Sync> =
@@ -98,7 +71,7 @@ fn multi_thread(c: &mut Criterion) {
             b.iter_custom(|n| all_cores(n, threads, decide.clone()))
         });
     }
-    let (_, algorithm) = ours()[0];
+    let (_, algorithm) = algorithms()[0];
     let store = MemoryStore::new();
     let decide: Arc<dyn Fn(usize) -> bool + Send + Sync> = {
         let keys = keys.clone();

@@ -14,13 +14,14 @@
 //! ```
 //!
 //! Instructions per call = "Collected" ÷ N. The wall-clock numbers are in
-//! `benches/memory_store.rs` (`layer/*`).
+//! `benches/memory_store.rs` (`layer/*`) and `benches/vs_governor.rs`, on the same
+//! workloads (`benches/common/shapes.rs`).
 
-use std::time::Duration;
 use tower::{Service, ServiceExt, service_fn};
-use tower_llm_ratelimit::{
-    FixedWindow, Limit, LlmRequest, LlmResponse, RatelimitLayer, SlidingWindow, Usage,
-};
+use tower_llm_ratelimit::{LlmRequest, LlmResponse};
+
+#[path = "../benches/common/shapes.rs"]
+mod shapes;
 
 #[inline(never)]
 fn run_loop<S>(rt: &tokio::runtime::Runtime, svc: &mut S, request: &LlmRequest, n: usize)
@@ -45,26 +46,18 @@ where
 #[inline(never)]
 fn decide_loop(n: usize, mut decide: impl FnMut(usize) -> bool) {
     for i in 0..n {
-        std::hint::black_box(decide(i % 100));
+        std::hint::black_box(decide(i % shapes::KEYS));
     }
 }
 
 fn keyed(which: &str, n: usize) {
-    let keys: Vec<String> = (0..100)
-        .map(|i| {
-            let tag = tower_llm_ratelimit::store::identifier_tag(format!("user-{i}").as_bytes());
-            tower_llm_ratelimit::store::state_key("bench", &tag.expect("a valid identifier"))
-        })
-        .collect();
+    let keys = shapes::keys();
     if which == "governor" {
-        let quota = governor::Quota::per_second(std::num::NonZeroU32::MAX);
-        let limiter = governor::RateLimiter::keyed(quota);
+        let limiter = governor::RateLimiter::keyed(shapes::governor_quota());
         decide_loop(n, |i| limiter.check_key(&keys[i]).is_ok());
     } else {
         let store = tower_llm_ratelimit::MemoryStore::new();
-        let algorithm = FixedWindow::new(1 << 40, Duration::from_secs(3600))
-            .expect("a valid window")
-            .into();
+        let (_, algorithm) = shapes::algorithms()[0];
         decide_loop(n, |i| store.decide(&keys[i], &algorithm, 1).allowed);
     }
 }
@@ -84,40 +77,12 @@ fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let llm = service_fn(|_: LlmRequest| async {
-        Ok::<_, std::convert::Infallible>(LlmResponse {
-            text: String::new(),
-            usage: Some(Usage::new(1, 1)),
-        })
-    });
+    let llm = service_fn(shapes::answer);
     let request = LlmRequest::new("user-1", "hello");
-    let window = Duration::from_secs(3600);
-    let day = Duration::from_secs(86_400);
     let layer = match which.as_str() {
         "bare" => return run_loop(&rt, &mut llm.clone(), &request, n),
-        "one" => RatelimitLayer::builder()
-            .request_limit(FixedWindow::new(1 << 40, window).unwrap())
-            .build()
-            .unwrap(),
-        "four" => RatelimitLayer::builder()
-            .limit(
-                "rpm",
-                Limit::requests(FixedWindow::new(1 << 40, window).unwrap()),
-            )
-            .limit(
-                "rpd",
-                Limit::requests(FixedWindow::new(1 << 40, day).unwrap()),
-            )
-            .limit(
-                "tpm",
-                Limit::tokens(SlidingWindow::new(1 << 40, window).unwrap()),
-            )
-            .limit(
-                "tpd",
-                Limit::tokens(FixedWindow::new(1 << 40, day).unwrap()),
-            )
-            .build()
-            .unwrap(),
+        "one" => shapes::requests_only(),
+        "four" => shapes::four_limits(),
         other => panic!("unknown shape {other:?}: bare, one, four, decide or governor"),
     };
     let mut svc = tower::Layer::layer(&layer, llm);
