@@ -586,18 +586,15 @@ fn is_empty_state(alg: &Algorithm, v: &View) -> bool {
     }
 }
 
-/// The write of state `v` decided at `now`, for a store whose own clock reads
-/// `store_now`: the state matters exactly until the budget is fully restored, and the
-/// store counts its TTL from `store_now` (earlier than `now` when the decision was made
-/// in a state's window that the caller's clock has not reached yet).
-fn write_of(alg: &Algorithm, v: &View, now: i64, store_now: i64) -> Write {
+/// The write of state `v`, whose budget is fully restored `reset` µs after the decision
+/// was made at `now`: the state matters exactly until then. The store counts its TTL from
+/// its own clock, `store_now`, which is earlier than `now` when the decision was made in
+/// a state's window that the caller's clock has not reached yet.
+fn write_of(alg: &Algorithm, v: &View, reset: i64, now: i64, store_now: i64) -> Write {
     if is_empty_state(alg, v) {
         Write::Delete
     } else {
-        Write::Put(
-            state_of(alg, v),
-            ttl(reset_after(alg, v, now) + (now - store_now)),
-        )
+        Write::Put(state_of(alg, v), ttl(reset + (now - store_now)))
     }
 }
 
@@ -680,11 +677,7 @@ pub(crate) fn decide(
     // Taking adds exactly `cost` to what is used (the previous window's weight and the
     // bucket's refill do not change), so `used` is not computed again.
     let reset = reset_after(alg, &v, now);
-    let write = if is_empty_state(alg, &v) {
-        Write::Delete
-    } else {
-        Write::Put(state_of(alg, &v), ttl(reset + (now - store_now)))
-    };
+    let write = write_of(alg, &v, reset, now, store_now);
     (
         outcome_of(alg, &v, used_now + cost_i, reset, true, None),
         write,
@@ -758,7 +751,7 @@ pub(crate) fn adjust(
     }
     let within = used(alg, &v, now) <= alg.limit() as i64;
     let write = if changed {
-        write_of(alg, &v, now, store_now)
+        write_of(alg, &v, reset_after(alg, &v, now), now, store_now)
     } else {
         Write::None
     };

@@ -224,8 +224,8 @@ impl Engine {
                 let prefix = format!("{}:m.{}", spec.prefix, model_tag(model));
                 state_key(&prefix, tag).into()
             }
-            // The usual case, in one allocation: the key is written straight into its
-            // `Arc`'s buffer's final size.
+            // The usual case, in one allocation (the key is assembled in a reused
+            // buffer, then copied into its `Arc`).
             None => shared_state_key(&spec.prefix, tag),
         }
     }

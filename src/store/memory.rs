@@ -360,7 +360,11 @@ impl MemoryStore {
     /// The shard of a key: by its hash tag (`{…}`), so every key of one identifier is in
     /// one shard and a call's limits take one lock, as they take one Redis hash slot.
     fn shard_of(&self, key: &str) -> usize {
-        (self.inner.hasher.hash_one(hash_tag(key)) as usize) % SHARDS
+        self.shard_of_tag(hash_tag(key))
+    }
+
+    fn shard_of_tag(&self, tag: &str) -> usize {
+        (self.inner.hasher.hash_one(tag) as usize) % SHARDS
     }
 
     /// Live (unexpired) entries: `(key, time to live)`. For inspection and tests.
@@ -551,7 +555,7 @@ impl MemoryStore {
                 match last {
                     Some((t, shard)) if t == tag => shard,
                     _ => {
-                        let shard = (self.inner.hasher.hash_one(tag) as usize) % SHARDS;
+                        let shard = self.shard_of_tag(tag);
                         last = Some((tag, shard));
                         shard
                     }

@@ -299,9 +299,10 @@ pub fn identifier_tag(identifier: &[u8]) -> Result<String, Error> {
         && identifier
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
-    if safe {
-        // Safe bytes are ASCII, so this never fails (and never replaces a byte).
-        return Ok(String::from_utf8(identifier.to_vec()).unwrap_or_default());
+    // Safe bytes are ASCII, so they are always UTF-8 (were they not, the hash below
+    // would stand in for them).
+    if safe && let Ok(verbatim) = std::str::from_utf8(identifier) {
+        return Ok(verbatim.to_owned());
     }
     let digest = Sha256::digest(identifier);
     let mut tag = String::with_capacity(33);
@@ -319,11 +320,15 @@ pub fn identifier_tag(identifier: &[u8]) -> Result<String, Error> {
 /// live in one Redis Cluster hash slot and one script can touch them together.
 pub fn state_key(prefix: &str, tag: &str) -> String {
     let mut key = String::with_capacity(prefix.len() + tag.len() + 3);
+    push_state_key(&mut key, prefix, tag);
+    key
+}
+
+fn push_state_key(key: &mut String, prefix: &str, tag: &str) {
     key.push_str(prefix);
     key.push_str(":{");
     key.push_str(tag);
     key.push('}');
-    key
 }
 
 /// [`state_key`] as a shared string, in one allocation (the key is assembled in a
@@ -334,10 +339,7 @@ pub(crate) fn shared_state_key(prefix: &str, tag: &str) -> Arc<str> {
     }
     KEY.with_borrow_mut(|key| {
         key.clear();
-        key.push_str(prefix);
-        key.push_str(":{");
-        key.push_str(tag);
-        key.push('}');
+        push_state_key(key, prefix, tag);
         Arc::from(key.as_str())
     })
 }
