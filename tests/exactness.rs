@@ -269,10 +269,7 @@ async fn reservations_go_back_only_to_the_window_that_paid_memory() {
 async fn reservations_go_back_only_to_the_window_that_paid_redis() {
     for sliding in [false, true] {
         let clock = ManualClock::new(Duration::ZERO);
-        let store = RedisStore::connect(&common::redis_url())
-            .await
-            .unwrap()
-            .with_test_clock(clock.clone());
+        let store = redis_on(&clock).await;
         reserve_across_a_boundary(Arc::new(store), clock, sliding).await;
     }
 }
@@ -605,16 +602,23 @@ async fn a_long_stall_undoes_a_failed_call_exactly_once() {
     }
 }
 
+/// A Redis store (the test server) deciding at `clock`'s time.
+async fn redis_on(clock: &ManualClock) -> RedisStore {
+    RedisStore::connect(&common::redis_url())
+        .await
+        .unwrap()
+        .with_test_clock(clock.clone())
+}
+
 /// Under a test clock every key outlives real time, slot sets included, so a Redis
 /// store on virtual time decides as the memory store does however slow the test runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_under_a_test_clock_do_not_expire_in_real_time() {
     let clock = ManualClock::new(Duration::from_secs(1_000_000));
-    let redis = RedisStore::connect(&common::redis_url())
-        .await
-        .unwrap()
-        .with_test_clock(clock.clone());
-    let memory = MemoryStore::with_clock(clock.clone());
+    let (redis, memory) = (
+        redis_on(&clock).await,
+        MemoryStore::with_clock(clock.clone()),
+    );
     let key: std::sync::Arc<str> =
         format!("{}:{{slots}}", common::unique_prefix("test-clock-slots")).into();
     let check = |slot: u64| LimitCheck {
@@ -655,11 +659,10 @@ async fn a_clock_behind_the_state_decides_in_the_state_window() {
             FixedWindow::new(5, window).unwrap().into()
         };
         let clock = ManualClock::new(start);
-        let redis = RedisStore::connect(&common::redis_url())
-            .await
-            .unwrap()
-            .with_test_clock(clock.clone());
-        let memory = MemoryStore::with_clock(clock.clone());
+        let (redis, memory) = (
+            redis_on(&clock).await,
+            MemoryStore::with_clock(clock.clone()),
+        );
         let key: std::sync::Arc<str> =
             format!("{}:{{behind}}", common::unique_prefix("behind")).into();
         let check = || LimitCheck {
