@@ -1,25 +1,43 @@
 // rate-limiter-flexible (RateLimiterRedis on ioredis): `consume` with N in flight over K
 // keys for D seconds, against the same Redis. Same last-line format as examples/loadgen.
 // The first line names the versions measured.
-// Usage: node peers.mjs PORT CONCURRENCY DURATION_SECS IDENTIFIERS
+//
+// With LIMITS (2 or 4), each call does what a user of this peer does for the shape that
+// `loadgen --through layer --limits LIMITS` measures: before the call, `consume` one
+// request from each request limiter and `get` each token limiter (allowed while tokens
+// remain); after it, `penalty` each token limiter with the call's 150 tokens. Each phase's
+// operations go out together (Promise.all), the fastest way this peer allows; it has no
+// all-or-nothing across limiters. One call counts as one decision.
+// Usage: node peers.mjs PORT CONCURRENCY DURATION_SECS IDENTIFIERS [LIMITS]
 import Redis from "ioredis";
 import { RateLimiterRedis } from "rate-limiter-flexible";
 
 import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
-const [port, concurrency, duration, identifiers] = process.argv.slice(2).map(Number);
+const [port, concurrency, duration, identifiers, limits = 1] = process.argv.slice(2).map(Number);
 console.log(
   `rate-limiter-flexible ${require("rate-limiter-flexible/package.json").version}, ` +
     `ioredis ${require("ioredis/package.json").version}, node ${process.version}`,
 );
 const redis = new Redis({ port, host: "127.0.0.1", enableOfflineQueue: false });
 await new Promise((ok) => redis.once("ready", ok));
-const limiter = new RateLimiterRedis({
-  storeClient: redis,
-  keyPrefix: `rlf-${Date.now()}`,
-  points: 1e12, // never denies, like loadgen's limiter
-  duration: 3600,
-});
+const run = Date.now();
+// Never denies, like loadgen's limits.
+const limiterOf = (name, duration) =>
+  new RateLimiterRedis({ storeClient: redis, keyPrefix: `rlf-${run}-${name}`, points: 1e12, duration });
+const limiter = limiterOf("rpm", 3600);
+const requestLimiters = [limiter, ...(limits === 4 ? [limiterOf("rpd", 86400)] : [])];
+const tokenLimiters =
+  limits === 1 ? [] : [limiterOf("tpm", 3600), ...(limits === 4 ? [limiterOf("tpd", 86400)] : [])];
+async function call(key) {
+  if (limits === 1) return limiter.consume(key, 1);
+  const [, ...tokens] = await Promise.all([
+    ...requestLimiters.map((l) => l.consume(key, 1)),
+    ...tokenLimiters.map((l) => l.get(key)),
+  ]).then((r) => [null, ...r.slice(requestLimiters.length)]);
+  if (tokens.some((t) => t && t.remainingPoints <= 0)) throw new Error("denied");
+  await Promise.all(tokenLimiters.map((l) => l.penalty(key, 150)));
+}
 const latencies = [];
 const deadline = performance.now() + duration * 1000;
 let errors = 0;
@@ -29,7 +47,7 @@ async function worker(w) {
     const key = `user-${i++ % identifiers}`;
     const t = performance.now();
     try {
-      await limiter.consume(key, 1);
+      await call(key);
       latencies.push((performance.now() - t) * 1000);
     } catch {
       errors++;

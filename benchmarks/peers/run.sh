@@ -2,7 +2,9 @@
 # Reproduces BENCHMARKS.md: our loadgen and the peer (rate-limiter-flexible on ioredis),
 # runs alternated, against one fresh redis-server this script starts; for every Redis run
 # the Redis server's CPU per decision (INFO cpu, user + sys), its script time per decision
-# (INFO commandstats: EVALSHA/EVAL/FCALL) and the client's CPU per decision. Then Redis
+# (INFO commandstats: EVALSHA/EVAL/FCALL) and the client's CPU per decision. The layer's
+# shapes (a request and a token limit; two of each) run beside the peer doing the same
+# work its own way (peers.mjs LIMITS): per call, one "decision". Then Redis
 # memory per identifier, and the criterion benches when asked. (No redis-benchmark
 # ceiling: our scripts take packed binary arguments, which a command line cannot carry.)
 #
@@ -67,6 +69,9 @@ for round in $(seq "$ROUNDS"); do
   measure "ours limiter threads=2" $LOADGEN --redis "$URL" --duration "$SECS" --threads 2
   for limits in 1 2 4; do
     measure "ours layer limits=$limits" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits "$limits"
+    if [ "$limits" != 1 ]; then
+      measure "rate-limiter-flexible limits=$limits" node benchmarks/peers/peers.mjs "$PORT" 64 "$SECS" 100 "$limits"
+    fi
   done
   measure "ours layer limits=2 batching=off" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits 2 --batching off
   for limits in 1 4; do
@@ -80,7 +85,7 @@ for limits in 1 4; do
 done
 
 echo; echo "# Redis memory per identifier and limit (MEMORY USAGE, 100 keys sampled)"
-for pattern in 'loadgen-*:rpm:{*}' 'rlf-*'; do
+for pattern in 'loadgen-*:rpm:{*}' 'rlf-*-rpm:*'; do
   keys=$(redis-cli -p "$PORT" --scan --pattern "$pattern" | awk 'NR <= 100')
   total=0; count=0
   for k in $keys; do
