@@ -425,10 +425,33 @@ fn effective_now(alg: &Algorithm, state: Option<State>, now: i64) -> i64 {
     now.max(from)
 }
 
+/// The index of the window holding `now`, `now / window_us`, found without dividing
+/// when `now` lies in the state's window or the next one (the usual case: a 64-bit
+/// division takes longer than the rest of a decision). The same result as the division
+/// for every input: the shortcut is taken only where both are `floor(now / window_us)`.
+fn window_index(now: i64, window_us: i64, state: Option<State>) -> i64 {
+    if let Some(s) = state
+        && s.a >= 0
+        && let Some(start) = s.a.checked_mul(window_us)
+        && now >= start
+    {
+        // 0 <= start <= now: no overflow. a·w <= now < (a+1)·w  ⇔  floor(now / w) = a.
+        let into = now - start;
+        if into < window_us {
+            return s.a;
+        }
+        // (a+1)·w <= now < (a+2)·w: a + 1 <= now / w, so it does not overflow.
+        if into - window_us < window_us {
+            return s.a + 1;
+        }
+    }
+    now / window_us
+}
+
 fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
     match alg {
         Algorithm::FixedWindow(a) => {
-            let idx = now / a.window_us as i64;
+            let idx = window_index(now, a.window_us as i64, state);
             let current = match state {
                 // Never later than `effective_now`: a state is from this window or older.
                 Some(s) if s.a >= idx => s.b,
@@ -441,7 +464,7 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
             }
         }
         Algorithm::SlidingWindow(a) => {
-            let idx = now / a.window_us as i64;
+            let idx = window_index(now, a.window_us as i64, state);
             let (current, previous) = match state {
                 Some(s) if s.a >= idx => (s.b, s.c),
                 Some(s) if s.a == idx - 1 => (0, s.b),
@@ -772,6 +795,58 @@ mod tests {
             Write::Put(s, _) => *st = Some(s),
         }
         o
+    }
+
+    /// The division-free window index equals `now / window` everywhere: around window
+    /// edges, for states behind, ahead and far off, and at the ends of `i64`.
+    #[test]
+    fn window_index_is_the_division() {
+        let windows = [
+            1,
+            2,
+            3,
+            7,
+            1_000,
+            60 * S,
+            86_400 * S,
+            i64::MAX / 2,
+            i64::MAX,
+        ];
+        let mut nows = vec![0, 1, 2, i64::MAX - 1, i64::MAX];
+        for w in windows {
+            for k in [0i64, 1, 2, 3, 1_000, 1 << 40] {
+                for d in [-1, 0, 1] {
+                    if let Some(n) = k.checked_mul(w).and_then(|n| n.checked_add(d)) {
+                        nows.push(n);
+                    }
+                }
+            }
+        }
+        let anchors = [
+            i64::MIN,
+            -3,
+            -1,
+            0,
+            1,
+            2,
+            3,
+            999,
+            1_000,
+            1_001,
+            1 << 40,
+            i64::MAX,
+        ];
+        for w in windows {
+            for &now in nows.iter().filter(|n| **n >= 0) {
+                let exact = now / w;
+                let around = [-2, -1, 0, 1, 2].map(|d| exact.saturating_add(d));
+                for a in anchors.iter().copied().chain(around) {
+                    let state = Some(State { a, b: 1, c: 0 });
+                    assert_eq!(window_index(now, w, state), exact, "now {now} w {w} a {a}");
+                }
+                assert_eq!(window_index(now, w, None), exact);
+            }
+        }
     }
 
     #[test]
