@@ -448,6 +448,25 @@ fn window_index(now: i64, window_us: i64, state: Option<State>) -> i64 {
     now / window_us
 }
 
+/// `elapsed / interval` for `elapsed >= 0`, `interval > 0`, without dividing when less
+/// than one interval has passed (a bucket decided again within its refill interval).
+fn whole_intervals(elapsed: i64, interval: i64) -> i64 {
+    if elapsed < interval {
+        0
+    } else {
+        elapsed / interval
+    }
+}
+
+/// `ceil(missing / refill)` for `refill > 0`, without dividing when one refill covers it.
+fn refills_to_cover(missing: u64, refill: u64) -> u64 {
+    if missing <= refill {
+        u64::from(missing > 0)
+    } else {
+        missing.div_ceil(refill)
+    }
+}
+
 fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
     match alg {
         Algorithm::FixedWindow(a) => {
@@ -483,7 +502,7 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
                 Some(s) => {
                     // The state keeps what is *used* (not what is left), so a changed
                     // capacity (a tenant's new quota) keeps what was used.
-                    let intervals = (now - s.b).max(0) / b.interval_us as i64;
+                    let intervals = whole_intervals((now - s.b).max(0), b.interval_us as i64);
                     let used = (s.a as i128 - intervals as i128 * b.refill as i128).max(0) as i64;
                     if used <= 0 {
                         (cap, now)
@@ -533,7 +552,7 @@ fn reset_after(alg: &Algorithm, v: &View, now: i64) -> i64 {
                 0
             } else {
                 // Saturating: a huge debt under a long interval is "practically never".
-                let intervals = (missing as u64).div_ceil(b.refill) as i64;
+                let intervals = refills_to_cover(missing as u64, b.refill) as i64;
                 intervals
                     .saturating_mul(b.interval_us as i64)
                     .saturating_add(v.anchor)
@@ -799,6 +818,30 @@ mod tests {
 
     /// The division-free window index equals `now / window` everywhere: around window
     /// edges, for states behind, ahead and far off, and at the ends of `i64`.
+    #[test]
+    fn bucket_shortcuts_are_the_division() {
+        let values = [
+            0u64,
+            1,
+            2,
+            3,
+            7,
+            999,
+            1_000,
+            1_001,
+            1 << 40,
+            (1 << 53) + 1,
+            u64::MAX,
+        ];
+        for &x in &values {
+            for &d in values.iter().filter(|d| **d > 0) {
+                assert_eq!(refills_to_cover(x, d), x.div_ceil(d), "{x} / {d}");
+                let (x, d) = (x.min(i64::MAX as u64) as i64, d.min(i64::MAX as u64) as i64);
+                assert_eq!(whole_intervals(x, d), x / d, "{x} / {d}");
+            }
+        }
+    }
+
     #[test]
     fn window_index_is_the_division() {
         let windows = [
