@@ -849,3 +849,39 @@ async fn a_call_of_hundreds_of_limits_gets_every_decision() {
         assert_eq!(d.remaining, 1000 + i as u64, "limit {i} after the refund");
     }
 }
+
+/// A settlement's id is remembered among its identifier's newest: retrying one of the
+/// newest settlements changes nothing, while the set stays bounded by dropping the oldest
+/// (an id 299 settlements old is forgotten, so its retry applies again).
+#[tokio::test]
+async fn a_retried_settlement_among_the_newest_is_not_applied_again() {
+    let store = RedisStore::connect(&common::redis_url()).await.unwrap();
+    let prefix = common::unique_prefix("dedupe");
+    let rule = FixedWindow::new(1_000_000, LONG).unwrap().into();
+    let charge = |delta| {
+        vec![tower_llm_ratelimit::store::Adjustment {
+            key: format!("{prefix}:t:{{dedupe}}").into(),
+            rule,
+            delta,
+            slot: 0,
+            window: None,
+        }]
+    };
+    let remaining = |d: Vec<tower_llm_ratelimit::Decision>| d[0].remaining;
+    for id in 1..=300u64 {
+        if id == 2 || id == 300 {
+            // The oldest and the newest id each in a millisecond of their own (ids are
+            // ordered by the time they were applied, in milliseconds).
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        store.adjust(charge(1), Some(id)).await.unwrap();
+    }
+    let before = remaining(store.adjust(charge(0), None).await.unwrap());
+    assert_eq!(before, 1_000_000 - 300);
+    for id in [300, 299, 250] {
+        let after = remaining(store.adjust(charge(1), Some(id)).await.unwrap());
+        assert_eq!(after, before, "settlement {id} was applied twice");
+    }
+    let after = remaining(store.adjust(charge(1), Some(1)).await.unwrap());
+    assert_eq!(after, before - 1, "the oldest id should be forgotten");
+}

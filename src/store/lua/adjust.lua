@@ -5,8 +5,9 @@
 --
 -- KEYS     per settlement, settlement after settlement: the state key of each of its
 --          limits, then (only with a settlement id) the identifier's set of recent
---          settlement ids (a sorted set: id -> time applied, ms). One settlement's keys
---          share one hash tag; on a Redis Cluster a script carries one settlement.
+--          settlement ids (a sorted set: id -> minus the time applied, ms). One
+--          settlement's keys share one hash tag; on a Redis Cluster a script carries one
+--          settlement.
 -- ARGV[1]  the number of settlements g; ARGV[2] how long to remember an id (ms);
 --          ARGV[3] the most ids remembered per set (the oldest are forgotten first);
 --          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
@@ -59,20 +60,24 @@ for s = 1, settlements do
   end
   local apply = not failed
   if apply and has_id then
-    -- ZADD NX adds the id and says whether it was new in one command.
+    -- ZADD NX adds the id and says whether it was new in one command. Scored by minus
+    -- the time applied (ms): the newest id sorts first, so Redis inserts it at the head
+    -- of the set's compact (listpack) encoding instead of walking all the ids to the
+    -- tail, and trimming drops the tail. (Sets of earlier releases, scored by plus the
+    -- time, keep working: their ids sort last and are trimmed first.)
     local ids = KEYS[k + n + 1]
-    local added = redis.pcall('ZADD', ids, 'NX', (now - now % 1000) / 1000, id)
+    local added = redis.pcall('ZADD', ids, 'NX', -(now - now % 1000) / 1000, id)
     if type(added) ~= 'number' then
       failed, apply = true, false
     elseif added == 0 then
       apply = false
     else
       redis.call('PEXPIRE', ids, remember_ms + ttl_pad_ms)
-      -- Keep the newest kept - 1 ids (ranks 0 .. -kept are the older ones), so the next
-      -- add makes at most `kept`: a set that never holds more than 128 stays in Redis's
-      -- compact encoding (one that ever grew past it takes ~130 bytes per id until it
-      -- expires).
-      redis.call('ZREMRANGEBYRANK', ids, 0, -kept)
+      -- Keep the newest kept - 1 ids (ranks kept - 1 .. -1 are the older ones), so the
+      -- next add makes at most `kept`: a set that never holds more than 128 stays in
+      -- Redis's compact encoding (one that ever grew past it takes ~130 bytes per id
+      -- until it expires).
+      redis.call('ZREMRANGEBYRANK', ids, kept - 1, -1)
     end
   end
   -- Pass 2: apply (unless failed or applied before) and report every limit.
