@@ -1,0 +1,93 @@
+"""Send one of the Redis store's scripts (or a peer's) N times through a pipelined client,
+for benchmarks/script_instructions.sh, which counts the instructions Redis executes.
+
+Usage: script_instructions.py PORT SHAPE N
+
+SHAPE: empty | peer | acquire | acquire4 | acquire32 | settle | settle-no-id
+The scripts are assembled as the crate assembles them (prelude, state.lua, the body),
+from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
+"""
+
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import redis
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LUA = ROOT / "src" / "store" / "lua"
+PEER = ROOT / "benchmarks" / "peers" / "node_modules" / "rate-limiter-flexible" / "lib" / "RateLimiterRedis.js"
+
+
+def lua(name: str) -> str:
+    at = os.environ.get("SCRIPTS_AT")
+    if not at:
+        return (LUA / name).read_text()
+    path = f"{at}:src/store/lua/{name}"
+    return subprocess.run(["git", "-C", str(ROOT), "show", path], check=True, capture_output=True, text=True).stdout
+
+
+def ours(body: str) -> str:
+    return "local TEST_CLOCK = false\n" + lua("state.lua") + lua(body)
+
+
+def peer_script() -> str:
+    source = PEER.read_text()
+    start = source.index("`") + 1
+    return source[start : source.index("`", start)].replace("\\\n", "\n")
+
+
+# A fixed window of 2^40 per hour: never denies, so every run is a full read-modify-write.
+LIMIT = struct.pack("<dddddd", 1, 2**40, 3600e6, 0, 1, 1)
+CHARGE = struct.pack("<dddddd", 1, 2**40, 3600e6, 0, 150, -1)
+
+
+def calls(shape: str, i: int):
+    """(keys, args) of the i-th run."""
+    user = f"u{i % 100}"
+    if shape == "empty":
+        return [f"k:{{{user}}}"], []
+    if shape == "peer":
+        return [f"peer:{{{user}}}"], [1, 3600]
+    if shape == "acquire":
+        return [f"k:{{{user}}}"], [1, 1, LIMIT]
+    if shape == "acquire4":
+        return [f"k{j}:{{{user}}}" for j in range(4)], [1, 4, LIMIT, LIMIT, LIMIT, LIMIT]
+    if shape == "acquire32":
+        keys = [f"k:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
+        return keys, [32] + [1] * 32 + [LIMIT] * 32
+    # Settlements on 10 identifiers, so each one's set of recent ids is full (128).
+    user = f"u{i % 10}"
+    with_id = shape == "settle"
+    keys = [f"t:{{{user}}}"] + ([f"t:{{{user}}}:settled"] if with_id else [])
+    # Ids as the crate makes them: 63-bit, spread (a counter times an odd constant).
+    settlement_id = ((i + 1) * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)
+    return keys, [1, 10000, 128, -1, 1, int(with_id), settlement_id, CHARGE]
+
+
+def main() -> None:
+    port, shape, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    body = {
+        "empty": "return 1",
+        "peer": None,
+        "acquire": ours("acquire.lua"),
+        "acquire4": ours("acquire.lua"),
+        "acquire32": ours("acquire.lua"),
+        "settle": ours("adjust.lua"),
+        "settle-no-id": ours("adjust.lua"),
+    }[shape] or peer_script()
+    client = redis.Redis(port=port)
+    sha = client.script_load(body)
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        keys, args = calls(shape, i)
+        pipe.evalsha(sha, len(keys), *keys, *args)
+        if len(pipe) >= 200:
+            pipe.execute()
+    pipe.execute()
+
+
+if __name__ == "__main__":
+    main()

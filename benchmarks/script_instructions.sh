@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Instructions Redis executes per script run (valgrind's callgrind on redis-server,
+# counted inside evalShaCommand: deterministic, whatever else the machine is doing), for
+# the Redis store's scripts and rate-limiter-flexible's `consume` script. Each shape runs
+# on its own fresh redis-server: 1000 runs to fill the keys, then N more; instructions
+# over all of them, divided by their number.
+#
+# Usage: [SCRIPTS_AT=<git revision>] benchmarks/script_instructions.sh [N]
+#        (default 3000; needs valgrind, python3,
+#        and benchmarks/peers/node_modules, which benchmarks/peers/run.sh installs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-3000}"
+command -v valgrind >/dev/null || { echo "needs valgrind"; exit 1; }
+VENV="${TMPDIR:-/tmp}/tower-llm-ratelimit-bench-venv"
+[ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import redis" 2>/dev/null ||
+  { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q redis; }
+[ -d benchmarks/peers/node_modules/rate-limiter-flexible ] ||
+  (cd benchmarks/peers && npm install --silent --no-audit --no-fund)
+
+for shape in empty peer acquire acquire4 acquire32 settle settle-no-id; do
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  dir=$(mktemp -d)
+  valgrind --tool=callgrind --callgrind-out-file=/dev/null --toggle-collect=evalShaCommand \
+    redis-server --port "$port" --save "" --appendonly no --dir "$dir" >/dev/null 2>"$dir/vg.log" &
+  pid=$!
+  for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.2; done
+  "$VENV/bin/python" benchmarks/script_instructions.py "$port" "$shape" 1000
+  "$VENV/bin/python" benchmarks/script_instructions.py "$port" "$shape" "$N"
+  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+  wait "$pid" || true
+  total=$(awk '/Collected/ { print $4 }' "$dir/vg.log")
+  echo "$shape: $((total / (N + 1000))) instructions per script run"
+  rm -rf "$dir"
+done
