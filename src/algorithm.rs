@@ -411,6 +411,7 @@ struct View {
 /// Deciding at the state's time counts this call in the window the state is in, and
 /// writes it back there; deciding at the earlier `now` would write the state back under
 /// the older window, and the newer window would lose its count.
+#[inline(always)]
 fn effective_now(alg: &Algorithm, state: Option<State>, now: i64) -> i64 {
     let Some(s) = state else {
         return now;
@@ -429,6 +430,7 @@ fn effective_now(alg: &Algorithm, state: Option<State>, now: i64) -> i64 {
 /// when `now` lies in the state's window or the next one (the usual case: a 64-bit
 /// division takes longer than the rest of a decision). The same result as the division
 /// for every input: the shortcut is taken only where both are `floor(now / window_us)`.
+#[inline(always)]
 fn window_index(now: i64, window_us: i64, state: Option<State>) -> i64 {
     if let Some(s) = state
         && s.a >= 0
@@ -467,6 +469,7 @@ fn refills_to_cover(missing: u64, refill: u64) -> u64 {
     }
 }
 
+#[inline(always)]
 fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
     match alg {
         Algorithm::FixedWindow(a) => {
@@ -521,6 +524,7 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
 }
 
 /// Units in use at `now` for a window view (sliding: weighted).
+#[inline(always)]
 fn used(alg: &Algorithm, v: &View, now: i64) -> i64 {
     match alg {
         Algorithm::FixedWindow(_) => v.current,
@@ -533,6 +537,7 @@ fn used(alg: &Algorithm, v: &View, now: i64) -> i64 {
 }
 
 /// Time until the budget is fully restored (fixed window: until the window rolls).
+#[inline(always)]
 fn reset_after(alg: &Algorithm, v: &View, now: i64) -> i64 {
     match alg {
         Algorithm::FixedWindow(a) => (v.anchor + 1) * a.window_us as i64 - now,
@@ -632,6 +637,7 @@ fn is_empty_state(alg: &Algorithm, v: &View) -> bool {
 /// was made at `now`: the state matters exactly until then. The store counts its TTL from
 /// its own clock, `store_now`, which is earlier than `now` when the decision was made in
 /// a state's window that the caller's clock has not reached yet.
+#[inline(always)]
 fn write_of(alg: &Algorithm, v: &View, reset: i64, now: i64, store_now: i64) -> Write {
     if is_empty_state(alg, v) {
         Write::Delete
@@ -660,6 +666,7 @@ fn window_of(alg: &Algorithm, v: &View) -> Option<i64> {
 }
 
 /// The outcome from values already computed (the hot path computes each once).
+#[inline(always)]
 fn outcome_of(
     alg: &Algorithm,
     v: &View,

@@ -391,7 +391,7 @@ async fn settled_calls_leave_bounded_redis_memory() {
     let mut c = client.get_connection().unwrap();
     let (settled, _) = keys
         .iter()
-        .find(|(key, _)| key.ends_with(":settled"))
+        .find(|(key, _)| key.ends_with(":settlements"))
         .expect("a set of recent settlement ids");
     let ids: i64 = redis::cmd("ZCARD").arg(settled).query(&mut c).unwrap();
     let encoding: String = redis::cmd("OBJECT")
@@ -884,4 +884,100 @@ async fn a_retried_settlement_among_the_newest_is_not_applied_again() {
     }
     let after = remaining(store.adjust(charge(1), Some(1)).await.unwrap());
     assert_eq!(after, before - 1, "the oldest id should be forgotten");
+}
+
+/// Hundreds of settlements of one identifier within one millisecond (a hot identifier on
+/// a fast Redis) keep their newest ids: retrying any of the last ten changes nothing.
+/// (Scored by the millisecond alone, their ids tied and Redis ordered them by the ids'
+/// random digits, evicting some of the newest.)
+#[tokio::test]
+async fn a_burst_of_settlements_within_a_millisecond_keeps_its_newest_ids() {
+    let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
+    let store = redis_on(&clock).await;
+    let prefix = common::unique_prefix("burst");
+    let rule = FixedWindow::new(1_000_000, LONG).unwrap().into();
+    let charge = |delta| {
+        vec![tower_llm_ratelimit::store::Adjustment {
+            key: format!("{prefix}:t:{{burst}}").into(),
+            rule,
+            delta,
+            slot: 0,
+            window: None,
+        }]
+    };
+    // Random-looking 63-bit ids, as the crate makes them (xorshift).
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let ids: Vec<u64> = (0..300)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x >> 1
+        })
+        .collect();
+    for &id in &ids {
+        clock.advance(Duration::from_micros(2));
+        store.adjust(charge(1), Some(id)).await.unwrap();
+    }
+    let mut remaining = store.adjust(charge(0), None).await.unwrap()[0].remaining;
+    assert_eq!(remaining, 1_000_000 - 300);
+    let mut applied_again = Vec::new();
+    for &id in ids[290..].iter().rev() {
+        clock.advance(Duration::from_micros(2));
+        let after = store.adjust(charge(1), Some(id)).await.unwrap()[0].remaining;
+        if after != remaining {
+            applied_again.push(id);
+        }
+        remaining = after;
+    }
+    assert!(applied_again.is_empty(), "applied again: {applied_again:?}");
+}
+
+/// A set of recent settlement ids written by an earlier release (`<key>:settled`, ids
+/// scored by the time applied) is left alone: during a rolling upgrade each release
+/// keeps its own newest ids, so the retries of either are applied once.
+#[tokio::test]
+async fn settlements_leave_an_earlier_releases_id_set_alone() {
+    let store = RedisStore::connect(&common::redis_url()).await.unwrap();
+    let prefix = common::unique_prefix("rolling");
+    let key = format!("{prefix}:t:{{rolling}}");
+    let earlier = format!("{key}:settled");
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    // As the earlier release left it: 127 ids, the newest scored highest.
+    for id in 1..=127u64 {
+        let _: () = redis::cmd("ZADD")
+            .arg(&earlier)
+            .arg(1_800_000_000_000u64 + id)
+            .arg(id)
+            .query(&mut c)
+            .unwrap();
+    }
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&earlier)
+        .arg(60_000)
+        .query(&mut c)
+        .unwrap();
+    let rule = FixedWindow::new(1_000_000, LONG).unwrap().into();
+    for id in 1_000..1_200u64 {
+        let charge = vec![tower_llm_ratelimit::store::Adjustment {
+            key: key.as_str().into(),
+            rule,
+            delta: 1,
+            slot: 0,
+            window: None,
+        }];
+        store.adjust(charge, Some(id)).await.unwrap();
+    }
+    let kept: Vec<u64> = redis::cmd("ZRANGE")
+        .arg(&earlier)
+        .arg(0)
+        .arg(-1)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        kept,
+        (1..=127).collect::<Vec<_>>(),
+        "the earlier release's ids"
+    );
 }

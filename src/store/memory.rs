@@ -140,7 +140,11 @@ impl Hashed<'_> {
 }
 
 /// A shard sweeps out expired entries once it has seen at least this many writes and at
-/// least as many writes as it holds entries, so sweeping costs O(1) amortized per write.
+/// least as many writes as it kept at its last sweep: sweeping costs O(1) amortized per
+/// write, and a shard holds at most about twice what was live at its last sweep plus
+/// this many. (Counting against the entries held now instead, a shard whose writes all
+/// insert new keys, one per client address say, grows as fast as its count and never
+/// sweeps again.)
 const MIN_WRITES_BETWEEN_SWEEPS: usize = 256;
 
 #[derive(Clone)]
@@ -171,6 +175,8 @@ struct Shard {
     /// The store's hasher, to rehash keys when the table grows.
     hasher: Hasher,
     writes_since_sweep: usize,
+    /// Entries kept by the last sweep.
+    kept_at_last_sweep: usize,
 }
 
 impl Shard {
@@ -179,6 +185,7 @@ impl Shard {
             table: HashTable::new(),
             hasher,
             writes_since_sweep: 0,
+            kept_at_last_sweep: 0,
         }
     }
 
@@ -248,9 +255,10 @@ impl Shard {
     }
 
     /// Read one counter, compute its outcome and write with `f`, and write in place: one
-    /// lookup for an existing key. Returns how to put the entry back (should another check
-    /// of the same acquire deny).
-    fn update(
+    /// lookup for an existing key. With `UNDO`, also returns how to put the entry back
+    /// (should another check of the same acquire deny); else [`Undo::Nothing`], without
+    /// copying the entry.
+    fn update<const UNDO: bool>(
         &mut self,
         k: Hashed<'_>,
         now: i64,
@@ -259,7 +267,7 @@ impl Shard {
         let Some(entry) = self.find_mut(k) else {
             let (o, w) = f(None);
             let undo = match w {
-                Write::Put(..) => Undo::Remove,
+                Write::Put(..) if UNDO => Undo::Remove,
                 _ => Undo::Nothing,
             };
             self.apply(k, w, now);
@@ -273,7 +281,8 @@ impl Shard {
         let before = match &w {
             Write::None => return (o, Undo::Nothing),
             // Slots under a counter's key (a limit that changed kind): kept whole.
-            _ => Undo::Restore(entry.value.clone(), entry.expires_at),
+            _ if UNDO => Undo::Restore(entry.value.clone(), entry.expires_at),
+            _ => Undo::Nothing,
         };
         match w {
             Write::Put(s, ttl_us) => {
@@ -297,9 +306,10 @@ impl Shard {
 
     fn after_write(&mut self, now: i64) {
         self.writes_since_sweep += 1;
-        if self.writes_since_sweep >= MIN_WRITES_BETWEEN_SWEEPS.max(self.table.len()) {
+        if self.writes_since_sweep >= MIN_WRITES_BETWEEN_SWEEPS.max(self.kept_at_last_sweep) {
             self.table.retain(|(_, e)| e.expires_at > now);
             self.writes_since_sweep = 0;
+            self.kept_at_last_sweep = self.table.len();
         }
     }
 
@@ -430,7 +440,7 @@ impl MemoryStore {
     ) -> Decision {
         let k = self.hashed(key);
         let mut shard = lock(&self.inner.shards[k.shard()]);
-        let (o, _) = shard.update(k, now, |state| {
+        let (o, _) = shard.update::<false>(k, now, |state| {
             algorithm::decide(algorithm, state, now, cost, take)
         });
         o.into()
@@ -474,7 +484,7 @@ impl MemoryStore {
                         .zip(&writes)
                         .filter(|(e, _)| e.key == c.key);
                     let before = state_before_acquire(earlier.map(|(_, w)| w), now);
-                    let (o, undo) = shard.update(k, now, |state| {
+                    let (o, undo) = shard.update::<true>(k, now, |state| {
                         algorithm::decide(alg, before.unwrap_or(state), now, c.cost, c.take)
                     });
                     results.push(Decision::from(o));
@@ -538,7 +548,7 @@ impl MemoryStore {
                         Decision::from(o)
                     }
                     Rule::Rate(alg) => {
-                        let (o, _) = shard.update(k, now, |state| {
+                        let (o, _) = shard.update::<false>(k, now, |state| {
                             algorithm::adjust(alg, state, now, a.delta, a.window)
                         });
                         Decision::from(o)
@@ -548,19 +558,25 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Synchronous form of [`Store::delete`].
+    /// Synchronous form of [`Store::delete`]: every key at once (their shards locked
+    /// together), so a concurrent call sees all of them or none deleted.
     pub fn delete_now(&self, keys: &[String]) {
-        for key in keys {
-            let k = self.hashed(key);
-            lock(&self.inner.shards[k.shard()]).remove(k);
+        let mut guards = self.lock_all(keys.iter().map(String::as_str));
+        for i in 0..keys.len() {
+            let (shard, k) = guards.at(i);
+            shard.remove(k);
         }
     }
 
-    /// Synchronous form of [`Store::delete_identifier`].
+    /// Synchronous form of [`Store::delete_identifier`]. An identifier's keys are spread
+    /// over the shards, so every shard is locked (in ascending order, as calls lock
+    /// theirs) before any is swept: a concurrent call of that identifier is counted on
+    /// all of its limits or on none.
     pub fn delete_identifier_now(&self, prefixes: &[String], tag: &str) {
         let suffix = format!(":{{{tag}}}");
-        for shard in self.inner.shards.iter() {
-            lock(shard).table.retain(|(key, _)| {
+        let mut shards: Vec<_> = self.inner.shards.iter().map(lock).collect();
+        for shard in &mut shards {
+            shard.table.retain(|(key, _)| {
                 !(key.ends_with(&suffix) && prefixes.iter().any(|p| key.starts_with(p.as_str())))
             });
         }
@@ -665,6 +681,92 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An identifier deleted while its calls run is deleted from all of its limits at
+    /// once: every call is counted on both of its limits or on neither, though the two
+    /// keys live in different shards.
+    #[test]
+    fn an_identifier_is_deleted_from_all_its_limits_at_once() {
+        use crate::algorithm::FixedWindow;
+        let rule: Rule = FixedWindow::new(1 << 40, Duration::from_secs(3600))
+            .unwrap()
+            .into();
+        let check = |key: &Arc<str>| LimitCheck {
+            key: key.clone(),
+            rule,
+            cost: 1,
+            take: true,
+            slot: 0,
+        };
+        let used = |store: &MemoryStore, key: &Arc<str>| {
+            let mut read = check(key);
+            read.take = false;
+            (1u64 << 40) - store.acquire_now(&[read])[0].remaining
+        };
+        let mut torn = Vec::new();
+        for trial in 0..40 {
+            let store = MemoryStore::new();
+            let tag = format!("del{trial}");
+            let (rpm, tpm): (Arc<str>, Arc<str>) = (
+                super::super::state_key("t:rpm", &tag).into(),
+                super::super::state_key("t:tpm", &tag).into(),
+            );
+            // The case under test: the two keys in different shards (the hasher's seed
+            // is random; 63 times in 64 they are).
+            if store.hashed(&rpm).shard() == store.hashed(&tpm).shard() {
+                continue;
+            }
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        store.acquire_now(&[check(&rpm), check(&tpm)]);
+                    }
+                });
+                s.spawn(|| {
+                    for _ in 0..500 {
+                        store.delete_identifier_now(&["t:".to_owned()], &tag);
+                    }
+                    stop.store(true, Ordering::Relaxed);
+                });
+            });
+            let (a, b) = (used(&store, &rpm), used(&store, &tpm));
+            if a != b {
+                torn.push((trial, a, b));
+            }
+        }
+        assert!(
+            torn.is_empty(),
+            "(trial, requests, tokens) counted apart: {torn:?}"
+        );
+    }
+
+    /// Expired entries are swept while every write inserts a new key (one identifier per
+    /// call, a client address say): the store holds about what is live, not everything
+    /// ever written.
+    #[test]
+    fn expired_entries_are_swept_while_every_write_is_a_new_key() {
+        use crate::algorithm::FixedWindow;
+        let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
+        let store = MemoryStore::with_clock(clock.clone());
+        let alg: Algorithm = FixedWindow::new(3, Duration::from_millis(1))
+            .unwrap()
+            .into();
+        let mut most = 0;
+        for i in 0..200_000u64 {
+            store.decide(&format!("ip:{{{i}}}"), &alg, 1);
+            if i % 1000 == 999 {
+                // The last 1000 keys were live; they all expire now.
+                clock.advance(Duration::from_secs(1));
+                most = most.max(store.len());
+            }
+        }
+        // Per shard: what the last sweep kept (~1000 / 64 live), twice, plus 256 writes.
+        assert!(
+            most <= SHARDS * (2 * 32 + MIN_WRITES_BETWEEN_SWEEPS),
+            "held {most}"
+        );
+    }
 
     /// The fast clock stays with the OS's wall clock: within a millisecond of it on
     /// every read, across sleeps and past a re-anchoring.

@@ -635,10 +635,15 @@ async fn cluster_keys_of(conn: &mut Connection, suffix: &str) -> redis::RedisRes
 
 /// The key of the recent settlement ids of the identifier whose state key is `key`: the
 /// same hash tag, one set per identifier (and prefix) however many calls it makes.
+///
+/// Named apart from the `:settled` sets of earlier releases, which ordered ids the other
+/// way round: each release trimmed the other's newest ids, so a retry during a rolling
+/// upgrade could apply twice. A retry comes from the process that first sent it, so each
+/// release finds its own ids in its own set.
 fn settled_ids_key(key: &str) -> Arc<str> {
-    let mut ids = String::with_capacity(key.len() + 8);
+    let mut ids = String::with_capacity(key.len() + 13);
     ids.push_str(key);
-    ids.push_str(":settled");
+    ids.push_str(":settlements");
     ids.into()
 }
 

@@ -5,9 +5,9 @@
 --
 -- KEYS     per settlement, settlement after settlement: the state key of each of its
 --          limits, then (only with a settlement id) the identifier's set of recent
---          settlement ids (a sorted set: id -> minus the time applied, ms). One
---          settlement's keys share one hash tag; on a Redis Cluster a script carries one
---          settlement.
+--          settlement ids (a sorted set: id -> minus the time applied in us, minus the
+--          settlement's place in the script). One settlement's keys share one hash tag;
+--          on a Redis Cluster a script carries one settlement.
 -- ARGV[1]  the number of settlements g; ARGV[2] how long to remember an id (ms);
 --          ARGV[3] the most ids remembered per set (the oldest are forgotten first);
 --          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
@@ -61,12 +61,13 @@ for s = 1, settlements do
   local apply = not failed
   if apply and has_id then
     -- ZADD NX adds the id and says whether it was new in one command. Scored by minus
-    -- the time applied (ms): the newest id sorts first, so Redis inserts it at the head
-    -- of the set's compact (listpack) encoding instead of walking all the ids to the
-    -- tail, and trimming drops the tail. (Sets of earlier releases, scored by plus the
-    -- time, keep working: their ids sort last and are trimmed first.)
+    -- the time applied (us) minus the settlement's place in this script, so the newest
+    -- id sorts first: Redis inserts it at the head of the set's compact (listpack)
+    -- encoding instead of walking every id to the tail, and trimming drops the oldest.
+    -- (Equal scores would be ordered by id, which is random: a burst of settlements of
+    -- one identifier within one millisecond could evict its newest ids.)
     local ids = KEYS[k + n + 1]
-    local added = redis.pcall('ZADD', ids, 'NX', -(now - now % 1000) / 1000, id)
+    local added = redis.pcall('ZADD', ids, 'NX', -(now + s), id)
     if type(added) ~= 'number' then
       failed, apply = true, false
     elseif added == 0 then
