@@ -38,20 +38,42 @@ mod wall {
     use std::sync::LazyLock;
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    /// How long a thread extrapolates from one reading of the wall clock.
-    const REANCHOR_NS: u64 = 1_000_000_000;
+    /// How long a thread extrapolates from one reading of the wall clock, in µs.
+    const REANCHOR_US: u128 = 1_000_000;
 
-    static COUNTER: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
+    /// The counter and its rate, read off once per process.
+    struct Counter {
+        clock: quanta::Clock,
+        /// Microseconds per 2^40 counter ticks (40 bits of fraction: exact to a few parts
+        /// in a billion; a second of ticks times this fits in 64 bits).
+        us_per_2_40_ticks: u64,
+        /// Ticks in `REANCHOR_US`.
+        reanchor_ticks: u64,
+    }
 
-    /// A reading of the wall clock (µs since the Unix epoch) and the counter at it.
+    static COUNTER: LazyLock<Counter> = LazyLock::new(|| {
+        let clock = quanta::Clock::new();
+        let us_per_2_40_ticks = (clock.delta_as_nanos(0, 1 << 40) / 1000).max(1);
+        let reanchor_ticks =
+            ((REANCHOR_US << 40) / u128::from(us_per_2_40_ticks)).min(u128::from(u64::MAX)) as u64;
+        Counter {
+            clock,
+            us_per_2_40_ticks,
+            reanchor_ticks,
+        }
+    });
+
+    /// A reading of the wall clock (µs since the Unix epoch), the counter at it, and the
+    /// counter reading from which it is too old (0: no reading yet).
     #[derive(Clone, Copy)]
     struct Anchor {
         raw: u64,
         wall_us: i64,
+        until: u64,
     }
 
     thread_local! {
-        static ANCHOR: Cell<Option<Anchor>> = const { Cell::new(None) };
+        static ANCHOR: Cell<Anchor> = const { Cell::new(Anchor { raw: 0, wall_us: 0, until: 0 }) };
     }
 
     /// The wall clock from the OS, in µs since the Unix epoch (0 before it).
@@ -70,22 +92,22 @@ mod wall {
 
     pub(super) fn now_micros() -> i64 {
         let counter = &*COUNTER;
-        let raw = counter.raw();
-        ANCHOR.with(|anchor| {
-            if let Some(a) = anchor.get() {
-                let elapsed_ns = counter.delta_as_nanos(a.raw, raw);
-                // `raw < a.raw` (another core's counter, slightly behind) reads as 0.
-                if elapsed_ns < REANCHOR_NS {
-                    return a.wall_us + (elapsed_ns / 1000) as i64;
-                }
-            }
-            let wall_us = os_micros();
-            anchor.set(Some(Anchor {
-                raw: counter.raw(),
-                wall_us,
-            }));
-            wall_us
-        })
+        let raw = counter.clock.raw();
+        let a = ANCHOR.get();
+        if raw < a.until {
+            // `raw < a.raw` (another core's counter, slightly behind) reads as no time.
+            let ticks = raw.saturating_sub(a.raw);
+            let us = (u128::from(ticks) * u128::from(counter.us_per_2_40_ticks)) >> 40;
+            return a.wall_us + us as i64;
+        }
+        let wall_us = os_micros();
+        let raw = counter.clock.raw();
+        ANCHOR.set(Anchor {
+            raw,
+            wall_us,
+            until: raw.saturating_add(counter.reanchor_ticks),
+        });
+        wall_us
     }
 }
 
