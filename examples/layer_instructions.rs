@@ -1,8 +1,9 @@
 //! The layer's overhead per call in CPU instructions, deterministic where wall-clock
 //! benchmarks on a shared machine drift: `N` calls through the layer on the memory store
 //! (`one` limit, `four` limits) or through the bare service (`bare`); or `N` keyed
-//! decisions over 100 keys of `MemoryStore::decide` (`decide`) and of governor's keyed
-//! limiter (`governor`), as `benches/vs_governor.rs` runs them. Counted inside
+//! decisions over 100 keys of `MemoryStore::decide` (`decide`: fixed window;
+//! `decide-sliding`, `decide-bucket`) and of governor's keyed limiter (`governor`), as
+//! `benches/vs_governor.rs` runs them. Counted inside
 //! `run_loop`/`decide_loop` only:
 //!
 //! ```sh
@@ -57,7 +58,12 @@ fn keyed(which: &str, n: usize) {
         decide_loop(n, |i| limiter.check_key(&keys[i]).is_ok());
     } else {
         let store = tower_llm_ratelimit::MemoryStore::new();
-        let (_, algorithm) = shapes::algorithms()[0];
+        // `decide` (fixed window), `decide-sliding`, `decide-bucket`.
+        let name = which.strip_prefix("decide-").unwrap_or("fixed");
+        let (_, algorithm) = shapes::algorithms()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .expect("decide, decide-sliding or decide-bucket");
         decide_loop(n, |i| store.decide(&keys[i], &algorithm, 1).allowed);
     }
 }
@@ -71,7 +77,7 @@ fn main() {
         .next()
         .and_then(|n| n.parse().ok())
         .expect("N: a number of calls");
-    if matches!(which.as_str(), "decide" | "governor") {
+    if which == "governor" || which.starts_with("decide") {
         return keyed(&which, n);
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -506,11 +506,18 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
                     // The state keeps what is *used* (not what is left), so a changed
                     // capacity (a tenant's new quota) keeps what was used.
                     let intervals = whole_intervals((now - s.b).max(0), b.interval_us as i64);
-                    let used = (s.a as i128 - intervals as i128 * b.refill as i128).max(0) as i64;
+                    let (used, last) = if intervals == 0 {
+                        // Decided again within the refill interval: nothing refilled.
+                        (s.a, s.b)
+                    } else {
+                        let refilled = intervals as i128 * b.refill as i128;
+                        let used = (s.a as i128 - refilled).max(0) as i64;
+                        (used, s.b + intervals * b.interval_us as i64)
+                    };
                     if used <= 0 {
                         (cap, now)
                     } else {
-                        (cap - used, s.b + intervals * b.interval_us as i64)
+                        (cap - used, last)
                     }
                 }
             };
