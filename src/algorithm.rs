@@ -402,6 +402,24 @@ struct View {
     anchor: i64,
 }
 
+/// Whether a window state starts more than one window after `now`. Callers' clocks
+/// differ by far less than a window, so such a state was written under another window
+/// length (the limit was reconfigured, say from a minute to an hour), and its window index
+/// means nothing under this one: it is read as absent (a changed window length starts its
+/// count afresh). Read as a window "from the future", it would hold its count until a
+/// window centuries away. The Lua port applies the same rule.
+#[inline(always)]
+fn under_another_window(alg: &Algorithm, s: &State, now: i64) -> bool {
+    match alg {
+        Algorithm::FixedWindow(FixedWindow { window_us, .. })
+        | Algorithm::SlidingWindow(SlidingWindow { window_us, .. }) => {
+            let w = *window_us as i64;
+            s.a.saturating_mul(w) > now.saturating_add(w)
+        }
+        Algorithm::TokenBucket(_) => false,
+    }
+}
+
 /// The time a decision is made at: `now`, or the start of the state's window (fixed and
 /// sliding) or its last refill (bucket) if that is later.
 ///
@@ -722,6 +740,7 @@ fn decide_as(
     cost: u64,
     take: bool,
 ) -> (Outcome, Write) {
+    let state = state.filter(|s| !under_another_window(alg, s, now));
     let store_now = now;
     let now = effective_now(alg, state, now);
     let mut v = view(alg, state, now);
@@ -798,6 +817,7 @@ fn adjust_as(
     // Beyond ±2^53 every outcome is the same (counters saturate at ±2^52), and no
     // arithmetic below can overflow: a delta of any size is safe, as it is in Lua.
     let delta = delta.clamp(-(1 << 53), 1 << 53);
+    let state = state.filter(|s| !under_another_window(alg, s, now));
     let store_now = now;
     let now = effective_now(alg, state, now);
     let mut v = view(alg, state, now);

@@ -262,6 +262,54 @@ mod cases {
         assert_eq!(rl.remaining("dup").await.unwrap(), 3, "{kind:?}");
     }
 
+    /// A limit whose window grows (reconfigured from a second to an hour under the same
+    /// name) starts its count afresh: the old state's window index means nothing under
+    /// the new length. Read as a window "from the future", it held the count until a
+    /// window centuries away and denied every call until then. (A bucket keeps what was
+    /// used across a change: its state holds no window index.)
+    pub async fn a_window_that_grows_starts_its_count_afresh(env: Env, kind: Kind) {
+        const HOUR: Duration = Duration::from_secs(3600);
+        let grown: Algorithm = match kind {
+            Kind::Fixed => FixedWindow::new(5, HOUR).unwrap().into(),
+            Kind::Sliding => SlidingWindow::new(5, HOUR).unwrap().into(),
+            Kind::Bucket => return,
+        };
+        let rl = env.limit(kind);
+        let key: Arc<str> = rl.key("grow").unwrap().into();
+        let take = |rule: Algorithm| {
+            vec![tower_llm_ratelimit::store::LimitCheck {
+                key: key.clone(),
+                rule: rule.into(),
+                cost: 1,
+                take: true,
+                slot: 0,
+            }]
+        };
+        for _ in 0..5 {
+            assert!(env.store.acquire(take(kind.algorithm())).await.unwrap()[0].allowed);
+        }
+        for i in 0..5 {
+            let d = env.store.acquire(take(grown)).await.unwrap().remove(0);
+            assert!(
+                d.allowed,
+                "{kind:?}: call {i} under the grown window: {d:?}"
+            );
+            assert_eq!(d.remaining, 4 - i, "{kind:?}");
+            assert!(d.reset_after <= 2 * HOUR, "{kind:?}: {d:?}");
+        }
+        let d = env.store.acquire(take(grown)).await.unwrap().remove(0);
+        assert!(!d.allowed, "{kind:?}: {d:?}");
+        assert!(
+            d.retry_after.is_some_and(|r| r <= 2 * HOUR),
+            "{kind:?}: {d:?}"
+        );
+        assert_eq!(
+            env.check_ttls(2 * HOUR),
+            1,
+            "{kind:?}: one key, living at most two hours"
+        );
+    }
+
     pub async fn cost_above_limit_never_passes(env: Env, kind: Kind) {
         let rl = env.limit(kind);
         let d = rl.limit("alice", 6).await.unwrap();
@@ -387,6 +435,10 @@ macro_rules! conformance {
                     $kind,
                 )
                 .await
+            }
+            #[tokio::test]
+            async fn a_window_that_grows_starts_its_count_afresh() {
+                cases::a_window_that_grows_starts_its_count_afresh(env().await, $kind).await
             }
             #[tokio::test]
             async fn cost_above_limit_never_passes() {

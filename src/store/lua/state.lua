@@ -84,6 +84,9 @@ local function view(key, alg, p2, p3, now)
     if used <= 0 then return now, 0, 0, 0, false, now end
     return b + intervals * p3, used, 0, used, false, now
   end
+  -- A window starting more than a window after now was written under another window
+  -- length (a reconfigured limit): absent (under_another_window in algorithm.rs).
+  if a and a * p2 > now + p2 then a = nil end
   if a and a * p2 > now then now = a * p2 end
   local idx = (now - now % p2) / p2
   if alg == 1 then
