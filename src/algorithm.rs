@@ -885,6 +885,32 @@ mod tests {
 
     /// The division-free window index equals `now / window` everywhere: around window
     /// edges, for states behind, ahead and far off, and at the ends of `i64`.
+    /// A state written under a shorter window, read under the longest one, is absent:
+    /// no overflow (debug builds panicked) and a full budget, for either window kind.
+    #[test]
+    fn a_state_from_a_shorter_window_reads_as_absent_under_the_longest() {
+        let now = 1_800_000_000 * S;
+        let old = Some(State {
+            a: now / S,
+            b: 3,
+            c: 2,
+        });
+        let longest: [Algorithm; 2] = [
+            FixedWindow::new(1 << 40, MAX_WINDOW).unwrap().into(),
+            SlidingWindow::new(1 << 40, MAX_WINDOW).unwrap().into(),
+        ];
+        for alg in longest {
+            for take in [false, true] {
+                let (o, _) = decide(&alg, old, now, 0, take);
+                assert_eq!(o.remaining, 1 << 40, "{alg:?}");
+                let (o, _) = decide(&alg, old, now, 1, take);
+                assert!(o.allowed, "{alg:?}");
+            }
+            let (o, _) = adjust(&alg, old, now, -5, Some(now / S));
+            assert_eq!(o.remaining, 1 << 40, "{alg:?}");
+        }
+    }
+
     #[test]
     fn bucket_shortcuts_are_the_division() {
         let values = [

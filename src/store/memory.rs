@@ -329,9 +329,19 @@ impl Shard {
     fn after_write(&mut self, now: i64) {
         self.writes_since_sweep += 1;
         if self.writes_since_sweep >= MIN_WRITES_BETWEEN_SWEEPS.max(self.kept_at_last_sweep) {
+            let held = self.table.len();
             self.table.retain(|(_, e)| e.expires_at > now);
             self.writes_since_sweep = 0;
-            self.kept_at_last_sweep = self.table.len();
+            let kept = self.table.len();
+            self.kept_at_last_sweep = kept;
+            // A table grown by a burst keeps its size, and every sweep walks all of it:
+            // when a sweep leaves a quarter or less of what it found, give the rest back
+            // (the rehash costs less than the sweep did).
+            if held > 4 * kept.max(MIN_WRITES_BETWEEN_SWEEPS) {
+                let hasher = &self.hasher;
+                self.table
+                    .shrink_to(2 * kept, |(key, _)| hasher.hash_one(&**key));
+            }
         }
     }
 
@@ -787,6 +797,42 @@ mod tests {
         assert!(
             most <= SHARDS * (2 * 32 + MIN_WRITES_BETWEEN_SWEEPS),
             "held {most}"
+        );
+    }
+
+    /// A burst of short-lived keys does not leave its tables' capacity behind: once
+    /// swept, a shard gives the empty part back, so later sweeps walk what is held.
+    #[test]
+    fn a_burst_of_keys_gives_its_capacity_back_once_swept() {
+        use crate::algorithm::FixedWindow;
+        let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
+        let store = MemoryStore::with_clock(clock.clone());
+        let alg: Algorithm = FixedWindow::new(3, Duration::from_millis(1))
+            .unwrap()
+            .into();
+        for i in 0..100_000u64 {
+            store.decide(&format!("burst:{{{i}}}"), &alg, 1);
+        }
+        clock.advance(Duration::from_secs(1));
+        // Then hot keys (enough that every shard has some), written often enough that
+        // every shard sweeps.
+        let hot: Algorithm = FixedWindow::new(1 << 40, Duration::from_millis(1))
+            .unwrap()
+            .into();
+        for i in 0..400_000u64 {
+            store.decide(&format!("hot:{{{}}}", i % 4096), &hot, 1);
+        }
+        let bytes: usize = store
+            .inner
+            .shards
+            .iter()
+            .map(|s| lock(s).table.allocation_size())
+            .sum();
+        assert!(store.len() <= 4096 + 1024, "held {}", store.len());
+        // 4 096 live entries take about 0.5 MB; the burst's 100 000 took about 8 MB.
+        assert!(
+            bytes <= 2 << 20,
+            "{bytes} bytes of tables left after the burst"
         );
     }
 
