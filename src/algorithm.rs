@@ -402,26 +402,8 @@ struct View {
     anchor: i64,
 }
 
-/// Whether a window state starts more than one window after `now`. Callers' clocks
-/// differ by far less than a window, so such a state was written under another window
-/// length (the limit was reconfigured, say from a minute to an hour), and its window index
-/// means nothing under this one: it is read as absent (a changed window length starts its
-/// count afresh). Read as a window "from the future", it would hold its count until a
-/// window centuries away. The Lua port applies the same rule.
-#[inline(always)]
-fn under_another_window(alg: &Algorithm, s: &State, now: i64) -> bool {
-    match alg {
-        Algorithm::FixedWindow(FixedWindow { window_us, .. })
-        | Algorithm::SlidingWindow(SlidingWindow { window_us, .. }) => {
-            let w = *window_us as i64;
-            s.a.saturating_mul(w) > now.saturating_add(w)
-        }
-        Algorithm::TokenBucket(_) => false,
-    }
-}
-
-/// The time a decision is made at: `now`, or the start of the state's window (fixed and
-/// sliding) or its last refill (bucket) if that is later.
+/// The state a decision reads and the time it is made at: `now`, or the start of the
+/// state's window (fixed and sliding) or its last refill (bucket) if that is later.
 ///
 /// A state from "the future" was written by a caller whose clock read later than this
 /// one's (two threads whose clock reads and lock acquisitions are ordered differently,
@@ -429,19 +411,33 @@ fn under_another_window(alg: &Algorithm, s: &State, now: i64) -> bool {
 /// Deciding at the state's time counts this call in the window the state is in, and
 /// writes it back there; deciding at the earlier `now` would write the state back under
 /// the older window, and the newer window would lose its count.
+///
+/// But a window state starting more than one window after `now` is not explained by
+/// clocks, which differ by far less than a window: it was written under another window
+/// length (the limit was reconfigured, say from a minute to an hour), and its window
+/// index means nothing under this one. It is read as absent, so a changed window length
+/// starts its count afresh; read as "the future", it would hold its count until a window
+/// centuries away. The Lua port applies the same rules.
 #[inline(always)]
-fn effective_now(alg: &Algorithm, state: Option<State>, now: i64) -> i64 {
+fn effective(alg: &Algorithm, state: Option<State>, now: i64) -> (Option<State>, i64) {
     let Some(s) = state else {
-        return now;
+        return (None, now);
     };
-    let from = match alg {
+    match alg {
         Algorithm::FixedWindow(FixedWindow { window_us, .. })
         | Algorithm::SlidingWindow(SlidingWindow { window_us, .. }) => {
-            s.a.saturating_mul(*window_us as i64)
+            let w = *window_us as i64;
+            let from = s.a.saturating_mul(w);
+            if from <= now {
+                (state, now)
+            } else if from <= now.saturating_add(w) {
+                (state, from)
+            } else {
+                (None, now)
+            }
         }
-        Algorithm::TokenBucket(_) => s.b,
-    };
-    now.max(from)
+        Algorithm::TokenBucket(_) => (state, now.max(s.b)),
+    }
 }
 
 /// The index of the window holding `now`, `now / window_us`, found without dividing
@@ -493,7 +489,7 @@ fn view(alg: &Algorithm, state: Option<State>, now: i64) -> View {
         Algorithm::FixedWindow(a) => {
             let idx = window_index(now, a.window_us as i64, state);
             let current = match state {
-                // Never later than `effective_now`: a state is from this window or older.
+                // Never later than `effective`: a state is from this window or older.
                 Some(s) if s.a >= idx => s.b,
                 _ => 0,
             };
@@ -740,9 +736,8 @@ fn decide_as(
     cost: u64,
     take: bool,
 ) -> (Outcome, Write) {
-    let state = state.filter(|s| !under_another_window(alg, s, now));
     let store_now = now;
-    let now = effective_now(alg, state, now);
+    let (state, now) = effective(alg, state, now);
     let mut v = view(alg, state, now);
     let cost_i = cost as i64;
     let used_now = used(alg, &v, now);
@@ -817,9 +812,8 @@ fn adjust_as(
     // Beyond ±2^53 every outcome is the same (counters saturate at ±2^52), and no
     // arithmetic below can overflow: a delta of any size is safe, as it is in Lua.
     let delta = delta.clamp(-(1 << 53), 1 << 53);
-    let state = state.filter(|s| !under_another_window(alg, s, now));
     let store_now = now;
-    let now = effective_now(alg, state, now);
+    let (state, now) = effective(alg, state, now);
     let mut v = view(alg, state, now);
     let mut changed = delta != 0;
     if delta > 0 {

@@ -326,22 +326,30 @@ impl Shard {
         }
     }
 
+    #[inline(always)]
     fn after_write(&mut self, now: i64) {
         self.writes_since_sweep += 1;
         if self.writes_since_sweep >= MIN_WRITES_BETWEEN_SWEEPS.max(self.kept_at_last_sweep) {
-            let held = self.table.len();
-            self.table.retain(|(_, e)| e.expires_at > now);
-            self.writes_since_sweep = 0;
-            let kept = self.table.len();
-            self.kept_at_last_sweep = kept;
-            // A table grown by a burst keeps its size, and every sweep walks all of it:
-            // when a sweep leaves a quarter or less of what it found, give the rest back
-            // (the rehash costs less than the sweep did).
-            if held > 4 * kept.max(MIN_WRITES_BETWEEN_SWEEPS) {
-                let hasher = &self.hasher;
-                self.table
-                    .shrink_to(2 * kept, |(key, _)| hasher.hash_one(&**key));
-            }
+            self.sweep(now);
+        }
+    }
+
+    /// Drop expired entries (out of the way of the write path, which only counts).
+    #[cold]
+    #[inline(never)]
+    fn sweep(&mut self, now: i64) {
+        let held = self.table.len();
+        self.table.retain(|(_, e)| e.expires_at > now);
+        self.writes_since_sweep = 0;
+        let kept = self.table.len();
+        self.kept_at_last_sweep = kept;
+        // A table grown by a burst keeps its size, and every sweep walks all of it: when
+        // a sweep leaves a quarter or less of what it found, give the rest back (the
+        // rehash costs less than the sweep did).
+        if held > 4 * kept.max(MIN_WRITES_BETWEEN_SWEEPS) {
+            let hasher = &self.hasher;
+            self.table
+                .shrink_to(2 * kept, |(key, _)| hasher.hash_one(&**key));
         }
     }
 

@@ -53,7 +53,7 @@ end
 -- and whether the key holds a packed state of this very window with something used in
 -- it, so that a take only has to rewrite the "used" field (its TTL already ends where
 -- the new state's does), and the time the decision is made at: `now`, or the start of the
--- state's window (its last refill for a bucket) if later (`effective_now` in
+-- state's window (its last refill for a bucket) if later (`effective` in
 -- algorithm.rs: a state from "the future" was written by a caller whose clock read later;
 -- deciding in its window keeps its count there). Nothing (nil) if the key holds another
 -- type.
@@ -85,7 +85,7 @@ local function view(key, alg, p2, p3, now)
     return b + intervals * p3, used, 0, used, false, now
   end
   -- A window starting more than a window after now was written under another window
-  -- length (a reconfigured limit): absent (under_another_window in algorithm.rs).
+  -- length (a reconfigured limit): absent (`effective` in algorithm.rs).
   if a and a * p2 > now + p2 then a = nil end
   if a and a * p2 > now then now = a * p2 end
   local idx = (now - now % p2) / p2
