@@ -708,6 +708,20 @@ fn outcome_of(
     }
 }
 
+/// `$body` (which uses `$alg`) in one copy per algorithm: within each copy the compiler
+/// knows which algorithm `$alg` is and drops the per-step `match`es on it (a fifth of a
+/// decision). A macro: a function taking the body as a closure measured 26 instructions
+/// slower per decision, its copies not kept apart.
+macro_rules! per_algorithm {
+    ($alg:expr, $body:expr) => {
+        match $alg {
+            Algorithm::FixedWindow(_) => $body,
+            Algorithm::SlidingWindow(_) => $body,
+            Algorithm::TokenBucket(_) => $body,
+        }
+    };
+}
+
 /// Decide whether `cost` fits at `now`; when `take` is set and it fits, take it.
 ///
 /// `take = false` evaluates the same condition without writing (the `CheckRemaining`
@@ -719,13 +733,7 @@ pub(crate) fn decide(
     cost: u64,
     take: bool,
 ) -> (Outcome, Write) {
-    // One copy of the decision per algorithm: within each, the compiler knows which
-    // algorithm it is and drops the per-step `match`es on it (a fifth of a decision).
-    match alg {
-        Algorithm::FixedWindow(_) => decide_as(alg, state, now, cost, take),
-        Algorithm::SlidingWindow(_) => decide_as(alg, state, now, cost, take),
-        Algorithm::TokenBucket(_) => decide_as(alg, state, now, cost, take),
-    }
+    per_algorithm!(alg, decide_as(alg, state, now, cost, take))
 }
 
 #[inline(always)]
@@ -793,12 +801,7 @@ pub(crate) fn adjust(
     delta: i64,
     window: Option<i64>,
 ) -> (Outcome, Write) {
-    // One copy per algorithm, as in `decide`.
-    match alg {
-        Algorithm::FixedWindow(_) => adjust_as(alg, state, now, delta, window),
-        Algorithm::SlidingWindow(_) => adjust_as(alg, state, now, delta, window),
-        Algorithm::TokenBucket(_) => adjust_as(alg, state, now, delta, window),
-    }
+    per_algorithm!(alg, adjust_as(alg, state, now, delta, window))
 }
 
 #[inline(always)]

@@ -153,6 +153,11 @@ struct Hashed<'k> {
 }
 
 impl Hashed<'_> {
+    /// Whether a table's entry is this key's.
+    fn is(&self, (key, _): &(Box<str>, Entry)) -> bool {
+        **key == *self.key
+    }
+
     /// The shard: bits 32..38 of the hash. A shard's table uses the low bits (bucket)
     /// and the top seven (control byte), so the keys of one shard still spread over
     /// its table.
@@ -191,6 +196,12 @@ struct Entry {
 /// is the fast seeded hasher hashbrown itself defaults to.
 type Hasher = foldhash::fast::RandomState;
 
+/// The hash of a table's entry, for the table to move it when it grows or shrinks (the
+/// same hash as [`Hashed::hash`]).
+fn rehash(hasher: &Hasher) -> impl Fn(&(Box<str>, Entry)) -> u64 + '_ {
+    |(key, _)| hasher.hash_one(&**key)
+}
+
 struct Shard {
     /// Entries by key, found by [`Hashed::hash`].
     table: HashTable<(Box<str>, Entry)>,
@@ -212,32 +223,25 @@ impl Shard {
     }
 
     fn find(&self, k: Hashed<'_>) -> Option<&Entry> {
-        self.table
-            .find(k.hash, |(key, _)| **key == *k.key)
-            .map(|(_, e)| e)
+        self.table.find(k.hash, |e| k.is(e)).map(|(_, e)| e)
     }
 
     fn find_mut(&mut self, k: Hashed<'_>) -> Option<&mut Entry> {
-        self.table
-            .find_mut(k.hash, |(key, _)| **key == *k.key)
-            .map(|(_, e)| e)
+        self.table.find_mut(k.hash, |e| k.is(e)).map(|(_, e)| e)
     }
 
     fn insert(&mut self, k: Hashed<'_>, entry: Entry) {
         match self.find_mut(k) {
             Some(e) => *e = entry,
             None => {
-                let hasher = &self.hasher;
                 self.table
-                    .insert_unique(k.hash, (k.key.into(), entry), |(key, _)| {
-                        hasher.hash_one(&**key)
-                    });
+                    .insert_unique(k.hash, (k.key.into(), entry), rehash(&self.hasher));
             }
         }
     }
 
     fn remove(&mut self, k: Hashed<'_>) {
-        if let Ok(e) = self.table.find_entry(k.hash, |(key, _)| **key == *k.key) {
+        if let Ok(e) = self.table.find_entry(k.hash, |e| k.is(e)) {
             e.remove();
         }
     }
@@ -347,9 +351,7 @@ impl Shard {
         // a sweep leaves a quarter or less of what it found, give the rest back (the
         // rehash costs less than the sweep did).
         if held > 4 * kept.max(MIN_WRITES_BETWEEN_SWEEPS) {
-            let hasher = &self.hasher;
-            self.table
-                .shrink_to(2 * kept, |(key, _)| hasher.hash_one(&**key));
+            self.table.shrink_to(2 * kept, rehash(&self.hasher));
         }
     }
 
@@ -781,17 +783,26 @@ mod tests {
         );
     }
 
+    /// A store on a manual clock.
+    fn on_a_manual_clock() -> (MemoryStore, ManualClock) {
+        let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
+        (MemoryStore::with_clock(clock.clone()), clock)
+    }
+
+    /// A fixed window of `limit` per millisecond.
+    fn per_millisecond(limit: u64) -> Algorithm {
+        crate::algorithm::FixedWindow::new(limit, Duration::from_millis(1))
+            .unwrap()
+            .into()
+    }
+
     /// Expired entries are swept while every write inserts a new key (one identifier per
     /// call, a client address say): the store holds about what is live, not everything
     /// ever written.
     #[test]
     fn expired_entries_are_swept_while_every_write_is_a_new_key() {
-        use crate::algorithm::FixedWindow;
-        let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
-        let store = MemoryStore::with_clock(clock.clone());
-        let alg: Algorithm = FixedWindow::new(3, Duration::from_millis(1))
-            .unwrap()
-            .into();
+        let (store, clock) = on_a_manual_clock();
+        let alg = per_millisecond(3);
         let mut most = 0;
         for i in 0..200_000u64 {
             store.decide(&format!("ip:{{{i}}}"), &alg, 1);
@@ -812,21 +823,15 @@ mod tests {
     /// swept, a shard gives the empty part back, so later sweeps walk what is held.
     #[test]
     fn a_burst_of_keys_gives_its_capacity_back_once_swept() {
-        use crate::algorithm::FixedWindow;
-        let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
-        let store = MemoryStore::with_clock(clock.clone());
-        let alg: Algorithm = FixedWindow::new(3, Duration::from_millis(1))
-            .unwrap()
-            .into();
+        let (store, clock) = on_a_manual_clock();
+        let alg = per_millisecond(3);
         for i in 0..100_000u64 {
             store.decide(&format!("burst:{{{i}}}"), &alg, 1);
         }
         clock.advance(Duration::from_secs(1));
         // Then hot keys (enough that every shard has some), written often enough that
         // every shard sweeps.
-        let hot: Algorithm = FixedWindow::new(1 << 40, Duration::from_millis(1))
-            .unwrap()
-            .into();
+        let hot = per_millisecond(1 << 40);
         for i in 0..400_000u64 {
             store.decide(&format!("hot:{{{}}}", i % 4096), &hot, 1);
         }
