@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tower::{Service, ServiceExt, service_fn};
+use tower::service_fn;
 use tower_llm_ratelimit::store::LimitCheck;
 use tower_llm_ratelimit::{LlmRequest, MemoryStore, Ratelimit};
 
@@ -56,18 +56,7 @@ fn layer_overhead(c: &mut Criterion) {
     let mut group = c.benchmark_group("layer");
     group.bench_function("bare_service", |b| {
         let mut svc = llm;
-        b.iter(|| {
-            rt.block_on(async {
-                black_box(
-                    svc.ready()
-                        .await
-                        .unwrap()
-                        .call(request.clone())
-                        .await
-                        .unwrap(),
-                )
-            })
-        })
+        b.iter(|| black_box(shapes::call_once(&rt, &mut svc, &request)))
     });
     for (name, layer) in [
         ("ratelimited_requests", shapes::requests_only()),
@@ -79,18 +68,7 @@ fn layer_overhead(c: &mut Criterion) {
     ] {
         let mut svc = tower::Layer::layer(&layer, llm);
         group.bench_function(name, |b| {
-            b.iter(|| {
-                rt.block_on(async {
-                    black_box(
-                        svc.ready()
-                            .await
-                            .unwrap()
-                            .call(request.clone())
-                            .await
-                            .unwrap(),
-                    )
-                })
-            })
+            b.iter(|| black_box(shapes::call_once(&rt, &mut svc, &request)))
         });
     }
     group.finish();

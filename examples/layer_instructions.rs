@@ -18,7 +18,7 @@
 //! `benches/memory_store.rs` (`layer/*`) and `benches/vs_governor.rs`, on the same
 //! workloads (`benches/common/shapes.rs`).
 
-use tower::{Service, ServiceExt, service_fn};
+use tower::{Service, service_fn};
 use tower_llm_ratelimit::{LlmRequest, LlmResponse};
 
 #[path = "../benches/common/shapes.rs"]
@@ -31,16 +31,7 @@ where
     S::Error: std::fmt::Debug,
 {
     for _ in 0..n {
-        rt.block_on(async {
-            std::hint::black_box(
-                svc.ready()
-                    .await
-                    .unwrap()
-                    .call(request.clone())
-                    .await
-                    .unwrap(),
-            )
-        });
+        std::hint::black_box(shapes::call_once(rt, svc, request));
     }
 }
 

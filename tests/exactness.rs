@@ -850,28 +850,30 @@ async fn a_call_of_hundreds_of_limits_gets_every_decision() {
     }
 }
 
+/// One settlement of `delta` on `key`, a fixed window of 1 000 000 that never rolls here.
+fn charge(key: &str, delta: i64) -> Vec<tower_llm_ratelimit::store::Adjustment> {
+    vec![tower_llm_ratelimit::store::Adjustment {
+        key: key.into(),
+        rule: FixedWindow::new(1_000_000, LONG).unwrap().into(),
+        delta,
+        slot: 0,
+        window: None,
+    }]
+}
+
 /// A settlement's id is remembered among its identifier's newest: retrying one of the
 /// newest settlements changes nothing, while the set stays bounded by dropping the oldest
 /// (an id 299 settlements old is forgotten, so its retry applies again).
 #[tokio::test]
 async fn a_retried_settlement_among_the_newest_is_not_applied_again() {
     let store = RedisStore::connect(&common::redis_url()).await.unwrap();
-    let prefix = common::unique_prefix("dedupe");
-    let rule = FixedWindow::new(1_000_000, LONG).unwrap().into();
-    let charge = |delta| {
-        vec![tower_llm_ratelimit::store::Adjustment {
-            key: format!("{prefix}:t:{{dedupe}}").into(),
-            rule,
-            delta,
-            slot: 0,
-            window: None,
-        }]
-    };
+    let key = format!("{}:t:{{dedupe}}", common::unique_prefix("dedupe"));
+    let charge = |delta| charge(&key, delta);
     let remaining = |d: Vec<tower_llm_ratelimit::Decision>| d[0].remaining;
     for id in 1..=300u64 {
         if id == 2 || id == 300 {
-            // The oldest and the newest id each in a millisecond of their own (ids are
-            // ordered by the time they were applied, in milliseconds).
+            // The oldest and the newest id well apart in time from the others (ids are
+            // ordered by the time they were applied).
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
         store.adjust(charge(1), Some(id)).await.unwrap();
@@ -894,17 +896,8 @@ async fn a_retried_settlement_among_the_newest_is_not_applied_again() {
 async fn a_burst_of_settlements_within_a_millisecond_keeps_its_newest_ids() {
     let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
     let store = redis_on(&clock).await;
-    let prefix = common::unique_prefix("burst");
-    let rule = FixedWindow::new(1_000_000, LONG).unwrap().into();
-    let charge = |delta| {
-        vec![tower_llm_ratelimit::store::Adjustment {
-            key: format!("{prefix}:t:{{burst}}").into(),
-            rule,
-            delta,
-            slot: 0,
-            window: None,
-        }]
-    };
+    let key = format!("{}:t:{{burst}}", common::unique_prefix("burst"));
+    let charge = |delta| charge(&key, delta);
     // Random-looking 63-bit ids, as the crate makes them (xorshift).
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     let ids: Vec<u64> = (0..300)
@@ -958,16 +951,8 @@ async fn settlements_leave_an_earlier_releases_id_set_alone() {
         .arg(60_000)
         .query(&mut c)
         .unwrap();
-    let rule = FixedWindow::new(1_000_000, LONG).unwrap().into();
     for id in 1_000..1_200u64 {
-        let charge = vec![tower_llm_ratelimit::store::Adjustment {
-            key: key.as_str().into(),
-            rule,
-            delta: 1,
-            slot: 0,
-            window: None,
-        }];
-        store.adjust(charge, Some(id)).await.unwrap();
+        store.adjust(charge(&key, 1), Some(id)).await.unwrap();
     }
     let kept: Vec<u64> = redis::cmd("ZRANGE")
         .arg(&earlier)

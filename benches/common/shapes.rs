@@ -6,7 +6,10 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
+use std::fmt::Debug;
 use std::time::Duration;
+
+use tower::{Service, ServiceExt};
 
 use tower_llm_ratelimit::store::{identifier_tag, state_key};
 use tower_llm_ratelimit::{
@@ -104,4 +107,22 @@ pub fn four_limits() -> RatelimitLayer {
         )
         .build()
         .unwrap()
+}
+
+/// One call through `svc`, as the layer benchmarks time it: wait until ready, call, and
+/// take the answer.
+#[inline(always)]
+pub fn call_once<S>(rt: &tokio::runtime::Runtime, svc: &mut S, request: &LlmRequest) -> LlmResponse
+where
+    S: Service<LlmRequest, Response = LlmResponse>,
+    S::Error: Debug,
+{
+    rt.block_on(async {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request.clone())
+            .await
+            .unwrap()
+    })
 }
