@@ -389,11 +389,7 @@ impl RedisStore {
         Box::pin(async move {
             let mut conn = shared.conn.clone();
             let invocation = prepare(script, &keys, &args);
-            match invocation.invoke_async::<Vec<u8>>(&mut conn).await {
-                Ok(reply) => unpack_reply(&reply),
-                Err(e) if e.is_timeout() => Err(StoreError::timeout(REPLY_WAIT)),
-                Err(e) => Err(StoreError::with_source("Redis script failed", e)),
-            }
+            script_reply(invocation.invoke_async(&mut conn).await, REPLY_WAIT)
         })
     }
 
@@ -405,17 +401,24 @@ impl RedisStore {
     ) -> Result<Vec<i64>, StoreError> {
         let mut conn = shared.conn.clone();
         let invocation = prepare(script, &keys, &args);
-        match tokio::time::timeout(
-            shared.response_timeout,
-            invocation.invoke_async::<Vec<u8>>(&mut conn),
-        )
-        .await
+        match tokio::time::timeout(shared.response_timeout, invocation.invoke_async(&mut conn))
+            .await
         {
-            Ok(Ok(reply)) => unpack_reply(&reply),
-            Ok(Err(e)) if e.is_timeout() => Err(StoreError::timeout(shared.response_timeout)),
-            Ok(Err(e)) => Err(StoreError::with_source("Redis script failed", e)),
+            Ok(reply) => script_reply(reply, shared.response_timeout),
             Err(_) => Err(StoreError::timeout(shared.response_timeout)),
         }
+    }
+}
+
+/// A script's reply as numbers, or the error (a timeout after `waited`).
+fn script_reply(
+    reply: redis::RedisResult<Vec<u8>>,
+    waited: Duration,
+) -> Result<Vec<i64>, StoreError> {
+    match reply {
+        Ok(reply) => unpack_reply(&reply),
+        Err(e) if e.is_timeout() => Err(StoreError::timeout(waited)),
+        Err(e) => Err(StoreError::with_source("Redis script failed", e)),
     }
 }
 
