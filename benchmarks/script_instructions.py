@@ -64,7 +64,7 @@ def calls(shape: str, i: int):
     keys = [f"t:{{{user}}}"] + ([f"t:{{{user}}}:settlements"] if with_id else [])
     # Ids as the crate makes them: 63-bit, spread (a counter times an odd constant).
     settlement_id = ((i + 1) * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)
-    return keys, [1, 10000, 128, -1, 1, int(with_id), settlement_id, CHARGE]
+    return keys, [1, 10000, 127, -1, 1, int(with_id), settlement_id, CHARGE]
 
 
 def main() -> None:

@@ -926,6 +926,49 @@ async fn a_burst_of_settlements_within_a_millisecond_keeps_its_newest_ids() {
     assert!(applied_again.is_empty(), "applied again: {applied_again:?}");
 }
 
+/// Settlements of one identifier batched into one script are ordered by their place in
+/// it: as later settlements push the batch's ids out of the remembered set, the first of
+/// the batch go first. (Scored alike, the batch's ids would be ordered by their random
+/// digits, and the trim would forget some of its latest.)
+#[tokio::test]
+async fn a_batch_of_settlements_of_one_identifier_is_forgotten_in_order() {
+    // Batching (on by default) needs the server's clock.
+    let store = RedisStore::connect(&common::redis_url()).await.unwrap();
+    let key = format!("{}:t:{{batch}}", common::unique_prefix("batch"));
+    let charge = |delta| charge(&key, delta);
+    // A batching store queues a settlement when it is called; this test's runtime has
+    // one thread, so all 32 are queued before the batching task runs, and go out in one
+    // script, in this order.
+    let batch: Vec<u64> = (1..=32).map(|i| i * 0x9E37_79B9).collect();
+    let queued: Vec<_> = batch
+        .iter()
+        .map(|&id| store.adjust(charge(1), Some(id)))
+        .collect();
+    for decided in queued {
+        decided.await.unwrap();
+    }
+    // 100 later settlements (well after the batch's last place, a microsecond each):
+    // 132 ids, of which the set keeps the newest 127.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    for id in 1..=100u64 {
+        store.adjust(charge(1), Some(id)).await.unwrap();
+    }
+    let mut remaining = store.adjust(charge(0), None).await.unwrap()[0].remaining;
+    assert_eq!(remaining, 1_000_000 - 132);
+    let mut applied_again = Vec::new();
+    for (place, &id) in batch.iter().enumerate().rev() {
+        let after = store.adjust(charge(1), Some(id)).await.unwrap()[0].remaining;
+        if after != remaining {
+            applied_again.push(place + 1);
+        }
+        remaining = after;
+    }
+    // Retrying from the batch's latest down: each forgotten id, once applied again,
+    // becomes the newest and pushes out the oldest remembered one, so what was kept
+    // must hold until the first five are reached.
+    assert_eq!(applied_again, [5, 4, 3, 2, 1], "places applied again");
+}
+
 /// A set of recent settlement ids written by an earlier release (`<key>:settled`, ids
 /// scored by the time applied) is left alone: during a rolling upgrade each release
 /// keeps its own newest ids, so the retries of either are applied once.

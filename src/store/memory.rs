@@ -40,6 +40,10 @@ mod wall {
 
     /// How long a thread extrapolates from one reading of the wall clock, in µs.
     const REANCHOR_US: u128 = 1_000_000;
+    /// The most µs between the counter readings around an anchor's OS clock reading
+    /// (it takes well under one), and how often a wider pair is read again.
+    const ANCHOR_GAP_US: u128 = 20;
+    const ANCHOR_ATTEMPTS: usize = 4;
 
     /// The counter and its rate, read off once per process.
     struct Counter {
@@ -49,17 +53,21 @@ mod wall {
         us_per_2_40_ticks: u64,
         /// Ticks in `REANCHOR_US`.
         reanchor_ticks: u64,
+        /// Ticks in `ANCHOR_GAP_US`.
+        anchor_gap_ticks: u64,
     }
 
     static COUNTER: LazyLock<Counter> = LazyLock::new(|| {
         let clock = quanta::Clock::new();
         let us_per_2_40_ticks = (clock.delta_as_nanos(0, 1 << 40) / 1000).max(1);
-        let reanchor_ticks =
-            ((REANCHOR_US << 40) / u128::from(us_per_2_40_ticks)).min(u128::from(u64::MAX)) as u64;
+        let ticks_in = |us: u128| {
+            ((us << 40) / u128::from(us_per_2_40_ticks)).min(u128::from(u64::MAX)) as u64
+        };
         Counter {
             clock,
             us_per_2_40_ticks,
-            reanchor_ticks,
+            reanchor_ticks: ticks_in(REANCHOR_US),
+            anchor_gap_ticks: ticks_in(ANCHOR_GAP_US),
         }
     });
 
@@ -100,14 +108,39 @@ mod wall {
             let us = (u128::from(ticks) * u128::from(counter.us_per_2_40_ticks)) >> 40;
             return a.wall_us + us as i64;
         }
-        let wall_us = os_micros();
-        let raw = counter.clock.raw();
+        let (raw, wall_us) =
+            anchor_reading(|| counter.clock.raw(), os_micros, counter.anchor_gap_ticks);
         ANCHOR.set(Anchor {
             raw,
             wall_us,
             until: raw.saturating_add(counter.reanchor_ticks),
         });
         wall_us
+    }
+
+    /// Read the OS clock between two counter readings, and pair it with the counter
+    /// halfway. A thread held up between the readings (preempted on a busy machine)
+    /// would pair a time with a counter read later, and run behind the other threads by
+    /// as long as it waited, until its next anchor; so a reading whose counters are more
+    /// than `max_gap` ticks apart is taken again (a few times; the closest pair wins).
+    pub(super) fn anchor_reading(
+        mut raw: impl FnMut() -> u64,
+        mut os: impl FnMut() -> i64,
+        max_gap: u64,
+    ) -> (u64, i64) {
+        let mut best = (u64::MAX, 0, 0);
+        for _ in 0..ANCHOR_ATTEMPTS {
+            let before = raw();
+            let wall_us = os();
+            let gap = raw().saturating_sub(before);
+            if gap < best.0 {
+                best = (gap, before + gap / 2, wall_us);
+            }
+            if gap <= max_gap {
+                break;
+            }
+        }
+        (best.1, best.2)
     }
 }
 
@@ -173,6 +206,13 @@ impl Hashed<'_> {
 /// insert new keys, one per client address say, grows as fast as its count and never
 /// sweeps again.)
 const MIN_WRITES_BETWEEN_SWEEPS: usize = 256;
+
+/// How long past its expiry an entry is kept before a sweep drops it, in µs. Threads'
+/// clocks differ a little (each extrapolates from its own reading of the OS clock): an
+/// entry a thread slightly ahead sees expired can still be live to one slightly behind,
+/// which would find it gone and count its window afresh. Reading it expired reads it as
+/// absent, which every thread then agrees on; only removing it needs the margin.
+const SWEEP_GRACE_US: i64 = 10_000;
 
 #[derive(Clone)]
 enum Value {
@@ -343,7 +383,8 @@ impl Shard {
     #[inline(never)]
     fn sweep(&mut self, now: i64) {
         let held = self.table.len();
-        self.table.retain(|(_, e)| e.expires_at > now);
+        let before = now.saturating_sub(SWEEP_GRACE_US);
+        self.table.retain(|(_, e)| e.expires_at > before);
         self.writes_since_sweep = 0;
         let kept = self.table.len();
         self.kept_at_last_sweep = kept;
@@ -466,22 +507,18 @@ impl MemoryStore {
     /// synchronously and without allocating (beyond the key's first insertion). The
     /// same decision as [`Store::acquire`] with one check.
     pub fn decide(&self, key: &str, algorithm: &Algorithm, cost: u64) -> Decision {
-        let now = self.inner.clock.now_micros();
-        self.decide_counter(key, algorithm, cost, true, now)
+        self.decide_counter(key, algorithm, cost, true)
     }
 
     /// One counter limit (not concurrency) under its shard's lock, with one hash lookup
     /// for an existing key: decide and write in place.
-    fn decide_counter(
-        &self,
-        key: &str,
-        algorithm: &Algorithm,
-        cost: u64,
-        take: bool,
-        now: i64,
-    ) -> Decision {
+    fn decide_counter(&self, key: &str, algorithm: &Algorithm, cost: u64, take: bool) -> Decision {
         let k = self.hashed(key);
         let mut shard = lock(&self.inner.shards[k.shard()]);
+        // Read under the lock: a time read before it could be long stale by the time the
+        // lock is held (the thread preempted in between), and a stale time would decide
+        // in a window that other threads have already left.
+        let now = self.inner.clock.now_micros();
         let (o, _) = shard.update::<false>(k, now, |state| {
             algorithm::decide(algorithm, state, now, cost, take)
         });
@@ -490,7 +527,6 @@ impl MemoryStore {
 
     /// Synchronous form of [`Store::acquire`].
     pub fn acquire_now(&self, checks: &[LimitCheck]) -> Vec<Decision> {
-        let now = self.inner.clock.now_micros();
         if let [
             LimitCheck {
                 rule: Rule::Rate(algorithm),
@@ -500,9 +536,11 @@ impl MemoryStore {
         {
             // The common single-limit case: one lock, no bookkeeping.
             let check = &checks[0];
-            return vec![self.decide_counter(&check.key, algorithm, check.cost, check.take, now)];
+            return vec![self.decide_counter(&check.key, algorithm, check.cost, check.take)];
         }
         let mut guards = self.lock_all(checks.iter().map(|c| &*c.key));
+        // Under the locks, as in decide_counter.
+        let now = self.inner.clock.now_micros();
         let mut results = Vec::with_capacity(checks.len());
         // Counters are written as they are decided (one lookup each, the usual case is
         // that every check allows) and put back if one denies; slots are written at the
@@ -571,8 +609,9 @@ impl MemoryStore {
 
     /// Synchronous form of [`Store::adjust`].
     pub fn adjust_now(&self, adjustments: &[Adjustment]) -> Vec<Decision> {
-        let now = self.inner.clock.now_micros();
         let mut guards = self.lock_all(adjustments.iter().map(|a| &*a.key));
+        // Under the locks, as in decide_counter.
+        let now = self.inner.clock.now_micros();
         adjustments
             .iter()
             .enumerate()
@@ -847,6 +886,48 @@ mod tests {
             bytes <= 2 << 20,
             "{bytes} bytes of tables left after the burst"
         );
+    }
+
+    /// A sweep leaves an entry a little past its expiry alone: a thread whose clock is
+    /// a little behind the sweeper's still counts in that entry's window, and finding it
+    /// gone would let that window's limit through again.
+    #[test]
+    fn a_sweep_keeps_what_a_thread_slightly_behind_still_counts_in() {
+        let (store, clock) = on_a_manual_clock();
+        let alg = per_millisecond(100);
+        let start = Duration::from_secs(1_800_000_000);
+        // 100 calls at the end of the window [start, start + 1 ms).
+        clock.set(start + Duration::from_micros(900));
+        for _ in 0..100 {
+            assert!(store.decide("behind:{one}", &alg, 1).allowed);
+        }
+        // A thread 0.3 ms ahead, past the window, sweeps the key's shard.
+        clock.set(start + Duration::from_micros(1_200));
+        let k = store.hashed("behind:{one}");
+        lock(&store.inner.shards[k.shard()]).sweep(clock.now_micros());
+        // Then one 0.3 ms behind it, still in the window: the window is full.
+        clock.set(start + Duration::from_micros(950));
+        let d = store.decide("behind:{one}", &alg, 1);
+        assert!(!d.allowed, "a 101st call in a window of 100 got through");
+    }
+
+    /// An anchor read across a hold-up (between the counter readings around the OS
+    /// clock's) is read again: the anchor pairs the OS time with the counter at it.
+    #[test]
+    fn an_anchor_read_across_a_hold_up_is_read_again() {
+        // Counter readings: 100 and then 5 100 around the first OS reading (held up
+        // 5 000 ticks), 6 000 and 6 010 around the second.
+        let mut counter = [100u64, 5_100, 6_000, 6_010].into_iter();
+        let mut os = [1_000i64, 1_590].into_iter();
+        let (raw, wall_us) =
+            wall::anchor_reading(|| counter.next().unwrap(), || os.next().unwrap(), 20);
+        assert_eq!((raw, wall_us), (6_005, 1_590));
+        // Held up on every attempt: the closest pair.
+        let mut counter = [0u64, 900, 1_000, 1_300, 2_000, 2_500, 3_000, 3_400].into_iter();
+        let mut os = [10i64, 20, 30, 40].into_iter();
+        let (raw, wall_us) =
+            wall::anchor_reading(|| counter.next().unwrap(), || os.next().unwrap(), 20);
+        assert_eq!((raw, wall_us), (1_150, 20));
     }
 
     /// The fast clock stays with the OS's wall clock: within a millisecond of it on

@@ -859,7 +859,8 @@ impl RedisStore {
         };
         let mut keys = Vec::with_capacity(limits + settlements.len());
         // ARGV[1]: how many settlements; ARGV[2]: how long to remember an id (ms);
-        // ARGV[3]: the most ids kept per set; ARGV[4]: a test's "now" or -1; then each
+        // ARGV[3]: the rank from which older ids are trimmed (one less than the most
+        // kept, since each add comes after a trim); ARGV[4]: a test's "now" or -1; then each
         // settlement's limit count and whether it has an id; then the ids (0: none);
         // then every limit.
         args.head.extend([
@@ -868,7 +869,7 @@ impl RedisStore {
                 .settlement_dedupe
                 .as_millis()
                 .min(i64::MAX as u128) as i64,
-            SETTLEMENT_IDS_KEPT as i64,
+            SETTLEMENT_IDS_KEPT as i64 - 1,
             self.test_now().unwrap_or(-1),
         ]);
         for (adjustments, id) in settlements {

@@ -9,7 +9,9 @@
 --          settlement's place in the script). One settlement's keys share one hash tag;
 --          on a Redis Cluster a script carries one settlement.
 -- ARGV[1]  the number of settlements g; ARGV[2] how long to remember an id (ms);
---          ARGV[3] the most ids remembered per set (the oldest are forgotten first);
+--          ARGV[3] the rank in a set from which older ids are trimmed: one less than
+--          the most ids remembered, as an id is added after the trim (the oldest are
+--          forgotten first);
 --          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME, or -1.
 -- ARGV[5..4+2g] per settlement: the number of its limits n, and 1 if it has an id (0:
@@ -33,8 +35,17 @@
 --          set already holds (a retry of one that was applied).
 
 local settlements = ARGV[1] + 0
-local remember_ms, kept = ARGV[2] + 0, ARGV[3] + 0
 local now = clock(ARGV[4] ~= '-1' and ARGV[4] or nil)
+-- The id sets' arguments as strings (see USED_AT): how long an id is remembered, and
+-- the rank from which older ids are trimmed. (string.format '%d', not tostring:
+-- tostring keeps 14 digits, and times in us have 16.)
+local remember_ms = ttl_pad_ms == 0 and ARGV[2] or string.format('%d', ARGV[2] + ttl_pad_ms)
+local trim_from = ARGV[3]
+-- The score of a settlement's id (minus the time applied, us) as a string, made once per
+-- script; a second settlement of the same identifier in this script scores one lower
+-- per earlier one (`placed`), so ids of one set never tie within a script.
+local newest_score = nil
+local placed = nil
 local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
 -- Per limit of the settlement being applied, reused from settlement to settlement: its
 -- view (anchor, cur, prev, same window, decision time; for slots, nothing).
@@ -61,24 +72,36 @@ for s = 1, settlements do
   local apply = not failed
   if apply and has_id then
     -- ZADD NX adds the id and says whether it was new in one command. Scored by minus
-    -- the time applied (us) minus the settlement's place in this script, so the newest
+    -- the time applied (us) minus its set's earlier settlements in this script, so the newest
     -- id sorts first: Redis inserts it at the head of the set's compact (listpack)
     -- encoding instead of walking every id to the tail, and trimming drops the oldest.
     -- (Equal scores would be ordered by id, which is random: a burst of settlements of
     -- one identifier within one millisecond could evict its newest ids.)
     local ids = KEYS[k + n + 1]
-    local added = redis.pcall('ZADD', ids, 'NX', -(now + s), id)
+    local score
+    if not placed then
+      newest_score, placed = string.format('%d', -now), {}
+    end
+    local earlier = placed[ids]
+    if earlier then
+      placed[ids] = earlier + 1
+      score = string.format('%d', -(now + earlier + 1))
+    else
+      placed[ids] = 0
+      score = newest_score
+    end
+    local added = redis.pcall('ZADD', ids, 'NX', score, id)
     if type(added) ~= 'number' then
       failed, apply = true, false
     elseif added == 0 then
       apply = false
     else
-      redis.call('PEXPIRE', ids, remember_ms + ttl_pad_ms)
-      -- Keep the newest kept - 1 ids (ranks kept - 1 .. -1 are the older ones), so the
-      -- next add makes at most `kept`: a set that never holds more than 128 stays in
+      redis.call('PEXPIRE', ids, remember_ms)
+      -- Keep the newest kept - 1 ids (ranks trim_from = kept - 1 .. -1 are the older
+      -- ones), so the next add makes at most `kept`: a set that never holds more than 128 stays in
       -- Redis's compact encoding (one that ever grew past it takes ~130 bytes per id
       -- until it expires).
-      redis.call('ZREMRANGEBYRANK', ids, kept - 1, -1)
+      redis.call('ZREMRANGEBYRANK', ids, trim_from, '-1')
     end
   end
   -- Pass 2: apply (unless failed or applied before) and report every limit.
