@@ -969,6 +969,44 @@ async fn a_batch_of_settlements_of_one_identifier_is_forgotten_in_order() {
     assert_eq!(applied_again, [5, 4, 3, 2, 1], "places applied again");
 }
 
+/// A settlement remembered "forever" (`Duration::MAX`) is applied once and its id set
+/// still expires: the TTL is capped where Redis accepts it, batched, alone and on a test
+/// clock. (Uncapped, Redis rejected the TTL after recording the id, so the charge was
+/// never applied and every retry was taken for a duplicate; on a test clock the TTL
+/// wrapped negative and deleted the set, so a retry applied twice.)
+#[tokio::test]
+async fn a_settlement_remembered_forever_is_applied_once() {
+    let clock = ManualClock::new(Duration::from_secs(1_800_000_000));
+    for mode in ["batched", "alone", "test clock"] {
+        let options = RedisOptions::default()
+            .settlement_dedupe(Duration::MAX)
+            .batching(mode == "batched");
+        let mut store = RedisStore::connect_with(&common::redis_url(), options)
+            .await
+            .unwrap();
+        if mode == "test clock" {
+            store = store.with_test_clock(clock.clone());
+        }
+        let key = format!("{}:t:{{forever}}", common::unique_prefix("forever"));
+        for attempt in ["first", "retry"] {
+            let d = store.adjust(charge(&key, 5), Some(42)).await;
+            assert_eq!(
+                d.map(|d| d[0].remaining).ok(),
+                Some(1_000_000 - 5),
+                "{mode}: {attempt}"
+            );
+        }
+        let client = redis::Client::open(common::redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{key}:settlements"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{mode}: the id set's PTTL is {ttl}");
+    }
+}
+
 /// A set of recent settlement ids written by an earlier release (`<key>:settled`, ids
 /// scored by the time applied) is left alone: during a rolling upgrade each release
 /// keeps its own newest ids, so the retries of either are applied once.

@@ -50,8 +50,12 @@ pub struct RedisOptions {
     /// ambiguous failure (sent, but no answer) is applied once (default 10 s). At most
     /// 128 ids are kept per identifier and the limit that settles first (one sorted set
     /// of about 3 KB at most), so Redis memory is bounded per identifier, not by traffic.
+    /// Taken between 1 ms and about 142 years (2^52 µs).
     pub settlement_dedupe: Duration,
 }
+
+/// The longest TTL the scripts set (their `MAX`, 2^52 µs, about 142 years).
+const MAX_TTL: Duration = Duration::from_micros(1 << 52);
 
 /// The most settlement ids remembered per identifier (the oldest are forgotten first).
 pub(super) const SETTLEMENT_IDS_KEPT: usize = 128;
@@ -299,7 +303,10 @@ impl RedisStore {
 
     fn set_settlement_dedupe(&mut self, d: Duration) {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.settlement_dedupe = d.max(Duration::from_millis(1));
+            // At most what every TTL the scripts set is capped at: Redis rejects a TTL
+            // that overflows its clock, and an id recorded whose TTL then failed would
+            // turn the settlement's every retry into a duplicate of one never applied.
+            shared.settlement_dedupe = d.clamp(Duration::from_millis(1), MAX_TTL);
         }
     }
 
