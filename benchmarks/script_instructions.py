@@ -42,6 +42,8 @@ def peer_script() -> str:
 # A fixed window of 2^40 per hour: never denies, so every run is a full read-modify-write.
 LIMIT = struct.pack("<dddddd", 1, 2**40, 3600e6, 0, 1, 1)
 CHARGE = struct.pack("<dddddd", 1, 2**40, 3600e6, 0, 150, -1)
+# Counts in the scripts' record string (a call's limits; a settlement's limits and id flag).
+COUNT = {n: struct.pack("<d", n) for n in (0, 1, 4)}
 
 
 def calls(shape: str, i: int):
@@ -52,19 +54,19 @@ def calls(shape: str, i: int):
     if shape == "peer":
         return [f"peer:{{{user}}}"], [1, 3600]
     if shape == "acquire":
-        return [f"k:{{{user}}}"], [1, 1, LIMIT]
+        return [f"k:{{{user}}}"], [1, COUNT[1] + LIMIT]
     if shape == "acquire4":
-        return [f"k{j}:{{{user}}}" for j in range(4)], [1, 4, LIMIT, LIMIT, LIMIT, LIMIT]
+        return [f"k{j}:{{{user}}}" for j in range(4)], [1, COUNT[4] + LIMIT * 4]
     if shape == "acquire32":
         keys = [f"k:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
-        return keys, [32] + [1] * 32 + [LIMIT] * 32
+        return keys, [32, (COUNT[1] + LIMIT) * 32]
     # Settlements on 10 identifiers, so each one's set of recent ids is full (128).
     user = f"u{i % 10}"
     with_id = shape == "settle"
     keys = [f"t:{{{user}}}"] + ([f"t:{{{user}}}:settlements"] if with_id else [])
     # Ids as the crate makes them: 63-bit, spread (a counter times an odd constant).
     settlement_id = ((i + 1) * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)
-    return keys, [1, 10000, 127, -1, 1, int(with_id), settlement_id, CHARGE]
+    return keys, [1, 10000, 127, -1, settlement_id, COUNT[1] + COUNT[int(with_id)] + CHARGE]
 
 
 def main() -> None:

@@ -460,9 +460,7 @@ fn prepare<'a>(
     for id in &args.ids {
         invocation.arg(*id);
     }
-    for l in &args.limits {
-        invocation.arg(&l[..]);
-    }
+    invocation.arg(&args.records[..]);
     for a in &args.tail {
         invocation.arg(*a);
     }
@@ -731,25 +729,43 @@ fn adjustment_packed(a: &Adjustment) -> PackedLimit {
     }
 }
 
-/// A script's ARGV: decimal integers, unsigned ids, packed limits, decimal integers.
+/// A script's ARGV: decimal integers, unsigned ids, one binary string of records (each
+/// call's or settlement's counts and then its packed limits; one argument for the whole
+/// script, as every argument costs Redis a parse and the script a string), decimal
+/// integers.
 #[derive(Default)]
 struct ScriptArgs {
     head: Vec<i64>,
     ids: Vec<u64>,
-    limits: Vec<PackedLimit>,
+    records: Vec<u8>,
     tail: Vec<i64>,
+}
+
+impl ScriptArgs {
+    /// Append a count (a little-endian double, as the limits' fields are).
+    fn push_count(&mut self, count: usize) {
+        self.records
+            .extend_from_slice(&(count as f64).to_le_bytes());
+    }
+
+    fn push_limit(&mut self, limit: PackedLimit) {
+        self.records.extend_from_slice(&limit);
+    }
 }
 
 impl RedisStore {
     /// One call's acquire as its own script, with the caller-facing timeout.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        let count = checks.len();
-        // One call of `count` limits.
+        // One call of its limits.
         let mut args = ScriptArgs {
-            head: vec![1, count as i64],
-            limits: checks.iter().map(check_packed).collect(),
+            head: vec![1],
+            records: Vec::with_capacity(8 + 48 * checks.len()),
             ..ScriptArgs::default()
         };
+        args.push_count(checks.len());
+        for c in &checks {
+            args.push_limit(check_packed(c));
+        }
         let keys = checks.iter().map(|c| c.key.clone()).collect();
         self.push_test_clock(&mut args);
         let in_flight = InFlightAcquire {
@@ -775,17 +791,15 @@ impl RedisStore {
         let calls = batch.len();
         let total: usize = batch.iter().map(|(checks, _)| checks.len()).sum();
         let mut args = ScriptArgs {
-            head: Vec::with_capacity(1 + calls),
-            limits: Vec::with_capacity(total),
+            head: vec![calls as i64],
+            records: Vec::with_capacity(8 * calls + 48 * total),
             ..ScriptArgs::default()
         };
         let mut keys = Vec::with_capacity(total);
-        args.head.push(calls as i64);
-        args.head
-            .extend(batch.iter().map(|(checks, _)| checks.len() as i64));
         for (checks, _) in &batch {
+            args.push_count(checks.len());
             for c in checks {
-                args.limits.push(check_packed(c));
+                args.push_limit(check_packed(c));
                 keys.push(c.key.clone());
             }
         }
@@ -859,17 +873,17 @@ impl RedisStore {
     ) -> (Vec<Arc<str>>, ScriptArgs) {
         let limits: usize = settlements.iter().map(|(a, _)| a.len()).sum();
         let mut args = ScriptArgs {
-            head: Vec::with_capacity(4 + settlements.len() * 2),
+            head: Vec::with_capacity(4),
             ids: Vec::with_capacity(settlements.len()),
-            limits: Vec::with_capacity(limits),
+            records: Vec::with_capacity(16 * settlements.len() + 48 * limits),
             tail: Vec::new(),
         };
         let mut keys = Vec::with_capacity(limits + settlements.len());
         // ARGV[1]: how many settlements; ARGV[2]: how long to remember an id (ms);
         // ARGV[3]: the rank from which older ids are trimmed (one less than the most
-        // kept, since each add comes after a trim); ARGV[4]: a test's "now" or -1; then each
-        // settlement's limit count and whether it has an id; then the ids (0: none);
-        // then every limit.
+        // kept, since each add comes after a trim); ARGV[4]: a test's "now" or -1; then
+        // the ids (0: none); then one string: per settlement, its limit count and
+        // whether it has an id, then its limits.
         args.head.extend([
             settlements.len() as i64,
             self.shared
@@ -880,11 +894,11 @@ impl RedisStore {
             self.test_now().unwrap_or(-1),
         ]);
         for (adjustments, id) in settlements {
-            args.head.push(adjustments.len() as i64);
-            args.head.push(i64::from(id.is_some()));
+            args.push_count(adjustments.len());
+            args.push_count(usize::from(id.is_some()));
             args.ids.push(id.unwrap_or(0));
             for a in adjustments.iter() {
-                args.limits.push(adjustment_packed(a));
+                args.push_limit(adjustment_packed(a));
                 keys.push(a.key.clone());
             }
             if let (Some(_), Some(first)) = (id, adjustments.first()) {

@@ -3,16 +3,19 @@
 --
 -- KEYS     the state keys of every call, call after call. One call's keys share one hash
 --          tag; on a Redis Cluster a script carries one call.
--- ARGV[1]  the number of calls g; ARGV[2..g+1] how many limits (keys) each call has;
---          then one value per key, in key order: six little-endian doubles (48 bytes):
+-- ARGV[1]  the number of calls g.
+-- ARGV[2]  one string of little-endian doubles, call after call: how many limits (keys)
+--          the call has, then per limit, in key order, six doubles (48 bytes):
 --          algorithm (1 fixed window, 2 sliding window, 3 token bucket, 4 concurrency),
 --          p1 (limit, capacity or max in flight), p2 (window us, bucket refill per
 --          interval, or lease us), p3 (bucket interval us; else 0), cost, take (1: take
 --          the cost if every limit of the call allows it; 0: only check that it fits).
 --          For concurrency, the call's slot id travels as its high 32 bits in p3 and its
 --          low 32 bits in the cost field (a slot's cost is always one slot).
--- ARGV[g+2+#KEYS] (builds with the `test-util` feature only) "now" in microseconds
---          instead of the server's TIME.
+--          (One string, not an argument per call and per limit: Redis parses every
+--          argument and the script makes a string of each, ~850 instructions apiece.)
+-- ARGV[3]  (builds with the `test-util` feature only) "now" in microseconds instead of
+--          the server's TIME.
 -- Reply    one string of little-endian doubles (8 bytes per number, all integers):
 --          per call, calls concatenated, allowed_all (0|1; -1 if one of its keys holds
 --          something else than a limiter state: nothing is taken), then six numbers per
@@ -24,8 +27,10 @@
 --          expired slots).
 
 local calls = ARGV[1] + 0
-local base = 1 + calls -- ARGV index before the first limit's
-local now = clock(ARGV[base + #KEYS + 1])
+local records = ARGV[2]
+local now = clock(ARGV[3])
+-- Where the next value in `records` starts (struct.unpack returns it after the values).
+local at = 1
 -- Tables are built at their smallest sizes up front (growing one rehashes it): the
 -- reply holds at least one call's flag and one limit's six fields.
 local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
@@ -36,12 +41,14 @@ local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
 local L = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 local k0 = 0
 for call = 1, calls do
-  local n = ARGV[1 + call] + 0
+  local n
+  n, at = struct.unpack('<d', records, at)
   -- Pass 1: read every limit; the call passes only if all of them allow it.
   local all = 1
   for i = 1, n do
     local key, l = KEYS[k0 + i], 11 * i - 1
-    local alg, p1, p2, p3, cost, take = struct.unpack(PACKED_LIMIT, ARGV[base + k0 + i])
+    local alg, p1, p2, p3, cost, take
+    alg, p1, p2, p3, cost, take, at = struct.unpack(PACKED_LIMIT, records, at)
     L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5] = alg, p1, p2, p3, cost
     if alg == 4 then
       -- pcall, as in view: a key of another type fails this call only.

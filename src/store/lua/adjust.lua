@@ -14,10 +14,10 @@
 --          forgotten first);
 --          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME, or -1.
--- ARGV[5..4+2g] per settlement: the number of its limits n, and 1 if it has an id (0:
---          none); ARGV[5+2g..4+3g] the settlements' ids (unsigned integers; 0: none).
--- ARGV     then one value per limit, settlement after settlement (in KEYS order, not
---          counting the id sets): six little-endian doubles (48 bytes): algorithm
+-- ARGV[5..4+g] the settlements' ids (unsigned integers; 0: none).
+-- ARGV[5+g] one string of little-endian doubles, settlement after settlement: the
+--          number of its limits n, 1 if it has an id (0: none), then per limit (in KEYS
+--          order, not counting the id sets) six doubles (48 bytes): algorithm
 --          (1 fixed, 2 sliding, 3 bucket, 4 concurrency), p1, p2, p3 (as in
 --          acquire.lua), delta (> 0 charge or renew the slot's lease, < 0 refund or
 --          release; a refund never goes beyond a full budget), window (the window index
@@ -50,16 +50,20 @@ local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
 -- Per limit of the settlement being applied, reused from settlement to settlement: its
 -- view (anchor, cur, prev, same window, decision time; for slots, nothing).
 local V = { 0, 0, 0, 0, 0 }
--- KEYS index, and ARGV index of packed limits, before the current settlement's.
-local k, o = 0, 4 + 3 * settlements
+local records = ARGV[5 + settlements]
+-- KEYS index before the current settlement's keys, and where its limits start in
+-- `records` (limit i at o + 48 * (i - 1)).
+local k, o = 0, 1
 for s = 1, settlements do
-  local n, has_id, id = ARGV[3 + 2 * s] + 0, ARGV[4 + 2 * s] == '1', ARGV[4 + 2 * settlements + s]
+  local n, flag
+  n, flag, o = struct.unpack('<dd', records, o)
+  local has_id, id = flag == 1, ARGV[4 + s]
   -- Pass 1: read every limit. A key holding something else than a limiter state (a
   -- misconfigured prefix) fails this settlement only, before anything is written.
   local failed = false
   for i = 1, n do
     local key = KEYS[k + i]
-    local alg, _, p2, p3 = struct.unpack(PACKED_LIMIT, ARGV[o + i])
+    local alg, _, p2, p3 = struct.unpack(PACKED_LIMIT, records, o + 48 * (i - 1))
     if alg == 4 then
       failed = failed or type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) ~= 'number'
     else
@@ -109,7 +113,7 @@ for s = 1, settlements do
   reply[len] = failed and -1 or 1
   for i = 1, n do
     local key = KEYS[k + i]
-    local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, ARGV[o + i])
+    local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, records, o + 48 * (i - 1))
     if failed then
       len = push(reply, len, 0, 0, 0, 0, -1, -1)
     elseif alg == 4 then
@@ -196,6 +200,6 @@ for s = 1, settlements do
     end
   end
   k = k + n + (has_id and 1 or 0)
-  o = o + n
+  o = o + 48 * n
 end
 return pack_reply(reply, len)

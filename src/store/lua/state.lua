@@ -9,8 +9,9 @@
 -- Cost matters here: these scripts run once per decision on a Redis that every instance
 -- shares, and Redis's Lua spends ~10 ns per VM instruction and ~100 ns per call of a C
 -- function. So the hot path builds no tables (functions return several values), calls
--- TIME once per script, takes each limit's six numbers as one packed argument (one C call
--- instead of six decimal parses; other ARGV values are read once, by arithmetic
+-- TIME once per script, takes every limit's six numbers packed in one string argument
+-- for the whole script (one C call per limit instead of six decimal parses, and one
+-- argument for Redis to parse; other ARGV values are read once, by arithmetic
 -- coercion, not tonumber), rounds with `%` (not math.floor/ceil), builds tables at their
 -- final size where it is known, and keeps each limit's state in one 25-byte string: a
 -- byte 1 (no state of earlier releases starts with it), then three little-endian
@@ -31,7 +32,7 @@ local PACK = '<Bddd'
 -- snprintf("%.17g"), ~2 600 instructions each, a tenth of what a decision costs Redis when
 -- every argument was a number: constant arguments are strings.
 local USED_AT = '9'
--- One limit's six script arguments, packed by the client (see the scripts' headers).
+-- One limit's six numbers, packed by the client (see the scripts' headers).
 local PACKED_LIMIT = '<dddddd'
 -- Added to every TTL when a test supplies "now": an expired state equals an absent one,
 -- so a longer TTL never changes a decision, and keys cannot expire in real time before
