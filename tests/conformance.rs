@@ -481,3 +481,202 @@ conformance!(cluster_fixed, Env::cluster, Kind::Fixed);
 conformance!(cluster_sliding, Env::cluster, Kind::Sliding);
 #[cfg(feature = "cluster")]
 conformance!(cluster_bucket, Env::cluster, Kind::Bucket);
+
+/// A xorshift generator: the same "random" calls on every run.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Two stores' decisions agree: allowed, limit, remaining, and retry times within a
+/// second (the Redis store runs on the server's time here, the memory store on the
+/// process's, with hour-long windows).
+fn assert_agree(
+    on_redis: &[tower_llm_ratelimit::Decision],
+    in_memory: &[tower_llm_ratelimit::Decision],
+    what: &str,
+) {
+    let exact = |d: &[tower_llm_ratelimit::Decision]| -> Vec<_> {
+        d.iter()
+            .map(|d| (d.allowed, d.limit, d.remaining, d.retry_after.is_some()))
+            .collect()
+    };
+    assert_eq!(exact(on_redis), exact(in_memory), "{what}");
+    for (r, m) in on_redis.iter().zip(in_memory) {
+        if let (Some(r), Some(m)) = (r.retry_after, m.retry_after) {
+            assert!(
+                r.abs_diff(m) <= Duration::from_secs(1),
+                "{what}: retry after {r:?} on Redis, {m:?} in memory"
+            );
+        }
+    }
+}
+
+/// Batched scripts decide as the memory store does: batches mixing calls of 1 to 4
+/// limits and of 300, of every algorithm and concurrency slots, some calls only
+/// checking, denials beside allowed calls, and settlements with and without ids (each
+/// retried) mixing charges, refunds, slot releases and renewals. The calls are queued
+/// together on a one-thread runtime, so they go out in scripts of many calls; a decoding
+/// slip in any call's share of a script's arguments shows as a disagreement.
+#[tokio::test]
+async fn batched_scripts_decide_as_the_memory_store_does() {
+    use tower_llm_ratelimit::ConcurrencyLimit;
+    use tower_llm_ratelimit::store::{Adjustment, LimitCheck, Rule};
+    let server = common::RedisServer::start();
+    let redis = RedisStore::connect(&server.url).await.unwrap();
+    let memory = MemoryStore::new();
+    let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
+    let hour = Duration::from_secs(3600);
+    let calls: Vec<Vec<LimitCheck>> = (0..160)
+        .map(|call| {
+            let n = if call % 40 == 9 {
+                300
+            } else {
+                1 + rng.below(4)
+            };
+            (0..n)
+                .map(|i| {
+                    let limit = 4 + rng.below(10);
+                    let rule = match rng.below(4) {
+                        0 => Rule::Rate(FixedWindow::new(limit, hour).unwrap().into()),
+                        1 => Rule::Rate(SlidingWindow::new(limit, hour).unwrap().into()),
+                        2 => Rule::Rate(TokenBucket::new(limit, 1, hour).unwrap().into()),
+                        _ => Rule::Concurrency(ConcurrencyLimit::new(3, hour).unwrap()),
+                    };
+                    let slots = matches!(rule, Rule::Concurrency(_));
+                    LimitCheck {
+                        key: format!("batched:c{call}:l{i}:{{c{call}}}").into(),
+                        rule,
+                        cost: if slots { 1 } else { rng.below(3) },
+                        take: rng.below(5) != 0,
+                        slot: 0,
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let (mut denied, mut settled) = (0, 0);
+    for round in 0..4 {
+        // Every call's acquire queued before any is sent.
+        let acquires: Vec<_> = calls
+            .iter()
+            .map(|checks| {
+                let mut checks = checks.clone();
+                for c in &mut checks {
+                    c.slot = rng.below(1 << 62);
+                }
+                (redis.acquire(checks.clone()), checks)
+            })
+            .collect();
+        let mut allowed = Vec::new();
+        for (call, (decided, checks)) in acquires.into_iter().enumerate() {
+            let on_redis = decided.await.unwrap();
+            let in_memory = memory.acquire(checks.clone()).await.unwrap();
+            assert_agree(
+                &on_redis,
+                &in_memory,
+                &format!("round {round}, call {call}"),
+            );
+            if on_redis.iter().all(|d| d.allowed) {
+                allowed.push((call, checks));
+            } else {
+                denied += 1;
+            }
+        }
+        // Settle half the allowed calls, queued together; then retry those with ids.
+        let mut settlements = Vec::new();
+        for (call, checks) in &allowed {
+            if rng.below(2) == 0 {
+                continue;
+            }
+            let mut adjustments = Vec::with_capacity(checks.len());
+            for c in checks {
+                let delta = if matches!(c.rule, Rule::Concurrency(_)) {
+                    if rng.below(3) == 0 { 1 } else { -1 }
+                } else {
+                    rng.below(5) as i64 - 2
+                };
+                adjustments.push(Adjustment {
+                    key: c.key.clone(),
+                    rule: c.rule,
+                    delta,
+                    slot: c.slot,
+                    window: None,
+                });
+            }
+            let id = (rng.below(2) == 0).then(|| rng.below(1 << 62));
+            let decided = redis.adjust(adjustments.clone(), id);
+            settlements.push((*call, adjustments, id, decided));
+        }
+        let mut retries = Vec::new();
+        for (call, adjustments, id, decided) in settlements {
+            let on_redis = decided.await.unwrap();
+            let in_memory = memory.adjust(adjustments.clone(), None).await.unwrap();
+            assert_agree(
+                &on_redis,
+                &in_memory,
+                &format!("round {round}, settlement of {call}"),
+            );
+            settled += 1;
+            if id.is_some() {
+                retries.push(redis.adjust(adjustments, id));
+            }
+        }
+        for retried in retries {
+            retried.await.unwrap();
+        }
+        // Read every limit back (the retries must have changed nothing).
+        let reads: Vec<_> = calls
+            .iter()
+            .map(|checks| {
+                let checks: Vec<LimitCheck> = checks
+                    .iter()
+                    .map(|c| LimitCheck {
+                        cost: u64::from(matches!(c.rule, Rule::Concurrency(_))),
+                        take: false,
+                        ..c.clone()
+                    })
+                    .collect();
+                (redis.acquire(checks.clone()), checks)
+            })
+            .collect();
+        for (call, (decided, checks)) in reads.into_iter().enumerate() {
+            let on_redis = decided.await.unwrap();
+            let in_memory = memory.acquire(checks).await.unwrap();
+            assert_agree(
+                &on_redis,
+                &in_memory,
+                &format!("round {round}, read of {call}"),
+            );
+        }
+    }
+    assert!(
+        denied > 50 && settled > 100,
+        "denied {denied}, settled {settled}"
+    );
+    // The calls went out together: far fewer scripts than calls.
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let scripts: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    let operations = 4 * (2 * calls.len() as u64) + settled;
+    assert!(
+        scripts * 4 < operations,
+        "{scripts} scripts for {operations} operations"
+    );
+}
