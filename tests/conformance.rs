@@ -482,18 +482,6 @@ conformance!(cluster_sliding, Env::cluster, Kind::Sliding);
 #[cfg(feature = "cluster")]
 conformance!(cluster_bucket, Env::cluster, Kind::Bucket);
 
-/// A xorshift generator: the same "random" calls on every run.
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// Two stores' decisions agree: allowed, limit, remaining, and retry times within a
 /// second (the Redis store runs on the server's time here, the memory store on the
 /// process's, with hour-long windows).
@@ -531,7 +519,7 @@ async fn batched_scripts_decide_as_the_memory_store_does() {
     let server = common::RedisServer::start();
     let redis = RedisStore::connect(&server.url).await.unwrap();
     let memory = MemoryStore::new();
-    let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
+    let mut rng = common::Xorshift(0x9E37_79B9_7F4A_7C15);
     let hour = Duration::from_secs(3600);
     let calls: Vec<Vec<LimitCheck>> = (0..160)
         .map(|call| {

@@ -899,15 +899,8 @@ async fn a_burst_of_settlements_within_a_millisecond_keeps_its_newest_ids() {
     let key = format!("{}:t:{{burst}}", common::unique_prefix("burst"));
     let charge = |delta| charge(&key, delta);
     // Random-looking 63-bit ids, as the crate makes them (xorshift).
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let ids: Vec<u64> = (0..300)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x >> 1
-        })
-        .collect();
+    let mut rng = common::Xorshift(0x2545_F491_4F6C_DD1D);
+    let ids: Vec<u64> = (0..300).map(|_| rng.next() >> 1).collect();
     for &id in &ids {
         clock.advance(Duration::from_micros(2));
         store.adjust(charge(1), Some(id)).await.unwrap();

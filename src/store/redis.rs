@@ -742,6 +742,16 @@ struct ScriptArgs {
 }
 
 impl ScriptArgs {
+    /// Records sized for `counts` counts and `limits` packed limits.
+    fn with_records(counts: usize, limits: usize) -> Self {
+        Self {
+            records: Vec::with_capacity(
+                counts * size_of::<f64>() + limits * size_of::<PackedLimit>(),
+            ),
+            ..Self::default()
+        }
+    }
+
     /// Append a count (a little-endian double, as the limits' fields are).
     fn push_count(&mut self, count: usize) {
         self.records
@@ -751,21 +761,23 @@ impl ScriptArgs {
     fn push_limit(&mut self, limit: PackedLimit) {
         self.records.extend_from_slice(&limit);
     }
+
+    /// Append one call's acquire: its limit count, then its limits.
+    fn push_call(&mut self, checks: &[LimitCheck]) {
+        self.push_count(checks.len());
+        for c in checks {
+            self.push_limit(check_packed(c));
+        }
+    }
 }
 
 impl RedisStore {
     /// One call's acquire as its own script, with the caller-facing timeout.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        // One call of its limits.
-        let mut args = ScriptArgs {
-            head: vec![1],
-            records: Vec::with_capacity(8 + 48 * checks.len()),
-            ..ScriptArgs::default()
-        };
-        args.push_count(checks.len());
-        for c in &checks {
-            args.push_limit(check_packed(c));
-        }
+        // A batch of one call.
+        let mut args = ScriptArgs::with_records(1, checks.len());
+        args.head.push(1);
+        args.push_call(&checks);
         let keys = checks.iter().map(|c| c.key.clone()).collect();
         self.push_test_clock(&mut args);
         let in_flight = InFlightAcquire {
@@ -790,18 +802,12 @@ impl RedisStore {
     ) {
         let calls = batch.len();
         let total: usize = batch.iter().map(|(checks, _)| checks.len()).sum();
-        let mut args = ScriptArgs {
-            head: vec![calls as i64],
-            records: Vec::with_capacity(8 * calls + 48 * total),
-            ..ScriptArgs::default()
-        };
+        let mut args = ScriptArgs::with_records(calls, total);
+        args.head.push(calls as i64);
         let mut keys = Vec::with_capacity(total);
         for (checks, _) in &batch {
-            args.push_count(checks.len());
-            for c in checks {
-                args.push_limit(check_packed(c));
-                keys.push(c.key.clone());
-            }
+            args.push_call(checks);
+            keys.extend(checks.iter().map(|c| c.key.clone()));
         }
         self.push_test_clock(&mut args);
         let reply = Self::invoke(self.shared.clone(), &ACQUIRE, keys, args).await;
@@ -872,12 +878,8 @@ impl RedisStore {
         settlements: &[(&[Adjustment], Option<u64>)],
     ) -> (Vec<Arc<str>>, ScriptArgs) {
         let limits: usize = settlements.iter().map(|(a, _)| a.len()).sum();
-        let mut args = ScriptArgs {
-            head: Vec::with_capacity(4),
-            ids: Vec::with_capacity(settlements.len()),
-            records: Vec::with_capacity(16 * settlements.len() + 48 * limits),
-            tail: Vec::new(),
-        };
+        // Two counts per settlement: its limits, and whether it has an id.
+        let mut args = ScriptArgs::with_records(2 * settlements.len(), limits);
         let mut keys = Vec::with_capacity(limits + settlements.len());
         // ARGV[1]: how many settlements; ARGV[2]: how long to remember an id (ms);
         // ARGV[3]: the rank from which older ids are trimmed (one less than the most

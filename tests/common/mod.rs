@@ -190,3 +190,20 @@ pub async fn align_to_window(window: Duration) {
     let wait = w - now % w + 20_000;
     tokio::time::sleep(Duration::from_micros(wait as u64)).await;
 }
+
+/// A xorshift generator: the same "random" numbers on every run.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

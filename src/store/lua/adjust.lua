@@ -44,15 +44,14 @@ local trim_from = ARGV[3]
 -- The score of a settlement's id (minus the time applied, us) as a string, made once per
 -- script; a second settlement of the same identifier in this script scores one lower
 -- per earlier one (`placed`), so ids of one set never tie within a script.
-local newest_score = nil
-local placed = nil
+local newest_score, placed
 local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
 -- Per limit of the settlement being applied, reused from settlement to settlement: its
 -- view (anchor, cur, prev, same window, decision time; for slots, nothing).
 local V = { 0, 0, 0, 0, 0 }
 local records = ARGV[5 + settlements]
 -- KEYS index before the current settlement's keys, and where its limits start in
--- `records` (limit i at o + 48 * (i - 1)).
+-- `records` (limit i at o + PACKED_LIMIT_BYTES * (i - 1)).
 local k, o = 0, 1
 for s = 1, settlements do
   local n, flag
@@ -63,7 +62,7 @@ for s = 1, settlements do
   local failed = false
   for i = 1, n do
     local key = KEYS[k + i]
-    local alg, _, p2, p3 = struct.unpack(PACKED_LIMIT, records, o + 48 * (i - 1))
+    local alg, _, p2, p3 = struct.unpack(PACKED_LIMIT, records, o + PACKED_LIMIT_BYTES * (i - 1))
     if alg == 4 then
       failed = failed or type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) ~= 'number'
     else
@@ -76,9 +75,10 @@ for s = 1, settlements do
   local apply = not failed
   if apply and has_id then
     -- ZADD NX adds the id and says whether it was new in one command. Scored by minus
-    -- the time applied (us) minus its set's earlier settlements in this script, so the newest
-    -- id sorts first: Redis inserts it at the head of the set's compact (listpack)
-    -- encoding instead of walking every id to the tail, and trimming drops the oldest.
+    -- the time applied (us) minus its set's earlier settlements in this script, so the
+    -- newest id sorts first: Redis inserts it at the head of the set's compact
+    -- (listpack) encoding instead of walking every id to the tail, and trimming drops
+    -- the oldest.
     -- (Equal scores would be ordered by id, which is random: a burst of settlements of
     -- one identifier within one millisecond could evict its newest ids.)
     local ids = KEYS[k + n + 1]
@@ -102,9 +102,9 @@ for s = 1, settlements do
     else
       redis.call('PEXPIRE', ids, remember_ms)
       -- Keep the newest kept - 1 ids (ranks trim_from = kept - 1 .. -1 are the older
-      -- ones), so the next add makes at most `kept`: a set that never holds more than 128 stays in
-      -- Redis's compact encoding (one that ever grew past it takes ~130 bytes per id
-      -- until it expires).
+      -- ones), so the next add makes at most `kept`: a set that never holds more than
+      -- 128 stays in Redis's compact encoding (one that ever grew past it takes ~130
+      -- bytes per id until it expires).
       redis.call('ZREMRANGEBYRANK', ids, trim_from, '-1')
     end
   end
@@ -113,7 +113,7 @@ for s = 1, settlements do
   reply[len] = failed and -1 or 1
   for i = 1, n do
     local key = KEYS[k + i]
-    local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, records, o + 48 * (i - 1))
+    local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, records, o + PACKED_LIMIT_BYTES * (i - 1))
     if failed then
       len = push(reply, len, 0, 0, 0, 0, -1, -1)
     elseif alg == 4 then
@@ -200,6 +200,6 @@ for s = 1, settlements do
     end
   end
   k = k + n + (has_id and 1 or 0)
-  o = o + 48 * n
+  o = o + PACKED_LIMIT_BYTES * n
 end
 return pack_reply(reply, len)

@@ -34,6 +34,7 @@ local PACK = '<Bddd'
 local USED_AT = '9'
 -- One limit's six numbers, packed by the client (see the scripts' headers).
 local PACKED_LIMIT = '<dddddd'
+local PACKED_LIMIT_BYTES = 48
 -- Added to every TTL when a test supplies "now": an expired state equals an absent one,
 -- so a longer TTL never changes a decision, and keys cannot expire in real time before
 -- the test's virtual time is done with them.
