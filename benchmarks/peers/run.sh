@@ -4,7 +4,8 @@
 # the Redis server's CPU per decision (INFO cpu, user + sys), its script time per decision
 # (INFO commandstats: EVALSHA/EVAL/FCALL) and the client's CPU per decision. The layer's
 # shapes (a request and a token limit; two of each) run beside the peer doing the same
-# work its own way (peers.mjs LIMITS): per call, one "decision". Then Redis
+# work its own way (peers.mjs LIMITS): per call, one "decision". Each round ends with its
+# ratios against the targets. Then four limits against one by calls in flight, Redis
 # memory per identifier, and the criterion benches when asked. (No redis-benchmark
 # ceiling: our scripts take packed binary arguments, which a command line cannot carry.)
 #
@@ -56,8 +57,28 @@ measure() {
   cpu1=$(redis_cpu_us); read -r c1 u1 < <(script_stats)
   decisions=$(sed -n 's/.* decisions=\([0-9]*\).*/\1/p' <<<"$out")
   if [ -z "$decisions" ] || [ "$decisions" = 0 ]; then echo "$label: $out"; return; fi
-  awk -v l="$label" -v o="$out" -v d="$decisions" -v cpu=$((cpu1 - cpu0)) -v c=$((c1 - c0)) -v u=$((u1 - u0)) \
-    'BEGIN { split(o, f, " "); printf "%-34s %s %s %s redis_cpu_us_per_decision=%.2f script_us_per_decision=%.2f scripts_per_decision=%.2f %s\n", l, f[1], f[2], f[3], cpu / d, u / d, c / d, f[5] }'
+  local line
+  line=$(awk -v l="$label" -v o="$out" -v d="$decisions" -v cpu=$((cpu1 - cpu0)) -v c=$((c1 - c0)) -v u=$((u1 - u0)) \
+    'BEGIN { split(o, f, " "); printf "%-34s %s %s %s redis_cpu_us_per_decision=%.2f script_us_per_decision=%.2f scripts_per_decision=%.2f %s\n", l, f[1], f[2], f[3], cpu / d, u / d, c / d, f[5] }')
+  echo "$line"
+  RATE[$label]=$(sed -n 's/.*decisions_per_sec=\([0-9]*\).*/\1/p' <<<"$line")
+  CPU[$label]=$(sed -n 's/.*redis_cpu_us_per_decision=\([0-9.]*\).*/\1/p' <<<"$line")
+}
+declare -A RATE CPU
+# ratio NAME A B: A's value over B's (from the CPU or RATE table named by $1).
+ratio() {
+  local -n table="$1"
+  awk -v a="${table[$2]:-0}" -v b="${table[$3]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'
+}
+# The round's ratios against the targets, so they need not be worked out by hand.
+ratios() {
+  local peer="rate-limiter-flexible consume"
+  echo "ratios: redis_cpu ours/peer batched=$(ratio CPU "ours limiter batching=on" "$peer")" \
+    "unbatched=$(ratio CPU "ours limiter batching=off" "$peer")" \
+    "layer_limits=2=$(ratio CPU "ours layer limits=2" "rate-limiter-flexible limits=2")" \
+    "layer_limits=4=$(ratio CPU "ours layer limits=4" "rate-limiter-flexible limits=4")" \
+    "| throughput ours/peer=$(ratio RATE "ours limiter batching=on" "$peer")" \
+    "| four/one limits (no usage)=$(ratio RATE "ours layer limits=4 no usage" "ours layer limits=1 no usage")"
 }
 
 echo; echo "# Redis: 64 in flight, 100 identifiers, ${SECS}s per run, $ROUNDS rounds, runs alternated"
@@ -77,6 +98,16 @@ for round in $(seq "$ROUNDS"); do
   for limits in 1 4; do
     measure "ours layer limits=$limits no usage" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits "$limits" --no-usage
   done
+  ratios
+done
+
+echo; echo "# Four limits against one by calls in flight (through the layer, no usage, alternated)"
+# Few in flight, the rate is bounded by round trips (one per call however many limits);
+# many, by Redis's work per call, which grows with every limit's read, write and arithmetic.
+for c in 1 4 16 64; do
+  measure "ours layer limits=1 in_flight=$c" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits 1 --no-usage --concurrency "$c"
+  measure "ours layer limits=4 in_flight=$c" $LOADGEN --redis "$URL" --duration "$SECS" --through layer --limits 4 --no-usage --concurrency "$c"
+  echo "ratio four/one in_flight=$c: $(ratio RATE "ours layer limits=4 in_flight=$c" "ours layer limits=1 in_flight=$c")"
 done
 
 echo; echo "# memory store, ${SECS}s"
