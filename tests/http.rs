@@ -221,6 +221,18 @@ async fn per_user_limits_exact_headers_and_429() {
     );
     assert_eq!(again.header("x-ratelimit-remaining-requests"), "0");
     assert_eq!(again.json()["error"]["code"], "request_limit_reached");
+    // ... and every limit's state as the store's denial reported it (a denial takes
+    // nothing), not only the denying limit's.
+    assert_eq!(again.header("x-ratelimit-limit-tokens"), "1000");
+    assert_eq!(
+        again.header("x-ratelimit-remaining-tokens"),
+        denied.header("x-ratelimit-remaining-tokens")
+    );
+    assert!(
+        again.header("ratelimit").contains("\"tokens\";r="),
+        "{}",
+        again.header("ratelimit")
+    );
     // Bob has his own budget.
     let bob = post(
         addr,

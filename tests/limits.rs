@@ -628,11 +628,17 @@ fn metrics_carry_the_documented_names_and_labels() {
                 .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
                 .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
                 .cache_denials(false)
+                .quotas(StaticQuotas::new().insert("banned", Quotas::new().set("rpm", 0)))
                 .build()
                 .unwrap();
             let svc = layer.layer(llm(Usage::new(30, 5)));
             for _ in 0..3 {
                 let _ = svc.clone().oneshot(LlmRequest::new("kim", "x")).await;
+            }
+            // Refused without the store (a quota of 0): counted as denials too.
+            for _ in 0..2 {
+                let refused = svc.clone().oneshot(LlmRequest::new("banned", "x")).await;
+                assert!(refused.is_err());
             }
         });
     });
@@ -661,7 +667,8 @@ fn metrics_carry_the_documented_names_and_labels() {
     );
     assert_eq!(
         get("llm_ratelimit_decisions_total{limit=rpm,outcome=denied}"),
-        Some(1)
+        Some(3),
+        "one denial by the store, two refusals of a suspended identifier"
     );
     assert_eq!(
         get("llm_ratelimit_decisions_total{limit=tpm,outcome=denied}"),
@@ -763,6 +770,49 @@ async fn waiters_of_one_model_do_not_hold_up_another() {
     }
 }
 
+/// Calls of one identifier that compete for one identifier-wide limit wait in one queue
+/// whatever model they name: arrival order holds across models. (Queued per identifier
+/// and model, the last to arrive often went first, and a stream of calls for one model
+/// could hold up an earlier waiter for another until its bound ran out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_calls_keep_arrival_order_across_models_on_a_shared_limit() {
+    for round in 0..3 {
+        let layer = bucket_layer(Duration::from_millis(150), Duration::from_secs(5));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let svc = {
+            let order = order.clone();
+            layer.layer(service_fn(move |req: LlmRequest| {
+                let order = order.clone();
+                async move {
+                    order.lock().unwrap().push(req.prompt.clone());
+                    Ok::<_, BoxError>(LlmResponse::default())
+                }
+            }))
+        };
+        let id = format!("ivy{round}");
+        svc.clone()
+            .oneshot(LlmRequest::new(&id, "first"))
+            .await
+            .unwrap();
+        let mut waiting = Vec::new();
+        for (name, model) in [("a1", "x"), ("b", "y"), ("a2", "x"), ("c", "z")] {
+            waiting.push(tokio::spawn(
+                svc.clone()
+                    .oneshot(LlmRequest::new(&id, name).with_model(model)),
+            ));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["first", "a1", "b", "a2", "c"],
+            "round {round}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raising_a_bucket_quota_keeps_what_was_used() {
     for (name, store) in stores().await {
@@ -845,7 +895,12 @@ async fn a_quota_of_zero_suspends_and_huge_bounds_do_not_panic() {
     assert_eq!(err.kind(), ErrorKind::RequestLimitReached);
     assert_eq!(err.limit_exceeded().unwrap().limit, 0);
     assert_eq!(err.retry_after(), None);
+    // Read as its calls are refused: a quota of 0, nothing remaining.
+    let usage = layer.usage("banned").await.unwrap();
+    assert_eq!((usage[0].limit, usage[0].remaining), (0, 0));
     svc.oneshot(LlmRequest::new("fine", "x")).await.unwrap();
+    let usage = layer.usage("fine").await.unwrap();
+    assert_eq!((usage[0].limit, usage[0].remaining), (100, 99));
 }
 
 #[tokio::test]

@@ -95,8 +95,9 @@ struct Waiting {
     deadline: Instant,
     /// This call's turn in its identifier's queue, while it holds it.
     turn: Option<OwnedMutexGuard<()>>,
-    /// The denial that made the call wait, and when it lifts.
-    denied: Option<(Error, Instant)>,
+    /// The denial that made the call wait (with every limit's decision), and when it
+    /// lifts.
+    denied: Option<(Error, Vec<Decision>, Instant)>,
     /// Waiting is over for this call (its deadline passed while queued): the next
     /// denial fails it.
     no_more_waiting: bool,
@@ -122,7 +123,7 @@ pin_project! {
         Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
         Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
         Calling { #[pin] future: S::Future, settlement: Option<Settlement>, plan: Option<Arc<Plan>> },
-        Refused { error: Option<Error>, plan: Option<Arc<Plan>> },
+        Refused { error: Option<Error>, decisions: Vec<Decision>, plan: Option<Arc<Plan>> },
         Done,
     }
 }
@@ -188,6 +189,7 @@ impl<S: Service<R>, R> Call<S, R> {
     fn refused(error: Error) -> Self {
         Call::Refused {
             error: Some(error),
+            decisions: Vec::new(),
             plan: None,
         }
     }
@@ -197,26 +199,31 @@ impl<S: Service<R>, R> Call<S, R> {
     fn planned(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
         let engine = pending.engine.clone();
         if let Some(error) = engine.suspension(&plan) {
+            if let Some(e) = error.limit_exceeded() {
+                metrics::denied_without_store(&e.name);
+            }
             return Call::Refused {
                 error: Some(error),
+                decisions: Vec::new(),
                 plan: Some(plan),
             };
         }
-        if let Some(error) = engine.cached_denial(&plan) {
+        if let Some((error, decisions)) = engine.cached_denial(&plan) {
             if let Some(waiting) = waiting_for(&mut pending, &error) {
                 let lifts = Instant::now() + waiting.1;
-                waiting.0.denied = Some((error, lifts));
+                waiting.0.denied = Some((error, decisions, lifts));
                 return Self::queue(plan, pending);
             }
             if let Some(e) = error.limit_exceeded() {
-                metrics::cached_denial(&e.name);
+                metrics::denied_without_store(&e.name);
             }
             return Call::Refused {
                 error: Some(error),
+                decisions,
                 plan: Some(plan),
             };
         }
-        if pending.wait.is_some() && engine.waiters.busy(&queue_key(&plan)) {
+        if pending.wait.is_some() && engine.waiters.busy(&queue_key(&engine, &plan)) {
             // Calls of this identifier (and model) are waiting: take a turn behind them.
             return Self::queue(plan, pending);
         }
@@ -229,7 +236,13 @@ impl<S: Service<R>, R> Call<S, R> {
         if pending.wait.as_ref().is_some_and(|w| w.turn.is_some()) {
             return Self::after_turn(plan, pending);
         }
-        let turn = Box::pin(pending.engine.waiters.queue(&queue_key(&plan)).lock_owned());
+        let turn = Box::pin(
+            pending
+                .engine
+                .waiters
+                .queue(&queue_key(&pending.engine, &plan))
+                .lock_owned(),
+        );
         let deadline = pending
             .wait
             .as_ref()
@@ -251,11 +264,12 @@ impl<S: Service<R>, R> Call<S, R> {
             None => (None, None),
         };
         match denied {
-            Some((error, lifts)) if lifts > now => {
+            Some((error, decisions, lifts)) if lifts > now => {
                 if deadline.is_some_and(|d| lifts > d) {
                     release_turn(&mut pending, &plan);
                     return Call::Refused {
                         error: Some(error),
+                        decisions,
                         plan: Some(plan),
                     };
                 }
@@ -282,12 +296,16 @@ impl<S: Service<R>, R> Call<S, R> {
     }
 }
 
-/// The FIFO queue a call waits in: its identifier and model (per-model budgets are
-/// independent, so their waiters must not block each other).
-fn queue_key(plan: &Plan) -> String {
+/// The FIFO queue a call waits in: its identifier's, so that calls competing for one
+/// budget keep their order whatever model they name; its identifier and model's when
+/// every limit of the call is per model (such budgets are independent of other models',
+/// so their waiters must not block each other).
+fn queue_key(engine: &Engine, plan: &Plan) -> String {
     match &plan.model {
-        Some(model) => format!("{}\0{model}", plan.tag),
-        None => plan.tag.clone(),
+        Some(model) if plan.taken.iter().all(|t| engine.limits[t.limit].per_model) => {
+            format!("{}\0{model}", plan.tag)
+        }
+        _ => plan.tag.clone(),
     }
 }
 
@@ -353,8 +371,8 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             let (plan, mut pending) = (taken(plan), taken(pending));
                             if let Some(w) = &mut pending.wait {
                                 w.no_more_waiting = true;
-                                if let Some((error, _)) = w.denied.take() {
-                                    return Poll::Ready(refusal(error, Some(plan)));
+                                if let Some((error, decisions, _)) = w.denied.take() {
+                                    return Poll::Ready(refusal(error, decisions, Some(plan)));
                                 }
                             }
                             self.set(Self::acquire(plan, pending));
@@ -400,10 +418,10 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         let decisions = settlement.take_decisions();
                         let engine = pending.engine.clone();
                         let error = engine.denial(&plan, &decisions);
-                        engine.remember_denial(&plan, &error);
+                        engine.remember_denial(&plan, &error, &decisions);
                         if let Some((waiting, wait)) = waiting_for(&mut pending, &error) {
                             tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
-                            waiting.denied = Some((error, Instant::now() + wait));
+                            waiting.denied = Some((error, decisions, Instant::now() + wait));
                             self.set(Self::queue(plan, pending));
                             continue;
                         }
@@ -449,8 +467,12 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     self.set(Call::Done);
                     return Poll::Ready(outcome);
                 }
-                CallProj::Refused { error, plan } => {
-                    let outcome = refusal(taken(error), plan.take());
+                CallProj::Refused {
+                    error,
+                    decisions,
+                    plan,
+                } => {
+                    let outcome = refusal(taken(error), std::mem::take(decisions), plan.take());
                     self.set(Call::Done);
                     return Poll::Ready(outcome);
                 }
@@ -460,10 +482,14 @@ impl<S: Service<R>, R> Future for Call<S, R> {
     }
 }
 
-fn refusal<S: Service<R>, R>(error: Error, plan: Option<Arc<Plan>>) -> Outcome<S, R> {
+fn refusal<S: Service<R>, R>(
+    error: Error,
+    decisions: Vec<Decision>,
+    plan: Option<Arc<Plan>>,
+) -> Outcome<S, R> {
     Outcome::Refused {
         error,
-        decisions: Vec::new(),
+        decisions,
         plan,
         decider: Decider::Store,
     }
@@ -472,6 +498,9 @@ fn refusal<S: Service<R>, R>(error: Error, plan: Option<Arc<Plan>>) -> Outcome<S
 /// Give up this call's turn, letting the next waiting call of the identifier go.
 fn release_turn<S, R>(pending: &mut Pending<S, R>, plan: &Plan) {
     if pending.wait.as_mut().and_then(|w| w.turn.take()).is_some() {
-        pending.engine.waiters.release(&queue_key(plan));
+        pending
+            .engine
+            .waiters
+            .release(&queue_key(&pending.engine, plan));
     }
 }

@@ -15,6 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, LimitExceeded};
+use crate::store::Decision;
 
 const SHARDS: usize = 16;
 /// Identifiers per shard before expired entries are swept (and, if still full, all
@@ -31,6 +32,9 @@ struct Entry {
     /// `Error::RequestLimitReached` or `Error::TokenLimitReached`.
     tokens: bool,
     exceeded: LimitExceeded,
+    /// Every limit of the denied call as the store answered (a denial takes nothing, so
+    /// this is each limit's state then): reported with the cached denial.
+    decisions: Vec<Decision>,
     at: Instant,
 }
 
@@ -97,8 +101,9 @@ impl DeniedCache {
         }
     }
 
-    /// The denial still in force for a call of `tag` for `model`, if any.
-    pub(crate) fn check(&self, tag: &str, model: Option<&str>) -> Option<Error> {
+    /// The denial still in force for a call of `tag` for `model`, if any, with every
+    /// limit's decision as recorded (their times counted down to now).
+    pub(crate) fn check(&self, tag: &str, model: Option<&str>) -> Option<(Error, Vec<Decision>)> {
         let mut shard = self.occupied(tag)?;
         let entries = shard.map.get_mut(tag)?;
         // The clock is read only for an identifier with cached denials (the rare case).
@@ -117,11 +122,24 @@ impl DeniedCache {
                 reset_after: entry.exceeded.reset_after.saturating_sub(now - entry.at),
                 ..entry.exceeded.clone()
             };
-            if entry.tokens {
+            let elapsed = now - entry.at;
+            let decisions = entry
+                .decisions
+                .iter()
+                .map(|d| Decision {
+                    reset_after: d.reset_after.saturating_sub(elapsed),
+                    retry_after: d
+                        .retry_after
+                        .map(|r| r.saturating_sub(elapsed).max(Duration::from_micros(1))),
+                    ..*d
+                })
+                .collect();
+            let error = if entry.tokens {
                 Error::TokenLimitReached(exceeded)
             } else {
                 Error::RequestLimitReached(exceeded)
-            }
+            };
+            (error, decisions)
         });
         if entries.is_empty() {
             shard.map.remove(tag);
@@ -129,9 +147,16 @@ impl DeniedCache {
         error
     }
 
-    /// Remember `error` (a request- or token-limit denial) for calls of `tag` for
-    /// `model`, until its `retry_after` or the cache's max age, whichever is sooner.
-    pub(crate) fn record(&self, tag: &str, model: Option<&str>, error: &Error) {
+    /// Remember `error` (a request- or token-limit denial, whose acquire answered
+    /// `decisions`) for calls of `tag` for `model`, until its `retry_after` or the
+    /// cache's max age, whichever is sooner.
+    pub(crate) fn record(
+        &self,
+        tag: &str,
+        model: Option<&str>,
+        error: &Error,
+        decisions: &[Decision],
+    ) {
         let (tokens, exceeded) = match error {
             Error::RequestLimitReached(e) => (false, e),
             Error::TokenLimitReached(e) => (true, e),
@@ -160,6 +185,7 @@ impl DeniedCache {
             retry_at: now + wait,
             tokens,
             exceeded: exceeded.clone(),
+            decisions: decisions.to_vec(),
             at: now,
         });
     }

@@ -70,9 +70,10 @@ pub(crate) fn decisions(engine: &Engine, taken: &[Taken], decisions: &[Decision]
     });
 }
 
-/// A denial answered from the denial cache, for limit `name`.
+/// A denial decided without asking the store, by limit `name`: answered from the denial
+/// cache, or an identifier whose quota for the limit is 0.
 #[cfg(feature = "metrics")]
-pub(crate) fn cached_denial(name: &str) {
+pub(crate) fn denied_without_store(name: &str) {
     ::metrics::counter!(
         "llm_ratelimit_decisions_total",
         "limit" => name.to_owned(),
@@ -120,7 +121,7 @@ pub(crate) fn pending_settlements(pending: usize) {
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn decisions(_: &Engine, _: &[Taken], _: &[Decision], _: bool) {}
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn cached_denial(_: &str) {}
+pub(crate) fn denied_without_store(_: &str) {}
 #[cfg(not(feature = "metrics"))]
 #[derive(Clone, Debug)]
 pub(crate) struct LimitKeys;

@@ -352,31 +352,33 @@ impl Engine {
         limit_error(spec.kind, exceeded)
     }
 
-    /// Remember a denial that only time can lift (see [`denied`]).
-    pub(crate) fn remember_denial(&self, plan: &Plan, error: &Error) {
+    /// Remember a denial that only time can lift (see [`denied`]), with the acquire's
+    /// `decisions` (every limit of the call, reported again with the cached denial).
+    pub(crate) fn remember_denial(&self, plan: &Plan, error: &Error, decisions: &[Decision]) {
         let cacheable = match error {
             Error::RequestLimitReached(_) => true,
             Error::TokenLimitReached(_) => self.token_mode == TokenMode::CheckRemaining,
             _ => false,
         };
         if let (true, Some(cache)) = (cacheable, &self.denied) {
-            cache.record(&plan.tag, plan.model.as_deref(), error);
+            cache.record(&plan.tag, plan.model.as_deref(), error, decisions);
         }
     }
 
-    /// A cached denial still in force for this call, unless the denying limit's quota
-    /// changed since (a tenant's new tier applies on the next call).
-    pub(crate) fn cached_denial(&self, plan: &Plan) -> Option<Error> {
+    /// A cached denial still in force for this call, with every limit's decision as
+    /// the denied acquire answered it, unless a quota changed since (a tenant's new tier
+    /// applies on the next call).
+    pub(crate) fn cached_denial(&self, plan: &Plan) -> Option<(Error, Vec<Decision>)> {
         let cache = self.denied.as_ref()?;
-        let error = cache.check(&plan.tag, plan.model.as_deref())?;
-        let exceeded = error.limit_exceeded()?;
-        let same_quota = plan
-            .taken
-            .iter()
-            .find(|t| self.limits[t.limit].name == exceeded.name)
-            .is_some_and(|t| t.rule.limit() == exceeded.limit);
-        if same_quota {
-            Some(error)
+        let (error, decisions) = cache.check(&plan.tag, plan.model.as_deref())?;
+        let same_quotas = decisions.len() == plan.taken.len()
+            && plan
+                .taken
+                .iter()
+                .zip(&decisions)
+                .all(|(t, d)| t.rule.limit() == d.limit);
+        if same_quotas {
+            Some((error, decisions))
         } else {
             cache.forget(&plan.tag);
             None
@@ -457,12 +459,22 @@ impl Engine {
             .taken
             .iter()
             .zip(decisions)
-            .map(|(t, d)| LimitUsage {
-                name: self.limits[t.limit].name.to_string(),
-                kind: self.limits[t.limit].kind,
-                limit: d.limit,
-                remaining: d.remaining,
-                reset_after: d.reset_after,
+            .map(|(t, d)| {
+                let spec = &self.limits[t.limit];
+                // A quota of 0 (a suspended identifier) keeps the configured rule in the
+                // plan, but refuses every call: report it as the refusals do.
+                let suspended = quotas.as_deref().and_then(|q| q.get(&spec.name)) == Some(0);
+                LimitUsage {
+                    name: spec.name.to_string(),
+                    kind: spec.kind,
+                    limit: if suspended { 0 } else { d.limit },
+                    remaining: if suspended { 0 } else { d.remaining },
+                    reset_after: if suspended {
+                        Duration::ZERO
+                    } else {
+                        d.reset_after
+                    },
+                }
             })
             .collect())
     }

@@ -210,9 +210,11 @@ fn refused<ResBody>(
         _ => crate::LimitKind::Requests,
     };
     let infos = match plan {
+        // From the store, or from the denial cache (which keeps the denied acquire's
+        // decisions of every limit).
         Some(plan) if !decisions.is_empty() => infos(engine, plan, decisions),
-        // Answered from the denial cache (or a suspension): every limit's policy, and
-        // the denying limit's state, which is all that is known without the store.
+        // A suspension (a quota of 0), refused without the store: every limit's policy,
+        // and the denying limit's state, which is all that is known.
         Some(plan) => plan
             .taken
             .iter()

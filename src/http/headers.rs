@@ -17,8 +17,8 @@ pub(crate) struct LimitInfo {
     pub name: std::sync::Arc<str>,
     pub kind: LimitKind,
     pub limit: u64,
-    /// `None` when not known (a denial answered from the cache knows only its own
-    /// limit's state).
+    /// `None` when not known (a call refused for a quota of 0 never asks the store, so
+    /// it knows only the refusing limit's state).
     pub remaining: Option<u64>,
     pub reset_after: Duration,
     /// The quota's period, for `RateLimit-Policy`.
