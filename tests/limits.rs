@@ -813,6 +813,121 @@ async fn waiting_calls_keep_arrival_order_across_models_on_a_shared_limit() {
     }
 }
 
+/// A call whose budgets are all free does not wait behind a call of the same identifier
+/// that waits for another model's budget (they share a limit, but that one is not what
+/// the waiter waits for).
+#[tokio::test]
+async fn a_call_does_not_wait_behind_a_waiter_for_another_budget() {
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "shared",
+            Limit::requests(FixedWindow::new(1000, LONG).unwrap()),
+        )
+        .limit(
+            "per-model",
+            Limit::requests(TokenBucket::new(1, 1, Duration::from_millis(800)).unwrap())
+                .per_model(),
+        )
+        .wait_up_to(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let call = |model: &'static str| {
+        svc.clone()
+            .oneshot(LlmRequest::new("hal", "x").with_model(model))
+    };
+    call("x").await.unwrap();
+    let waiting = tokio::spawn(call("x"));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let started = Instant::now();
+    call("y").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "model y waited {:?} behind model x's waiter",
+        started.elapsed()
+    );
+    waiting.await.unwrap().unwrap();
+}
+
+/// A store that answers acquires after a delay, as a slow Redis does.
+#[derive(Clone)]
+struct SlowStore {
+    inner: MemoryStore,
+    delay: Duration,
+}
+
+impl Store for SlowStore {
+    fn acquire(
+        &self,
+        checks: Vec<tower_llm_ratelimit::store::LimitCheck>,
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        let (inner, delay) = (self.inner.clone(), self.delay);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            inner.acquire(checks).await
+        })
+    }
+
+    fn adjust(
+        &self,
+        adjustments: Vec<tower_llm_ratelimit::store::Adjustment>,
+        id: Option<u64>,
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        self.inner.adjust(adjustments, id)
+    }
+
+    fn delete(&self, keys: Vec<String>) -> tower_llm_ratelimit::store::StoreFuture<()> {
+        self.inner.delete(keys)
+    }
+}
+
+/// Calls whose bound passes while they wait in the queue report the time actually left:
+/// not the `retry_after` of a denial recorded long before (which had lifted by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_bound_passes_in_the_queue_reports_the_time_left() {
+    let layer = RatelimitLayer::builder()
+        .store(SlowStore {
+            inner: MemoryStore::new(),
+            delay: Duration::from_millis(150),
+        })
+        .store_timeout(Duration::from_secs(5))
+        .limit(
+            "rps",
+            Limit::requests(TokenBucket::new(1, 1, Duration::from_secs(1)).unwrap()),
+        )
+        .wait_up_to(Duration::from_secs(1))
+        .cache_denials(false)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    svc.clone()
+        .oneshot(LlmRequest::new("ike", "x"))
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let (svc, layer) = (svc.clone(), layer.clone());
+        calls.push(tokio::spawn(async move {
+            let refused = svc.oneshot(LlmRequest::new("ike", "x")).await.err()?;
+            // The unit's real return, read right after the refusal.
+            let left = layer.usage("ike").await.unwrap()[0].reset_after;
+            Some((refused.retry_after().unwrap(), left))
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut refusals = 0;
+    for call in calls {
+        if let Some((retry_after, left)) = call.await.unwrap() {
+            refusals += 1;
+            assert!(
+                retry_after + Duration::from_millis(50) >= left,
+                "told to retry after {retry_after:?}, the unit returns in {left:?}"
+            );
+        }
+    }
+    assert!(refusals >= 2, "{refusals} refused");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raising_a_bucket_quota_keeps_what_was_used() {
     for (name, store) in stores().await {

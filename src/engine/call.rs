@@ -15,6 +15,7 @@ use tokio::time::{Instant, Sleep};
 
 use tower_service::Service;
 
+use super::denied::counted_down;
 use super::quota::{QuotaFuture, Resolution};
 use super::reliability::Decider;
 use super::settlement::Settlement;
@@ -93,7 +94,11 @@ struct Pending<S, R> {
 struct Waiting {
     /// The latest instant the call may still be dispatched.
     deadline: Instant,
-    /// This call's turn in its identifier's queue, while it holds it.
+    /// The queue the call waits in (or holds the turn of): the state key of the limit it
+    /// waits for, so that calls competing for one budget keep their arrival order and
+    /// calls waiting for different budgets do not hold each other up.
+    queue: Option<Arc<str>>,
+    /// This call's turn in that queue, while it holds it.
     turn: Option<OwnedMutexGuard<()>>,
     /// The denial that made the call wait (with every limit's decision), and when it
     /// lifts.
@@ -156,6 +161,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 deadline: now
                     .checked_add(d)
                     .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400)),
+                queue: None,
                 turn: None,
                 denied: None,
                 no_more_waiting: false,
@@ -211,8 +217,9 @@ impl<S: Service<R>, R> Call<S, R> {
         if let Some((error, decisions)) = engine.cached_denial(&plan) {
             if let Some(waiting) = waiting_for(&mut pending, &error) {
                 let lifts = Instant::now() + waiting.1;
+                let queue = denying_queue(&engine, &plan, &error);
                 waiting.0.denied = Some((error, decisions, lifts));
-                return Self::queue(plan, pending);
+                return Self::queue(plan, pending, queue);
             }
             if let Some(e) = error.limit_exceeded() {
                 metrics::denied_without_store(&e.name);
@@ -223,26 +230,32 @@ impl<S: Service<R>, R> Call<S, R> {
                 plan: Some(plan),
             };
         }
-        if pending.wait.is_some() && engine.waiters.busy(&queue_key(&engine, &plan)) {
-            // Calls of this identifier (and model) are waiting: take a turn behind them.
-            return Self::queue(plan, pending);
+        if pending.wait.is_some()
+            && let Some(busy) = plan.checks.iter().find(|c| engine.waiters.busy(&c.key))
+        {
+            // Calls are waiting for one of this call's budgets: take a turn behind them.
+            let queue = busy.key.clone();
+            return Self::queue(plan, pending, queue);
         }
         Self::acquire(plan, pending)
     }
 
-    /// Wait for this call's turn (if it does not hold it yet), then for its denial to
-    /// lift, then acquire again.
-    fn queue(plan: Arc<Plan>, pending: Pending<S, R>) -> Self {
-        if pending.wait.as_ref().is_some_and(|w| w.turn.is_some()) {
-            return Self::after_turn(plan, pending);
+    /// Wait for this call's turn in `queue` (if it does not hold it yet), then for its
+    /// denial to lift, then acquire again.
+    fn queue(plan: Arc<Plan>, mut pending: Pending<S, R>, queue: Arc<str>) -> Self {
+        if let Some(w) = &pending.wait
+            && w.turn.is_some()
+        {
+            if w.queue.as_deref() == Some(&*queue) {
+                return Self::after_turn(plan, pending);
+            }
+            // Now waiting for another budget: give up this turn, queue for that one.
+            release_turn(&mut pending);
         }
-        let turn = Box::pin(
-            pending
-                .engine
-                .waiters
-                .queue(&queue_key(&pending.engine, &plan))
-                .lock_owned(),
-        );
+        if let Some(w) = &mut pending.wait {
+            w.queue = Some(queue.clone());
+        }
+        let turn = Box::pin(pending.engine.waiters.queue(&queue).lock_owned());
         let deadline = pending
             .wait
             .as_ref()
@@ -264,9 +277,10 @@ impl<S: Service<R>, R> Call<S, R> {
             None => (None, None),
         };
         match denied {
-            Some((error, decisions, lifts)) if lifts > now => {
+            Some((error, mut decisions, lifts)) if lifts > now => {
                 if deadline.is_some_and(|d| lifts > d) {
-                    release_turn(&mut pending, &plan);
+                    release_turn(&mut pending);
+                    let error = lifted_at(error, &mut decisions, lifts, now);
                     return Call::Refused {
                         error: Some(error),
                         decisions,
@@ -296,17 +310,24 @@ impl<S: Service<R>, R> Call<S, R> {
     }
 }
 
-/// The FIFO queue a call waits in: its identifier's, so that calls competing for one
-/// budget keep their order whatever model they name; its identifier and model's when
-/// every limit of the call is per model (such budgets are independent of other models',
-/// so their waiters must not block each other).
-fn queue_key(engine: &Engine, plan: &Plan) -> String {
-    match &plan.model {
-        Some(model) if plan.taken.iter().all(|t| engine.limits[t.limit].per_model) => {
-            format!("{}\0{model}", plan.tag)
-        }
-        _ => plan.tag.clone(),
-    }
+/// The queue a denied call waits in: the state key of the limit that denied it (one
+/// identifier's, or one identifier and model's), shared by every call that competes for
+/// that budget whatever model it names.
+fn denying_queue(engine: &Engine, plan: &Plan, error: &Error) -> Arc<str> {
+    let denying = error.limit_exceeded().map(|e| &*e.name);
+    plan.taken
+        .iter()
+        .zip(&plan.checks)
+        .find(|(t, _)| Some(&*engine.limits[t.limit].name) == denying)
+        .map_or_else(|| Arc::from(plan.tag.as_str()), |(_, c)| c.key.clone())
+}
+
+/// A recorded denial that lifts at `lifts`, as it reads at `now` (before then): its
+/// times counted down.
+fn lifted_at(error: Error, decisions: &mut [Decision], lifts: Instant, now: Instant) -> Error {
+    let recorded_wait = error.retry_after().unwrap_or_default();
+    let elapsed = recorded_wait.saturating_sub(lifts.saturating_duration_since(now));
+    counted_down(error, decisions, elapsed)
 }
 
 /// Wait mode: the call's wait state and how long to sleep before trying a denied call
@@ -367,11 +388,16 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                                 return Poll::Pending;
                             };
                             ready!(deadline.as_mut().poll(cx));
-                            // The bound passed while queued: one last try, no more waiting.
+                            // The bound passed while queued: refused if the denial it
+                            // waited for still holds, else one last try, no more waiting.
                             let (plan, mut pending) = (taken(plan), taken(pending));
                             if let Some(w) = &mut pending.wait {
                                 w.no_more_waiting = true;
-                                if let Some((error, decisions, _)) = w.denied.take() {
+                                let now = Instant::now();
+                                if let Some((error, mut decisions, lifts)) = w.denied.take()
+                                    && lifts > now
+                                {
+                                    let error = lifted_at(error, &mut decisions, lifts, now);
                                     return Poll::Ready(refusal(error, decisions, Some(plan)));
                                 }
                             }
@@ -405,7 +431,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     let allowed = match acquired {
                         Ok(allowed) => allowed,
                         Err(error) => {
-                            release_turn(&mut pending, &plan);
+                            release_turn(&mut pending);
                             return Poll::Ready(Outcome::Refused {
                                 error: Error::Store(error),
                                 decisions: Vec::new(),
@@ -421,11 +447,12 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         engine.remember_denial(&plan, &error, &decisions);
                         if let Some((waiting, wait)) = waiting_for(&mut pending, &error) {
                             tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
+                            let queue = denying_queue(&engine, &plan, &error);
                             waiting.denied = Some((error, decisions, Instant::now() + wait));
-                            self.set(Self::queue(plan, pending));
+                            self.set(Self::queue(plan, pending, queue));
                             continue;
                         }
-                        release_turn(&mut pending, &plan);
+                        release_turn(&mut pending);
                         tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
                         return Poll::Ready(Outcome::Refused {
                             error,
@@ -434,7 +461,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             decider,
                         });
                     }
-                    release_turn(&mut pending, &plan);
+                    release_turn(&mut pending);
                     // Checked first: building a disabled span still costs (it is offered
                     // to the `log` crate when tracing's `log` feature is on).
                     let _span = tracing::enabled!(tracing::Level::DEBUG).then(|| {
@@ -495,12 +522,12 @@ fn refusal<S: Service<R>, R>(
     }
 }
 
-/// Give up this call's turn, letting the next waiting call of the identifier go.
-fn release_turn<S, R>(pending: &mut Pending<S, R>, plan: &Plan) {
-    if pending.wait.as_mut().and_then(|w| w.turn.take()).is_some() {
-        pending
-            .engine
-            .waiters
-            .release(&queue_key(&pending.engine, plan));
+/// Give up this call's turn, letting the next call waiting in its queue go.
+fn release_turn<S, R>(pending: &mut Pending<S, R>) {
+    if let Some(w) = &mut pending.wait
+        && w.turn.take().is_some()
+        && let Some(queue) = &w.queue
+    {
+        pending.engine.waiters.release(queue);
     }
 }

@@ -27,8 +27,6 @@ struct Entry {
     model: Option<String>,
     /// The entry is used until then.
     until: Instant,
-    /// The denial's own end (its `retry_after`), reported to callers.
-    retry_at: Instant,
     /// `Error::RequestLimitReached` or `Error::TokenLimitReached`.
     tokens: bool,
     exceeded: LimitExceeded,
@@ -113,33 +111,18 @@ impl DeniedCache {
         let error = entry.map(|entry| {
             let exceeded = LimitExceeded {
                 remaining: 0,
-                retry_after: Some(
-                    entry
-                        .retry_at
-                        .saturating_duration_since(now)
-                        .max(Duration::from_micros(1)),
-                ),
-                reset_after: entry.exceeded.reset_after.saturating_sub(now - entry.at),
                 ..entry.exceeded.clone()
             };
-            let elapsed = now - entry.at;
-            let decisions = entry
-                .decisions
-                .iter()
-                .map(|d| Decision {
-                    reset_after: d.reset_after.saturating_sub(elapsed),
-                    retry_after: d
-                        .retry_after
-                        .map(|r| r.saturating_sub(elapsed).max(Duration::from_micros(1))),
-                    ..*d
-                })
-                .collect();
             let error = if entry.tokens {
                 Error::TokenLimitReached(exceeded)
             } else {
                 Error::RequestLimitReached(exceeded)
             };
-            (error, decisions)
+            let mut decisions = entry.decisions.clone();
+            (
+                counted_down(error, &mut decisions, now - entry.at),
+                decisions,
+            )
         });
         if entries.is_empty() {
             shard.map.remove(tag);
@@ -179,14 +162,44 @@ impl DeniedCache {
         }
         let entries = shard.entry(tag.to_owned()).or_default();
         entries.retain(|e| e.model.as_deref() != model && e.until > now);
+        // The entry reports every limit as the denial found it: not past the first
+        // time one of them restores (a window rolls), where that would be wrong.
+        let first_restored = decisions
+            .iter()
+            .map(|d| d.reset_after)
+            .filter(|r| !r.is_zero())
+            .min()
+            .unwrap_or(Duration::MAX);
         entries.push(Entry {
             model: model.map(str::to_owned),
-            until: now + wait.min(self.max_age),
-            retry_at: now + wait,
+            until: now + wait.min(self.max_age).min(first_restored),
             tokens,
             exceeded: exceeded.clone(),
             decisions: decisions.to_vec(),
             at: now,
         });
     }
+}
+
+/// A denial (`error`, and the `decisions` of every limit of the call) as it reads
+/// `elapsed` after it was decided: every time counted down, a retry at least 1 µs away
+/// (the denial has not lifted).
+pub(crate) fn counted_down(
+    mut error: Error,
+    decisions: &mut [Decision],
+    elapsed: Duration,
+) -> Error {
+    let retry = |r: Duration| r.saturating_sub(elapsed).max(Duration::from_micros(1));
+    if let Error::RequestLimitReached(e)
+    | Error::TokenLimitReached(e)
+    | Error::ConcurrencyLimitReached(e) = &mut error
+    {
+        e.retry_after = e.retry_after.map(retry);
+        e.reset_after = e.reset_after.saturating_sub(elapsed);
+    }
+    for d in decisions {
+        d.retry_after = d.retry_after.map(retry);
+        d.reset_after = d.reset_after.saturating_sub(elapsed);
+    }
+    error
 }

@@ -320,12 +320,9 @@ impl Settlement {
             renewal.abort();
         }
         let (remote, local) = self.writes(ending);
-        if remote
-            .iter()
-            .chain(&local)
-            .any(|a| a.delta < 0 && !a.rule.is_concurrency())
-        {
-            // Budget comes back: a denial cached here may no longer hold.
+        if remote.iter().chain(&local).any(|a| a.delta != 0) {
+            // Budget comes back (a denial cached here may no longer hold) or is taken (a
+            // cached denial reports every limit's state, which this changes).
             self.engine.forget_denials(&self.plan.tag);
         }
         if !local.is_empty() {

@@ -1,0 +1,118 @@
+//! The denial cache through the HTTP layer: a 429 answered from the cache reports every
+//! limit as it is, not as it was when the store denied.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, ServiceExt, service_fn};
+use tower_llm_ratelimit::http::RequestBody;
+use tower_llm_ratelimit::identifier::Fixed;
+use tower_llm_ratelimit::{FixedWindow, Limit, RatelimitLayer, TokenBucket};
+
+const LONG: Duration = tower_llm_ratelimit::algorithm::MAX_WINDOW;
+
+/// An OpenAI-style upstream that answers after `delay`, reporting 100 prompt tokens.
+fn upstream(
+    delay: Duration,
+) -> impl tower::Service<
+    Request<RequestBody<Full<Bytes>>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone {
+    service_fn(move |_: Request<RequestBody<Full<Bytes>>>| async move {
+        tokio::time::sleep(delay).await;
+        let body = r#"{"id":"x","object":"chat.completion","model":"m","choices":[],"usage":{"prompt_tokens":100,"completion_tokens":1,"total_tokens":101}}"#;
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+    })
+}
+
+fn chat() -> Request<Full<Bytes>> {
+    Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+        .unwrap()
+}
+
+fn header(r: &Response<impl Sized>, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no {name} header in {:?}", r.headers()))
+}
+
+/// A charge this process makes while a denial is cached (a call that was in flight
+/// ends) shows in the next 429: it reported the tokens left before the charge.
+#[tokio::test]
+async fn a_cached_denial_reports_a_charge_made_since() {
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
+        .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
+        .identifier(Fixed::new("ada"))
+        .build_http()
+        .unwrap();
+    let fast = layer.layer(upstream(Duration::ZERO));
+    let slow = layer.layer(upstream(Duration::from_millis(300)));
+    let in_flight = tokio::spawn(slow.oneshot(chat()));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = fast.clone().oneshot(chat()).await.unwrap();
+    second.into_body().collect().await.unwrap();
+    for _ in 0..2 {
+        let denied = fast.clone().oneshot(chat()).await.unwrap();
+        assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+    let ended = in_flight.await.unwrap().unwrap();
+    ended.into_body().collect().await.unwrap();
+    let left = layer.usage("ada").await.unwrap()[1].remaining;
+    assert_eq!(left, 800, "both calls charged");
+    let denied = fast.oneshot(chat()).await.unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&denied, "x-ratelimit-remaining-tokens"), "800");
+}
+
+/// A cached denial is not used past the first time one of the call's limits restores
+/// (its window rolls): the 429s after that report the new window, not a reset counted
+/// down to 0.
+#[tokio::test]
+async fn a_cached_denial_ends_when_another_limits_window_rolls() {
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "rps",
+            Limit::requests(TokenBucket::new(1, 1, Duration::from_millis(1500)).unwrap()),
+        )
+        .limit(
+            "tpm",
+            Limit::tokens(FixedWindow::new(1000, Duration::from_millis(400)).unwrap()),
+        )
+        .identifier(Fixed::new("bo"))
+        .build_http()
+        .unwrap();
+    let svc = layer.layer(upstream(Duration::ZERO));
+    let first = svc.clone().oneshot(chat()).await.unwrap();
+    first.into_body().collect().await.unwrap();
+    let mut denials = 0;
+    for _ in 0..12 {
+        let r = svc.clone().oneshot(chat()).await.unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            denials += 1;
+            let reset = header(&r, "x-ratelimit-reset-tokens");
+            assert_ne!(
+                reset, "0ms",
+                "a rolled token window reported as resetting now"
+            );
+            assert_ne!(header(&r, "retry-after"), "0");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(denials >= 8, "{denials} denials");
+}
