@@ -231,10 +231,12 @@ impl<S: Service<R>, R> Call<S, R> {
             };
         }
         if pending.wait.is_some()
-            && let Some(busy) = plan.checks.iter().find(|c| engine.waiters.busy(&c.key))
+            && let Some(busy) = engine
+                .waiters
+                .first_busy(plan.checks.iter().map(|c| &c.key))
         {
             // Calls are waiting for one of this call's budgets: take a turn behind them.
-            let queue = busy.key.clone();
+            let queue = busy.clone();
             return Self::queue(plan, pending, queue);
         }
         Self::acquire(plan, pending)

@@ -480,34 +480,45 @@ impl Engine {
     }
 }
 
-/// Wait mode's queues: one FIFO lock per identifier that has calls waiting, so waiting
-/// calls of one identifier take their turns in arrival order.
+/// Wait mode's queues: one FIFO lock per budget (a limit's state key) that has calls
+/// waiting, so calls waiting for one budget take their turns in arrival order.
 #[derive(Default)]
 pub(crate) struct Waiters {
     queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Waiters {
-    /// The queue of `tag`, created if none.
-    pub(crate) fn queue(&self, tag: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// The queue of budget `key`, created if none.
+    pub(crate) fn queue(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if queues.len() > 10_000 {
             queues.retain(|_, q| Arc::strong_count(q) > 1);
         }
-        queues.entry(tag.to_owned()).or_default().clone()
+        queues.entry(key.to_owned()).or_default().clone()
     }
 
-    /// Whether calls of `tag` are waiting (a new call then queues behind them).
-    pub(crate) fn busy(&self, tag: &str) -> bool {
+    /// The first of `keys` whose budget has calls waiting (a new call then queues behind
+    /// them), looked up under one lock.
+    pub(crate) fn first_busy<'k>(
+        &self,
+        mut keys: impl Iterator<Item = &'k Arc<str>>,
+    ) -> Option<&'k Arc<str>> {
         let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        queues.get(tag).is_some_and(|q| Arc::strong_count(q) > 1)
+        if queues.is_empty() {
+            return None;
+        }
+        keys.find(|key| {
+            queues
+                .get(&***key)
+                .is_some_and(|q| Arc::strong_count(q) > 1)
+        })
     }
 
-    /// Drop `tag`'s queue once nobody uses it.
-    pub(crate) fn release(&self, tag: &str) {
+    /// Drop budget `key`'s queue once nobody uses it.
+    pub(crate) fn release(&self, key: &str) {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        if queues.get(tag).is_some_and(|q| Arc::strong_count(q) == 1) {
-            queues.remove(tag);
+        if queues.get(key).is_some_and(|q| Arc::strong_count(q) == 1) {
+            queues.remove(key);
         }
     }
 }

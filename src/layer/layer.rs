@@ -228,10 +228,12 @@ impl<X> RatelimitLayerBuilder<X> {
     }
 
     /// Wait mode: a denied call whose budget comes back within `bound` (from when the
-    /// call arrived) sleeps until then and tries again, instead of failing; calls of
-    /// one identifier wait their turns in arrival order (within this process). A call
-    /// whose wait would exceed the bound fails at once. Dropping a waiting call leaves
-    /// nothing behind.
+    /// call arrived) sleeps until then and tries again, instead of failing. Calls of
+    /// one identifier that wait for the same budget (one limit of the identifier, or of
+    /// the identifier and model) take their turns in arrival order within this process,
+    /// whatever model they name; a call whose budgets are free does not wait behind calls
+    /// waiting for another budget. A call whose wait would exceed the bound fails at
+    /// once. Dropping a waiting call leaves nothing behind.
     pub fn wait_up_to(mut self, bound: std::time::Duration) -> Self {
         self.settings.wait_up_to = Some(bound);
         self

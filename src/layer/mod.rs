@@ -32,7 +32,8 @@
 //! weighted tokens ([`TokenCount`](crate::TokenCount)). Per-identifier quotas (tiers)
 //! come from a [`QuotaResolver`](crate::QuotaResolver). With
 //! [`wait_up_to`](RatelimitLayerBuilder::wait_up_to), a denied call whose budget comes
-//! back soon enough waits for it (in arrival order per identifier) instead of failing.
+//! back soon enough waits for it (in arrival order among the calls waiting for that
+//! budget) instead of failing.
 //!
 //! # `CheckRemaining` overshoot
 //!
