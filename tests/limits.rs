@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 use tower_llm_ratelimit::{
-    CachedQuotas, ErrorKind, FixedWindow, Limit, LimitUsage, LlmRequest, LlmResponse, MemoryStore,
-    Quotas, RatelimitLayer, RedisOptions, RedisStore, SlidingWindow, StaticQuotas, Store,
-    TokenBucket, TokenCount, TokenMode, TokenWeights, Usage, Weights, quota_fn,
+    CachedQuotas, ConcurrencyLimit, ErrorKind, FixedWindow, Limit, LimitUsage, LlmRequest,
+    LlmResponse, MemoryStore, Quotas, RatelimitLayer, RedisOptions, RedisStore, SlidingWindow,
+    StaticQuotas, Store, TokenBucket, TokenCount, TokenMode, TokenWeights, Usage, Weights,
+    quota_fn,
 };
 
 const LONG: Duration = tower_llm_ratelimit::algorithm::MAX_WINDOW;
@@ -182,6 +183,9 @@ async fn four_limits_exact_under_200_concurrent_tasks() {
             }
         }
         assert_eq!(allowed, 50, "{name}");
+        // A charge the store did not take within its timeout (a loaded machine) is queued
+        // and retried, not lost: let the queue drain before reading.
+        assert_eq!(layer.flush(Duration::from_secs(10)).await, 0, "{name}");
         let want = map(&[
             ("rpm", 0),
             ("rpd", 10),
@@ -847,6 +851,94 @@ async fn a_call_does_not_wait_behind_a_waiter_for_another_budget() {
         started.elapsed()
     );
     waiting.await.unwrap().unwrap();
+}
+
+/// A model that answers after `delay`.
+fn slow_llm(
+    delay: Duration,
+) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
+{
+    service_fn(move |_: LlmRequest| async move {
+        tokio::time::sleep(delay).await;
+        Ok::<_, BoxError>(LlmResponse {
+            text: "ok".into(),
+            usage: Some(Usage::new(1, 1)),
+        })
+    })
+}
+
+/// A call waiting for a concurrency slot takes it when the running call releases it:
+/// not when the running call's lease would run out (2 s), and not refused at once when
+/// that lease is longer than the bound (30 s against 5 s). A call that arrives once the
+/// slot is free passes at once too.
+#[tokio::test]
+async fn a_waiting_call_takes_a_slot_as_soon_as_it_is_released() {
+    for lease in [Duration::from_secs(2), Duration::from_secs(30)] {
+        let layer = RatelimitLayer::builder()
+            .limit(
+                "conc",
+                Limit::concurrency(ConcurrencyLimit::new(1, lease).unwrap()),
+            )
+            .wait_up_to(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let svc = layer.layer(slow_llm(Duration::from_millis(50)));
+        let running = tokio::spawn(svc.clone().oneshot(LlmRequest::new("cy", "a")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = Instant::now();
+        let waiting = tokio::spawn(svc.clone().oneshot(LlmRequest::new("cy", "b")));
+        running.await.unwrap().unwrap();
+        waiting.await.unwrap().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "lease {lease:?}: the waiting call passed after {:?}",
+            started.elapsed()
+        );
+        let started = Instant::now();
+        svc.oneshot(LlmRequest::new("cy", "c")).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "lease {lease:?}"
+        );
+    }
+}
+
+/// A reset made through this process wakes a call waiting for the budget it restores:
+/// it passes then, not when its recorded denial would have lifted (3 s).
+#[tokio::test]
+async fn a_reset_wakes_the_calls_waiting_for_its_budgets() {
+    for cache in [true, false] {
+        let layer = RatelimitLayer::builder()
+            .limit(
+                "rps",
+                Limit::requests(TokenBucket::new(1, 1, Duration::from_secs(3)).unwrap()),
+            )
+            .limit(
+                "per-model",
+                Limit::requests(TokenBucket::new(1, 1, Duration::from_secs(3)).unwrap())
+                    .per_model(),
+            )
+            .wait_up_to(Duration::from_secs(5))
+            .cache_denials(cache)
+            .build()
+            .unwrap();
+        let svc = layer.layer(llm(Usage::new(1, 1)));
+        let call = || {
+            svc.clone()
+                .oneshot(LlmRequest::new("rex", "x").with_model("m"))
+        };
+        call().await.unwrap();
+        let waiting = tokio::spawn(call());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reset = Instant::now();
+        layer.reset("rex").await.unwrap();
+        waiting.await.unwrap().unwrap();
+        assert!(
+            reset.elapsed() < Duration::from_millis(300),
+            "cache {cache}: the waiting call passed {:?} after the reset",
+            reset.elapsed()
+        );
+    }
 }
 
 /// A store that answers acquires after a delay, as a slow Redis does.

@@ -25,6 +25,8 @@ use crate::llm::Usage;
 use crate::store::{Decision, identifier_tag};
 
 type Turn = Pin<Box<dyn Future<Output = OwnedMutexGuard<()>> + Send>>;
+/// A waiting call's sleep: until its denial lifts, or units come back to its budget.
+type Wake = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What a call needs to plan its acquire.
 pub(crate) struct CallRequest<'a> {
@@ -100,12 +102,28 @@ struct Waiting {
     queue: Option<Arc<str>>,
     /// This call's turn in that queue, while it holds it.
     turn: Option<OwnedMutexGuard<()>>,
-    /// The denial that made the call wait (with every limit's decision), and when it
-    /// lifts.
-    denied: Option<(Error, Vec<Decision>, Instant)>,
+    /// The denial the call waits for.
+    denied: Option<Denial>,
     /// Waiting is over for this call (its deadline passed while queued): the next
     /// denial fails it.
     no_more_waiting: bool,
+}
+
+/// A denial a call waits for: the error and every limit's decision, when it was decided,
+/// and when the call tries again (when it lifts, or the bound ends).
+struct Denial {
+    error: Error,
+    decisions: Vec<Decision>,
+    at: Instant,
+    lifts: Instant,
+}
+
+impl Denial {
+    /// The refusal it makes at `now`: its times counted down.
+    fn refusal_at(mut self, now: Instant) -> (Error, Vec<Decision>) {
+        let error = counted_down(self.error, &mut self.decisions, now - self.at);
+        (error, self.decisions)
+    }
 }
 
 /// What planning needs while the identifier's quotas are being looked up.
@@ -125,7 +143,7 @@ pin_project! {
     {
         Resolving { quotas: QuotaFuture, unplanned: Option<Box<Unplanned>>, pending: Option<Pending<S, R>> },
         Queued { turn: Turn, deadline: Option<Pin<Box<Sleep>>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
-        Sleeping { sleep: Pin<Box<Sleep>>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
+        Sleeping { wake: Wake, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
         Acquiring { settlement: Option<Settlement>, plan: Option<Arc<Plan>>, pending: Option<Pending<S, R>> },
         Calling { #[pin] future: S::Future, settlement: Option<Settlement>, plan: Option<Arc<Plan>> },
         Refused { error: Option<Error>, decisions: Vec<Decision>, plan: Option<Arc<Plan>> },
@@ -215,12 +233,10 @@ impl<S: Service<R>, R> Call<S, R> {
             };
         }
         if let Some((error, decisions)) = engine.cached_denial(&plan) {
-            if let Some(waiting) = waiting_for(&mut pending, &error) {
-                let lifts = Instant::now() + waiting.1;
-                let queue = denying_queue(&engine, &plan, &error);
-                waiting.0.denied = Some((error, decisions, lifts));
+            let queue = denying_queue(&engine, &plan, &error);
+            let Some((error, decisions)) = wait_for(&mut pending, error, decisions) else {
                 return Self::queue(plan, pending, queue);
-            }
+            };
             if let Some(e) = error.limit_exceeded() {
                 metrics::denied_without_store(&e.name);
             }
@@ -257,7 +273,7 @@ impl<S: Service<R>, R> Call<S, R> {
         if let Some(w) = &mut pending.wait {
             w.queue = Some(queue.clone());
         }
-        let turn = Box::pin(pending.engine.waiters.queue(&queue).lock_owned());
+        let turn = Box::pin(pending.engine.waiters.queue(&queue).turn.lock_owned());
         let deadline = pending
             .wait
             .as_ref()
@@ -270,27 +286,34 @@ impl<S: Service<R>, R> Call<S, R> {
         }
     }
 
-    /// This call holds its turn: sleep until its denial lifts (if it still can within
-    /// the bound), else acquire now.
+    /// This call holds its turn: sleep until its denial lifts (or units come back to its
+    /// budget), else acquire now.
     fn after_turn(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
         let now = Instant::now();
-        let (denied, deadline) = match &mut pending.wait {
-            Some(w) => (w.denied.take(), Some(w.deadline)),
-            None => (None, None),
-        };
+        let denied = pending.wait.as_mut().and_then(|w| w.denied.take());
         match denied {
-            Some((error, mut decisions, lifts)) if lifts > now => {
-                if deadline.is_some_and(|d| lifts > d) {
-                    release_turn(&mut pending);
-                    let error = lifted_at(error, &mut decisions, lifts, now);
-                    return Call::Refused {
-                        error: Some(error),
-                        decisions,
-                        plan: Some(plan),
-                    };
-                }
+            // (A denial is waited for only up to the bound: `lifts` is within it.)
+            Some(Denial { lifts, .. }) if lifts > now => {
+                // Woken early when units come back to the budget through this process:
+                // a refund, a released slot (whose return no retry_after can tell) or a
+                // reset.
+                let returned = pending
+                    .wait
+                    .as_ref()
+                    .and_then(|w| w.queue.as_deref())
+                    .map(|key| pending.engine.waiters.queue(key).returned.notified_owned());
+                let sleep = tokio::time::sleep_until(lifts);
+                let wake: Wake = match returned {
+                    Some(returned) => Box::pin(async move {
+                        tokio::select! {
+                            () = sleep => {}
+                            () = returned => {}
+                        }
+                    }),
+                    None => Box::pin(sleep),
+                };
                 Call::Sleeping {
-                    sleep: Box::pin(tokio::time::sleep_until(lifts)),
+                    wake,
                     plan: Some(plan),
                     pending: Some(pending),
                 }
@@ -324,26 +347,38 @@ fn denying_queue(engine: &Engine, plan: &Plan, error: &Error) -> Arc<str> {
         .map_or_else(|| Arc::from(plan.tag.as_str()), |(_, c)| c.key.clone())
 }
 
-/// A recorded denial that lifts at `lifts`, as it reads at `now` (before then): its
-/// times counted down.
-fn lifted_at(error: Error, decisions: &mut [Decision], lifts: Instant, now: Instant) -> Error {
-    let recorded_wait = error.retry_after().unwrap_or_default();
-    let elapsed = recorded_wait.saturating_sub(lifts.saturating_duration_since(now));
-    counted_down(error, decisions, elapsed)
-}
-
-/// Wait mode: the call's wait state and how long to sleep before trying a denied call
-/// again, if its wait fits in what is left of the bound.
-fn waiting_for<'p, S, R>(
-    pending: &'p mut Pending<S, R>,
-    error: &Error,
-) -> Option<(&'p mut Waiting, Duration)> {
-    let waiting = pending.wait.as_deref_mut()?;
-    if waiting.no_more_waiting {
-        return None;
-    }
-    let wait = error.retry_after()?;
-    (Instant::now() + wait <= waiting.deadline).then_some((waiting, wait))
+/// Wait mode: record a denial the call can wait for within its bound (then `None`), or
+/// hand it back to be refused.
+fn wait_for<S, R>(
+    pending: &mut Pending<S, R>,
+    error: Error,
+    decisions: Vec<Decision>,
+) -> Option<(Error, Vec<Decision>)> {
+    let Some(waiting) = pending.wait.as_deref_mut().filter(|w| !w.no_more_waiting) else {
+        return Some((error, decisions));
+    };
+    let now = Instant::now();
+    let left = waiting.deadline.saturating_duration_since(now);
+    let wait = match &error {
+        _ if left.is_zero() => None,
+        // A slot frees when a call ends, which no retry_after can tell (it says when the
+        // earliest lease runs out): wait, within the bound, for a slot released through
+        // this process to wake the call, or for that lease's end.
+        Error::ConcurrencyLimitReached(_) => {
+            Some(error.retry_after().map_or(left, |r| r.min(left)))
+        }
+        _ => error.retry_after().filter(|wait| *wait <= left),
+    };
+    let Some(wait) = wait else {
+        return Some((error, decisions));
+    };
+    waiting.denied = Some(Denial {
+        error,
+        decisions,
+        at: now,
+        lifts: now + wait,
+    });
+    None
 }
 
 fn taken<T>(slot: &mut Option<T>) -> T {
@@ -396,10 +431,10 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                             if let Some(w) = &mut pending.wait {
                                 w.no_more_waiting = true;
                                 let now = Instant::now();
-                                if let Some((error, mut decisions, lifts)) = w.denied.take()
-                                    && lifts > now
+                                if let Some(denial) = w.denied.take()
+                                    && denial.lifts > now
                                 {
-                                    let error = lifted_at(error, &mut decisions, lifts, now);
+                                    let (error, decisions) = denial.refusal_at(now);
                                     return Poll::Ready(refusal(error, decisions, Some(plan)));
                                 }
                             }
@@ -408,11 +443,11 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     }
                 }
                 CallProj::Sleeping {
-                    sleep,
+                    wake,
                     plan,
                     pending,
                 } => {
-                    ready!(sleep.as_mut().poll(cx));
+                    ready!(wake.as_mut().poll(cx));
                     let (plan, pending) = (taken(plan), taken(pending));
                     self.set(Self::acquire(plan, pending));
                 }
@@ -447,13 +482,13 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         let engine = pending.engine.clone();
                         let error = engine.denial(&plan, &decisions);
                         engine.remember_denial(&plan, &error, &decisions);
-                        if let Some((waiting, wait)) = waiting_for(&mut pending, &error) {
-                            tracing::debug!(identifier = %plan.tag, ?wait, "waiting for budget");
-                            let queue = denying_queue(&engine, &plan, &error);
-                            waiting.denied = Some((error, decisions, Instant::now() + wait));
+                        let queue = denying_queue(&engine, &plan, &error);
+                        let Some((error, decisions)) = wait_for(&mut pending, error, decisions)
+                        else {
+                            tracing::debug!(identifier = %plan.tag, "waiting for budget");
                             self.set(Self::queue(plan, pending, queue));
                             continue;
-                        }
+                        };
                         release_turn(&mut pending);
                         tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
                         return Poll::Ready(Outcome::Refused {

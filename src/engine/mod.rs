@@ -431,6 +431,8 @@ impl Engine {
         }
         // A denial cached while the delete was in flight is stale too.
         self.forget_denials(&tag);
+        // Calls sleeping until their budget comes back: it just did.
+        self.waiters.returned_all(&tag);
         Ok(())
     }
 
@@ -480,19 +482,28 @@ impl Engine {
     }
 }
 
-/// Wait mode's queues: one FIFO lock per budget (a limit's state key) that has calls
-/// waiting, so calls waiting for one budget take their turns in arrival order.
+/// Wait mode's queues: one per budget (a limit's state key) that has calls waiting, so
+/// calls waiting for one budget take their turns in arrival order.
 #[derive(Default)]
 pub(crate) struct Waiters {
-    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    queues: Mutex<HashMap<String, Queue>>,
+}
+
+/// One budget's queue: the FIFO lock whose holder is the call whose turn it is, and the
+/// signal that wakes that call early when units come back to the budget through this
+/// process (a refund, a released slot, a reset).
+#[derive(Clone, Default)]
+pub(crate) struct Queue {
+    pub turn: Arc<tokio::sync::Mutex<()>>,
+    pub returned: Arc<tokio::sync::Notify>,
 }
 
 impl Waiters {
     /// The queue of budget `key`, created if none.
-    pub(crate) fn queue(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn queue(&self, key: &str) -> Queue {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if queues.len() > 10_000 {
-            queues.retain(|_, q| Arc::strong_count(q) > 1);
+            queues.retain(|_, q| Arc::strong_count(&q.turn) > 1);
         }
         queues.entry(key.to_owned()).or_default().clone()
     }
@@ -510,14 +521,43 @@ impl Waiters {
         keys.find(|key| {
             queues
                 .get(&***key)
-                .is_some_and(|q| Arc::strong_count(q) > 1)
+                .is_some_and(|q| Arc::strong_count(&q.turn) > 1)
         })
+    }
+
+    /// Units came back to these budgets: wake the call whose turn it is in each (or, if
+    /// it is not sleeping yet, let its sleep end at once).
+    pub(crate) fn returned<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.is_empty() {
+            return;
+        }
+        for queue in keys.filter_map(|key| queues.get(key)) {
+            queue.returned.notify_one();
+        }
+    }
+
+    /// Every budget of identifier `tag` came back (a reset): wake their sleeping calls.
+    pub(crate) fn returned_all(&self, tag: &str) {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        // State keys end in `:{<tag>}` (see `state_key`).
+        for (key, q) in queues.iter() {
+            if let Some(rest) = key.strip_suffix('}')
+                && let Some(rest) = rest.strip_suffix(tag)
+                && rest.ends_with(":{")
+            {
+                q.returned.notify_one();
+            }
+        }
     }
 
     /// Drop budget `key`'s queue once nobody uses it.
     pub(crate) fn release(&self, key: &str) {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        if queues.get(key).is_some_and(|q| Arc::strong_count(q) == 1) {
+        if queues
+            .get(key)
+            .is_some_and(|q| Arc::strong_count(&q.turn) == 1)
+        {
             queues.remove(key);
         }
     }

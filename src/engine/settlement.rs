@@ -327,19 +327,22 @@ impl Settlement {
         }
         if !local.is_empty() {
             self.engine.local.adjust_now(&local);
+            returned(&self.engine, &local);
         }
         if remote.is_empty() {
             return None;
         }
         if self.engine.store_is_local && self.engine.store.adjust_sync(&remote).is_some() {
+            returned(&self.engine, &remote);
             return None;
         }
         let engine = self.engine.clone();
         let id = self.id;
         Some(Box::pin(async move {
             if engine.store_is_local {
-                if let Err(error) = engine.store.adjust(remote, Some(id)).await {
-                    tracing::error!(%error, "could not write a settlement");
+                match engine.store.adjust(remote.clone(), Some(id)).await {
+                    Ok(_) => returned(&engine, &remote),
+                    Err(error) => tracing::error!(%error, "could not write a settlement"),
                 }
                 return;
             }
@@ -350,7 +353,10 @@ impl Settlement {
                 )
                 .await
                 {
-                    Ok(_) => return,
+                    Ok(_) => {
+                        returned(&engine, &remote);
+                        return;
+                    }
                     Err(error) => {
                         engine.breaker.trip();
                         metrics::store_error();
@@ -401,6 +407,15 @@ impl Settlement {
     }
 }
 
+/// Wake calls waiting (in wait mode) for budgets these written adjustments gave units
+/// back to: refunds and released slots.
+fn returned(engine: &Engine, written: &[Adjustment]) {
+    if engine.wait_up_to.is_some() {
+        let keys = written.iter().filter(|a| a.delta < 0).map(|a| &*a.key);
+        engine.waiters.returned(keys);
+    }
+}
+
 impl Drop for Settlement {
     fn drop(&mut self) {
         if let Some(renewal) = self.renewal.take() {
@@ -415,8 +430,8 @@ impl Drop for Settlement {
                 // An in-process answer nobody took: undo all of it, as a store undoes an
                 // acquire whose caller left.
                 let undo = undo_adjustments(&self.plan.checks, &decisions);
-                if !undo.is_empty() {
-                    self.engine.store.adjust_sync(&undo);
+                if !undo.is_empty() && self.engine.store.adjust_sync(&undo).is_some() {
+                    returned(&self.engine, &undo);
                 }
             }
             Phase::Armed => {
