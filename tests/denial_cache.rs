@@ -10,7 +10,10 @@ use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt, service_fn};
 use tower_llm_ratelimit::http::RequestBody;
 use tower_llm_ratelimit::identifier::Fixed;
-use tower_llm_ratelimit::{FixedWindow, Limit, RatelimitLayer, TokenBucket};
+use tower_llm_ratelimit::store::{Adjustment, LimitCheck, StoreFuture};
+use tower_llm_ratelimit::{
+    Decision, FixedWindow, Limit, MemoryStore, RatelimitLayer, Store, TokenBucket,
+};
 
 const LONG: Duration = tower_llm_ratelimit::algorithm::MAX_WINDOW;
 
@@ -115,4 +118,73 @@ async fn a_cached_denial_ends_when_another_limits_window_rolls() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(denials >= 8, "{denials} denials");
+}
+
+/// A store whose acquire answers arrive `delay` after it decided (a network's reply
+/// latency); writes land at once.
+#[derive(Clone)]
+struct LateReplies {
+    inner: MemoryStore,
+    delay: Duration,
+}
+
+impl Store for LateReplies {
+    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
+        let (inner, delay) = (self.inner.clone(), self.delay);
+        Box::pin(async move {
+            let decided = inner.acquire(checks).await;
+            tokio::time::sleep(delay).await;
+            decided
+        })
+    }
+
+    fn adjust(&self, adjustments: Vec<Adjustment>, id: Option<u64>) -> StoreFuture<Vec<Decision>> {
+        self.inner.adjust(adjustments, id)
+    }
+
+    fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
+        self.inner.delete(keys)
+    }
+}
+
+/// A denial decided before a charge of this process landed, but answered after it, is
+/// not cached: the cache was dropped for the charge while the acquire was in flight.
+/// (Cached, its 429s reported the tokens left before the charge; for a refund, it would
+/// outlive budget given back through this process.)
+#[tokio::test]
+async fn a_denial_decided_before_a_charge_is_not_cached_after_it() {
+    let layer = RatelimitLayer::builder()
+        .store(LateReplies {
+            inner: MemoryStore::new(),
+            delay: Duration::from_millis(100),
+        })
+        .store_timeout(Duration::from_secs(5))
+        .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
+        .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
+        .identifier(Fixed::new("cy"))
+        .build_http()
+        .unwrap();
+    let fast = layer.layer(upstream(Duration::ZERO));
+    let slow = layer.layer(upstream(Duration::from_millis(300)));
+    let started = tokio::time::Instant::now();
+    // Decided at 0 ms, answered at 100 ms, charged at about 400 ms.
+    let in_flight = tokio::spawn(async move {
+        let r = slow.oneshot(chat()).await.unwrap();
+        r.into_body().collect().await.unwrap();
+    });
+    let quick = fast.clone().oneshot(chat()).await.unwrap();
+    quick.into_body().collect().await.unwrap();
+    // Denied at 350 ms, answered at 450 ms: across the charge.
+    tokio::time::sleep_until(started + Duration::from_millis(350)).await;
+    let denied = fast.clone().oneshot(chat()).await.unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    in_flight.await.unwrap();
+    let left = layer.usage("cy").await.unwrap()[1].remaining;
+    assert_eq!(left, 800);
+    for _ in 0..3 {
+        let r = fast.clone().oneshot(chat()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "800");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

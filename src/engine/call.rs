@@ -481,7 +481,12 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         let decisions = settlement.take_decisions();
                         let engine = pending.engine.clone();
                         let error = engine.denial(&plan, &decisions);
-                        engine.remember_denial(&plan, &error, &decisions);
+                        engine.remember_denial(
+                            &plan,
+                            &error,
+                            &decisions,
+                            settlement.denial_epoch(),
+                        );
                         let queue = denying_queue(&engine, &plan, &error);
                         let Some((error, decisions)) = wait_for(&mut pending, error, decisions)
                         else {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,9 +38,17 @@ struct Entry {
 
 pub(crate) struct DeniedCache {
     shards: Vec<Shard>,
+    /// Per slot of identifiers (by hash), how many times their cached denials were
+    /// dropped: a denial whose acquire began before a drop of its identifier (a refund,
+    /// a charge or a reset that landed while the acquire was in flight) is not cached.
+    forgotten: Box<[AtomicU64]>,
     hasher: Hasher,
     max_age: Duration,
 }
+
+/// Slots of [`DeniedCache::forgotten`]: identifiers that share one only cache a little
+/// less often (a drop of either skips a denial of the other decided meanwhile).
+const FORGET_SLOTS: usize = 1024;
 
 /// Tags come from user identifiers: a randomly seeded hasher (foldhash, as the memory
 /// store uses).
@@ -62,7 +70,8 @@ struct Locked<'a> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        self.len.store(self.map.len(), Ordering::Release);
+        // SeqCst, with the loads in `occupied` and the epochs: see `record`.
+        self.len.store(self.map.len(), Ordering::SeqCst);
     }
 }
 
@@ -70,6 +79,7 @@ impl DeniedCache {
     pub(crate) fn new(max_age: Duration) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            forgotten: (0..FORGET_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             hasher: Hasher::default(),
             max_age,
         }
@@ -77,6 +87,16 @@ impl DeniedCache {
 
     fn shard_of(&self, tag: &str) -> &Shard {
         &self.shards[self.hasher.hash_one(tag) as usize % SHARDS]
+    }
+
+    fn forgotten_of(&self, tag: &str) -> &AtomicU64 {
+        &self.forgotten[self.hasher.hash_one(tag) as usize % FORGET_SLOTS]
+    }
+
+    /// Taken when an acquire begins and passed to [`record`](Self::record) with its
+    /// denial: tells whether `tag`'s denials were dropped meanwhile.
+    pub(crate) fn epoch(&self, tag: &str) -> u64 {
+        self.forgotten_of(tag).load(Ordering::SeqCst)
     }
 
     fn lock(shard: &Shard) -> Locked<'_> {
@@ -89,11 +109,16 @@ impl DeniedCache {
     /// The shard of `tag`, locked; `None` when it holds nothing (then no lock is taken).
     fn occupied(&self, tag: &str) -> Option<Locked<'_>> {
         let shard = self.shard_of(tag);
-        (shard.len.load(Ordering::Acquire) > 0).then(|| Self::lock(shard))
+        (shard.len.load(Ordering::SeqCst) > 0).then(|| Self::lock(shard))
     }
 
-    /// Drop every entry of `tag`.
+    /// Drop every entry of `tag`, and any denial of it being decided now.
     pub(crate) fn forget(&self, tag: &str) {
+        self.forgotten_of(tag).fetch_add(1, Ordering::SeqCst);
+        self.remove(tag);
+    }
+
+    fn remove(&self, tag: &str) {
         if let Some(mut shard) = self.occupied(tag) {
             shard.map.remove(tag);
         }
@@ -131,14 +156,16 @@ impl DeniedCache {
     }
 
     /// Remember `error` (a request- or token-limit denial, whose acquire answered
-    /// `decisions`) for calls of `tag` for `model`, until its `retry_after` or the
-    /// cache's max age, whichever is sooner.
+    /// `decisions`; `epoch` is [`epoch`](Self::epoch) when it began) for calls of `tag` for
+    /// `model`, until its `retry_after` or the cache's max age, whichever is sooner.
+    /// Nothing is remembered if `tag`'s denials were dropped since the acquire began.
     pub(crate) fn record(
         &self,
         tag: &str,
         model: Option<&str>,
         error: &Error,
         decisions: &[Decision],
+        epoch: u64,
     ) {
         let (tokens, exceeded) = match error {
             Error::RequestLimitReached(e) => (false, e),
@@ -148,36 +175,44 @@ impl DeniedCache {
         let Some(wait) = exceeded.retry_after.filter(|d| *d > Duration::ZERO) else {
             return;
         };
-        if self.max_age.is_zero() {
+        if self.max_age.is_zero() || self.epoch(tag) != epoch {
             return;
         }
         let now = Instant::now();
-        let mut shard = Self::lock(self.shard_of(tag));
-        let shard = &mut *shard.map;
-        if shard.len() >= MAX_PER_SHARD {
-            shard.retain(|_, entries| entries.iter().any(|e| e.until > now));
+        {
+            let mut shard = Self::lock(self.shard_of(tag));
+            let shard = &mut *shard.map;
             if shard.len() >= MAX_PER_SHARD {
-                shard.clear();
+                shard.retain(|_, entries| entries.iter().any(|e| e.until > now));
+                if shard.len() >= MAX_PER_SHARD {
+                    shard.clear();
+                }
             }
+            let entries = shard.entry(tag.to_owned()).or_default();
+            entries.retain(|e| e.model.as_deref() != model && e.until > now);
+            // The entry reports every limit as the denial found it: not past the first
+            // time one of them restores (a window rolls), where that would be wrong.
+            let first_restored = decisions
+                .iter()
+                .map(|d| d.reset_after)
+                .filter(|r| !r.is_zero())
+                .min()
+                .unwrap_or(Duration::MAX);
+            entries.push(Entry {
+                model: model.map(str::to_owned),
+                until: now + wait.min(self.max_age).min(first_restored),
+                tokens,
+                exceeded: exceeded.clone(),
+                decisions: decisions.to_vec(),
+                at: now,
+            });
         }
-        let entries = shard.entry(tag.to_owned()).or_default();
-        entries.retain(|e| e.model.as_deref() != model && e.until > now);
-        // The entry reports every limit as the denial found it: not past the first
-        // time one of them restores (a window rolls), where that would be wrong.
-        let first_restored = decisions
-            .iter()
-            .map(|d| d.reset_after)
-            .filter(|r| !r.is_zero())
-            .min()
-            .unwrap_or(Duration::MAX);
-        entries.push(Entry {
-            model: model.map(str::to_owned),
-            until: now + wait.min(self.max_age).min(first_restored),
-            tokens,
-            exceeded: exceeded.clone(),
-            decisions: decisions.to_vec(),
-            at: now,
-        });
+        // A drop racing this insert: every operation here is SeqCst, so either this
+        // load sees its epoch, or its length load (after its epoch) sees the entry
+        // published above (before this load) and removes it.
+        if self.epoch(tag) != epoch {
+            self.remove(tag);
+        }
     }
 }
 

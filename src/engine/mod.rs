@@ -352,16 +352,32 @@ impl Engine {
         limit_error(spec.kind, exceeded)
     }
 
+    /// Where the denial cache stands for `plan` when its acquire begins (see
+    /// [`remember_denial`](Self::remember_denial)).
+    pub(crate) fn denial_epoch(&self, plan: &Plan) -> u64 {
+        self.denied
+            .as_ref()
+            .map_or(0, |cache| cache.epoch(&plan.tag))
+    }
+
     /// Remember a denial that only time can lift (see [`denied`]), with the acquire's
-    /// `decisions` (every limit of the call, reported again with the cached denial).
-    pub(crate) fn remember_denial(&self, plan: &Plan, error: &Error, decisions: &[Decision]) {
+    /// `decisions` (every limit of the call, reported again with the cached denial),
+    /// unless budget came back to the identifier through this process since the acquire
+    /// began (`epoch`: [`denial_epoch`](Self::denial_epoch) then).
+    pub(crate) fn remember_denial(
+        &self,
+        plan: &Plan,
+        error: &Error,
+        decisions: &[Decision],
+        epoch: u64,
+    ) {
         let cacheable = match error {
             Error::RequestLimitReached(_) => true,
             Error::TokenLimitReached(_) => self.token_mode == TokenMode::CheckRemaining,
             _ => false,
         };
         if let (true, Some(cache)) = (cacheable, &self.denied) {
-            cache.record(&plan.tag, plan.model.as_deref(), error, decisions);
+            cache.record(&plan.tag, plan.model.as_deref(), error, decisions, epoch);
         }
     }
 

@@ -65,6 +65,8 @@ pub(crate) struct Settlement {
     open: bool,
     /// Dedupes retried writes of this settlement in the store.
     id: u64,
+    /// The denial cache's epoch for the identifier when the acquire began.
+    denial_epoch: u64,
     decider: Decider,
     phase: Phase,
     /// Renews the slots' leases while the call runs.
@@ -117,6 +119,9 @@ fn acquire(engine: Arc<Engine>, checks: Vec<LimitCheck>) -> AcquireFuture {
 
 impl Settlement {
     pub(crate) fn new(engine: Arc<Engine>, plan: Arc<Plan>) -> Self {
+        // Before the acquire begins: a denial it answers is cached only if no budget came
+        // back to the identifier meanwhile.
+        let denial_epoch = engine.denial_epoch(&plan);
         let sync = if engine.store_is_local {
             engine.store.acquire_sync(&plan.checks)
         } else {
@@ -135,10 +140,17 @@ impl Settlement {
             plan,
             id: next_id(),
             decider: Decider::Store,
+            denial_epoch,
             phase,
             renewal: None,
             engine,
         }
+    }
+
+    /// The denial cache's epoch for the identifier when the acquire began (see
+    /// [`Engine::remember_denial`]).
+    pub(crate) fn denial_epoch(&self) -> u64 {
+        self.denial_epoch
     }
 
     /// How the acquire was decided (known once it finished).
