@@ -28,7 +28,19 @@ fn llm(
     usage: Usage,
 ) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
 {
+    llm_after(Duration::ZERO, usage)
+}
+
+/// A model that answers after `delay`, reporting `usage`.
+fn llm_after(
+    delay: Duration,
+    usage: Usage,
+) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
+{
     service_fn(move |_: LlmRequest| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         Ok::<_, BoxError>(LlmResponse {
             text: "ok".into(),
             usage: Some(usage),
@@ -743,34 +755,42 @@ async fn waiting_calls_never_pass_after_the_bound() {
     assert!(started.elapsed() < Duration::from_millis(1500));
 }
 
+/// Calls waiting for one model's budget do not hold up a call for another model: with
+/// per-model budgets alone, and beside a limit every model shares (which the waiters do
+/// not wait for; a queue per identifier made that call wait out their turns).
 #[tokio::test]
 async fn waiters_of_one_model_do_not_hold_up_another() {
-    let layer = RatelimitLayer::builder()
-        .limit(
+    for shared in [false, true] {
+        let mut builder = RatelimitLayer::builder().limit(
             "rps",
             Limit::requests(TokenBucket::new(1, 1, Duration::from_millis(400)).unwrap())
                 .per_model(),
-        )
-        .wait_up_to(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    let svc = layer.layer(llm(Usage::new(1, 1)));
-    let call = |model: &'static str| {
-        svc.clone()
-            .oneshot(LlmRequest::new("ned", "x").with_model(model))
-    };
-    call("b").await.unwrap();
-    let waiting: Vec<_> = (0..3).map(|_| tokio::spawn(call("b"))).collect();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let started = Instant::now();
-    call("a").await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_millis(100),
-        "model a waited {:?} behind model b",
-        started.elapsed()
-    );
-    for w in waiting {
-        let _ = w.await.unwrap();
+        );
+        if shared {
+            builder = builder.limit(
+                "shared",
+                Limit::requests(FixedWindow::new(1000, LONG).unwrap()),
+            );
+        }
+        let layer = builder.wait_up_to(Duration::from_secs(1)).build().unwrap();
+        let svc = layer.layer(llm(Usage::new(1, 1)));
+        let call = |model: &'static str| {
+            svc.clone()
+                .oneshot(LlmRequest::new("ned", "x").with_model(model))
+        };
+        call("b").await.unwrap();
+        let waiting: Vec<_> = (0..3).map(|_| tokio::spawn(call("b"))).collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        call("a").await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "shared limit {shared}: model a waited {:?} behind model b",
+            started.elapsed()
+        );
+        for w in waiting {
+            let _ = w.await.unwrap();
+        }
     }
 }
 
@@ -817,56 +837,6 @@ async fn waiting_calls_keep_arrival_order_across_models_on_a_shared_limit() {
     }
 }
 
-/// A call whose budgets are all free does not wait behind a call of the same identifier
-/// that waits for another model's budget (they share a limit, but that one is not what
-/// the waiter waits for).
-#[tokio::test]
-async fn a_call_does_not_wait_behind_a_waiter_for_another_budget() {
-    let layer = RatelimitLayer::builder()
-        .limit(
-            "shared",
-            Limit::requests(FixedWindow::new(1000, LONG).unwrap()),
-        )
-        .limit(
-            "per-model",
-            Limit::requests(TokenBucket::new(1, 1, Duration::from_millis(800)).unwrap())
-                .per_model(),
-        )
-        .wait_up_to(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let svc = layer.layer(llm(Usage::new(1, 1)));
-    let call = |model: &'static str| {
-        svc.clone()
-            .oneshot(LlmRequest::new("hal", "x").with_model(model))
-    };
-    call("x").await.unwrap();
-    let waiting = tokio::spawn(call("x"));
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let started = Instant::now();
-    call("y").await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_millis(200),
-        "model y waited {:?} behind model x's waiter",
-        started.elapsed()
-    );
-    waiting.await.unwrap().unwrap();
-}
-
-/// A model that answers after `delay`.
-fn slow_llm(
-    delay: Duration,
-) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
-{
-    service_fn(move |_: LlmRequest| async move {
-        tokio::time::sleep(delay).await;
-        Ok::<_, BoxError>(LlmResponse {
-            text: "ok".into(),
-            usage: Some(Usage::new(1, 1)),
-        })
-    })
-}
-
 /// A call waiting for a concurrency slot takes it when the running call releases it:
 /// not when the running call's lease would run out (2 s), and not refused at once when
 /// that lease is longer than the bound (30 s against 5 s). A call that arrives once the
@@ -882,7 +852,7 @@ async fn a_waiting_call_takes_a_slot_as_soon_as_it_is_released() {
             .wait_up_to(Duration::from_secs(5))
             .build()
             .unwrap();
-        let svc = layer.layer(slow_llm(Duration::from_millis(50)));
+        let svc = layer.layer(llm_after(Duration::from_millis(50), Usage::new(1, 1)));
         let running = tokio::spawn(svc.clone().oneshot(LlmRequest::new("cy", "a")));
         tokio::time::sleep(Duration::from_millis(10)).await;
         let started = Instant::now();
