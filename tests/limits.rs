@@ -503,6 +503,20 @@ async fn static_and_cached_quota_resolvers() {
     );
 }
 
+/// A model that records the prompts it is called with, in the order it sees them.
+fn recording_llm(
+    order: Arc<Mutex<Vec<String>>>,
+) -> impl Service<LlmRequest, Response = LlmResponse, Error = BoxError, Future: Send> + Clone + Send
+{
+    service_fn(move |req: LlmRequest| {
+        let order = order.clone();
+        async move {
+            order.lock().unwrap().push(req.prompt.clone());
+            Ok::<_, BoxError>(LlmResponse::default())
+        }
+    })
+}
+
 fn bucket_layer(interval: Duration, bound: Duration) -> RatelimitLayer {
     RatelimitLayer::builder()
         .limit(
@@ -552,16 +566,7 @@ async fn wait_mode_waits_within_the_bound_and_fails_beyond_it() {
 async fn waiting_calls_go_in_arrival_order_and_a_dropped_one_leaves_nothing() {
     let layer = bucket_layer(Duration::from_millis(200), Duration::from_secs(5));
     let order = Arc::new(Mutex::new(Vec::new()));
-    let svc = {
-        let order = order.clone();
-        layer.layer(service_fn(move |req: LlmRequest| {
-            let order = order.clone();
-            async move {
-                order.lock().unwrap().push(req.prompt.clone());
-                Ok::<_, BoxError>(LlmResponse::default())
-            }
-        }))
-    };
+    let svc = layer.layer(recording_llm(order.clone()));
     svc.clone()
         .oneshot(LlmRequest::new("ida", "first"))
         .await
@@ -803,16 +808,7 @@ async fn waiting_calls_keep_arrival_order_across_models_on_a_shared_limit() {
     for round in 0..3 {
         let layer = bucket_layer(Duration::from_millis(150), Duration::from_secs(5));
         let order = Arc::new(Mutex::new(Vec::new()));
-        let svc = {
-            let order = order.clone();
-            layer.layer(service_fn(move |req: LlmRequest| {
-                let order = order.clone();
-                async move {
-                    order.lock().unwrap().push(req.prompt.clone());
-                    Ok::<_, BoxError>(LlmResponse::default())
-                }
-            }))
-        };
+        let svc = layer.layer(recording_llm(order.clone()));
         let id = format!("ivy{round}");
         svc.clone()
             .oneshot(LlmRequest::new(&id, "first"))

@@ -482,16 +482,17 @@ impl Engine {
                 // A quota of 0 (a suspended identifier) keeps the configured rule in the
                 // plan, but refuses every call: report it as the refusals do.
                 let suspended = quotas.as_deref().and_then(|q| q.get(&spec.name)) == Some(0);
+                let (limit, remaining, reset_after) = if suspended {
+                    (0, 0, Duration::ZERO)
+                } else {
+                    (d.limit, d.remaining, d.reset_after)
+                };
                 LimitUsage {
                     name: spec.name.to_string(),
                     kind: spec.kind,
-                    limit: if suspended { 0 } else { d.limit },
-                    remaining: if suspended { 0 } else { d.remaining },
-                    reset_after: if suspended {
-                        Duration::ZERO
-                    } else {
-                        d.reset_after
-                    },
+                    limit,
+                    remaining,
+                    reset_after,
                 }
             })
             .collect())
