@@ -108,7 +108,7 @@ impl Ratelimit {
             take: true,
             slot: 0,
         };
-        first(self.store.acquire(vec![check]).await?)
+        first(self.store.acquire(&[check]).await?)
     }
 
     /// Units `identifier` has left (0 while in debt).
@@ -151,7 +151,7 @@ impl Ratelimit {
             slot: 0,
             window: None,
         };
-        first(self.store.adjust(vec![adjustment], None).await?)
+        first(self.store.adjust(&[adjustment], None).await?)
     }
 
     /// Take `cost` units, waiting (by the decisions' `retry_after`) up to `timeout` for

@@ -506,8 +506,8 @@ async fn empty_operations_touch_nothing() {
     .unwrap();
     assert!(rl.limit("someone", 1).await.unwrap().allowed);
     let (empty_adjust, empty_acquire, take) = tokio::join!(
-        store.adjust(Vec::new(), Some(5)),
-        store.acquire(Vec::new()),
+        store.adjust(&[], Some(5)),
+        store.acquire(&[]),
         rl.limit("someone", 1),
     );
     assert!(empty_adjust.unwrap().is_empty());
@@ -558,9 +558,9 @@ mod store_edges {
                 let tasks: Vec<_> = (0..64u64)
                     .map(|i| {
                         let (store, key) = (store.clone(), key(i));
-                        tokio::spawn(async move {
-                            store.adjust(vec![charge(&key, 3)], Some(id(i))).await
-                        })
+                        tokio::spawn(
+                            async move { store.adjust(&[charge(&key, 3)], Some(id(i))).await },
+                        )
                     })
                     .collect();
                 for t in tasks {
@@ -602,9 +602,9 @@ mod store_edges {
             .enumerate()
         {
             let key = format!("{prefix}:{{s{n}}}");
-            let first = store.acquire(vec![slot_check(&key, a)]).await.unwrap();
+            let first = store.acquire(&[slot_check(&key, a)]).await.unwrap();
             assert_eq!(first[0].remaining, 1);
-            let second = store.acquire(vec![slot_check(&key, b)]).await.unwrap();
+            let second = store.acquire(&[slot_check(&key, b)]).await.unwrap();
             assert_eq!(second[0].remaining, 0);
             let release = Adjustment {
                 key: key.as_str().into(),
@@ -613,7 +613,7 @@ mod store_edges {
                 slot: a,
                 window: None,
             };
-            let after = store.adjust(vec![release], None).await.unwrap();
+            let after = store.adjust(&[release], None).await.unwrap();
             assert_eq!(after[0].remaining, 1, "only slot {a} was released");
         }
     }

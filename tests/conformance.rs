@@ -246,12 +246,12 @@ mod cases {
             take: true,
             slot: 0,
         };
-        let d = env.store.acquire(vec![check(2), check(2)]).await.unwrap();
+        let d = env.store.acquire(&[check(2), check(2)]).await.unwrap();
         assert!(d[0].allowed && d[1].allowed, "{kind:?}: {d:?}");
         assert_eq!((d[0].remaining, d[1].remaining), (3, 3), "{kind:?}");
         assert_eq!(rl.remaining("dup").await.unwrap(), 3, "{kind:?}");
         let before = env.raw(&key);
-        let d = env.store.acquire(vec![check(1), check(4)]).await.unwrap();
+        let d = env.store.acquire(&[check(1), check(4)]).await.unwrap();
         assert!(d[0].allowed && !d[1].allowed, "{kind:?}: {d:?}");
         assert_eq!((d[0].remaining, d[1].remaining), (3, 3), "{kind:?}");
         assert_eq!(
@@ -286,10 +286,10 @@ mod cases {
             }]
         };
         for _ in 0..5 {
-            assert!(env.store.acquire(take(kind.algorithm())).await.unwrap()[0].allowed);
+            assert!(env.store.acquire(&take(kind.algorithm())).await.unwrap()[0].allowed);
         }
         for i in 0..5 {
-            let d = env.store.acquire(take(grown)).await.unwrap().remove(0);
+            let d = env.store.acquire(&take(grown)).await.unwrap().remove(0);
             assert!(
                 d.allowed,
                 "{kind:?}: call {i} under the grown window: {d:?}"
@@ -297,7 +297,7 @@ mod cases {
             assert_eq!(d.remaining, 4 - i, "{kind:?}");
             assert!(d.reset_after <= 2 * HOUR, "{kind:?}: {d:?}");
         }
-        let d = env.store.acquire(take(grown)).await.unwrap().remove(0);
+        let d = env.store.acquire(&take(grown)).await.unwrap().remove(0);
         assert!(!d.allowed, "{kind:?}: {d:?}");
         assert!(
             d.retry_after.is_some_and(|r| r <= 2 * HOUR),
@@ -559,13 +559,13 @@ async fn batched_scripts_decide_as_the_memory_store_does() {
                 for c in &mut checks {
                     c.slot = rng.below(1 << 62);
                 }
-                (redis.acquire(checks.clone()), checks)
+                (redis.acquire(&checks), checks)
             })
             .collect();
         let mut allowed = Vec::new();
         for (call, (decided, checks)) in acquires.into_iter().enumerate() {
             let on_redis = decided.await.unwrap();
-            let in_memory = memory.acquire(checks.clone()).await.unwrap();
+            let in_memory = memory.acquire(&checks).await.unwrap();
             assert_agree(
                 &on_redis,
                 &in_memory,
@@ -599,13 +599,13 @@ async fn batched_scripts_decide_as_the_memory_store_does() {
                 });
             }
             let id = (rng.below(2) == 0).then(|| rng.below(1 << 62));
-            let decided = redis.adjust(adjustments.clone(), id);
+            let decided = redis.adjust(&adjustments, id);
             settlements.push((*call, adjustments, id, decided));
         }
         let mut retries = Vec::new();
         for (call, adjustments, id, decided) in settlements {
             let on_redis = decided.await.unwrap();
-            let in_memory = memory.adjust(adjustments.clone(), None).await.unwrap();
+            let in_memory = memory.adjust(&adjustments, None).await.unwrap();
             assert_agree(
                 &on_redis,
                 &in_memory,
@@ -613,7 +613,7 @@ async fn batched_scripts_decide_as_the_memory_store_does() {
             );
             settled += 1;
             if id.is_some() {
-                retries.push(redis.adjust(adjustments, id));
+                retries.push(redis.adjust(&adjustments, id));
             }
         }
         for retried in retries {
@@ -631,12 +631,12 @@ async fn batched_scripts_decide_as_the_memory_store_does() {
                         ..c.clone()
                     })
                     .collect();
-                (redis.acquire(checks.clone()), checks)
+                (redis.acquire(&checks), checks)
             })
             .collect();
         for (call, (decided, checks)) in reads.into_iter().enumerate() {
             let on_redis = decided.await.unwrap();
-            let in_memory = memory.acquire(checks).await.unwrap();
+            let in_memory = memory.acquire(&checks).await.unwrap();
             assert_agree(
                 &on_redis,
                 &in_memory,

@@ -129,16 +129,16 @@ struct LateReplies {
 }
 
 impl Store for LateReplies {
-    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        let (inner, delay) = (self.inner.clone(), self.delay);
-        Box::pin(async move {
-            let decided = inner.acquire(checks).await;
+    fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>> {
+        let (inner, delay, checks) = (self.inner.clone(), self.delay, checks.to_vec());
+        StoreFuture::new(async move {
+            let decided = inner.acquire(&checks).await;
             tokio::time::sleep(delay).await;
             decided
         })
     }
 
-    fn adjust(&self, adjustments: Vec<Adjustment>, id: Option<u64>) -> StoreFuture<Vec<Decision>> {
+    fn adjust(&self, adjustments: &[Adjustment], id: Option<u64>) -> StoreFuture<Vec<Decision>> {
         self.inner.adjust(adjustments, id)
     }
 

@@ -546,7 +546,7 @@ async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
     };
     let mut kept = Vec::new();
     for i in 0..400 {
-        let fut = store.acquire(vec![check()]);
+        let fut = store.acquire(&[check()]);
         if i % 4 == 0 {
             kept.push(tokio::spawn(fut));
         } else {
@@ -559,7 +559,7 @@ async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
     // Let any late undo land.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let read = store
-        .acquire(vec![LimitCheck { cost: 0, ..check() }])
+        .acquire(&[LimitCheck { cost: 0, ..check() }])
         .await
         .unwrap();
     assert_eq!(read[0].remaining, 1_000_000 - 100);
@@ -631,12 +631,12 @@ async fn slots_under_a_test_clock_do_not_expire_in_real_time() {
         slot,
     };
     for store in [&redis as &dyn Store, &memory] {
-        assert!(store.acquire(vec![check(1)]).await.unwrap()[0].allowed);
+        assert!(store.acquire(&[check(1)]).await.unwrap()[0].allowed);
     }
     // Real time passes the lease; virtual time does not.
     tokio::time::sleep(Duration::from_millis(150)).await;
     for store in [&redis as &dyn Store, &memory] {
-        let second = store.acquire(vec![check(2)]).await.unwrap();
+        let second = store.acquire(&[check(2)]).await.unwrap();
         assert!(
             !second[0].allowed,
             "the first slot is still held at virtual time"
@@ -675,11 +675,11 @@ async fn a_clock_behind_the_state_decides_in_the_state_window() {
         let mut seen = Vec::new();
         for store in [&memory as &dyn Store, &redis] {
             clock.set(start + window); // the first µs of window w+1
-            let ahead = store.acquire(vec![check()]).await.unwrap().remove(0);
+            let ahead = store.acquire(&[check()]).await.unwrap().remove(0);
             clock.set(start + window - Duration::from_micros(1)); // the last µs of w
-            let behind = store.acquire(vec![check()]).await.unwrap().remove(0);
+            let behind = store.acquire(&[check()]).await.unwrap().remove(0);
             clock.set(start + window + Duration::from_micros(2));
-            let after = store.acquire(vec![check()]).await.unwrap().remove(0);
+            let after = store.acquire(&[check()]).await.unwrap().remove(0);
             assert_eq!(
                 behind.window, ahead.window,
                 "sliding {sliding}: decided in w+1"
@@ -825,7 +825,7 @@ async fn a_call_of_hundreds_of_limits_gets_every_decision() {
             slot: 0,
         })
         .collect();
-    let decisions = store.acquire(checks.clone()).await.unwrap();
+    let decisions = store.acquire(&checks).await.unwrap();
     assert_eq!(decisions.len(), 700);
     for (i, (d, c)) in decisions.iter().zip(&checks).enumerate() {
         assert!(d.allowed, "limit {i}");
@@ -843,7 +843,7 @@ async fn a_call_of_hundreds_of_limits_gets_every_decision() {
             window: d.window,
         })
         .collect();
-    let settled = store.adjust(adjustments, Some(7)).await.unwrap();
+    let settled = store.adjust(&adjustments, Some(7)).await.unwrap();
     assert_eq!(settled.len(), 700);
     for (i, d) in settled.iter().enumerate() {
         assert_eq!(d.remaining, 1000 + i as u64, "limit {i} after the refund");
@@ -876,15 +876,15 @@ async fn a_retried_settlement_among_the_newest_is_not_applied_again() {
             // ordered by the time they were applied).
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
-        store.adjust(charge(1), Some(id)).await.unwrap();
+        store.adjust(&charge(1), Some(id)).await.unwrap();
     }
-    let before = remaining(store.adjust(charge(0), None).await.unwrap());
+    let before = remaining(store.adjust(&charge(0), None).await.unwrap());
     assert_eq!(before, 1_000_000 - 300);
     for id in [300, 299, 250] {
-        let after = remaining(store.adjust(charge(1), Some(id)).await.unwrap());
+        let after = remaining(store.adjust(&charge(1), Some(id)).await.unwrap());
         assert_eq!(after, before, "settlement {id} was applied twice");
     }
-    let after = remaining(store.adjust(charge(1), Some(1)).await.unwrap());
+    let after = remaining(store.adjust(&charge(1), Some(1)).await.unwrap());
     assert_eq!(after, before - 1, "the oldest id should be forgotten");
 }
 
@@ -903,14 +903,14 @@ async fn a_burst_of_settlements_within_a_millisecond_keeps_its_newest_ids() {
     let ids: Vec<u64> = (0..300).map(|_| rng.next() >> 1).collect();
     for &id in &ids {
         clock.advance(Duration::from_micros(2));
-        store.adjust(charge(1), Some(id)).await.unwrap();
+        store.adjust(&charge(1), Some(id)).await.unwrap();
     }
-    let mut remaining = store.adjust(charge(0), None).await.unwrap()[0].remaining;
+    let mut remaining = store.adjust(&charge(0), None).await.unwrap()[0].remaining;
     assert_eq!(remaining, 1_000_000 - 300);
     let mut applied_again = Vec::new();
     for &id in ids[290..].iter().rev() {
         clock.advance(Duration::from_micros(2));
-        let after = store.adjust(charge(1), Some(id)).await.unwrap()[0].remaining;
+        let after = store.adjust(&charge(1), Some(id)).await.unwrap()[0].remaining;
         if after != remaining {
             applied_again.push(id);
         }
@@ -935,7 +935,7 @@ async fn a_batch_of_settlements_of_one_identifier_is_forgotten_in_order() {
     let batch: Vec<u64> = (1..=32).map(|i| i * 0x9E37_79B9).collect();
     let queued: Vec<_> = batch
         .iter()
-        .map(|&id| store.adjust(charge(1), Some(id)))
+        .map(|&id| store.adjust(&charge(1), Some(id)))
         .collect();
     for decided in queued {
         decided.await.unwrap();
@@ -944,13 +944,13 @@ async fn a_batch_of_settlements_of_one_identifier_is_forgotten_in_order() {
     // 132 ids, of which the set keeps the newest 127.
     tokio::time::sleep(Duration::from_millis(3)).await;
     for id in 1..=100u64 {
-        store.adjust(charge(1), Some(id)).await.unwrap();
+        store.adjust(&charge(1), Some(id)).await.unwrap();
     }
-    let mut remaining = store.adjust(charge(0), None).await.unwrap()[0].remaining;
+    let mut remaining = store.adjust(&charge(0), None).await.unwrap()[0].remaining;
     assert_eq!(remaining, 1_000_000 - 132);
     let mut applied_again = Vec::new();
     for (place, &id) in batch.iter().enumerate().rev() {
-        let after = store.adjust(charge(1), Some(id)).await.unwrap()[0].remaining;
+        let after = store.adjust(&charge(1), Some(id)).await.unwrap()[0].remaining;
         if after != remaining {
             applied_again.push(place + 1);
         }
@@ -982,7 +982,7 @@ async fn a_settlement_remembered_forever_is_applied_once() {
         }
         let key = format!("{}:t:{{forever}}", common::unique_prefix("forever"));
         for attempt in ["first", "retry"] {
-            let d = store.adjust(charge(&key, 5), Some(42)).await;
+            let d = store.adjust(&charge(&key, 5), Some(42)).await;
             assert_eq!(
                 d.map(|d| d[0].remaining).ok(),
                 Some(1_000_000 - 5),
@@ -1026,7 +1026,7 @@ async fn settlements_leave_an_earlier_releases_id_set_alone() {
         .query(&mut c)
         .unwrap();
     for id in 1_000..1_200u64 {
-        store.adjust(charge(&key, 1), Some(id)).await.unwrap();
+        store.adjust(&charge(&key, 1), Some(id)).await.unwrap();
     }
     let kept: Vec<u64> = redis::cmd("ZRANGE")
         .arg(&earlier)

@@ -757,23 +757,20 @@ struct CountingStore {
 impl Store for CountingStore {
     fn acquire(
         &self,
-        checks: Vec<tower_llm_ratelimit::store::LimitCheck>,
+        checks: &[tower_llm_ratelimit::store::LimitCheck],
     ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
         self.acquires.fetch_add(1, Ordering::SeqCst);
         self.inner.acquire(checks)
     }
     fn adjust(
         &self,
-        a: Vec<tower_llm_ratelimit::store::Adjustment>,
+        a: &[tower_llm_ratelimit::store::Adjustment],
         id: Option<u64>,
     ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
         self.inner.adjust(a, id)
     }
     fn delete(&self, keys: Vec<String>) -> tower_llm_ratelimit::store::StoreFuture<()> {
         self.inner.delete(keys)
-    }
-    fn is_local(&self) -> bool {
-        true
     }
 }
 

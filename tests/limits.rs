@@ -917,18 +917,18 @@ struct SlowStore {
 impl Store for SlowStore {
     fn acquire(
         &self,
-        checks: Vec<tower_llm_ratelimit::store::LimitCheck>,
+        checks: &[tower_llm_ratelimit::store::LimitCheck],
     ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
-        let (inner, delay) = (self.inner.clone(), self.delay);
-        Box::pin(async move {
+        let (inner, delay, checks) = (self.inner.clone(), self.delay, checks.to_vec());
+        tower_llm_ratelimit::store::StoreFuture::new(async move {
             tokio::time::sleep(delay).await;
-            inner.acquire(checks).await
+            inner.acquire(&checks).await
         })
     }
 
     fn adjust(
         &self,
-        adjustments: Vec<tower_llm_ratelimit::store::Adjustment>,
+        adjustments: &[tower_llm_ratelimit::store::Adjustment],
         id: Option<u64>,
     ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
         self.inner.adjust(adjustments, id)

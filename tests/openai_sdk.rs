@@ -1,5 +1,5 @@
 //! The official OpenAI Python SDK (from PyPI) against the gateway over loopback. The
-//! venv is `.venv` (created by `.ci/run`, or here if missing).
+//! venv is `.venv` (created by `.ci/run`, or here if it lacks the SDKs).
 
 mod common;
 #[path = "common/gateway.rs"]
@@ -10,31 +10,38 @@ use std::process::Command;
 
 use tokio::net::TcpListener;
 
+/// The venv's python, with the SDKs the checks import (made here, once per test process,
+/// if `.venv` lacks any of them: the tests run in parallel).
 fn venv_python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    let has_sdk = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_sdk(&python) {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(root.join(".venv"))
-            .status()
-            .is_ok_and(|s| s.success())
-            && Command::new(root.join(".venv/bin/pip"))
-                .args(["install", "-q", "openai"])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(
-            ok && has_sdk(&python),
-            "could not create .venv with the openai package (python3 -m venv .venv && .venv/bin/pip install openai)"
-        );
-    }
-    python
+    static READY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let python = root.join(".venv/bin/python");
+            let has_sdks = |p: &Path| {
+                Command::new(p)
+                    .args(["-c", "import openai, anthropic, brotli"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !has_sdks(&python) {
+                let ok = Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(root.join(".venv"))
+                    .status()
+                    .is_ok_and(|s| s.success())
+                    && Command::new(root.join(".venv/bin/pip"))
+                        .args(["install", "-q", "openai", "anthropic", "brotli"])
+                        .status()
+                        .is_ok_and(|s| s.success());
+                assert!(
+                    ok && has_sdks(&python),
+                    "could not create .venv with the SDKs (python3 -m venv .venv && .venv/bin/pip install openai anthropic brotli)"
+                );
+            }
+            python
+        })
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,11 +255,7 @@ async fn run_op(
                 slot: 0,
                 window: Some(now / (W_MS * 1000) - back),
             };
-            store
-                .adjust(vec![adjustment], None)
-                .await
-                .unwrap()
-                .remove(0)
+            store.adjust(&[adjustment], None).await.unwrap().remove(0)
         }
         Op::Limit(c) => rl.limit("p", c).await.unwrap(),
         Op::Charge(n) => rl.charge("p", n).await.unwrap(),
@@ -488,10 +484,10 @@ fn multi_differential(start_ms: u64, ops: Vec<MultiOp>) -> Result<(), TestCaseEr
             MultiOp::Acquire(costs) => costs,
         };
         let (m, r, m_after, r_after) = runtime().block_on(async {
-            let m = memory.acquire(checks(costs)).await.unwrap();
-            let r = redis.acquire(checks(costs)).await.unwrap();
-            let m_after = memory.acquire(checks([0; 3])).await.unwrap();
-            let r_after = redis.acquire(checks([0; 3])).await.unwrap();
+            let m = memory.acquire(&checks(costs)).await.unwrap();
+            let r = redis.acquire(&checks(costs)).await.unwrap();
+            let m_after = memory.acquire(&checks([0; 3])).await.unwrap();
+            let r_after = redis.acquire(&checks([0; 3])).await.unwrap();
             (m, r, m_after, r_after)
         });
         let view = |d: &[tower_llm_ratelimit::Decision]| {

@@ -330,7 +330,7 @@ async fn a_slot_of_a_dead_process_expires_after_its_lease() {
     let limit = ConcurrencyLimit::new(1, Duration::from_millis(300)).unwrap();
     // A "crashed" holder: takes the only slot and never releases it.
     let crashed = store
-        .acquire(vec![tower_llm_ratelimit::store::LimitCheck {
+        .acquire(&[tower_llm_ratelimit::store::LimitCheck {
             key: format!("{prefix}:concurrency:{{carl}}").into(),
             rule: limit.into(),
             cost: 1,
@@ -465,7 +465,7 @@ async fn a_settlement_id_is_applied_once() {
             slot: 0,
             window: None,
         };
-        store.adjust(vec![adjustment], id)
+        store.adjust(&[adjustment], id)
     };
     // A retry of the same settlement (as after a timeout) lands once…
     charge(Some(42)).await.unwrap();
@@ -479,4 +479,67 @@ async fn a_settlement_id_is_applied_once() {
     // The dedupe key expires like every other key.
     let keys = common::redis_keys(&common::redis_url(), rl.prefix());
     assert!(keys.iter().all(|(_, ttl)| *ttl > 0), "{keys:?}");
+}
+
+/// A store that fails every operation at once, with a ready error (no future to time out).
+struct FailingStore;
+
+impl Store for FailingStore {
+    fn acquire(
+        &self,
+        _: &[tower_llm_ratelimit::store::LimitCheck],
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        tower_llm_ratelimit::store::StoreFuture::ready(Err(tower_llm_ratelimit::StoreError::new(
+            "down",
+        )))
+    }
+
+    fn adjust(
+        &self,
+        _: &[tower_llm_ratelimit::store::Adjustment],
+        _: Option<u64>,
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        tower_llm_ratelimit::store::StoreFuture::ready(Err(tower_llm_ratelimit::StoreError::new(
+            "down",
+        )))
+    }
+
+    fn delete(&self, _: Vec<String>) -> tower_llm_ratelimit::store::StoreFuture<()> {
+        tower_llm_ratelimit::store::StoreFuture::ready(Err(tower_llm_ratelimit::StoreError::new(
+            "down",
+        )))
+    }
+}
+
+/// A store failing with a ready answer goes to the failure policy like one that times
+/// out; and while the breaker is open, a call decided by the in-process fallback at once
+/// and dropped before it was polled gives its units back to that fallback store.
+#[tokio::test]
+async fn a_call_decided_by_the_fallback_and_dropped_unpolled_takes_nothing() {
+    let layer = RatelimitLayer::builder()
+        .store(FailingStore)
+        .prefix(common::unique_prefix("readyfail"))
+        .request_limit(FixedWindow::new(2, MINUTE).unwrap())
+        .on_store_error(StoreErrorPolicy::Local)
+        .build()
+        .unwrap();
+    let mut svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
+    let request = || LlmRequest::new("ursula", "hi");
+    // Trips the breaker; the fallback takes one of two.
+    svc.ready().await.unwrap().call(request()).await.unwrap();
+    // Decided by the fallback when called (the breaker is open), dropped unpolled.
+    drop(svc.ready().await.unwrap().call(request()));
+    let second = svc.ready().await.unwrap().call(request()).await;
+    assert!(
+        second.is_ok(),
+        "the dropped call gave its request back: {second:?}"
+    );
+    let third = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    assert_eq!(third.kind(), ErrorKind::RequestLimitReached, "{third}");
 }

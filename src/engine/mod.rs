@@ -110,8 +110,6 @@ pub(crate) struct Plan {
 /// Everything the middleware shares across clones.
 pub(crate) struct Engine {
     pub store: Arc<dyn Store>,
-    /// The store is in-process: no timeouts, breaker or fallback needed.
-    pub store_is_local: bool,
     pub limits: Vec<LimitSpec>,
     pub store_timeout: Duration,
     pub on_store_error: StoreErrorPolicy,
@@ -471,8 +469,8 @@ impl Engine {
                 slot: 0,
                 ..c.clone()
             })
-            .collect();
-        let decisions = self.store.acquire(checks).await?;
+            .collect::<Vec<_>>();
+        let decisions = self.store.acquire(&checks).await?;
         Ok(plan
             .taken
             .iter()

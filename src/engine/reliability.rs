@@ -83,7 +83,10 @@ impl Breaker {
     }
 
     pub(crate) fn is_open(&self) -> bool {
-        self.now_ms() < self.open_until_ms.load(Ordering::Relaxed)
+        // 0: never tripped, or reset by a success since (the usual case, and all there is
+        // for an in-process store): no clock read.
+        let until = self.open_until_ms.load(Ordering::Relaxed);
+        until != 0 && self.now_ms() < until
     }
 
     pub(crate) fn trip(&self) {
@@ -248,7 +251,7 @@ impl SettlementQueue {
                     }
                 }
             };
-            let write = store.adjust(next.adjustments, Some(next.id));
+            let write = store.adjust(&next.adjustments, Some(next.id));
             match with_timeout(timeout, write).await {
                 Ok(_) => {
                     let pending = {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use super::limit::LimitKind;
-use super::reliability::{Decider, StoreErrorPolicy, fallback_decisions, next_id, with_timeout};
+use super::reliability::{Decider, fallback_decisions, next_id, with_timeout};
 
 use super::{Engine, MissingUsage, Plan, Taken, metrics};
 use crate::error::StoreError;
@@ -23,7 +23,8 @@ enum Phase {
     /// The pre-dispatch acquire is in flight. Dropped here, the store undoes it (see
     /// [`Store::acquire`](crate::Store::acquire)).
     Acquiring(AcquireFuture),
-    /// An in-process store already answered (no future needed).
+    /// Answered at once (an in-process store, or the failure policy while the breaker
+    /// is open): no future needed.
     Acquired(Option<Result<(Vec<Decision>, Decider), StoreError>>),
     /// Acquired; the call is running. Dropped here: refund and release.
     Armed,
@@ -73,48 +74,64 @@ pub(crate) struct Settlement {
     renewal: Option<tokio::task::AbortHandle>,
 }
 
-/// The acquire for `checks`: on the store (with a timeout), else per the failure policy.
+/// The acquire of `plan`'s checks: the store's answer if it has one at once, else its
+/// pending answer with a timeout, and per the failure policy if the store fails (or is
+/// skipped while the breaker is open).
 ///
 /// A timed-out store acquire is dropped; the store undoes it if it lands late, so a call
 /// decided by the fallback is not also counted by it.
-fn acquire(engine: Arc<Engine>, checks: Vec<LimitCheck>) -> AcquireFuture {
-    Box::pin(async move {
-        if engine.store_is_local {
-            return Ok((engine.store.acquire(checks).await?, Decider::Store));
+fn acquire(engine: &Arc<Engine>, plan: &Arc<Plan>) -> Phase {
+    if engine.breaker.is_open() {
+        // Recently failed: the policy decides without waiting for another timeout.
+        let error = StoreError::new("store unavailable (recent failures; retrying shortly)");
+        return Phase::Acquired(Some(decide_without_store(engine, &plan.checks, error)));
+    }
+    let pending = match engine.store.acquire(&plan.checks).into_ready() {
+        Ok(Ok(decisions)) => return Phase::Acquired(Some(Ok((decisions, Decider::Store)))),
+        Ok(Err(error)) => {
+            return Phase::Acquired(Some(store_failed(engine, &plan.checks, error)));
         }
-        let (error, checks) = if engine.breaker.is_open() {
-            // Recently failed: the policy decides without waiting for another timeout.
-            let error = StoreError::new("store unavailable (recent failures; retrying shortly)");
-            (error, checks)
-        } else {
-            // Kept only when a fallback may need the checks.
-            let retained = if engine.on_store_error == StoreErrorPolicy::FailClosed {
-                Vec::new()
-            } else {
-                checks.clone()
-            };
-            let started = std::time::Instant::now();
-            let result = with_timeout(engine.store_timeout, engine.store.acquire(checks)).await;
-            metrics::store_latency(started.elapsed());
-            match result {
-                Ok(decisions) => {
-                    engine.breaker.reset();
-                    return Ok((decisions, Decider::Store));
-                }
-                Err(error) => {
-                    engine.breaker.trip();
-                    metrics::store_error();
-                    tracing::error!(%error, policy = ?engine.on_store_error, "rate-limit store failed");
-                    (error, retained)
-                }
+        Err(pending) => pending,
+    };
+    let (engine, plan) = (engine.clone(), plan.clone());
+    Phase::Acquiring(Box::pin(async move {
+        let started = std::time::Instant::now();
+        let result = with_timeout(engine.store_timeout, pending).await;
+        metrics::store_latency(started.elapsed());
+        match result {
+            Ok(decisions) => {
+                engine.breaker.reset();
+                Ok((decisions, Decider::Store))
             }
-        };
-        let (decisions, decider) =
-            fallback_decisions(engine.on_store_error, &engine.local, &checks).ok_or(error)?;
-        metrics::fallback(engine.on_store_error);
-        tracing::warn!(?decider, "rate limit decided without the store");
-        Ok((decisions, decider))
-    })
+            Err(error) => store_failed(&engine, &plan.checks, error),
+        }
+    }))
+}
+
+/// The store failed an acquire: open the breaker and decide per the failure policy.
+fn store_failed(
+    engine: &Engine,
+    checks: &[LimitCheck],
+    error: StoreError,
+) -> Result<(Vec<Decision>, Decider), StoreError> {
+    engine.breaker.trip();
+    metrics::store_error();
+    tracing::error!(%error, policy = ?engine.on_store_error, "rate-limit store failed");
+    decide_without_store(engine, checks, error)
+}
+
+/// Decide an acquire the store did not answer, per the failure policy (`error` if it
+/// fails closed).
+fn decide_without_store(
+    engine: &Engine,
+    checks: &[LimitCheck],
+    error: StoreError,
+) -> Result<(Vec<Decision>, Decider), StoreError> {
+    let (decisions, decider) =
+        fallback_decisions(engine.on_store_error, &engine.local, checks).ok_or(error)?;
+    metrics::fallback(engine.on_store_error);
+    tracing::warn!(?decider, "rate limit decided without the store");
+    Ok((decisions, decider))
 }
 
 impl Settlement {
@@ -122,15 +139,7 @@ impl Settlement {
         // Before the acquire begins: a denial it answers is cached only if no budget came
         // back to the identifier meanwhile.
         let denial_epoch = engine.denial_epoch(&plan);
-        let sync = if engine.store_is_local {
-            engine.store.acquire_sync(&plan.checks)
-        } else {
-            None
-        };
-        let phase = match sync {
-            Some(decisions) => Phase::Acquired(Some(Ok((decisions, Decider::Store)))),
-            None => Phase::Acquiring(acquire(engine.clone(), plan.checks.to_vec())),
-        };
+        let phase = acquire(&engine, &plan);
         Self {
             prompt_estimate: plan
                 .estimate
@@ -238,7 +247,7 @@ impl Settlement {
                     engine.local.adjust_now(&renewals);
                     continue;
                 }
-                let write = engine.store.adjust(renewals.clone(), None);
+                let write = engine.store.adjust(&renewals, None);
                 if let Err(error) = with_timeout(engine.store_timeout, write).await {
                     tracing::warn!(%error, "could not renew a concurrency slot's lease");
                 }
@@ -344,42 +353,29 @@ impl Settlement {
         if remote.is_empty() {
             return None;
         }
-        if self.engine.store_is_local && self.engine.store.adjust_sync(&remote).is_some() {
-            returned(&self.engine, &remote);
+        let engine = &self.engine;
+        let id = self.id;
+        if engine.breaker.is_open() {
+            queue_settlement(engine, remote, id);
             return None;
         }
-        let engine = self.engine.clone();
-        let id = self.id;
+        let pending = match engine.store.adjust(&remote, Some(id)).into_ready() {
+            Ok(Ok(_)) => {
+                returned(engine, &remote);
+                return None;
+            }
+            Ok(Err(error)) => {
+                settlement_failed(engine, &error, remote, id);
+                return None;
+            }
+            Err(pending) => pending,
+        };
+        let engine = engine.clone();
         Some(Box::pin(async move {
-            if engine.store_is_local {
-                match engine.store.adjust(remote.clone(), Some(id)).await {
-                    Ok(_) => returned(&engine, &remote),
-                    Err(error) => tracing::error!(%error, "could not write a settlement"),
-                }
-                return;
+            match with_timeout(engine.store_timeout, pending).await {
+                Ok(_) => returned(&engine, &remote),
+                Err(error) => settlement_failed(&engine, &error, remote, id),
             }
-            if !engine.breaker.is_open() {
-                match with_timeout(
-                    engine.store_timeout,
-                    engine.store.adjust(remote.clone(), Some(id)),
-                )
-                .await
-                {
-                    Ok(_) => {
-                        returned(&engine, &remote);
-                        return;
-                    }
-                    Err(error) => {
-                        engine.breaker.trip();
-                        metrics::store_error();
-                        tracing::warn!(%error, "settlement not written; queued for retry");
-                    }
-                }
-            }
-            engine
-                .queue
-                .push(engine.store.clone(), engine.store_timeout, remote, id);
-            metrics::pending_settlements(engine.queue.len());
         }))
     }
 
@@ -428,6 +424,22 @@ fn returned(engine: &Engine, written: &[Adjustment]) {
     }
 }
 
+/// A settling write the store failed: open the breaker and queue it for retry.
+fn settlement_failed(engine: &Engine, error: &StoreError, remote: Vec<Adjustment>, id: u64) {
+    engine.breaker.trip();
+    metrics::store_error();
+    tracing::warn!(%error, "settlement not written; queued for retry");
+    queue_settlement(engine, remote, id);
+}
+
+/// Queue a settling write the store did not take, to retry until it lands.
+fn queue_settlement(engine: &Engine, remote: Vec<Adjustment>, id: u64) {
+    engine
+        .queue
+        .push(engine.store.clone(), engine.store_timeout, remote, id);
+    metrics::pending_settlements(engine.queue.len());
+}
+
 impl Drop for Settlement {
     fn drop(&mut self) {
         if let Some(renewal) = self.renewal.take() {
@@ -438,12 +450,35 @@ impl Drop for Settlement {
                 // Nothing taken, or an acquire in flight: dropping it makes the store
                 // skip it or undo it once it lands.
             }
-            Phase::Acquired(Some(Ok((decisions, _)))) => {
-                // An in-process answer nobody took: undo all of it, as a store undoes an
-                // acquire whose caller left.
+            Phase::Acquired(Some(Ok((decisions, decider)))) => {
+                // An answer nobody took: undo all of it where it was taken, as a store
+                // undoes an acquire whose caller left.
                 let undo = undo_adjustments(&self.plan.checks, &decisions);
-                if !undo.is_empty() && self.engine.store.adjust_sync(&undo).is_some() {
-                    returned(&self.engine, &undo);
+                if undo.is_empty() {
+                    return;
+                }
+                match decider {
+                    Decider::Store => match self.engine.store.adjust(&undo, None).into_ready() {
+                        Ok(Ok(_)) => returned(&self.engine, &undo),
+                        Ok(Err(error)) => tracing::warn!(%error, "could not undo an acquire"),
+                        Err(pending) => {
+                            let engine = self.engine.clone();
+                            finish_in_background(async move {
+                                match with_timeout(engine.store_timeout, pending).await {
+                                    Ok(_) => returned(&engine, &undo),
+                                    Err(error) => {
+                                        tracing::warn!(%error, "could not undo an acquire")
+                                    }
+                                }
+                            });
+                        }
+                    },
+                    Decider::Local => {
+                        self.engine.local.adjust_now(&undo);
+                        returned(&self.engine, &undo);
+                    }
+                    // Nothing was taken.
+                    Decider::Open => {}
                 }
             }
             Phase::Armed => {

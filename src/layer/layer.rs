@@ -410,7 +410,6 @@ impl<X> RatelimitLayerBuilder<X> {
         }
         let store = s.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let engine = Engine {
-            store_is_local: store.is_local(),
             store,
             limits,
             store_timeout: s.store_timeout,

@@ -176,6 +176,8 @@ impl Clock for ManualClock {
 }
 
 const SHARDS: usize = 64;
+// Multi-key operations keep the shards they lock as bits of a u64.
+const _: () = assert!(SHARDS <= 64);
 
 /// A key with its hash, computed once per key and operation: the hash picks the key's
 /// shard and its place in the shard's table, so a decision hashes its key once.
@@ -666,15 +668,27 @@ impl MemoryStore {
     /// Lock the shards of every key, in ascending shard order (so concurrent calls
     /// cannot deadlock), each once.
     fn lock_all<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Guards<'_, 'k> {
-        let keys: SmallVec<[Hashed<'k>; 4]> = keys.map(|k| self.hashed(k)).collect();
-        let mut order: SmallVec<[usize; 4]> = keys.iter().map(Hashed::shard).collect();
-        order.sort_unstable();
-        order.dedup();
-        let guards = order
-            .iter()
-            .map(|&i| (i, lock(&self.inner.shards[i])))
-            .collect();
-        Guards { keys, guards }
+        let mut hashed: SmallVec<[Hashed<'k>; 4]> = SmallVec::new();
+        // The shards to lock as a bit set (there are 64): ascending order and no
+        // duplicates come from walking its bits, with no sort.
+        let mut shards = 0u64;
+        for key in keys {
+            let k = self.hashed(key);
+            shards |= 1 << k.shard();
+            hashed.push(k);
+        }
+        let mut guards = SmallVec::new();
+        let mut rest = shards;
+        while rest != 0 {
+            let i = rest.trailing_zeros() as usize;
+            guards.push(lock(&self.inner.shards[i]));
+            rest &= rest - 1;
+        }
+        Guards {
+            keys: hashed,
+            shards,
+            guards,
+        }
     }
 }
 
@@ -706,56 +720,41 @@ fn state_before_acquire<'a>(
 /// concurrent operations cannot deadlock.
 struct Guards<'a, 'k> {
     keys: SmallVec<[Hashed<'k>; 4]>,
-    guards: SmallVec<[(usize, MutexGuard<'a, Shard>); 4]>,
+    /// The locked shards, as a bit set; `guards` holds their guards in ascending order.
+    shards: u64,
+    guards: SmallVec<[MutexGuard<'a, Shard>; 4]>,
 }
 
 impl<'k> Guards<'_, 'k> {
     /// The `i`th key of the operation and its (locked) shard.
     fn at(&mut self, i: usize) -> (&mut Shard, Hashed<'k>) {
         let k = self.keys[i];
-        let want = k.shard();
-        let pos = self
-            .guards
-            .iter()
-            .position(|(s, _)| *s == want)
-            .unwrap_or(0);
-        (&mut self.guards[pos].1, k)
+        // A shard's guard comes after those of the locked shards below it.
+        let below = self.shards & ((1u64 << k.shard()) - 1);
+        (&mut self.guards[below.count_ones() as usize], k)
     }
 }
 
 impl Store for MemoryStore {
-    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
-        // Decided when first polled, so a future dropped unpolled takes nothing.
-        let this = self.clone();
-        Box::pin(async move { Ok(this.acquire_now(&checks)) })
+    // Every operation is decided when called: the answer is ready, with nothing to poll.
+
+    fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>> {
+        StoreFuture::ready(Ok(self.acquire_now(checks)))
     }
 
-    fn adjust(&self, adjustments: Vec<Adjustment>, _: Option<u64>) -> StoreFuture<Vec<Decision>> {
+    fn adjust(&self, adjustments: &[Adjustment], _: Option<u64>) -> StoreFuture<Vec<Decision>> {
         // In-process operations are never ambiguous, so there is nothing to deduplicate.
-        let out = self.adjust_now(&adjustments);
-        Box::pin(std::future::ready(Ok(out)))
+        StoreFuture::ready(Ok(self.adjust_now(adjustments)))
     }
 
     fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
         self.delete_now(&keys);
-        Box::pin(std::future::ready(Ok(())))
+        StoreFuture::ready(Ok(()))
     }
 
     fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
         self.delete_identifier_now(&prefixes, &tag);
-        Box::pin(std::future::ready(Ok(())))
-    }
-
-    fn is_local(&self) -> bool {
-        true
-    }
-
-    fn acquire_sync(&self, checks: &[LimitCheck]) -> Option<Vec<Decision>> {
-        Some(self.acquire_now(checks))
-    }
-
-    fn adjust_sync(&self, adjustments: &[Adjustment]) -> Option<Vec<Decision>> {
-        Some(self.adjust_now(adjustments))
+        StoreFuture::ready(Ok(()))
     }
 }
 

@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -31,9 +32,78 @@ pub use memory::{Clock, ManualClock, MemoryStore, SystemClock};
 #[cfg(feature = "redis")]
 pub use redis::{RedisOptions, RedisStore};
 
-/// A boxed, `'static` future returned by a [`Store`] (so it can outlive its caller when a
-/// call is cancelled and its settlement must still finish).
-pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+/// What a [`Store`] operation returns: the answer itself, when the store has it at once
+/// (in-process stores decide when called, with no allocation and nothing left to poll),
+/// or a boxed, `'static` future (so it can outlive its caller when a call is cancelled
+/// and its settlement must still finish).
+///
+/// Callers await it like any future, or take a ready answer without polling with
+/// [`into_ready`](Self::into_ready). Like tower's response futures, it panics if polled
+/// again after it completed.
+#[must_use = "a store operation's answer is lost unless the future is awaited"]
+pub struct StoreFuture<T> {
+    state: Answer<T>,
+}
+
+enum Answer<T> {
+    /// Decided when the operation was called; `None` once taken.
+    Ready(Option<Result<T, StoreError>>),
+    /// Decided when the future completes.
+    Pending(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>),
+}
+
+impl<T> StoreFuture<T> {
+    /// An answer the store already has: the operation was applied when it was called.
+    pub fn ready(answer: Result<T, StoreError>) -> Self {
+        Self {
+            state: Answer::Ready(Some(answer)),
+        }
+    }
+
+    /// An answer that `future` will produce (boxed once, here).
+    pub fn new(future: impl Future<Output = Result<T, StoreError>> + Send + 'static) -> Self {
+        Self {
+            state: Answer::Pending(Box::pin(future)),
+        }
+    }
+
+    /// The answer, if the store already has it (see [`ready`](Self::ready)); else the
+    /// future, unchanged, to await.
+    pub fn into_ready(self) -> Result<Result<T, StoreError>, Self> {
+        match self.state {
+            Answer::Ready(Some(answer)) => Ok(answer),
+            state => Err(Self { state }),
+        }
+    }
+}
+
+// The answer is moved out, never pinned in place, and the pending future is boxed: a
+// `StoreFuture` may move between polls whatever `T` is.
+impl<T> Unpin for StoreFuture<T> {}
+
+impl<T> Future for StoreFuture<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            Answer::Ready(answer) => {
+                Poll::Ready(answer.take().expect("StoreFuture polled after completion"))
+            }
+            Answer::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for StoreFuture<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            Answer::Ready(Some(_)) => "ready",
+            Answer::Ready(None) => "taken",
+            Answer::Pending(_) => "pending",
+        };
+        f.debug_tuple("StoreFuture").field(&state).finish()
+    }
+}
 
 /// The result of trying to take a cost from one limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,16 +264,52 @@ pub(crate) fn undo_adjustments(checks: &[LimitCheck], decisions: &[Decision]) ->
 }
 
 /// A place to keep limiter state. Implementations must make each operation atomic.
+///
+/// An operation may be applied when it is called, answering with
+/// [`StoreFuture::ready`] (in-process stores do, so a call through them allocates no
+/// future and skips the timeouts and fallbacks meant for remote stores), or when its
+/// future runs ([`StoreFuture::new`]).
+///
+/// A store that wraps another, counting the acquires that reach it:
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use tower_llm_ratelimit::store::{Adjustment, LimitCheck, StoreFuture};
+/// use tower_llm_ratelimit::{Decision, MemoryStore, Store};
+///
+/// struct Counted {
+///     inner: MemoryStore,
+///     acquires: Arc<AtomicU64>,
+/// }
+///
+/// impl Store for Counted {
+///     fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>> {
+///         self.acquires.fetch_add(1, Ordering::Relaxed);
+///         // The memory store's answer is ready: handing it on keeps it so.
+///         self.inner.acquire(checks)
+///     }
+///
+///     fn adjust(&self, adjustments: &[Adjustment], id: Option<u64>) -> StoreFuture<Vec<Decision>> {
+///         self.inner.adjust(adjustments, id)
+///     }
+///
+///     fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
+///         self.inner.delete(keys)
+///     }
+/// }
+/// ```
 pub trait Store: Send + Sync + 'static {
     /// Evaluate every check; if all are allowed, take each `take` check's cost; if any is
     /// denied, write nothing. Returns one decision per check, in order.
     ///
-    /// **Dropping the future before it completes must leave no trace**: either the
+    /// **Dropping a pending future before it completes must leave no trace**: either the
     /// acquire is never applied, or, if it already went out, the store undoes it (refunds
     /// what it took into the windows that paid, releases its slots) once the answer
     /// arrives. Callers rely on this to time out and cancel acquires without losing
-    /// budget.
-    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>>;
+    /// budget. A ready answer has been applied: a caller that does not use it undoes it
+    /// with [`adjust`](Self::adjust).
+    fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>>;
 
     /// Apply every adjustment (charges always land; refunds stop at a full budget).
     ///
@@ -211,7 +317,7 @@ pub trait Store: Send + Sync + 'static {
     /// while): a retry after an ambiguous failure (a timeout after sending) is then safe.
     fn adjust(
         &self,
-        adjustments: Vec<Adjustment>,
+        adjustments: &[Adjustment],
         settlement_id: Option<u64>,
     ) -> StoreFuture<Vec<Decision>>;
 
@@ -223,29 +329,9 @@ pub trait Store: Send + Sync + 'static {
     /// may scan. The default fails as unsupported.
     fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
         let _ = (prefixes, tag);
-        Box::pin(std::future::ready(Err(StoreError::new(
+        StoreFuture::ready(Err(StoreError::new(
             "this store cannot delete an identifier's keys by prefix",
-        ))))
-    }
-
-    /// Whether the store lives in this process and cannot fail or stall (the layer then
-    /// skips timeouts and fallbacks). Default `false`.
-    fn is_local(&self) -> bool {
-        false
-    }
-
-    /// In-process stores: [`acquire`](Self::acquire) done synchronously, without a
-    /// future. `None` (the default) means "use `acquire`".
-    fn acquire_sync(&self, checks: &[LimitCheck]) -> Option<Vec<Decision>> {
-        let _ = checks;
-        None
-    }
-
-    /// In-process stores: [`adjust`](Self::adjust) done synchronously. `None` (the
-    /// default) means "use `adjust`".
-    fn adjust_sync(&self, adjustments: &[Adjustment]) -> Option<Vec<Decision>> {
-        let _ = adjustments;
-        None
+        )))
     }
 }
 
@@ -366,6 +452,30 @@ mod tests {
         assert!(identifier_tag(b"").is_err());
         assert!(identifier_tag(&vec![0u8; MAX_IDENTIFIER + 1]).is_err());
         assert_eq!(state_key("p", "t"), "p:{t}");
+    }
+
+    #[test]
+    fn a_ready_answer_is_taken_without_polling_and_a_pending_one_is_handed_back() {
+        let ready = StoreFuture::ready(Ok(7));
+        assert_eq!(ready.into_ready().unwrap().unwrap(), 7);
+        let pending = StoreFuture::new(async { Ok(8) });
+        let pending = pending.into_ready().unwrap_err();
+        assert_eq!(format!("{pending:?}"), "StoreFuture(\"pending\")");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut pending = pending;
+        assert!(matches!(
+            Pin::new(&mut pending).poll(&mut cx),
+            Poll::Ready(Ok(8))
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "polled after completion")]
+    fn a_ready_answer_polled_twice_panics() {
+        let mut ready = StoreFuture::ready(Ok(1));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut ready).poll(&mut cx).is_ready());
+        let _ = Pin::new(&mut ready).poll(&mut cx);
     }
 
     #[test]

@@ -541,7 +541,7 @@ async fn reconcile(
     let mut backoff = Duration::from_millis(50);
     let give_up = tokio::time::Instant::now() + REPLY_WAIT;
     loop {
-        match store.adjust(undo.clone(), Some(id)).await {
+        match store.adjust(&undo, Some(id)).await {
             Ok(_) => {
                 tracing::debug!(
                     limits = undo.len(),
@@ -787,7 +787,7 @@ impl RedisStore {
             checks,
         };
         let timeout = self.shared.response_timeout;
-        Box::pin(async move {
+        StoreFuture::new(async move {
             tokio::time::timeout(timeout, in_flight)
                 .await
                 .unwrap_or_else(|_| Err(StoreError::timeout(timeout)))
@@ -979,14 +979,12 @@ impl RedisStore {
     ) -> StoreFuture<Vec<Decision>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if batcher.send(job(reply)).is_err() {
-            return Box::pin(std::future::ready(Err(StoreError::new(
-                "the batching task stopped",
-            ))));
+            return StoreFuture::ready(Err(StoreError::new("the batching task stopped")));
         }
         let timeout = self.shared.response_timeout;
         // Dropping `answer` (timeout, cancellation) tells the batcher to skip an acquire
         // not sent yet; one sent is undone when its answer is dropped unread.
-        Box::pin(async move {
+        StoreFuture::new(async move {
             match tokio::time::timeout(timeout, answer).await {
                 Ok(Ok(answer)) => read(answer),
                 Ok(Err(_)) => Err(StoreError::new("the batching task stopped")),
@@ -997,10 +995,11 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn acquire(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
+    fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>> {
         if checks.is_empty() {
-            return Box::pin(std::future::ready(Ok(Vec::new())));
+            return StoreFuture::ready(Ok(Vec::new()));
         }
+        let checks = checks.to_vec();
         match &self.shared.batcher {
             Some(batcher) => self.enqueue(
                 batcher,
@@ -1013,13 +1012,14 @@ impl Store for RedisStore {
 
     fn adjust(
         &self,
-        adjustments: Vec<Adjustment>,
+        adjustments: &[Adjustment],
         settlement_id: Option<u64>,
     ) -> StoreFuture<Vec<Decision>> {
         if adjustments.is_empty() {
-            return Box::pin(std::future::ready(Ok(Vec::new())));
+            return StoreFuture::ready(Ok(Vec::new()));
         }
         if let Some(batcher) = &self.shared.batcher {
+            let adjustments = adjustments.to_vec();
             return self.enqueue(
                 batcher,
                 |reply| Queued::Adjust {
@@ -1030,18 +1030,18 @@ impl Store for RedisStore {
                 std::convert::identity,
             );
         }
-        let this = self.clone();
-        Box::pin(async move {
-            let count = adjustments.len();
-            let (keys, args) = this.adjust_script_input(&[(&adjustments[..], settlement_id)]);
-            let reply = Self::run(this.shared.clone(), &ADJUST, keys, args).await?;
+        let count = adjustments.len();
+        let (keys, args) = self.adjust_script_input(&[(adjustments, settlement_id)]);
+        let shared = self.shared.clone();
+        StoreFuture::new(async move {
+            let reply = Self::run(shared, &ADJUST, keys, args).await?;
             parse_flagged(&reply, count)
         })
     }
 
     fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
         let shared = self.shared.clone();
-        Box::pin(async move {
+        StoreFuture::new(async move {
             let suffix = format!(":{{{tag}}}");
             let keep = |key: &String| {
                 key.ends_with(&suffix) && prefixes.iter().any(|p| key.starts_with(p.as_str()))
@@ -1100,7 +1100,7 @@ impl Store for RedisStore {
 
     fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
         let shared = self.shared.clone();
-        Box::pin(async move {
+        StoreFuture::new(async move {
             if keys.is_empty() {
                 return Ok(());
             }
