@@ -10,10 +10,11 @@ use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt, service_fn};
 use tower_llm_ratelimit::http::RequestBody;
 use tower_llm_ratelimit::identifier::Fixed;
-use tower_llm_ratelimit::store::{Adjustment, LimitCheck, StoreFuture};
-use tower_llm_ratelimit::{
-    Decision, FixedWindow, Limit, MemoryStore, RatelimitLayer, Store, TokenBucket,
-};
+use tower_llm_ratelimit::{FixedWindow, Limit, RatelimitLayer, TokenBucket, TokenMode};
+
+#[path = "common/late_replies.rs"]
+mod late_replies;
+use late_replies::LateReplies;
 
 const LONG: Duration = tower_llm_ratelimit::algorithm::MAX_WINDOW;
 
@@ -120,33 +121,6 @@ async fn a_cached_denial_ends_when_another_limits_window_rolls() {
     assert!(denials >= 8, "{denials} denials");
 }
 
-/// A store whose acquire answers arrive `delay` after it decided (a network's reply
-/// latency); writes land at once.
-#[derive(Clone)]
-struct LateReplies {
-    inner: MemoryStore,
-    delay: Duration,
-}
-
-impl Store for LateReplies {
-    fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>> {
-        let (inner, delay, checks) = (self.inner.clone(), self.delay, checks.to_vec());
-        StoreFuture::new(async move {
-            let decided = inner.acquire(&checks).await;
-            tokio::time::sleep(delay).await;
-            decided
-        })
-    }
-
-    fn adjust(&self, adjustments: &[Adjustment], id: Option<u64>) -> StoreFuture<Vec<Decision>> {
-        self.inner.adjust(adjustments, id)
-    }
-
-    fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
-        self.inner.delete(keys)
-    }
-}
-
 /// A denial decided before a charge of this process landed, but answered after it, is
 /// not cached: the cache was dropped for the charge while the acquire was in flight.
 /// (Cached, its 429s reported the tokens left before the charge; for a refund, it would
@@ -154,10 +128,7 @@ impl Store for LateReplies {
 #[tokio::test]
 async fn a_denial_decided_before_a_charge_is_not_cached_after_it() {
     let layer = RatelimitLayer::builder()
-        .store(LateReplies {
-            inner: MemoryStore::new(),
-            delay: Duration::from_millis(100),
-        })
+        .store(LateReplies::new(Duration::from_millis(100), Duration::ZERO))
         .store_timeout(Duration::from_secs(5))
         .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
         .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
@@ -187,4 +158,43 @@ async fn a_denial_decided_before_a_charge_is_not_cached_after_it() {
         assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "800");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A denial cached while a charge of this process was on its way to the store (sent,
+/// not landed) is dropped when the charge lands: the 429s after that report the tokens
+/// left after it, not the ones cached before it.
+#[tokio::test]
+async fn a_denial_cached_while_a_charge_was_on_its_way_is_dropped_when_it_lands() {
+    let layer = RatelimitLayer::builder()
+        .store(LateReplies::new(Duration::ZERO, Duration::from_millis(300)))
+        .store_timeout(Duration::from_secs(5))
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
+        .identifier(Fixed::new("dee"))
+        // Tokens are only charged after the call (nothing reserved), when the charge lands.
+        .token_mode(TokenMode::CheckRemaining)
+        .build_http()
+        .unwrap();
+    let svc = layer.layer(upstream(Duration::ZERO));
+    let first = svc.clone().oneshot(chat()).await.unwrap();
+    // Its charge is sent when its body has been read, and lands 300 ms later (the body's
+    // end waits for it).
+    let reading = tokio::spawn(first.into_body().collect());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = svc.clone().oneshot(chat()).await.unwrap();
+    assert_eq!(before.status(), StatusCode::TOO_MANY_REQUESTS);
+    let cached_tokens = header(&before, "x-ratelimit-remaining-tokens");
+    reading.await.unwrap().unwrap();
+    let left = layer.usage("dee").await.unwrap()[1].remaining;
+    assert_ne!(
+        cached_tokens,
+        left.to_string(),
+        "the charge changed the tokens left"
+    );
+    let after = svc.oneshot(chat()).await.unwrap();
+    assert_eq!(after.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        header(&after, "x-ratelimit-remaining-tokens"),
+        left.to_string()
+    );
 }

@@ -6,6 +6,9 @@
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[path = "common/late_replies.rs"]
+mod late_replies;
+use late_replies::LateReplies;
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -839,8 +842,16 @@ async fn waiting_calls_keep_arrival_order_across_models_on_a_shared_limit() {
 /// slot is free passes at once too.
 #[tokio::test]
 async fn a_waiting_call_takes_a_slot_as_soon_as_it_is_released() {
-    for lease in [Duration::from_secs(2), Duration::from_secs(30)] {
+    // The second store answers 100 ms after it decides: the slot is released while the
+    // waiting call's denial is on its way back, before it queues.
+    let reply_delays = [Duration::ZERO, Duration::from_millis(100)];
+    for (lease, reply_delay) in [Duration::from_secs(2), Duration::from_secs(30)]
+        .into_iter()
+        .flat_map(|lease| reply_delays.map(|delay| (lease, delay)))
+    {
         let layer = RatelimitLayer::builder()
+            .store(LateReplies::new(reply_delay, Duration::ZERO))
+            .store_timeout(Duration::from_secs(5))
             .limit(
                 "conc",
                 Limit::concurrency(ConcurrencyLimit::new(1, lease).unwrap()),
@@ -850,21 +861,22 @@ async fn a_waiting_call_takes_a_slot_as_soon_as_it_is_released() {
             .unwrap();
         let svc = layer.layer(llm_after(Duration::from_millis(50), Usage::new(1, 1)));
         let running = tokio::spawn(svc.clone().oneshot(LlmRequest::new("cy", "a")));
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // While the first call runs (from `reply_delay` to 50 ms later).
+        tokio::time::sleep(reply_delay + Duration::from_millis(20)).await;
         let started = Instant::now();
         let waiting = tokio::spawn(svc.clone().oneshot(LlmRequest::new("cy", "b")));
         running.await.unwrap().unwrap();
         waiting.await.unwrap().unwrap();
         assert!(
             started.elapsed() < Duration::from_millis(500),
-            "lease {lease:?}: the waiting call passed after {:?}",
+            "lease {lease:?}, replies after {reply_delay:?}: the waiting call passed after {:?}",
             started.elapsed()
         );
         let started = Instant::now();
         svc.oneshot(LlmRequest::new("cy", "c")).await.unwrap();
         assert!(
-            started.elapsed() < Duration::from_millis(200),
-            "lease {lease:?}"
+            started.elapsed() < Duration::from_millis(200) + reply_delay,
+            "lease {lease:?}, replies after {reply_delay:?}"
         );
     }
 }

@@ -10,6 +10,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
+use smallvec::SmallVec;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::{Instant, Sleep};
 
@@ -107,6 +108,9 @@ struct Waiting {
     /// Waiting is over for this call (its deadline passed while queued): the next
     /// denial fails it.
     no_more_waiting: bool,
+    /// [`Waiters::returns_of`](super::Waiters::returns_of) of each of the call's budgets
+    /// (in check order) when its latest acquire began.
+    returns_seen: SmallVec<[u64; 4]>,
 }
 
 /// A denial a call waits for: the error and every limit's decision, when it was decided,
@@ -183,6 +187,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 turn: None,
                 denied: None,
                 no_more_waiting: false,
+                returns_seen: SmallVec::new(),
             })
         });
         let pending = Pending {
@@ -322,7 +327,15 @@ impl<S: Service<R>, R> Call<S, R> {
         }
     }
 
-    fn acquire(plan: Arc<Plan>, pending: Pending<S, R>) -> Self {
+    fn acquire(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
+        if let Some(w) = &mut pending.wait {
+            // Before the acquire: a denial it answers is waited out only if no units came
+            // back to the denying budget since (else the call tries again at once).
+            w.returns_seen.clear();
+            let waiters = &pending.engine.waiters;
+            let seen = plan.checks.iter().map(|c| waiters.returns_of(&c.key));
+            w.returns_seen.extend(seen);
+        }
         // Even an in-process store's answer is taken up on the first poll, not here: a
         // future dropped before it is polled must take nothing, and the slots' lease
         // renewal needs the runtime that polls.
@@ -379,6 +392,26 @@ fn wait_for<S, R>(
         lifts: now + wait,
     });
     None
+}
+
+/// Units came back to budget `queue` while the acquire that it denied was in flight (a
+/// slot released, a refund landed): nothing will signal that again, so the denial the
+/// call waits for lifts now, and it tries again once it holds its turn.
+fn returned_meanwhile<S, R>(pending: &mut Pending<S, R>, plan: &Plan, queue: &str) {
+    let Some(w) = pending.wait.as_deref_mut() else {
+        return;
+    };
+    let seen = plan
+        .checks
+        .iter()
+        .zip(&w.returns_seen)
+        .find(|(c, _)| *c.key == *queue)
+        .map(|(_, seen)| *seen);
+    if let (Some(seen), Some(denied)) = (seen, &mut w.denied)
+        && pending.engine.waiters.returns_of(queue) != seen
+    {
+        denied.lifts = Instant::now();
+    }
 }
 
 fn taken<T>(slot: &mut Option<T>) -> T {
@@ -491,6 +524,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         let Some((error, decisions)) = wait_for(&mut pending, error, decisions)
                         else {
                             tracing::debug!(identifier = %plan.tag, "waiting for budget");
+                            returned_meanwhile(&mut pending, &plan, &queue);
                             self.set(Self::queue(plan, pending, queue));
                             continue;
                         };

@@ -14,6 +14,7 @@ pub(crate) mod settlement;
 use std::collections::HashMap;
 
 use smallvec::SmallVec;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -499,9 +500,28 @@ impl Engine {
 
 /// Wait mode's queues: one per budget (a limit's state key) that has calls waiting, so
 /// calls waiting for one budget take their turns in arrival order.
-#[derive(Default)]
 pub(crate) struct Waiters {
     queues: Mutex<HashMap<String, Queue>>,
+    /// How often units came back to the budgets of each slot (budgets by hash of their
+    /// key). A budget's queue exists only while calls wait for it, so its wake-up signal
+    /// cannot tell a call denied *before* it queued that units came back meanwhile (say
+    /// a slot released while the call's acquire was in flight): the call compares this
+    /// count, read before its acquire, instead.
+    returns: Box<[AtomicU64]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+/// Slots of [`Waiters::returns`]: budgets sharing one only cost each other a retry.
+const RETURN_SLOTS: usize = 1024;
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Self {
+            queues: Mutex::default(),
+            returns: (0..RETURN_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
 }
 
 /// One budget's queue: the FIFO lock whose holder is the call whose turn it is, and the
@@ -514,6 +534,16 @@ pub(crate) struct Queue {
 }
 
 impl Waiters {
+    fn returns_slot(&self, key: &str) -> &AtomicU64 {
+        use std::hash::BuildHasher;
+        &self.returns[self.hasher.hash_one(key) as usize % RETURN_SLOTS]
+    }
+
+    /// How often units came back to budget `key` (or another of its slot) so far.
+    pub(crate) fn returns_of(&self, key: &str) -> u64 {
+        self.returns_slot(key).load(Ordering::SeqCst)
+    }
+
     /// The queue of budget `key`, created if none.
     pub(crate) fn queue(&self, key: &str) -> Queue {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -542,7 +572,10 @@ impl Waiters {
 
     /// Units came back to these budgets: wake the call whose turn it is in each (or, if
     /// it is not sleeping yet, let its sleep end at once).
-    pub(crate) fn returned<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+    pub(crate) fn returned<'k>(&self, keys: impl Iterator<Item = &'k str> + Clone) {
+        for key in keys.clone() {
+            self.returns_slot(key).fetch_add(1, Ordering::SeqCst);
+        }
         let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if queues.is_empty() {
             return;
@@ -554,6 +587,12 @@ impl Waiters {
 
     /// Every budget of identifier `tag` came back (a reset): wake their sleeping calls.
     pub(crate) fn returned_all(&self, tag: &str) {
+        // Its keys (one per model, for per-model limits) are not known here: every slot
+        // counts a return (a reset is rare; a call of another identifier denied meanwhile
+        // only tries once more).
+        for slot in &self.returns {
+            slot.fetch_add(1, Ordering::SeqCst);
+        }
         let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         // State keys end in `:{<tag>}` (see `state_key`).
         for (key, q) in queues.iter() {

@@ -341,39 +341,44 @@ impl Settlement {
             renewal.abort();
         }
         let (remote, local) = self.writes(ending);
-        if remote.iter().chain(&local).any(|a| a.delta != 0) {
-            // Budget comes back (a denial cached here may no longer hold) or is taken (a
-            // cached denial reports every limit's state, which this changes).
-            self.engine.forget_denials(&self.plan.tag);
-        }
+        let (engine, tag) = (&self.engine, &*self.plan.tag);
         if !local.is_empty() {
-            self.engine.local.adjust_now(&local);
-            returned(&self.engine, &local);
+            engine.local.adjust_now(&local);
+            landed(engine, tag, &local);
         }
         if remote.is_empty() {
             return None;
         }
-        let engine = &self.engine;
         let id = self.id;
-        if engine.breaker.is_open() {
+        let pending = match engine.breaker.is_open() {
+            true => None,
+            false => match engine.store.adjust(&remote, Some(id)).into_ready() {
+                Ok(Ok(_)) => {
+                    landed(engine, tag, &remote);
+                    return None;
+                }
+                Ok(Err(error)) => {
+                    engine.forget_denials(tag);
+                    settlement_failed(engine, &error, remote, id);
+                    return None;
+                }
+                Err(pending) => Some(pending),
+            },
+        };
+        // Not landed yet: the denials cached now report the budget as it is until it
+        // lands, and are dropped again then (a denial decided before it landed may be
+        // answered, and cached, after this).
+        if remote.iter().any(|a| a.delta != 0) {
+            engine.forget_denials(tag);
+        }
+        let Some(pending) = pending else {
             queue_settlement(engine, remote, id);
             return None;
-        }
-        let pending = match engine.store.adjust(&remote, Some(id)).into_ready() {
-            Ok(Ok(_)) => {
-                returned(engine, &remote);
-                return None;
-            }
-            Ok(Err(error)) => {
-                settlement_failed(engine, &error, remote, id);
-                return None;
-            }
-            Err(pending) => pending,
         };
-        let engine = engine.clone();
+        let (engine, plan) = (engine.clone(), self.plan.clone());
         Some(Box::pin(async move {
             match with_timeout(engine.store_timeout, pending).await {
-                Ok(_) => returned(&engine, &remote),
+                Ok(_) => landed(&engine, &plan.tag, &remote),
                 Err(error) => settlement_failed(&engine, &error, remote, id),
             }
         }))
@@ -415,9 +420,13 @@ impl Settlement {
     }
 }
 
-/// Wake calls waiting (in wait mode) for budgets these written adjustments gave units
-/// back to: refunds and released slots.
-fn returned(engine: &Engine, written: &[Adjustment]) {
+/// `written` landed in the store for identifier `tag`: a denial cached for it may no
+/// longer hold (budget came back) or reports limits as they were (budget was taken), and
+/// calls waiting for budget it gave back may go.
+fn landed(engine: &Engine, tag: &str, written: &[Adjustment]) {
+    if written.iter().any(|a| a.delta != 0) {
+        engine.forget_denials(tag);
+    }
     if engine.wait_up_to.is_some() {
         let keys = written.iter().filter(|a| a.delta < 0).map(|a| &*a.key);
         engine.waiters.returned(keys);
@@ -459,13 +468,13 @@ impl Drop for Settlement {
                 }
                 match decider {
                     Decider::Store => match self.engine.store.adjust(&undo, None).into_ready() {
-                        Ok(Ok(_)) => returned(&self.engine, &undo),
+                        Ok(Ok(_)) => landed(&self.engine, &self.plan.tag, &undo),
                         Ok(Err(error)) => tracing::warn!(%error, "could not undo an acquire"),
                         Err(pending) => {
-                            let engine = self.engine.clone();
+                            let (engine, plan) = (self.engine.clone(), self.plan.clone());
                             finish_in_background(async move {
                                 match with_timeout(engine.store_timeout, pending).await {
-                                    Ok(_) => returned(&engine, &undo),
+                                    Ok(_) => landed(&engine, &plan.tag, &undo),
                                     Err(error) => {
                                         tracing::warn!(%error, "could not undo an acquire")
                                     }
@@ -475,7 +484,7 @@ impl Drop for Settlement {
                     },
                     Decider::Local => {
                         self.engine.local.adjust_now(&undo);
-                        returned(&self.engine, &undo);
+                        landed(&self.engine, &self.plan.tag, &undo);
                     }
                     // Nothing was taken.
                     Decider::Open => {}
