@@ -7,14 +7,16 @@ mod common;
 mod proxy;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy::{FaultProxy, Mode};
 use tower::{BoxError, Service, ServiceExt, service_fn};
+use tower_llm_ratelimit::store::{Adjustment, LimitCheck, StoreFuture};
 use tower_llm_ratelimit::{
-    ConcurrencyLimit, ErrorKind, FixedWindow, LlmRequest, LlmResponse, MemoryStore, Ratelimit,
-    RatelimitLayer, RedisOptions, RedisStore, Store, StoreErrorPolicy, TokenMode, Usage,
+    ConcurrencyLimit, Decision, ErrorKind, FixedWindow, LlmRequest, LlmResponse, MemoryStore,
+    Ratelimit, RatelimitLayer, RedisOptions, RedisStore, Store, StoreError, StoreErrorPolicy,
+    TokenMode, Usage,
 };
 
 /// Fixed windows are aligned to multiples of their length since the epoch: with the
@@ -481,33 +483,50 @@ async fn a_settlement_id_is_applied_once() {
     assert!(keys.iter().all(|(_, ttl)| *ttl > 0), "{keys:?}");
 }
 
-/// A store that fails every operation at once, with a ready error (no future to time out).
-struct FailingStore;
+/// A memory store whose operations can be made to fail at once with a ready error
+/// (acquires and deletes, or adjusts), or to never answer.
+#[derive(Clone, Default)]
+struct Flaky {
+    inner: MemoryStore,
+    acquire_fails: Arc<AtomicBool>,
+    adjust_fails: Arc<AtomicBool>,
+    hang: Arc<AtomicBool>,
+}
 
-impl Store for FailingStore {
-    fn acquire(
-        &self,
-        _: &[tower_llm_ratelimit::store::LimitCheck],
-    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
-        tower_llm_ratelimit::store::StoreFuture::ready(Err(tower_llm_ratelimit::StoreError::new(
-            "down",
-        )))
+impl Flaky {
+    fn failing() -> Self {
+        let store = Self::default();
+        store.acquire_fails.store(true, Ordering::SeqCst);
+        store.adjust_fails.store(true, Ordering::SeqCst);
+        store
     }
 
-    fn adjust(
+    fn answer<T: Send + 'static>(
         &self,
-        _: &[tower_llm_ratelimit::store::Adjustment],
-        _: Option<u64>,
-    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
-        tower_llm_ratelimit::store::StoreFuture::ready(Err(tower_llm_ratelimit::StoreError::new(
-            "down",
-        )))
+        fails: &AtomicBool,
+        answer: impl FnOnce() -> StoreFuture<T>,
+    ) -> StoreFuture<T> {
+        if self.hang.load(Ordering::SeqCst) {
+            StoreFuture::new(std::future::pending())
+        } else if fails.load(Ordering::SeqCst) {
+            StoreFuture::ready(Err(StoreError::new("down")))
+        } else {
+            answer()
+        }
+    }
+}
+
+impl Store for Flaky {
+    fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>> {
+        self.answer(&self.acquire_fails, || self.inner.acquire(checks))
     }
 
-    fn delete(&self, _: Vec<String>) -> tower_llm_ratelimit::store::StoreFuture<()> {
-        tower_llm_ratelimit::store::StoreFuture::ready(Err(tower_llm_ratelimit::StoreError::new(
-            "down",
-        )))
+    fn adjust(&self, adjustments: &[Adjustment], id: Option<u64>) -> StoreFuture<Vec<Decision>> {
+        self.answer(&self.adjust_fails, || self.inner.adjust(adjustments, id))
+    }
+
+    fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
+        self.answer(&self.acquire_fails, || self.inner.delete(keys))
     }
 }
 
@@ -517,7 +536,7 @@ impl Store for FailingStore {
 #[tokio::test]
 async fn a_call_decided_by_the_fallback_and_dropped_unpolled_takes_nothing() {
     let layer = RatelimitLayer::builder()
-        .store(FailingStore)
+        .store(Flaky::failing())
         .prefix(common::unique_prefix("readyfail"))
         .request_limit(FixedWindow::new(2, MINUTE).unwrap())
         .on_store_error(StoreErrorPolicy::Local)
@@ -542,4 +561,101 @@ async fn a_call_decided_by_the_fallback_and_dropped_unpolled_takes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(third.kind(), ErrorKind::RequestLimitReached, "{third}");
+}
+
+/// A call dropped before it was polled gives back what the store took when it was
+/// called, and the denial cached meanwhile (for the unit it held) goes with it.
+#[tokio::test]
+async fn a_call_dropped_unpolled_drops_the_denial_its_unit_caused() {
+    let layer = RatelimitLayer::builder()
+        .request_limit(FixedWindow::new(1, MINUTE).unwrap())
+        .build()
+        .unwrap();
+    let mut svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
+    let request = || LlmRequest::new("vic", "hi");
+    let unpolled = svc.ready().await.unwrap().call(request());
+    let denied = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.kind(), ErrorKind::RequestLimitReached);
+    drop(unpolled);
+    assert_eq!(layer.usage("vic").await.unwrap()[0].remaining, 1);
+    let next = svc.ready().await.unwrap().call(request()).await;
+    assert!(next.is_ok(), "refused from the cache: {next:?}");
+}
+
+/// An undo the store fails (a call dropped unpolled, its slot taken when it was called)
+/// is queued and retried like a settlement: the slot comes back once the store does.
+#[tokio::test]
+async fn a_failed_undo_is_retried_until_it_lands() {
+    let store = Flaky::default();
+    let layer = RatelimitLayer::builder()
+        .store(store.clone())
+        .concurrency_limit(ConcurrencyLimit::new(1, MINUTE).unwrap())
+        .build()
+        .unwrap();
+    let mut svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
+    let request = || LlmRequest::new("wes", "hi");
+    let unpolled = svc.ready().await.unwrap().call(request());
+    store.adjust_fails.store(true, Ordering::SeqCst);
+    drop(unpolled);
+    store.adjust_fails.store(false, Ordering::SeqCst);
+    assert_eq!(layer.flush(Duration::from_secs(5)).await, 0);
+    // The breaker the failure tripped closes after its cool-down (1 s).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let next = svc.ready().await.unwrap().call(request()).await;
+    assert!(
+        next.is_ok(),
+        "the dropped call's slot was never released: {next:?}"
+    );
+}
+
+/// A reset clears the in-process fallback store too: in the next outage the identifier
+/// starts afresh there, not from the counts of the last one.
+#[tokio::test]
+async fn a_reset_clears_the_fallback_store() {
+    let store = Flaky::default();
+    let layer = RatelimitLayer::builder()
+        .store(store.clone())
+        .request_limit(FixedWindow::new(2, MINUTE).unwrap())
+        .on_store_error(StoreErrorPolicy::Local)
+        .cache_denials(false)
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
+    let request = || LlmRequest::new("xan", "hi");
+    store.acquire_fails.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        svc.clone().oneshot(request()).await.unwrap();
+    }
+    store.acquire_fails.store(false, Ordering::SeqCst);
+    layer.reset("xan").await.unwrap();
+    store.acquire_fails.store(true, Ordering::SeqCst);
+    let after = svc.clone().oneshot(request()).await;
+    assert!(
+        after.is_ok(),
+        "refused by the fallback's counts from before the reset: {after:?}"
+    );
+}
+
+/// `usage` and `reset` wait for the store no longer than calls do (`store_timeout`).
+#[tokio::test]
+async fn usage_and_reset_are_bounded_by_the_store_timeout() {
+    let store = Flaky::default();
+    store.hang.store(true, Ordering::SeqCst);
+    let layer = RatelimitLayer::builder()
+        .store(store)
+        .request_limit(FixedWindow::new(2, MINUTE).unwrap())
+        .store_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let bound = Duration::from_secs(3);
+    let usage = tokio::time::timeout(bound, layer.usage("yul")).await;
+    assert!(matches!(usage, Ok(Err(_))), "usage: {usage:?}");
+    let reset = tokio::time::timeout(bound, layer.reset("yul")).await;
+    assert!(matches!(reset, Ok(Err(_))), "reset: {reset:?}");
 }

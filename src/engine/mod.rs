@@ -29,7 +29,7 @@ use crate::store::{
 
 use limit::{LimitKind, LimitSpec, TokenCount};
 use quota::{QuotaResolver, Quotas};
-use reliability::{Breaker, SettlementQueue, StoreErrorPolicy};
+use reliability::{Breaker, SettlementQueue, StoreErrorPolicy, with_timeout};
 
 /// How token limits are applied before a call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -434,15 +434,21 @@ impl Engine {
             return Err(Error::invalid_input(format!("no limit named {name:?}")));
         }
         self.forget_denials(&tag);
-        let keys = specs.iter().map(|s| state_key(&s.prefix, &tag)).collect();
-        self.store.delete(keys).await?;
+        let keys: Vec<String> = specs.iter().map(|s| state_key(&s.prefix, &tag)).collect();
         let per_model: Vec<String> = specs
             .iter()
             .filter(|s| s.per_model)
             .map(|s| format!("{}:m.", s.prefix))
             .collect();
+        // The in-process fallback store too: the next outage starts from the reset.
+        self.local.delete_now(&keys);
         if !per_model.is_empty() {
-            self.store.delete_identifier(per_model, tag.clone()).await?;
+            self.local.delete_identifier_now(&per_model, &tag);
+        }
+        with_timeout(self.store_timeout, self.store.delete(keys)).await?;
+        if !per_model.is_empty() {
+            let deleted = self.store.delete_identifier(per_model, tag.clone());
+            with_timeout(self.store_timeout, deleted).await?;
         }
         // A denial cached while the delete was in flight is stale too.
         self.forget_denials(&tag);
@@ -471,7 +477,7 @@ impl Engine {
                 ..c.clone()
             })
             .collect::<Vec<_>>();
-        let decisions = self.store.acquire(&checks).await?;
+        let decisions = with_timeout(self.store_timeout, self.store.acquire(&checks)).await?;
         Ok(plan
             .taken
             .iter()

@@ -467,21 +467,26 @@ impl Drop for Settlement {
                     return;
                 }
                 match decider {
-                    Decider::Store => match self.engine.store.adjust(&undo, None).into_ready() {
-                        Ok(Ok(_)) => landed(&self.engine, &self.plan.tag, &undo),
-                        Ok(Err(error)) => tracing::warn!(%error, "could not undo an acquire"),
-                        Err(pending) => {
-                            let (engine, plan) = (self.engine.clone(), self.plan.clone());
-                            finish_in_background(async move {
-                                match with_timeout(engine.store_timeout, pending).await {
-                                    Ok(_) => landed(&engine, &plan.tag, &undo),
-                                    Err(error) => {
-                                        tracing::warn!(%error, "could not undo an acquire")
+                    // With the settlement's id: an undo the store fails is queued and
+                    // retried like a settlement, and lands once.
+                    Decider::Store => {
+                        match self.engine.store.adjust(&undo, Some(self.id)).into_ready() {
+                            Ok(Ok(_)) => landed(&self.engine, &self.plan.tag, &undo),
+                            Ok(Err(error)) => {
+                                settlement_failed(&self.engine, &error, undo, self.id)
+                            }
+                            Err(pending) => {
+                                let (engine, plan, id) =
+                                    (self.engine.clone(), self.plan.clone(), self.id);
+                                finish_in_background(async move {
+                                    match with_timeout(engine.store_timeout, pending).await {
+                                        Ok(_) => landed(&engine, &plan.tag, &undo),
+                                        Err(error) => settlement_failed(&engine, &error, undo, id),
                                     }
-                                }
-                            });
+                                });
+                            }
                         }
-                    },
+                    }
                     Decider::Local => {
                         self.engine.local.adjust_now(&undo);
                         landed(&self.engine, &self.plan.tag, &undo);

@@ -89,8 +89,10 @@ impl<X> RatelimitLayer<X> {
     }
 
     /// Give `identifier` a full budget on every limit and every model (its state is
-    /// deleted from the store, so every instance sees the reset) and drop its cached
-    /// denials here (other instances drop theirs within their denial-cache max age).
+    /// deleted from the store, so every instance sees the reset, and from this
+    /// instance's fallback store) and drop its cached denials here (other instances drop
+    /// theirs within their denial-cache max age). Fails with the store's error, or a
+    /// timeout after `store_timeout`.
     pub async fn reset(&self, identifier: impl AsRef<[u8]>) -> Result<(), Error> {
         self.engine.reset(identifier.as_ref(), None).await
     }
