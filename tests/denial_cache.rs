@@ -198,3 +198,45 @@ async fn a_denial_cached_while_a_charge_was_on_its_way_is_dropped_when_it_lands(
         left.to_string()
     );
 }
+
+/// Calls of another model that take from a limit shared with a cached denial's model
+/// show in that denial's next 429: it reported the requests left before them.
+#[tokio::test]
+async fn a_cached_denial_reports_a_shared_limit_as_other_models_use_it() {
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(10, LONG).unwrap()))
+        .limit(
+            "gpt4-tpm",
+            Limit::tokens(FixedWindow::new(100, LONG).unwrap()).models(["gpt-4*"]),
+        )
+        .identifier(Fixed::new("mo"))
+        .build_http()
+        .unwrap();
+    let svc = layer.layer(upstream(Duration::ZERO));
+    let chat_with = |model: &str| {
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#
+            ))))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(chat_with("gpt-4o")).await.unwrap();
+    first.into_body().collect().await.unwrap();
+    let denied = svc.clone().oneshot(chat_with("gpt-4o")).await.unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    for _ in 0..3 {
+        let r = svc
+            .clone()
+            .oneshot(chat_with("gpt-3.5-turbo"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.into_body().collect().await.unwrap();
+    }
+    let left = layer.usage_for_model("mo", "gpt-4o").await.unwrap()[0].remaining;
+    assert_eq!(left, 6);
+    let denied = svc.oneshot(chat_with("gpt-4o")).await.unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&denied, "x-ratelimit-remaining-requests"), "6");
+}

@@ -1116,3 +1116,40 @@ async fn a_cold_cache_looks_a_tenant_up_once() {
     }
     assert_eq!(lookups.load(Ordering::SeqCst), 1);
 }
+
+/// Units that come back are for every call they let through, not only the one whose turn
+/// it is: two calls denied at once (their acquires in flight together, as on a network)
+/// both pass soon after a reset gives back enough for both, not when their recorded
+/// denials would have lifted (2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_given_back_wake_every_waiting_call_they_let_through() {
+    let layer = RatelimitLayer::builder()
+        .store(LateReplies::new(Duration::from_millis(50), Duration::ZERO))
+        .store_timeout(Duration::from_secs(5))
+        .request_limit(TokenBucket::new(2, 1, Duration::from_secs(2)).unwrap())
+        .wait_up_to(Duration::from_secs(5))
+        .cache_denials(false)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    for _ in 0..2 {
+        svc.clone()
+            .oneshot(LlmRequest::new("rr", "x"))
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let waiting: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(svc.clone().oneshot(LlmRequest::new("rr", "x"))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    layer.reset("rr").await.unwrap();
+    for call in waiting {
+        call.await.unwrap().unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "both passed after {:?} (reset at 150 ms)",
+        started.elapsed()
+    );
+}

@@ -659,3 +659,118 @@ async fn usage_and_reset_are_bounded_by_the_store_timeout() {
     let reset = tokio::time::timeout(bound, layer.reset("yul")).await;
     assert!(matches!(reset, Ok(Err(_))), "reset: {reset:?}");
 }
+
+/// A write that lands through the retry queue does what one that lands at once does: a
+/// released slot wakes the call waiting for it (not its bound, 5 s), and returned units
+/// drop the identifier's cached denials.
+#[tokio::test]
+async fn a_write_that_lands_from_the_queue_wakes_waiters_and_drops_cached_denials() {
+    let store = Flaky::default();
+    let layer = RatelimitLayer::builder()
+        .store(store.clone())
+        .concurrency_limit(ConcurrencyLimit::new(1, Duration::from_secs(30)).unwrap())
+        .wait_up_to(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(
+        &layer,
+        mock_llm(Duration::from_millis(50), Usage::new(1, 1)),
+    );
+    let started = Instant::now();
+    let first = tokio::spawn(svc.clone().oneshot(LlmRequest::new("zed", "a")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let waiting = tokio::spawn(svc.clone().oneshot(LlmRequest::new("zed", "b")));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The first call's release fails when it ends (at 50 ms) and is queued.
+    store.adjust_fails.store(true, Ordering::SeqCst);
+    first.await.unwrap().unwrap();
+    // The failure opened the breaker for 1 s (the waiting call would fail to try before
+    // it closes); then the queued release lands.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    store.adjust_fails.store(false, Ordering::SeqCst);
+    assert_eq!(layer.flush(Duration::from_secs(2)).await, 0);
+    waiting.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the waiting call passed after {:?}",
+        started.elapsed()
+    );
+
+    // A denial cached while an undo waited in the queue goes when the undo lands.
+    let store = Flaky::default();
+    let layer = RatelimitLayer::builder()
+        .store(store.clone())
+        .request_limit(FixedWindow::new(1, MINUTE).unwrap())
+        .build()
+        .unwrap();
+    let mut svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
+    let request = || LlmRequest::new("zoe", "hi");
+    let unpolled = svc.ready().await.unwrap().call(request());
+    store.adjust_fails.store(true, Ordering::SeqCst);
+    drop(unpolled);
+    // The breaker the failed undo tripped closes after 1 s; then the store denies, and
+    // the denial is cached.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let denied = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.kind(), ErrorKind::RequestLimitReached);
+    store.adjust_fails.store(false, Ordering::SeqCst);
+    assert_eq!(layer.flush(Duration::from_secs(2)).await, 0);
+    let next = svc.ready().await.unwrap().call(request()).await;
+    assert!(
+        next.is_ok(),
+        "refused from the cache after the undo landed: {next:?}"
+    );
+}
+
+/// A store whose future panics does not stop the retry queue: the next queued write
+/// starts another worker, and every charge lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_store_future_does_not_stop_the_retry_queue() {
+    #[derive(Clone, Default)]
+    struct Panicky {
+        inner: Flaky,
+        adjusts: Arc<AtomicUsize>,
+    }
+    impl Store for Panicky {
+        fn acquire(&self, checks: &[LimitCheck]) -> StoreFuture<Vec<Decision>> {
+            self.inner.acquire(checks)
+        }
+        fn adjust(&self, a: &[Adjustment], id: Option<u64>) -> StoreFuture<Vec<Decision>> {
+            // The second adjust (the queue's first retry) panics.
+            if self.adjusts.fetch_add(1, Ordering::SeqCst) == 1 {
+                return StoreFuture::new(async { panic!("a store future that panics") });
+            }
+            self.inner.adjust(a, id)
+        }
+        fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
+            self.inner.delete(keys)
+        }
+    }
+    let store = Panicky::default();
+    let layer = RatelimitLayer::builder()
+        .store(store.clone())
+        .token_limit(FixedWindow::new(1000, MINUTE).unwrap())
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(100, 0)));
+    store.inner.adjust_fails.store(true, Ordering::SeqCst);
+    svc.clone()
+        .oneshot(LlmRequest::new("pam", "x"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    svc.clone()
+        .oneshot(LlmRequest::new("pam", "x"))
+        .await
+        .unwrap();
+    store.inner.adjust_fails.store(false, Ordering::SeqCst);
+    assert_eq!(layer.flush(Duration::from_secs(5)).await, 0);
+    let used = 1000 - layer.usage("pam").await.unwrap()[0].remaining;
+    assert_eq!(used, 200, "both calls charged");
+}

@@ -298,7 +298,9 @@ impl<S: Service<R>, R> Call<S, R> {
         let denied = pending.wait.as_mut().and_then(|w| w.denied.take());
         match denied {
             // (A denial is waited for only up to the bound: `lifts` is within it.)
-            Some(Denial { lifts, .. }) if lifts > now => {
+            Some(Denial { lifts, .. })
+                if lifts > now && !returned_since_acquire(&pending, &plan) =>
+            {
                 // Woken early when units come back to the budget through this process:
                 // a refund, a released slot (whose return no retry_after can tell) or a
                 // reset.
@@ -394,24 +396,24 @@ fn wait_for<S, R>(
     None
 }
 
-/// Units came back to budget `queue` while the acquire that it denied was in flight (a
-/// slot released, a refund landed): nothing will signal that again, so the denial the
-/// call waits for lifts now, and it tries again once it holds its turn.
-fn returned_meanwhile<S, R>(pending: &mut Pending<S, R>, plan: &Plan, queue: &str) {
-    let Some(w) = pending.wait.as_deref_mut() else {
-        return;
+/// Whether units came back to the budget the call waits for since its latest acquire
+/// began: a slot released or a refund landed while the acquire was in flight, or while
+/// the call waited for its turn (the wake-up then went to the call before it). Nothing
+/// will signal those again, so the call tries again now instead of sleeping its denial
+/// out. Checked once the call's queue exists: a return after this wakes it through the
+/// queue.
+fn returned_since_acquire<S, R>(pending: &Pending<S, R>, plan: &Plan) -> bool {
+    let Some(w) = pending.wait.as_deref() else {
+        return false;
     };
-    let seen = plan
-        .checks
+    let Some(queue) = w.queue.as_deref() else {
+        return false;
+    };
+    plan.checks
         .iter()
         .zip(&w.returns_seen)
         .find(|(c, _)| *c.key == *queue)
-        .map(|(_, seen)| *seen);
-    if let (Some(seen), Some(denied)) = (seen, &mut w.denied)
-        && pending.engine.waiters.returns_of(queue) != seen
-    {
-        denied.lifts = Instant::now();
-    }
+        .is_some_and(|(_, seen)| pending.engine.waiters.returns_of(queue) != *seen)
 }
 
 fn taken<T>(slot: &mut Option<T>) -> T {
@@ -466,6 +468,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                                 let now = Instant::now();
                                 if let Some(denial) = w.denied.take()
                                     && denial.lifts > now
+                                    && !returned_since_acquire(&pending, &plan)
                                 {
                                     let (error, decisions) = denial.refusal_at(now);
                                     return Poll::Ready(refusal(error, decisions, Some(plan)));
@@ -524,7 +527,6 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         let Some((error, decisions)) = wait_for(&mut pending, error, decisions)
                         else {
                             tracing::debug!(identifier = %plan.tag, "waiting for budget");
-                            returned_meanwhile(&mut pending, &plan, &queue);
                             self.set(Self::queue(plan, pending, queue));
                             continue;
                         };
@@ -538,6 +540,11 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         });
                     }
                     release_turn(&mut pending);
+                    if plan.checks.iter().any(|c| c.take && c.cost > 0) {
+                        // Units taken: a denial cached for the identifier (another model's,
+                        // sharing a limit with this call) no longer reports it as it is.
+                        pending.engine.forget_denials(&plan.tag);
+                    }
                     // Checked first: building a disabled span still costs (it is offered
                     // to the `log` crate when tracing's `log` feature is on).
                     let _span = tracing::enabled!(tracing::Level::DEBUG).then(|| {

@@ -114,8 +114,13 @@ impl DeniedCache {
 
     /// Drop every entry of `tag`, and any denial of it being decided now.
     pub(crate) fn forget(&self, tag: &str) {
-        self.forgotten_of(tag).fetch_add(1, Ordering::SeqCst);
-        self.remove(tag);
+        // One hash for both (this runs for every call that takes or gives back units).
+        let hash = self.hasher.hash_one(tag) as usize;
+        self.forgotten[hash % FORGET_SLOTS].fetch_add(1, Ordering::SeqCst);
+        let shard = &self.shards[hash % SHARDS];
+        if shard.len.load(Ordering::SeqCst) > 0 {
+            Self::lock(shard).map.remove(tag);
+        }
     }
 
     fn remove(&self, tag: &str) {

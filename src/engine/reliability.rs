@@ -132,11 +132,15 @@ pub(crate) fn fallback_decisions(
     }
 }
 
+/// What to do once a queued write lands (drop cached denials, wake waiting calls).
+pub(crate) type OnLanded = Arc<dyn Fn(&[Adjustment]) + Send + Sync>;
+
 /// A settlement write that has not landed yet.
 #[derive(Clone)]
 struct Queued {
     adjustments: Vec<Adjustment>,
     id: u64,
+    on_landed: OnLanded,
 }
 
 struct QueueState {
@@ -201,6 +205,7 @@ impl SettlementQueue {
         timeout: Duration,
         adjustments: Vec<Adjustment>,
         id: u64,
+        on_landed: OnLanded,
     ) {
         let start_worker = {
             let mut state = self.lock();
@@ -212,7 +217,11 @@ impl SettlementQueue {
                 );
                 return;
             }
-            state.items.push_back(Queued { adjustments, id });
+            state.items.push_back(Queued {
+                adjustments,
+                id,
+                on_landed,
+            });
             tracing::warn!(
                 pending = state.items.len(),
                 "queued a settlement the store did not take"
@@ -236,6 +245,23 @@ impl SettlementQueue {
 
     /// Write queued settlements oldest first, backing off while the store fails.
     async fn drain(self: Arc<Self>, store: Arc<dyn Store>, timeout: Duration) {
+        // However else the worker ends (a store future that panics, its task cancelled),
+        // the next push starts another.
+        struct Running<'a> {
+            queue: &'a SettlementQueue,
+            ended: bool,
+        }
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                if !self.ended {
+                    self.queue.lock().worker_running = false;
+                }
+            }
+        }
+        let mut running = Running {
+            queue: &self,
+            ended: false,
+        };
         let mut backoff = MIN_BACKOFF;
         loop {
             // The item stays queued (and counted) until its write has landed.
@@ -245,6 +271,7 @@ impl SettlementQueue {
                     Some(item) => item.clone(),
                     None => {
                         state.worker_running = false;
+                        running.ended = true;
                         drop(state);
                         self.idle.notify_waiters();
                         return;
@@ -254,6 +281,7 @@ impl SettlementQueue {
             let write = store.adjust(&next.adjustments, Some(next.id));
             match with_timeout(timeout, write).await {
                 Ok(_) => {
+                    (next.on_landed)(&next.adjustments);
                     let pending = {
                         let mut state = self.lock();
                         state.items.pop_front();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use super::limit::LimitKind;
-use super::reliability::{Decider, fallback_decisions, next_id, with_timeout};
+use super::reliability::{Decider, OnLanded, fallback_decisions, next_id, with_timeout};
 
 use super::{Engine, MissingUsage, Plan, Taken, metrics};
 use crate::error::StoreError;
@@ -359,7 +359,7 @@ impl Settlement {
                 }
                 Ok(Err(error)) => {
                     engine.forget_denials(tag);
-                    settlement_failed(engine, &error, remote, id);
+                    settlement_failed(engine, &self.plan, &error, remote, id);
                     return None;
                 }
                 Err(pending) => Some(pending),
@@ -372,14 +372,14 @@ impl Settlement {
             engine.forget_denials(tag);
         }
         let Some(pending) = pending else {
-            queue_settlement(engine, remote, id);
+            queue_settlement(engine, &self.plan, remote, id);
             return None;
         };
         let (engine, plan) = (engine.clone(), self.plan.clone());
         Some(Box::pin(async move {
             match with_timeout(engine.store_timeout, pending).await {
                 Ok(_) => landed(&engine, &plan.tag, &remote),
-                Err(error) => settlement_failed(&engine, &error, remote, id),
+                Err(error) => settlement_failed(&engine, &plan, &error, remote, id),
             }
         }))
     }
@@ -434,18 +434,36 @@ fn landed(engine: &Engine, tag: &str, written: &[Adjustment]) {
 }
 
 /// A settling write the store failed: open the breaker and queue it for retry.
-fn settlement_failed(engine: &Engine, error: &StoreError, remote: Vec<Adjustment>, id: u64) {
+fn settlement_failed(
+    engine: &Arc<Engine>,
+    plan: &Arc<Plan>,
+    error: &StoreError,
+    remote: Vec<Adjustment>,
+    id: u64,
+) {
     engine.breaker.trip();
     metrics::store_error();
     tracing::warn!(%error, "settlement not written; queued for retry");
-    queue_settlement(engine, remote, id);
+    queue_settlement(engine, plan, remote, id);
 }
 
-/// Queue a settling write the store did not take, to retry until it lands.
-fn queue_settlement(engine: &Engine, remote: Vec<Adjustment>, id: u64) {
-    engine
-        .queue
-        .push(engine.store.clone(), engine.store_timeout, remote, id);
+/// Queue a settling write the store did not take, to retry until it lands (and then do
+/// what a landed write does: see [`landed`]).
+fn queue_settlement(engine: &Arc<Engine>, plan: &Arc<Plan>, remote: Vec<Adjustment>, id: u64) {
+    // Weak: the queue belongs to the engine.
+    let (weak, plan) = (Arc::downgrade(engine), plan.clone());
+    let on_landed: OnLanded = Arc::new(move |written| {
+        if let Some(engine) = weak.upgrade() {
+            landed(&engine, &plan.tag, written);
+        }
+    });
+    engine.queue.push(
+        engine.store.clone(),
+        engine.store_timeout,
+        remote,
+        id,
+        on_landed,
+    );
     metrics::pending_settlements(engine.queue.len());
 }
 
@@ -473,7 +491,7 @@ impl Drop for Settlement {
                         match self.engine.store.adjust(&undo, Some(self.id)).into_ready() {
                             Ok(Ok(_)) => landed(&self.engine, &self.plan.tag, &undo),
                             Ok(Err(error)) => {
-                                settlement_failed(&self.engine, &error, undo, self.id)
+                                settlement_failed(&self.engine, &self.plan, &error, undo, self.id)
                             }
                             Err(pending) => {
                                 let (engine, plan, id) =
@@ -481,7 +499,9 @@ impl Drop for Settlement {
                                 finish_in_background(async move {
                                     match with_timeout(engine.store_timeout, pending).await {
                                         Ok(_) => landed(&engine, &plan.tag, &undo),
-                                        Err(error) => settlement_failed(&engine, &error, undo, id),
+                                        Err(error) => {
+                                            settlement_failed(&engine, &plan, &error, undo, id)
+                                        }
                                     }
                                 });
                             }

@@ -1,5 +1,7 @@
 //! A store behind a slow network: acquires are decided at once and answered `reply_delay`
-//! later; writes land `write_delay` after they are sent.
+//! later; writes land `write_delay` after they are sent. Unlike a real store it does not
+//! undo an acquire whose future is dropped before its answer: only for tests that await
+//! every call.
 
 use std::time::Duration;
 
