@@ -108,7 +108,11 @@ impl DeniedCache {
 
     /// The shard of `tag`, locked; `None` when it holds nothing (then no lock is taken).
     fn occupied(&self, tag: &str) -> Option<Locked<'_>> {
-        let shard = self.shard_of(tag);
+        Self::if_occupied(self.shard_of(tag))
+    }
+
+    /// `shard`, locked; `None` when it holds nothing (then no lock is taken).
+    fn if_occupied(shard: &Shard) -> Option<Locked<'_>> {
         (shard.len.load(Ordering::SeqCst) > 0).then(|| Self::lock(shard))
     }
 
@@ -117,9 +121,8 @@ impl DeniedCache {
         // One hash for both (this runs for every call that takes or gives back units).
         let hash = self.hasher.hash_one(tag) as usize;
         self.forgotten[hash % FORGET_SLOTS].fetch_add(1, Ordering::SeqCst);
-        let shard = &self.shards[hash % SHARDS];
-        if shard.len.load(Ordering::SeqCst) > 0 {
-            Self::lock(shard).map.remove(tag);
+        if let Some(mut shard) = Self::if_occupied(&self.shards[hash % SHARDS]) {
+            shard.map.remove(tag);
         }
     }
 

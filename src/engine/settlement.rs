@@ -341,47 +341,15 @@ impl Settlement {
             renewal.abort();
         }
         let (remote, local) = self.writes(ending);
-        let (engine, tag) = (&self.engine, &*self.plan.tag);
+        let engine = &self.engine;
         if !local.is_empty() {
             engine.local.adjust_now(&local);
-            landed(engine, tag, &local);
+            landed(engine, &self.plan.tag, &local);
         }
         if remote.is_empty() {
             return None;
         }
-        let id = self.id;
-        let pending = match engine.breaker.is_open() {
-            true => None,
-            false => match engine.store.adjust(&remote, Some(id)).into_ready() {
-                Ok(Ok(_)) => {
-                    landed(engine, tag, &remote);
-                    return None;
-                }
-                Ok(Err(error)) => {
-                    engine.forget_denials(tag);
-                    settlement_failed(engine, &self.plan, &error, remote, id);
-                    return None;
-                }
-                Err(pending) => Some(pending),
-            },
-        };
-        // Not landed yet: the denials cached now report the budget as it is until it
-        // lands, and are dropped again then (a denial decided before it landed may be
-        // answered, and cached, after this).
-        if remote.iter().any(|a| a.delta != 0) {
-            engine.forget_denials(tag);
-        }
-        let Some(pending) = pending else {
-            queue_settlement(engine, &self.plan, remote, id);
-            return None;
-        };
-        let (engine, plan) = (engine.clone(), self.plan.clone());
-        Some(Box::pin(async move {
-            match with_timeout(engine.store_timeout, pending).await {
-                Ok(_) => landed(&engine, &plan.tag, &remote),
-                Err(error) => settlement_failed(&engine, &plan, &error, remote, id),
-            }
-        }))
+        write_to_store(engine, &self.plan, remote, self.id)
     }
 
     /// Start the settling write for how the call ended (nothing is sent when there is
@@ -431,6 +399,50 @@ fn landed(engine: &Engine, tag: &str, written: &[Adjustment]) {
         let keys = written.iter().filter(|a| a.delta < 0).map(|a| &*a.key);
         engine.waiters.returned(keys);
     }
+}
+
+/// Write `remote` (a settlement, or the undo of an acquire nobody took) to the store with
+/// the settlement's id: at once if the store answers at once, else through the returned
+/// future, with a timeout. A write the store fails, or one made while the breaker is
+/// open, is queued and retried until it lands; a landed write does what [`landed`] says.
+fn write_to_store(
+    engine: &Arc<Engine>,
+    plan: &Arc<Plan>,
+    remote: Vec<Adjustment>,
+    id: u64,
+) -> Option<BoxFuture<()>> {
+    let pending = match engine.breaker.is_open() {
+        true => None,
+        false => match engine.store.adjust(&remote, Some(id)).into_ready() {
+            Ok(Ok(_)) => {
+                landed(engine, &plan.tag, &remote);
+                return None;
+            }
+            Ok(Err(error)) => {
+                engine.forget_denials(&plan.tag);
+                settlement_failed(engine, plan, &error, remote, id);
+                return None;
+            }
+            Err(pending) => Some(pending),
+        },
+    };
+    // Not landed yet: the denials cached now report the budget as it is until it lands,
+    // and are dropped again then (a denial decided before it landed may be answered, and
+    // cached, after this).
+    if remote.iter().any(|a| a.delta != 0) {
+        engine.forget_denials(&plan.tag);
+    }
+    let Some(pending) = pending else {
+        queue_settlement(engine, plan, remote, id);
+        return None;
+    };
+    let (engine, plan) = (engine.clone(), plan.clone());
+    Some(Box::pin(async move {
+        match with_timeout(engine.store_timeout, pending).await {
+            Ok(_) => landed(&engine, &plan.tag, &remote),
+            Err(error) => settlement_failed(&engine, &plan, &error, remote, id),
+        }
+    }))
 }
 
 /// A settling write the store failed: open the breaker and queue it for retry.
@@ -485,26 +497,12 @@ impl Drop for Settlement {
                     return;
                 }
                 match decider {
-                    // With the settlement's id: an undo the store fails is queued and
-                    // retried like a settlement, and lands once.
+                    // With the settlement's id, as a settlement: an undo the store
+                    // fails is queued and retried, and lands once.
                     Decider::Store => {
-                        match self.engine.store.adjust(&undo, Some(self.id)).into_ready() {
-                            Ok(Ok(_)) => landed(&self.engine, &self.plan.tag, &undo),
-                            Ok(Err(error)) => {
-                                settlement_failed(&self.engine, &self.plan, &error, undo, self.id)
-                            }
-                            Err(pending) => {
-                                let (engine, plan, id) =
-                                    (self.engine.clone(), self.plan.clone(), self.id);
-                                finish_in_background(async move {
-                                    match with_timeout(engine.store_timeout, pending).await {
-                                        Ok(_) => landed(&engine, &plan.tag, &undo),
-                                        Err(error) => {
-                                            settlement_failed(&engine, &plan, &error, undo, id)
-                                        }
-                                    }
-                                });
-                            }
+                        let write = write_to_store(&self.engine, &self.plan, undo, self.id);
+                        if let Some(write) = write {
+                            finish_in_background(write);
                         }
                     }
                     Decider::Local => {
