@@ -11,7 +11,8 @@ use tower_llm_ratelimit::{LlmRequest, MemoryStore, Ratelimit};
 mod shapes;
 
 fn decisions(c: &mut Criterion) {
-    let keys: Vec<std::sync::Arc<str>> = shapes::keys().into_iter().map(Into::into).collect();
+    let keys: Vec<tower_llm_ratelimit::store::StateKey> =
+        shapes::keys().into_iter().map(Into::into).collect();
     let mut group = c.benchmark_group("memory_store");
     for (name, algorithm) in shapes::algorithms() {
         let store = MemoryStore::new();

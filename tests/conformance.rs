@@ -10,6 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tower_llm_ratelimit::store::StateKey;
 use tower_llm_ratelimit::{
     Algorithm, FixedWindow, ManualClock, MemoryStore, Ratelimit, RedisStore, SlidingWindow, Store,
     TokenBucket,
@@ -238,7 +239,7 @@ mod cases {
         kind: Kind,
     ) {
         let rl = env.limit(kind);
-        let key: Arc<str> = rl.key("dup").unwrap().into();
+        let key: StateKey = rl.key("dup").unwrap().into();
         let check = |cost| tower_llm_ratelimit::store::LimitCheck {
             key: key.clone(),
             rule: kind.algorithm().into(),
@@ -275,7 +276,7 @@ mod cases {
             Kind::Bucket => return,
         };
         let rl = env.limit(kind);
-        let key: Arc<str> = rl.key("grow").unwrap().into();
+        let key: StateKey = rl.key("grow").unwrap().into();
         let take = |rule: Algorithm| {
             vec![tower_llm_ratelimit::store::LimitCheck {
                 key: key.clone(),

@@ -536,7 +536,7 @@ async fn an_acquire_dropped_while_queued_for_a_batch_is_never_sent() {
     // the ones that were kept.
     let store = RedisStore::connect(&common::redis_url()).await.unwrap();
     let prefix = common::unique_prefix("batchdrop");
-    let key: std::sync::Arc<str> = format!("{prefix}:{{hank}}").into();
+    let key: tower_llm_ratelimit::store::StateKey = format!("{prefix}:{{hank}}").into();
     let check = || LimitCheck {
         key: key.clone(),
         rule: FixedWindow::new(1_000_000, LONG).unwrap().into(),
@@ -619,7 +619,7 @@ async fn slots_under_a_test_clock_do_not_expire_in_real_time() {
         redis_on(&clock).await,
         MemoryStore::with_clock(clock.clone()),
     );
-    let key: std::sync::Arc<str> =
+    let key: tower_llm_ratelimit::store::StateKey =
         format!("{}:{{slots}}", common::unique_prefix("test-clock-slots")).into();
     let check = |slot: u64| LimitCheck {
         key: key.clone(),
@@ -663,7 +663,7 @@ async fn a_clock_behind_the_state_decides_in_the_state_window() {
             redis_on(&clock).await,
             MemoryStore::with_clock(clock.clone()),
         );
-        let key: std::sync::Arc<str> =
+        let key: tower_llm_ratelimit::store::StateKey =
             format!("{}:{{behind}}", common::unique_prefix("behind")).into();
         let check = || LimitCheck {
             key: key.clone(),

@@ -23,7 +23,7 @@ use super::settlement::Settlement;
 use super::{Engine, Plan, metrics};
 use crate::error::Error;
 use crate::llm::Usage;
-use crate::store::{Decision, identifier_tag};
+use crate::store::{Decision, StateKey, Tag};
 
 type Turn = Pin<Box<dyn Future<Output = OwnedMutexGuard<()>> + Send>>;
 /// A waiting call's sleep: until its denial lifts, or units come back to its budget.
@@ -41,7 +41,7 @@ pub(crate) struct CallRequest<'a> {
 /// What a call takes from its request before the request moves into the call: the
 /// identifier's hash tag and quota lookup (so the identifier need not be copied).
 pub(crate) struct Prepared {
-    tag: Result<String, Error>,
+    tag: Result<Tag, Error>,
     model: Option<String>,
     estimate: Option<Usage>,
     quotas: Option<Resolution>,
@@ -49,7 +49,7 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     pub(crate) fn new(engine: &Engine, call: CallRequest<'_>) -> Self {
-        let tag = identifier_tag(call.identifier);
+        let tag = Tag::of(call.identifier);
         let quotas = match (&tag, &engine.quotas) {
             (Ok(_), Some(resolver)) => Some(resolver.resolve(call.identifier)),
             _ => None,
@@ -100,7 +100,7 @@ struct Waiting {
     /// The queue the call waits in (or holds the turn of): the state key of the limit it
     /// waits for, so that calls competing for one budget keep their arrival order and
     /// calls waiting for different budgets do not hold each other up.
-    queue: Option<Arc<str>>,
+    queue: Option<StateKey>,
     /// This call's turn in that queue, while it holds it.
     turn: Option<OwnedMutexGuard<()>>,
     /// The denial the call waits for.
@@ -132,7 +132,7 @@ impl Denial {
 
 /// What planning needs while the identifier's quotas are being looked up.
 struct Unplanned {
-    tag: String,
+    tag: Tag,
     model: Option<String>,
     estimate: Option<Usage>,
 }
@@ -211,7 +211,7 @@ impl<S: Service<R>, R> Call<S, R> {
                 };
             }
         };
-        let plan = Arc::new(engine.plan(tag, model.as_deref(), quotas.as_deref(), estimate));
+        let plan = engine.plan(tag.as_str(), model.as_deref(), quotas.as_deref(), estimate);
         Self::planned(plan, pending)
     }
 
@@ -265,7 +265,7 @@ impl<S: Service<R>, R> Call<S, R> {
 
     /// Wait for this call's turn in `queue` (if it does not hold it yet), then for its
     /// denial to lift, then acquire again.
-    fn queue(plan: Arc<Plan>, mut pending: Pending<S, R>, queue: Arc<str>) -> Self {
+    fn queue(plan: Arc<Plan>, mut pending: Pending<S, R>, queue: StateKey) -> Self {
         if let Some(w) = &pending.wait
             && w.turn.is_some()
         {
@@ -353,13 +353,13 @@ impl<S: Service<R>, R> Call<S, R> {
 /// The queue a denied call waits in: the state key of the limit that denied it (one
 /// identifier's, or one identifier and model's), shared by every call that competes for
 /// that budget whatever model it names.
-fn denying_queue(engine: &Engine, plan: &Plan, error: &Error) -> Arc<str> {
+fn denying_queue(engine: &Engine, plan: &Plan, error: &Error) -> StateKey {
     let denying = error.limit_exceeded().map(|e| &*e.name);
     plan.taken
         .iter()
         .zip(&plan.checks)
         .find(|(t, _)| Some(&*engine.limits[t.limit].name) == denying)
-        .map_or_else(|| Arc::from(plan.tag.as_str()), |(_, c)| c.key.clone())
+        .map_or_else(|| plan.tag.clone(), |(_, c)| c.key.clone())
 }
 
 /// Wait mode: record a denial the call can wait for within its bound (then `None`), or
@@ -433,12 +433,12 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                 } => {
                     let quotas = ready!(quotas.as_mut().poll(cx));
                     let (pending, unplanned) = (taken(pending), taken(unplanned));
-                    let plan = Arc::new(pending.engine.plan(
-                        unplanned.tag,
+                    let plan = pending.engine.plan(
+                        unplanned.tag.as_str(),
                         unplanned.model.as_deref(),
                         quotas.as_deref(),
                         unplanned.estimate,
-                    ));
+                    );
                     self.set(Self::planned(plan, pending));
                 }
                 CallProj::Queued {

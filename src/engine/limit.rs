@@ -274,6 +274,8 @@ pub(crate) struct LimitSpec {
     pub models: Vec<WildMatch>,
     /// `<layer prefix>:<name>`.
     pub prefix: String,
+    /// `<prefix>:{`: what the limit's keys start with, but for per-model ones.
+    pub key_head: Box<str>,
     /// Its metrics' keys (labelled with its name).
     pub metrics: super::metrics::LimitKeys,
 }
@@ -303,6 +305,7 @@ impl LimitSpec {
             count: limit.count,
             per_model: limit.per_model,
             models: limit.models.iter().map(|p| WildMatch::new(p)).collect(),
+            key_head: [&prefix, ":{"].concat().into(),
             prefix,
         })
     }

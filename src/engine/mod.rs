@@ -14,6 +14,7 @@ pub(crate) mod settlement;
 use std::collections::HashMap;
 
 use smallvec::SmallVec;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +25,7 @@ use crate::algorithm::{
 use crate::error::{Error, LimitExceeded};
 use crate::llm::Usage;
 use crate::store::{
-    Decision, LimitCheck, MemoryStore, Rule, Store, identifier_tag, shared_state_key, state_key,
+    Decision, LimitCheck, MemoryStore, Rule, SharedKeys, StateKey, Store, identifier_tag, state_key,
 };
 
 use limit::{LimitKind, LimitSpec, TokenCount};
@@ -95,7 +96,8 @@ pub(crate) struct Taken {
 /// in the same order as `taken`.
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
-    pub tag: String,
+    /// The identifier's hash tag (a slice of the keys' buffer).
+    pub tag: StateKey,
     pub model: Option<String>,
     /// The request's estimate (prompt and output), if known: reserved from token limits
     /// in `Reserve` mode, and charged if the call ends before its usage arrives.
@@ -216,35 +218,64 @@ impl Engine {
             .any(|l| matches!(l.kind, LimitKind::Tokens | LimitKind::Concurrency))
     }
 
-    /// The key of limit `spec` for hash tag `tag` and `model`.
-    fn key(&self, spec: &LimitSpec, tag: &str, model: Option<&str>) -> Arc<str> {
-        match model.filter(|_| spec.per_model) {
-            Some(model) => {
-                let prefix = format!("{}:m.{}", spec.prefix, model_tag(model));
-                state_key(&prefix, tag).into()
-            }
-            // The usual case, in one allocation (the key is assembled in a reused
-            // buffer, then copied into its `Arc`).
-            None => shared_state_key(&spec.prefix, tag),
-        }
-    }
-
     /// The checks for one call of the identifier with hash tag `tag`, for `model`.
     /// `estimate` is asked for only when a token limit reserves.
     pub(crate) fn plan(
         &self,
-        tag: String,
+        tag: &str,
         model: Option<&str>,
         quotas: Option<&Quotas>,
         estimate: Option<Usage>,
-    ) -> Plan {
-        let mut checks = SmallVec::with_capacity(self.limits.len());
-        let mut taken = SmallVec::with_capacity(self.limits.len());
-        let mut suspended = None;
-        for (i, spec) in self.limits.iter().enumerate() {
-            if !spec.applies_to(model) {
-                continue;
+    ) -> Arc<Plan> {
+        // The tag and every key of the call (`<prefix>:{<tag>}`, or for a per-model limit
+        // `<prefix>:m.<model tag>:{<tag>}`, see `state_key`), in one allocation.
+        SharedKeys::build(|buffer| {
+            let tag_at = buffer.push(&[tag]);
+            let mut model_part = None;
+            let mut at: SmallVec<[(usize, Range<usize>); 4]> = SmallVec::new();
+            for (i, spec) in self.limits.iter().enumerate() {
+                if !spec.applies_to(model) {
+                    continue;
+                }
+                let range = match model.filter(|_| spec.per_model) {
+                    Some(model) => {
+                        let part = model_part.get_or_insert_with(|| model_tag(model));
+                        buffer.push(&[&spec.prefix, ":m.", part, ":{", tag, "}"])
+                    }
+                    None => buffer.push_key(&spec.key_head, tag),
+                };
+                at.push((i, range));
             }
+            let text = buffer.share();
+            self.plan_checks(
+                SharedKeys::key(&text, tag_at),
+                &text,
+                at,
+                model,
+                quotas,
+                estimate,
+            )
+        })
+    }
+
+    /// [`Engine::plan`] once the keys are written: limit `i` at `range` of `text`. (The
+    /// plan is put in its `Arc` here: returned by value through the key buffer's closure,
+    /// it would be copied at each step.)
+    #[inline(always)]
+    fn plan_checks(
+        &self,
+        tag: StateKey,
+        text: &Arc<str>,
+        at: SmallVec<[(usize, Range<usize>); 4]>,
+        model: Option<&str>,
+        quotas: Option<&Quotas>,
+        estimate: Option<Usage>,
+    ) -> Arc<Plan> {
+        let mut checks = SmallVec::with_capacity(at.len());
+        let mut taken = SmallVec::with_capacity(at.len());
+        let mut suspended = None;
+        for (i, range) in at {
+            let spec = &self.limits[i];
             let rule = match quotas.and_then(|q| q.get(&spec.name)) {
                 Some(0) => {
                     suspended.get_or_insert(i);
@@ -253,7 +284,7 @@ impl Engine {
                 Some(quota) => with_quota(spec.rule, quota, &spec.name),
                 None => spec.rule,
             };
-            let key = self.key(spec, &tag, model);
+            let key = SharedKeys::key(text, range);
             let (cost, take, slot, reserved) = match spec.kind {
                 LimitKind::Requests => (1, true, 0, 0),
                 LimitKind::Concurrency => (1, true, reliability::next_id(), 0),
@@ -281,14 +312,14 @@ impl Engine {
                 reserved,
             });
         }
-        Plan {
+        Arc::new(Plan {
             tag,
             model: model.map(str::to_owned),
             estimate,
             checks,
             taken,
             suspended,
-        }
+        })
     }
 
     /// The refusal of a call whose identifier has a quota of 0 on one of its limits.
@@ -466,7 +497,7 @@ impl Engine {
     ) -> Result<Vec<LimitUsage>, Error> {
         let tag = identifier_tag(identifier)?;
         let quotas = self.quotas_for(identifier).await;
-        let plan = self.plan(tag, model, quotas.as_deref(), None);
+        let plan = self.plan(&tag, model, quotas.as_deref(), None);
         let checks = plan
             .checks
             .iter()
@@ -563,8 +594,8 @@ impl Waiters {
     /// them), looked up under one lock.
     pub(crate) fn first_busy<'k>(
         &self,
-        mut keys: impl Iterator<Item = &'k Arc<str>>,
-    ) -> Option<&'k Arc<str>> {
+        mut keys: impl Iterator<Item = &'k StateKey>,
+    ) -> Option<&'k StateKey> {
         let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if queues.is_empty() {
             return None;

@@ -549,6 +549,16 @@ impl MemoryStore {
         // end, only if every check allowed.
         let mut writes: SmallVec<[Pending; 4]> = SmallVec::with_capacity(checks.len());
         for (i, c) in checks.iter().enumerate() {
+            // A key named twice is decided, like any other, on its state before this
+            // acquire (as the Redis script does); the later write wins. (Hashes first:
+            // the keys of one call usually differ only near their start, and comparing
+            // their hashes reads no bytes.)
+            let k = guards.keys[i];
+            let earlier = guards.keys[..i]
+                .iter()
+                .zip(&writes)
+                .filter(|(e, _)| e.hash == k.hash && e.key == k.key);
+            let before = state_before_acquire(earlier.map(|(_, w)| w), now);
             let (shard, k) = guards.at(i);
             match &c.rule {
                 Rule::Concurrency(limit) => {
@@ -559,13 +569,6 @@ impl MemoryStore {
                     writes.push(Pending::Slots(wrote.then_some(slots)));
                 }
                 Rule::Rate(alg) => {
-                    // A key named twice is decided, like any other, on its state before
-                    // this acquire (as the Redis script does); the later write wins.
-                    let earlier = checks[..i]
-                        .iter()
-                        .zip(&writes)
-                        .filter(|(e, _)| e.key == c.key);
-                    let before = state_before_acquire(earlier.map(|(_, w)| w), now);
                     let (o, undo) = shard.update::<true>(k, now, |state| {
                         algorithm::decide(alg, before.unwrap_or(state), now, c.cost, c.take)
                     });
@@ -598,7 +601,10 @@ impl MemoryStore {
                     results[i] = Decision::from(o);
                 }
             }
-        } else {
+        } else if checks
+            .iter()
+            .any(|c| matches!(c.rule, Rule::Concurrency(_)))
+        {
             for (i, w) in writes.into_iter().enumerate() {
                 if let Pending::Slots(Some(slots)) = w {
                     let (shard, k) = guards.at(i);
@@ -678,15 +684,17 @@ impl MemoryStore {
             hashed.push(k);
         }
         let mut guards = SmallVec::new();
+        let mut guard_of = [0u8; SHARDS];
         let mut rest = shards;
         while rest != 0 {
             let i = rest.trailing_zeros() as usize;
+            guard_of[i] = guards.len() as u8;
             guards.push(lock(&self.inner.shards[i]));
             rest &= rest - 1;
         }
         Guards {
             keys: hashed,
-            shards,
+            guard_of,
             guards,
         }
     }
@@ -720,8 +728,8 @@ fn state_before_acquire<'a>(
 /// concurrent operations cannot deadlock.
 struct Guards<'a, 'k> {
     keys: SmallVec<[Hashed<'k>; 4]>,
-    /// The locked shards, as a bit set; `guards` holds their guards in ascending order.
-    shards: u64,
+    /// Where each locked shard's guard is in `guards` (in ascending shard order).
+    guard_of: [u8; SHARDS],
     guards: SmallVec<[MutexGuard<'a, Shard>; 4]>,
 }
 
@@ -729,9 +737,7 @@ impl<'k> Guards<'_, 'k> {
     /// The `i`th key of the operation and its (locked) shard.
     fn at(&mut self, i: usize) -> (&mut Shard, Hashed<'k>) {
         let k = self.keys[i];
-        // A shard's guard comes after those of the locked shards below it.
-        let below = self.shards & ((1u64 << k.shard()) - 1);
-        (&mut self.guards[below.count_ones() as usize], k)
+        (&mut self.guards[usize::from(self.guard_of[k.shard()])], k)
     }
 }
 
@@ -761,6 +767,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StateKey;
 
     /// An identifier deleted while its calls run is deleted from all of its limits at
     /// once: every call is counted on both of its limits or on neither, though the two
@@ -771,14 +778,14 @@ mod tests {
         let rule: Rule = FixedWindow::new(1 << 40, Duration::from_secs(3600))
             .unwrap()
             .into();
-        let check = |key: &Arc<str>| LimitCheck {
+        let check = |key: &StateKey| LimitCheck {
             key: key.clone(),
             rule,
             cost: 1,
             take: true,
             slot: 0,
         };
-        let used = |store: &MemoryStore, key: &Arc<str>| {
+        let used = |store: &MemoryStore, key: &StateKey| {
             let mut read = check(key);
             read.take = false;
             (1u64 << 40) - store.acquire_now(&[read])[0].remaining
@@ -787,7 +794,7 @@ mod tests {
         for trial in 0..40 {
             let store = MemoryStore::new();
             let tag = format!("del{trial}");
-            let (rpm, tpm): (Arc<str>, Arc<str>) = (
+            let (rpm, tpm): (StateKey, StateKey) = (
                 super::super::state_key("t:rpm", &tag).into(),
                 super::super::state_key("t:tpm", &tag).into(),
             );

@@ -14,7 +14,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,10 +23,13 @@ use crate::algorithm::{Algorithm, ConcurrencyLimit, Outcome};
 
 use crate::error::{Error, StoreError};
 
+mod key;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
+pub(crate) use key::SharedKeys;
+pub use key::StateKey;
 pub use memory::{Clock, ManualClock, MemoryStore, SystemClock};
 #[cfg(feature = "redis")]
 pub use redis::{RedisOptions, RedisStore};
@@ -195,7 +197,7 @@ impl From<ConcurrencyLimit> for Rule {
 pub struct LimitCheck {
     /// The state key (see [`state_key`]); distinct across the checks of one acquire.
     /// Shared: a call's settlement and retries refer to the same key without copying it.
-    pub key: Arc<str>,
+    pub key: StateKey,
     /// The algorithm and quota, or the concurrency limit.
     pub rule: Rule,
     /// Units to take (0 reads).
@@ -210,7 +212,7 @@ pub struct LimitCheck {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Adjustment {
     /// The state key.
-    pub key: Arc<str>,
+    pub key: StateKey,
     /// The algorithm and quota, or the concurrency limit.
     pub rule: Rule,
     /// Positive: charge (forced debit). Negative: refund. Magnitude at most
@@ -372,32 +374,58 @@ pub fn validate_prefix(prefix: &str) -> Result<(), Error> {
 /// identifier can change which keys or which hash slot are used, and raw secrets never
 /// reach Redis. `#` is not a safe byte, so the two forms cannot collide.
 pub fn identifier_tag(identifier: &[u8]) -> Result<String, Error> {
-    if identifier.is_empty() {
-        return Err(Error::invalid_input("identifier is empty"));
+    Ok(Tag::of(identifier)?.as_str().to_owned())
+}
+
+/// [`identifier_tag`] held inline (a call carries its tag until it is planned without
+/// allocating for it): at most 64 bytes, every one ASCII.
+#[derive(Clone, Copy)]
+pub(crate) struct Tag {
+    bytes: [u8; MAX_VERBATIM_IDENTIFIER],
+    len: u8,
+}
+
+impl Tag {
+    /// The tag of `identifier`, or why it is not a valid identifier.
+    pub(crate) fn of(identifier: &[u8]) -> Result<Self, Error> {
+        if identifier.is_empty() {
+            return Err(Error::invalid_input("identifier is empty"));
+        }
+        if identifier.len() > MAX_IDENTIFIER {
+            return Err(Error::invalid_input(format!(
+                "identifier is {} bytes, more than the maximum of {MAX_IDENTIFIER}",
+                identifier.len()
+            )));
+        }
+        let mut tag = Tag {
+            bytes: [0; MAX_VERBATIM_IDENTIFIER],
+            len: 0,
+        };
+        let safe = identifier.len() <= MAX_VERBATIM_IDENTIFIER
+            && identifier
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+        if safe {
+            tag.bytes[..identifier.len()].copy_from_slice(identifier);
+            tag.len = identifier.len() as u8;
+            return Ok(tag);
+        }
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let digest = Sha256::digest(identifier);
+        tag.bytes[0] = b'#';
+        for (i, b) in digest[..16].iter().enumerate() {
+            tag.bytes[1 + 2 * i] = HEX[usize::from(b >> 4)];
+            tag.bytes[2 + 2 * i] = HEX[usize::from(b & 15)];
+        }
+        tag.len = 33;
+        Ok(tag)
     }
-    if identifier.len() > MAX_IDENTIFIER {
-        return Err(Error::invalid_input(format!(
-            "identifier is {} bytes, more than the maximum of {MAX_IDENTIFIER}",
-            identifier.len()
-        )));
+
+    /// The tag as text.
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ASCII is ever written (safe bytes, `#`, hex digits).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("#")
     }
-    let safe = identifier.len() <= MAX_VERBATIM_IDENTIFIER
-        && identifier
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
-    // Safe bytes are ASCII, so they are always UTF-8 (were they not, the hash below
-    // would stand in for them).
-    if safe && let Ok(verbatim) = std::str::from_utf8(identifier) {
-        return Ok(verbatim.to_owned());
-    }
-    let digest = Sha256::digest(identifier);
-    let mut tag = String::with_capacity(33);
-    tag.push('#');
-    for b in &digest[..16] {
-        use std::fmt::Write;
-        let _ = write!(tag, "{b:02x}");
-    }
-    Ok(tag)
 }
 
 /// The key of one limit's state for one identifier tag: `<prefix>:{<tag>}`.
@@ -405,29 +433,7 @@ pub fn identifier_tag(identifier: &[u8]) -> Result<String, Error> {
 /// Every key of one identifier carries the same `{tag}`, so all the limits of one call
 /// live in one Redis Cluster hash slot and one script can touch them together.
 pub fn state_key(prefix: &str, tag: &str) -> String {
-    let mut key = String::with_capacity(prefix.len() + tag.len() + 3);
-    push_state_key(&mut key, prefix, tag);
-    key
-}
-
-fn push_state_key(key: &mut String, prefix: &str, tag: &str) {
-    key.push_str(prefix);
-    key.push_str(":{");
-    key.push_str(tag);
-    key.push('}');
-}
-
-/// [`state_key`] as a shared string, in one allocation (the key is assembled in a
-/// per-thread buffer, then copied once into its `Arc`).
-pub(crate) fn shared_state_key(prefix: &str, tag: &str) -> Arc<str> {
-    thread_local! {
-        static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-    }
-    KEY.with_borrow_mut(|key| {
-        key.clear();
-        push_state_key(key, prefix, tag);
-        Arc::from(key.as_str())
-    })
+    [prefix, ":{", tag, "}"].concat()
 }
 
 #[cfg(test)]
@@ -444,10 +450,6 @@ mod tests {
         assert_ne!(
             identifier_tag(&long).unwrap(),
             String::from_utf8(long).unwrap()
-        );
-        assert_eq!(
-            &*shared_state_key("p:x", "user-42"),
-            state_key("p:x", "user-42")
         );
         assert!(identifier_tag(b"").is_err());
         assert!(identifier_tag(&vec![0u8; MAX_IDENTIFIER + 1]).is_err());

@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use super::{Adjustment, Decision, LimitCheck, Store, StoreFuture, undo_adjustments};
+use super::{Adjustment, Decision, LimitCheck, StateKey, Store, StoreFuture, undo_adjustments};
 use crate::error::StoreError;
 
 /// Whether the scripts accept a test's "now" (`test-util` builds only).
@@ -390,7 +390,7 @@ impl RedisStore {
     fn invoke(
         shared: Arc<Shared>,
         script: &'static Script,
-        keys: Vec<Arc<str>>,
+        keys: Vec<StateKey>,
         args: ScriptArgs,
     ) -> ReplyFuture {
         Box::pin(async move {
@@ -403,7 +403,7 @@ impl RedisStore {
     async fn run(
         shared: Arc<Shared>,
         script: &'static Script,
-        keys: Vec<Arc<str>>,
+        keys: Vec<StateKey>,
         args: ScriptArgs,
     ) -> Result<Vec<i64>, StoreError> {
         let mut conn = shared.conn.clone();
@@ -447,7 +447,7 @@ fn unpack_reply(reply: &[u8]) -> Result<Vec<i64>, StoreError> {
 /// `script` with these KEYS and ARGV.
 fn prepare<'a>(
     script: &'a Script,
-    keys: &[Arc<str>],
+    keys: &[StateKey],
     args: &ScriptArgs,
 ) -> redis::ScriptInvocation<'a> {
     let mut invocation = script.prepare_invoke();
@@ -648,11 +648,8 @@ async fn cluster_keys_of(conn: &mut Connection, suffix: &str) -> redis::RedisRes
 /// way round: each release trimmed the other's newest ids, so a retry during a rolling
 /// upgrade could apply twice. A retry comes from the process that first sent it, so each
 /// release finds its own ids in its own set.
-fn settled_ids_key(key: &str) -> Arc<str> {
-    let mut ids = String::with_capacity(key.len() + 13);
-    ids.push_str(key);
-    ids.push_str(":settlements");
-    ids.into()
+fn settled_ids_key(key: &str) -> StateKey {
+    [key, ":settlements"].concat().into()
 }
 
 /// The six numbers of one limit as the scripts take them: one ARGV value of six
@@ -876,7 +873,7 @@ impl RedisStore {
     fn adjust_script_input(
         &self,
         settlements: &[(&[Adjustment], Option<u64>)],
-    ) -> (Vec<Arc<str>>, ScriptArgs) {
+    ) -> (Vec<StateKey>, ScriptArgs) {
         let limits: usize = settlements.iter().map(|(a, _)| a.len()).sum();
         // Two counts per settlement: its limits, and whether it has an id.
         let mut args = ScriptArgs::with_records(2 * settlements.len(), limits);
