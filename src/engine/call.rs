@@ -191,7 +191,7 @@ impl<S: Service<R>, R> Call<S, R> {
             })
         });
         let pending = Pending {
-            engine: engine.clone(),
+            engine,
             service,
             request,
             wait,
@@ -211,7 +211,9 @@ impl<S: Service<R>, R> Call<S, R> {
                 };
             }
         };
-        let plan = engine.plan(tag.as_str(), model.as_deref(), quotas.as_deref(), estimate);
+        let plan = pending
+            .engine
+            .plan(tag.as_str(), model.as_deref(), quotas.as_deref(), estimate);
         Self::planned(plan, pending)
     }
 
@@ -226,7 +228,7 @@ impl<S: Service<R>, R> Call<S, R> {
     /// The plan is known: refuse a suspended identifier, answer from the denial cache,
     /// queue behind waiting calls, or acquire.
     fn planned(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
-        let engine = pending.engine.clone();
+        let engine = &pending.engine;
         if let Some(error) = engine.suspension(&plan) {
             if let Some(e) = error.limit_exceeded() {
                 metrics::denied_without_store(&e.name);
@@ -238,7 +240,7 @@ impl<S: Service<R>, R> Call<S, R> {
             };
         }
         if let Some((error, decisions)) = engine.cached_denial(&plan) {
-            let queue = denying_queue(&engine, &plan, &error);
+            let queue = denying_queue(engine, &plan, &error);
             let Some((error, decisions)) = wait_for(&mut pending, error, decisions) else {
                 return Self::queue(plan, pending, queue);
             };
@@ -252,7 +254,8 @@ impl<S: Service<R>, R> Call<S, R> {
             };
         }
         if pending.wait.is_some()
-            && let Some(busy) = engine
+            && let Some(busy) = pending
+                .engine
                 .waiters
                 .first_busy(plan.checks.iter().map(|c| &c.key))
         {
