@@ -16,6 +16,9 @@ use std::sync::Arc;
 /// dereferences exactly as the `str` it holds, so a custom store uses it as one; build
 /// one from a `&str`, `String` or `Arc<str>` with `From`.
 ///
+/// A key keeps its whole buffer alive: a store that keeps keys for long (in a map of
+/// states, say) should keep a copy of the string (`key.to_string()`), not the key.
+///
 /// ```
 /// use tower_llm_ratelimit::store::StateKey;
 ///
