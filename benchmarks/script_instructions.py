@@ -4,7 +4,7 @@ for benchmarks/script_instructions.sh, which counts the instructions Redis execu
 Usage: script_instructions.py PORT SHAPE N
 
 SHAPE: empty | peer | acquire | acquire4 | acquire32 | settle | settle-no-id
-The scripts are assembled as the crate assembles them (prelude, state.lua, the body),
+The scripts are assembled as the crate assembles them (clock.lua, state.lua, the body),
 from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
 """
 
@@ -30,7 +30,12 @@ def lua(name: str) -> str:
 
 
 def ours(body: str) -> str:
-    return "local TEST_CLOCK = false\n" + lua("state.lua") + lua(body)
+    # Revisions before clock.lua had a one-line prelude instead.
+    try:
+        clock = lua("clock.lua")
+    except (OSError, subprocess.CalledProcessError):
+        clock = "local TEST_CLOCK = false\n"
+    return clock + lua("state.lua") + lua(body)
 
 
 def peer_script() -> str:

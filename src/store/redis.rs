@@ -12,15 +12,19 @@ use redis::{Client, Script};
 use super::{Adjustment, Decision, LimitCheck, StateKey, Store, StoreFuture, undo_adjustments};
 use crate::error::StoreError;
 
-/// Whether the scripts accept a test's "now" (`test-util` builds only).
-#[cfg(feature = "test-util")]
-const PRELUDE: &str = "local TEST_CLOCK = true\n";
+/// The scripts' clock and TTLs: the server's time, or in `test-util` builds only, a
+/// test's "now" when one is sent (and TTLs padded to outlast the test).
 #[cfg(not(feature = "test-util"))]
-const PRELUDE: &str = "local TEST_CLOCK = false\n";
+const CLOCK: &str = include_str!("lua/clock.lua");
+#[cfg(feature = "test-util")]
+const CLOCK: &str = concat!(
+    include_str!("lua/clock.lua"),
+    include_str!("lua/test_clock.lua")
+);
 
-/// `state.lua` (what the scripts share) and one script.
+/// The clock, `state.lua` (what the scripts share) and one script.
 fn script(body: &str) -> Script {
-    Script::new(&[PRELUDE, include_str!("lua/state.lua"), body].concat())
+    Script::new(&[CLOCK, include_str!("lua/state.lua"), body].concat())
 }
 
 /// The acquires of one call, or of a batch of calls.

@@ -80,7 +80,7 @@ for call = 1, calls do
       if take then
         local slot = string.format('%.0f:%.0f', p3, cost)
         redis.call('ZADD', key, now + p2, slot)
-        redis.call('PEXPIRE', key, ms_up(p2) + ttl_pad_ms)
+        redis.call('PEXPIRE', key, ttl_ms(p2))
         held = held + 1
       end
       len = push_slots(reply, len, key, p1, held, allowed, now)

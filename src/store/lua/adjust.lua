@@ -37,9 +37,8 @@
 local settlements = ARGV[1] + 0
 local now = clock(ARGV[4] ~= '-1' and ARGV[4] or nil)
 -- The id sets' arguments as strings (see USED_AT): how long an id is remembered, and
--- the rank from which older ids are trimmed. (string.format '%d', not tostring:
--- tostring keeps 14 digits, and times in us have 16.)
-local remember_ms = ttl_pad_ms == 0 and ARGV[2] or string.format('%d', ARGV[2] + ttl_pad_ms)
+-- the rank from which older ids are trimmed.
+local remember_ms = id_ttl_ms(ARGV[2])
 local trim_from = ARGV[3]
 -- The score of a settlement's id (minus the time applied, us) as a string, made once per
 -- script; a second settlement of the same identifier in this script scores one lower
@@ -122,7 +121,7 @@ for s = 1, settlements do
         redis.call('ZREM', key, slot)
       elseif apply and delta > 0 and redis.call('ZSCORE', key, slot) then
         redis.call('ZADD', key, now + p2, slot)
-        redis.call('PEXPIRE', key, ms_up(p2) + ttl_pad_ms)
+        redis.call('PEXPIRE', key, ttl_ms(p2))
       end
       -- An empty sorted set is deleted by Redis itself.
       len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)

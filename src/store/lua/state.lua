@@ -1,5 +1,6 @@
--- state.lua: what acquire.lua and adjust.lua share, prepended to each at compile time.
--- Defines no KEYS, ARGV or reply of its own.
+-- state.lua: what acquire.lua and adjust.lua share, prepended to each at compile time
+-- (after clock.lua, which defines `clock`, `ttl_ms` and `id_ttl_ms`). Defines no KEYS,
+-- ARGV or reply of its own.
 --
 -- The arithmetic is a line-for-line port of src/algorithm.rs (read that file for the
 -- math). Redis Lua numbers are IEEE doubles: every quantity stays below 2^53, and the one
@@ -35,22 +36,6 @@ local USED_AT = '9'
 -- One limit's six numbers, packed by the client (see the scripts' headers).
 local PACKED_LIMIT = '<dddddd'
 local PACKED_LIMIT_BYTES = 48
--- Added to every TTL when a test supplies "now": an expired state equals an absent one,
--- so a longer TTL never changes a decision, and keys cannot expire in real time before
--- the test's virtual time is done with them.
-local ttl_pad_ms = 0
-
--- "Now" in microseconds: the server's TIME, or (only in builds with the `test-util`
--- feature, where the prelude sets TEST_CLOCK) a test's virtual time.
-local function clock(override)
-  if TEST_CLOCK and override then
-    ttl_pad_ms = 600000
-    return override + 0
-  end
-  local t = redis.call('TIME')
-  return t[1] * 1000000 + t[2]
-end
-
 -- The state of `key` normalized to `now` (View in algorithm.rs), as five values:
 --   fixed:   window index, used, 0, used
 --   sliding: window index, used in it, used in the one before, weighted use
@@ -127,14 +112,6 @@ local function reset_after(alg, p2, p3, anchor, cur, prev, now)
   return anchor + intervals * p3 - now
 end
 
--- Microseconds as whole milliseconds, rounded up (for PX and PEXPIRE).
-local function ms_up(us)
-  local ms = us / 1000
-  local f = ms % 1
-  if f > 0 then ms = ms - f + 1 end
-  return ms
-end
-
 -- Persist a view whose budget is restored after `reset` us: delete the key when the
 -- view equals "absent", else store it with a TTL of exactly as long as it can matter.
 local function persist(key, alg, anchor, cur, prev, reset)
@@ -150,7 +127,7 @@ local function persist(key, alg, anchor, cur, prev, reset)
     state = struct.pack(PACK, 1, anchor, cur, prev)
   end
   if reset < 1 then reset = 1 elseif reset > MAX then reset = MAX end
-  redis.call('SET', key, state, 'PX', ms_up(reset) + ttl_pad_ms)
+  redis.call('SET', key, state, 'PX', ttl_ms(reset))
 end
 
 -- The script's reply: its first `len` numbers as one string of little-endian doubles
