@@ -65,16 +65,28 @@ def calls(shape: str, i: int):
     if shape == "acquire32":
         keys = [f"k:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
         return keys, [32, (COUNT[1] + LIMIT) * 32]
-    # Settlements on 10 identifiers, so each one's set of recent ids is full (128).
+    # Settlements on 10 identifiers (for revisions with a set of recent ids per
+    # identifier, so that each set is full: 128).
     user = f"u{i % 10}"
     with_id = shape == "settle"
-    keys = [f"t:{{{user}}}"] + ([f"t:{{{user}}}:settlements"] if with_id else [])
     # Ids as the crate makes them: 63-bit, spread (a counter times an odd constant).
     settlement_id = ((i + 1) * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)
-    return keys, [1, 10000, 127, -1, settlement_id, COUNT[1] + COUNT[int(with_id)] + CHARGE]
+    records = COUNT[1] + COUNT[int(with_id)] + CHARGE
+    if ID_SETS:
+        keys = [f"t:{{{user}}}"] + ([f"t:{{{user}}}:settlements"] if with_id else [])
+        return keys, [1, 10000, 127, -1, settlement_id, records]
+    keys = [f"t:{{{user}}}"] + ([f"t:{{{user}}}:settlement:{settlement_id}"] if with_id else [])
+    return keys, [1, 10000, -1, records]
+
+
+# Revisions before per-settlement id keys kept an identifier's ids in one sorted set and
+# took the ids, and the set's trim rank, as arguments.
+ID_SETS = False
 
 
 def main() -> None:
+    global ID_SETS
+    ID_SETS = "ARGV[5 + settlements]" in lua("adjust.lua")
     port, shape, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     body = {
         "empty": "return 1",

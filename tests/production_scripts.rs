@@ -89,14 +89,35 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
         .key(&key)
         .arg(1)
         .arg(10_000)
-        .arg(127)
         .arg(1)
-        .arg(0)
         .arg(records)
         .invoke(&mut conn)
         .unwrap();
     let reply = doubles(&reply);
     assert_eq!(&reply[..4], &[1.0, 1.0, 5.0, 2.0], "{reply:?}");
+
+    // A settlement with an id (a refund of 1), sent twice: applied once, and the id's
+    // key expires after the time given (10 s), unpadded.
+    let mut records = [1f64, 1.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<u8>>();
+    records.extend(fixed_window(5.0, window_us, -1.0, -1.0));
+    let id_key = format!("{key}:settlement:7");
+    for attempt in ["first", "retry"] {
+        let reply: Vec<u8> = redis::Script::new(&production(ADJUST))
+            .key(&key)
+            .key(&id_key)
+            .arg(1)
+            .arg(10_000)
+            .arg(1)
+            .arg(&records)
+            .invoke(&mut conn)
+            .unwrap();
+        assert_eq!(doubles(&reply)[3], 3.0, "{attempt}");
+    }
+    let ttl_ms: i64 = redis::cmd("PTTL").arg(&id_key).query(&mut conn).unwrap();
+    assert!((1..=10_000).contains(&ttl_ms), "id TTL {ttl_ms} ms");
     let ttl_ms: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
     assert!(
         (1..=60_000).contains(&ttl_ms),

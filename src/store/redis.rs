@@ -51,18 +51,16 @@ pub struct RedisOptions {
     /// call that finds Redis idle goes alone at once, so batching adds no latency.
     pub batching: bool,
     /// How long a settlement id is remembered, so that a settlement retried after an
-    /// ambiguous failure (sent, but no answer) is applied once (default 10 s). At most
-    /// 128 ids are kept per identifier and the limit that settles first (one sorted set
-    /// of about 3 KB at most), so Redis memory is bounded per identifier, not by traffic.
-    /// Taken between 1 ms and about 142 years (2^52 µs).
+    /// ambiguous failure (sent, but no answer) is applied once (default 10 s), however
+    /// many settlements of its identifier came in between. Each id is a small key of its
+    /// own (about 100 bytes) that expires after this long, so Redis holds about
+    /// settlements per second × this many of them. Taken between 1 ms and about 142
+    /// years (2^52 µs).
     pub settlement_dedupe: Duration,
 }
 
 /// The longest TTL the scripts set (their `MAX`, 2^52 µs, about 142 years).
 const MAX_TTL: Duration = Duration::from_micros(1 << 52);
-
-/// The most settlement ids remembered per identifier (the oldest are forgotten first).
-pub(super) const SETTLEMENT_IDS_KEPT: usize = 128;
 
 /// How long the connection waits for any reply. An acquire whose caller stopped waiting
 /// (its own timeout, or cancellation) keeps waiting this long in the background, so
@@ -461,9 +459,6 @@ fn prepare<'a>(
     for a in &args.head {
         invocation.arg(*a);
     }
-    for id in &args.ids {
-        invocation.arg(*id);
-    }
     invocation.arg(&args.records[..]);
     for a in &args.tail {
         invocation.arg(*a);
@@ -645,15 +640,15 @@ async fn cluster_keys_of(conn: &mut Connection, suffix: &str) -> redis::RedisRes
     Ok(redis::from_redis_value(value)?)
 }
 
-/// The key of the recent settlement ids of the identifier whose state key is `key`: the
-/// same hash tag, one set per identifier (and prefix) however many calls it makes.
+/// The key that marks settlement `id` applied, for the settlement whose first state key
+/// is `key`: the same hash tag (one Redis Cluster slot with the states it settles).
 ///
-/// Named apart from the `:settled` sets of earlier releases, which ordered ids the other
-/// way round: each release trimmed the other's newest ids, so a retry during a rolling
-/// upgrade could apply twice. A retry comes from the process that first sent it, so each
-/// release finds its own ids in its own set.
-fn settled_ids_key(key: &str) -> StateKey {
-    [key, ":settlements"].concat().into()
+/// Earlier releases kept their identifiers' newest ids in sorted sets (`…:settlements`,
+/// and before that `…:settled`), which forgot an id once enough newer ones came: a
+/// retry then applied again. Their sets are left alone and expire; a retry comes from
+/// the process that first sent it, so each release finds its own ids.
+fn settlement_key(key: &str, id: u64) -> StateKey {
+    format!("{key}:settlement:{id}").into()
 }
 
 /// The six numbers of one limit as the scripts take them: one ARGV value of six
@@ -737,7 +732,6 @@ fn adjustment_packed(a: &Adjustment) -> PackedLimit {
 #[derive(Default)]
 struct ScriptArgs {
     head: Vec<i64>,
-    ids: Vec<u64>,
     records: Vec<u8>,
     tail: Vec<i64>,
 }
@@ -883,29 +877,26 @@ impl RedisStore {
         let mut args = ScriptArgs::with_records(2 * settlements.len(), limits);
         let mut keys = Vec::with_capacity(limits + settlements.len());
         // ARGV[1]: how many settlements; ARGV[2]: how long to remember an id (ms);
-        // ARGV[3]: the rank from which older ids are trimmed (one less than the most
-        // kept, since each add comes after a trim); ARGV[4]: a test's "now" or -1; then
-        // the ids (0: none); then one string: per settlement, its limit count and
-        // whether it has an id, then its limits.
+        // ARGV[3]: a test's "now" or -1; then one string: per settlement, its limit count
+        // and whether it has an id, then its limits.
         args.head.extend([
             settlements.len() as i64,
             self.shared
                 .settlement_dedupe
                 .as_millis()
                 .min(i64::MAX as u128) as i64,
-            SETTLEMENT_IDS_KEPT as i64 - 1,
             self.test_now().unwrap_or(-1),
         ]);
         for (adjustments, id) in settlements {
+            let first = adjustments.first();
             args.push_count(adjustments.len());
-            args.push_count(usize::from(id.is_some()));
-            args.ids.push(id.unwrap_or(0));
+            args.push_count(usize::from(id.is_some() && first.is_some()));
             for a in adjustments.iter() {
                 args.push_limit(adjustment_packed(a));
                 keys.push(a.key.clone());
             }
-            if let (Some(_), Some(first)) = (id, adjustments.first()) {
-                keys.push(settled_ids_key(&first.key));
+            if let (Some(id), Some(first)) = (id, first) {
+                keys.push(settlement_key(&first.key, *id));
             }
         }
         (keys, args)

@@ -1,23 +1,18 @@
 -- adjust.lua: settlements, one or several in one round trip. Each charges (a forced
 -- debit, may create debt) or refunds units on several limits, releases or renews
--- concurrency slots, and is applied at most once per settlement id. (state.lua is
--- prepended.)
+-- concurrency slots, and is applied at most once per settlement id. (clock.lua and
+-- state.lua are prepended.)
 --
 -- KEYS     per settlement, settlement after settlement: the state key of each of its
---          limits, then (only with a settlement id) the identifier's set of recent
---          settlement ids (a sorted set: id -> minus the time applied in us, minus the
---          settlement's place in the script). One settlement's keys share one hash tag;
---          on a Redis Cluster a script carries one settlement.
+--          limits, then (only with a settlement id) the key that marks that id applied
+--          (`<first state key>:settlement:<id>`). One settlement's keys share one hash
+--          tag; on a Redis Cluster a script carries one settlement.
 -- ARGV[1]  the number of settlements g; ARGV[2] how long to remember an id (ms);
---          ARGV[3] the rank in a set from which older ids are trimmed: one less than
---          the most ids remembered, as an id is added after the trim (the oldest are
---          forgotten first);
---          ARGV[4] (builds with the `test-util` feature only) "now" in microseconds
+--          ARGV[3] (builds with the `test-util` feature only) "now" in microseconds
 --          instead of the server's TIME, or -1.
--- ARGV[5..4+g] the settlements' ids (unsigned integers; 0: none).
--- ARGV[5+g] one string of little-endian doubles, settlement after settlement: the
+-- ARGV[4]  one string of little-endian doubles, settlement after settlement: the
 --          number of its limits n, 1 if it has an id (0: none), then per limit (in KEYS
---          order, not counting the id sets) six doubles (48 bytes): algorithm
+--          order, not counting the id keys) six doubles (48 bytes): algorithm
 --          (1 fixed, 2 sliding, 3 bucket, 4 concurrency), p1, p2, p3 (as in
 --          acquire.lua), delta (> 0 charge or renew the slot's lease, < 0 refund or
 --          release; a refund never goes beyond a full budget), window (the window index
@@ -30,32 +25,25 @@
 --          recorded), then per limit: within_limit (0|1), limit, remaining,
 --          reset_after_us, -1, window.
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
---          the id into the set (expiring as long after the last settlement as an id is
---          remembered, trimmed to the newest ids); nothing for a settlement whose id the
---          set already holds (a retry of one that was applied).
+--          the id's key (expiring after ARGV[2] ms); nothing for a settlement whose id
+--          key exists (a retry of one that was applied).
 
 local settlements = ARGV[1] + 0
-local now = clock(ARGV[4] ~= '-1' and ARGV[4] or nil)
--- The id sets' arguments as strings (see USED_AT): how long an id is remembered, and
--- the rank from which older ids are trimmed.
+local now = clock(ARGV[3] ~= '-1' and ARGV[3] or nil)
+-- How long an id is remembered, as a string (see USED_AT).
 local remember_ms = id_ttl_ms(ARGV[2])
-local trim_from = ARGV[3]
--- The score of a settlement's id (minus the time applied, us) as a string, made once per
--- script; a second settlement of the same identifier in this script scores one lower
--- per earlier one (`placed`), so ids of one set never tie within a script.
-local newest_score, placed
 local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
 -- Per limit of the settlement being applied, reused from settlement to settlement: its
 -- view (anchor, cur, prev, same window, decision time; for slots, nothing).
 local V = { 0, 0, 0, 0, 0 }
-local records = ARGV[5 + settlements]
+local records = ARGV[4]
 -- KEYS index before the current settlement's keys, and where its limits start in
 -- `records` (limit i at o + PACKED_LIMIT_BYTES * (i - 1)).
 local k, o = 0, 1
 for s = 1, settlements do
   local n, flag
   n, flag, o = struct.unpack('<dd', records, o)
-  local has_id, id = flag == 1, ARGV[4 + s]
+  local has_id = flag == 1
   -- Pass 1: read every limit. A key holding something else than a limiter state (a
   -- misconfigured prefix) fails this settlement only, before anything is written.
   local failed = false
@@ -73,38 +61,14 @@ for s = 1, settlements do
   end
   local apply = not failed
   if apply and has_id then
-    -- ZADD NX adds the id and says whether it was new in one command. Scored by minus
-    -- the time applied (us) minus its set's earlier settlements in this script, so the
-    -- newest id sorts first: Redis inserts it at the head of the set's compact
-    -- (listpack) encoding instead of walking every id to the tail, and trimming drops
-    -- the oldest.
-    -- (Equal scores would be ordered by id, which is random: a burst of settlements of
-    -- one identifier within one millisecond could evict its newest ids.)
-    local ids = KEYS[k + n + 1]
-    local score
-    if not placed then
-      newest_score, placed = string.format('%d', -now), {}
-    end
-    local earlier = placed[ids]
-    if earlier then
-      placed[ids] = earlier + 1
-      score = string.format('%d', -(now + earlier + 1))
-    else
-      placed[ids] = 0
-      score = newest_score
-    end
-    local added = redis.pcall('ZADD', ids, 'NX', score, id)
-    if type(added) ~= 'number' then
-      failed, apply = true, false
-    elseif added == 0 then
+    -- The id's own key, set only if absent: whether this id was applied before, in one
+    -- command. Nothing but time forgets an id (unlike a set of an identifier's newest
+    -- ids, which forgot the oldest once enough newer ones came).
+    local marked = redis.pcall('SET', KEYS[k + n + 1], '1', 'NX', 'PX', remember_ms)
+    if not marked then
       apply = false
-    else
-      redis.call('PEXPIRE', ids, remember_ms)
-      -- Keep the newest kept - 1 ids (ranks trim_from = kept - 1 .. -1 are the older
-      -- ones), so the next add makes at most `kept`: a set that never holds more than
-      -- 128 stays in Redis's compact encoding (one that ever grew past it takes ~130
-      -- bytes per id until it expires).
-      redis.call('ZREMRANGEBYRANK', ids, trim_from, '-1')
+    elseif marked.err then
+      failed, apply = true, false
     end
   end
   -- Pass 2: apply (unless failed or applied before) and report every limit.
