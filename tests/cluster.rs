@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tower::{BoxError, ServiceExt, service_fn};
 use tower_llm_ratelimit::{
-    ErrorKind, FixedWindow, LlmRequest, LlmResponse, RatelimitLayer, RedisOptions, RedisStore,
-    Usage,
+    ErrorKind, FixedWindow, Limit, LlmRequest, LlmResponse, RatelimitLayer, RedisOptions,
+    RedisStore, Usage,
 };
 
 const LIMIT: u64 = 50;
@@ -139,4 +139,66 @@ where
         set.spawn(f);
     }
     while set.join_next().await.is_some() {}
+}
+
+/// A reset finds an identifier's per-model states however many keys share its hash
+/// slot. A busy identifier's slot also holds a key per recent settlement id; 120 000 of
+/// them hid its states from a reset that read only the slot's first 100 000 keys (it
+/// answered `Ok` and reset nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_finds_per_model_states_in_a_crowded_slot() {
+    let cluster = tokio::task::spawn_blocking(cluster::shared).await.unwrap();
+    let urls = cluster.urls();
+    let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let store = RedisStore::connect_cluster(&nodes, RedisOptions::default())
+        .await
+        .unwrap();
+    let prefix = common::unique_prefix("crowded");
+    let hour = Duration::from_secs(3600);
+    let layer = RatelimitLayer::builder()
+        .store(store)
+        .prefix(prefix.clone())
+        .limit(
+            "rpm",
+            Limit::requests(FixedWindow::new(1, hour).unwrap()).per_model(),
+        )
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(&layer, service_fn(llm));
+    let who = format!("crowd-{}", std::process::id());
+    let call = || {
+        svc.clone()
+            .oneshot(LlmRequest::new(who.clone(), "hi").with_model("m1"))
+    };
+    call().await.unwrap();
+    let denied = call().await.unwrap_err();
+    assert_eq!(denied.kind(), ErrorKind::RequestLimitReached);
+
+    // 120 000 other keys in the identifier's slot, written straight to its master.
+    let tag_key = format!("x:{{{who}}}");
+    let (master, _) = tokio::task::spawn_blocking({
+        let tag_key = tag_key.clone();
+        move || cluster::shared().master_and_replica_of(&tag_key)
+    })
+    .await
+    .unwrap();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{master}/")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for batch in 0..12 {
+        let mut pipe = redis::pipe();
+        for i in 0..10_000 {
+            pipe.cmd("SET")
+                .arg(format!("{tag_key}:filler:{batch}:{i}"))
+                .arg(1)
+                .arg("EX")
+                .arg(60)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+
+    layer.reset(&who).await.unwrap();
+    call()
+        .await
+        .expect("the per-model state was reset, so the call passes");
 }

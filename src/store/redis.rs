@@ -53,7 +53,7 @@ pub struct RedisOptions {
     /// How long a settlement id is remembered, so that a settlement retried after an
     /// ambiguous failure (sent, but no answer) is applied once (default 10 s), however
     /// many settlements of its identifier came in between. Each id is a small key of its
-    /// own (about 100 bytes) that expires after this long, so Redis holds about
+    /// own (100–130 bytes) that expires after this long, so Redis holds about
     /// settlements per second × this many of them. Taken between 1 ms and about 142
     /// years (2^52 µs).
     pub settlement_dedupe: Duration,
@@ -628,16 +628,29 @@ async fn cluster_keys_of(conn: &mut Connection, suffix: &str) -> redis::RedisRes
         .arg(key)
         .query_async(&mut *cluster)
         .await?;
-    let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
+        Slot::for_key(key),
+        SlotAddr::Master,
+    )));
+    // Every key of the slot, however many: GETKEYSINSLOT has no cursor and answers the
+    // first `count` (newest first), and a busy identifier's slot holds a key per recent
+    // settlement besides its states. Asked for more than the slot held a moment ago; a
+    // full answer may have been cut short by keys added since, so it is asked again for
+    // twice as many.
     let mut cmd = redis::cmd("CLUSTER");
-    cmd.arg("GETKEYSINSLOT").arg(number).arg(100_000);
-    let value = cluster
-        .route_command(
-            cmd,
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-        )
-        .await?;
-    Ok(redis::from_redis_value(value)?)
+    cmd.arg("COUNTKEYSINSLOT").arg(number);
+    let held: usize = redis::from_redis_value(cluster.route_command(cmd, route.clone()).await?)?;
+    let mut count = held.saturating_add(1024);
+    loop {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("GETKEYSINSLOT").arg(number).arg(count);
+        let keys: Vec<String> =
+            redis::from_redis_value(cluster.route_command(cmd, route.clone()).await?)?;
+        if keys.len() < count {
+            return Ok(keys);
+        }
+        count = count.saturating_mul(2);
+    }
 }
 
 /// The key that marks settlement `id` applied, for the settlement whose first state key
