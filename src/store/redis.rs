@@ -54,8 +54,10 @@ pub struct RedisOptions {
     /// ambiguous failure (sent, but no answer) is applied once (default 10 s), however
     /// many settlements of its identifier came in between. Each id is a small key of its
     /// own (100–130 bytes) that expires after this long, so Redis holds about
-    /// settlements per second × this many of them. Taken between 1 ms and about 142
-    /// years (2^52 µs).
+    /// settlements per second × this many of them. A retry that comes later than this
+    /// after the lost answer (the layer retries queued settlements until Redis answers,
+    /// so after an outage this long) may apply again: raise it if outages can last
+    /// longer. Taken between 1 ms and about 142 years (2^52 µs).
     pub settlement_dedupe: Duration,
 }
 
