@@ -147,12 +147,7 @@ where
 /// answered `Ok` and reset nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_finds_per_model_states_in_a_crowded_slot() {
-    let cluster = tokio::task::spawn_blocking(cluster::shared).await.unwrap();
-    let urls = cluster.urls();
-    let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let store = RedisStore::connect_cluster(&nodes, RedisOptions::default())
-        .await
-        .unwrap();
+    let store = cluster::shared_store().await;
     let prefix = common::unique_prefix("crowded");
     let hour = Duration::from_secs(3600);
     let layer = RatelimitLayer::builder()

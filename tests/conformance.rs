@@ -96,13 +96,7 @@ impl Env {
 
     #[cfg(feature = "cluster")]
     async fn cluster(name: &str) -> Env {
-        let cluster = tokio::task::spawn_blocking(cluster::shared).await.unwrap();
-        let urls = cluster.urls();
-        let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
-        let store =
-            RedisStore::connect_cluster(&nodes, tower_llm_ratelimit::RedisOptions::default())
-                .await
-                .expect("connect to the test cluster");
+        let store = cluster::shared_store().await;
         common::align_to_window(W).await;
         Env {
             store: Arc::new(store),

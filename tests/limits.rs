@@ -74,13 +74,7 @@ async fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
     ];
     #[cfg(feature = "cluster")]
     {
-        let cluster = tokio::task::spawn_blocking(cluster::shared).await.unwrap();
-        let urls = cluster.urls();
-        let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
-        let store = RedisStore::connect_cluster(&nodes, RedisOptions::default())
-            .await
-            .unwrap();
-        stores.push(("cluster", Arc::new(store)));
+        stores.push(("cluster", Arc::new(cluster::shared_store().await)));
     }
     stores
 }

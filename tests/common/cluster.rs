@@ -167,3 +167,16 @@ pub fn shared() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(Cluster::start)
 }
+
+/// A store on the shared cluster (started on first use), with default options.
+pub async fn shared_store() -> tower_llm_ratelimit::RedisStore {
+    let cluster = tokio::task::spawn_blocking(shared).await.unwrap();
+    let urls = cluster.urls();
+    let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
+    tower_llm_ratelimit::RedisStore::connect_cluster(
+        &nodes,
+        tower_llm_ratelimit::RedisOptions::default(),
+    )
+    .await
+    .expect("connect to the test cluster")
+}
