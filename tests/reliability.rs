@@ -501,6 +501,19 @@ impl Flaky {
         store
     }
 
+    /// Call `svc` with `request` and drop the call before it is polled, while this store
+    /// fails writes (and goes on failing them): the undo of what the call took when it
+    /// was called fails, and is queued for retry.
+    async fn drop_unpolled_while_writes_fail<S>(&self, svc: &mut S, request: LlmRequest)
+    where
+        S: Service<LlmRequest>,
+        S::Error: std::fmt::Debug,
+    {
+        let unpolled = svc.ready().await.unwrap().call(request);
+        self.adjust_fails.store(true, Ordering::SeqCst);
+        drop(unpolled);
+    }
+
     fn answer<T: Send + 'static>(
         &self,
         fails: &AtomicBool,
@@ -600,9 +613,9 @@ async fn a_failed_undo_is_retried_until_it_lands() {
         .unwrap();
     let mut svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
     let request = || LlmRequest::new("wes", "hi");
-    let unpolled = svc.ready().await.unwrap().call(request());
-    store.adjust_fails.store(true, Ordering::SeqCst);
-    drop(unpolled);
+    store
+        .drop_unpolled_while_writes_fail(&mut svc, request())
+        .await;
     store.adjust_fails.store(false, Ordering::SeqCst);
     assert_eq!(layer.flush(Duration::from_secs(5)).await, 0);
     // The breaker the failure tripped closes after its cool-down (1 s).
@@ -705,9 +718,9 @@ async fn a_write_that_lands_from_the_queue_wakes_waiters_and_drops_cached_denial
         .unwrap();
     let mut svc = tower::Layer::layer(&layer, mock_llm(Duration::ZERO, Usage::new(1, 1)));
     let request = || LlmRequest::new("zoe", "hi");
-    let unpolled = svc.ready().await.unwrap().call(request());
-    store.adjust_fails.store(true, Ordering::SeqCst);
-    drop(unpolled);
+    store
+        .drop_unpolled_while_writes_fail(&mut svc, request())
+        .await;
     // The breaker the failed undo tripped closes after 1 s; then the store denies, and
     // the denial is cached.
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -160,7 +160,8 @@ impl SharedKeys<'_> {
                     buffer: &mut buffer,
                 })
             }
-            // Only if `f` itself builds keys (it does not): a buffer of its own.
+            // `f` plans again on this thread (a cost function that calls another
+            // layer, say): the nested plan gets a buffer of its own.
             Err(_) => f(&mut SharedKeys {
                 buffer: &mut String::new(),
             }),
