@@ -3,7 +3,8 @@ for benchmarks/script_instructions.sh, which counts the instructions Redis execu
 
 Usage: script_instructions.py PORT SHAPE N
 
-SHAPE: empty | peer | acquire | acquire4 | acquire32 | settle | settle-no-id
+SHAPE: empty | peer | acquire | acquire4 | acquire4-check2 | acquire32 | acquire32x4 | settle |
+       settle-no-id
 The scripts are assembled as the crate assembles them (clock.lua, state.lua, the body),
 from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
 """
@@ -47,6 +48,8 @@ def peer_script() -> str:
 # A fixed window of 2^40 per hour: never denies, so every run is a full read-modify-write.
 LIMIT = struct.pack("<dddddd", 1, 2**40, 3600e6, 0, 1, 1)
 CHARGE = struct.pack("<dddddd", 1, 2**40, 3600e6, 0, 150, -1)
+# A check that only reads (a token limit in CheckRemaining mode: cost 1, not taken).
+CHECK = struct.pack("<dddddd", 1, 2**40, 3600e6, 0, 1, 0)
 # Counts in the scripts' record string (a call's limits; a settlement's limits and id flag).
 COUNT = {n: struct.pack("<d", n) for n in (0, 1, 4)}
 
@@ -59,12 +62,18 @@ def calls(shape: str, i: int):
     if shape == "peer":
         return [f"peer:{{{user}}}"], [1, 3600]
     if shape == "acquire":
-        return [f"k:{{{user}}}"], [1, COUNT[1] + LIMIT]
+        return [f"k:{{{user}}}"], acquire_args(1, COUNT[1] + LIMIT)
     if shape == "acquire4":
-        return [f"k{j}:{{{user}}}" for j in range(4)], [1, COUNT[4] + LIMIT * 4]
+        return [f"k{j}:{{{user}}}" for j in range(4)], acquire_args(1, COUNT[4] + LIMIT * 4)
+    if shape == "acquire4-check2":
+        # The layer's four-limit shape: two request limits take, two token limits check.
+        return [f"k{j}:{{{user}}}" for j in range(4)], acquire_args(1, COUNT[4] + (LIMIT + CHECK) * 2)
     if shape == "acquire32":
         keys = [f"k:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
-        return keys, [32, (COUNT[1] + LIMIT) * 32]
+        return keys, acquire_args(32, (COUNT[1] + LIMIT) * 32)
+    if shape == "acquire32x4":
+        keys = [f"k{q}:{{u{(i * 32 + j) % 100}}}" for j in range(32) for q in range(4)]
+        return keys, acquire_args(32, (COUNT[4] + (LIMIT + CHECK) * 2) * 32)
     # Settlements on 10 identifiers (for revisions with a set of recent ids per
     # identifier, so that each set is full: 128).
     user = f"u{i % 10}"
@@ -79,21 +88,34 @@ def calls(shape: str, i: int):
     return keys, [1, 10000, -1, records]
 
 
+def acquire_args(calls: int, records: bytes):
+    """acquire.lua's ARGV: the call count leads the records string (earlier revisions took it
+    as an argument of its own)."""
+    if COUNT_IN_RECORDS:
+        return [struct.pack("<d", calls) + records]
+    return [calls, records]
+
+
 # Revisions before per-settlement id keys kept an identifier's ids in one sorted set and
 # took the ids, and the set's trim rank, as arguments.
 ID_SETS = False
+# Whether acquire.lua reads its call count from the records string.
+COUNT_IN_RECORDS = True
 
 
 def main() -> None:
-    global ID_SETS
+    global ID_SETS, COUNT_IN_RECORDS
     ID_SETS = "ARGV[5 + settlements]" in lua("adjust.lua")
+    COUNT_IN_RECORDS = "local calls = ARGV[1]" not in lua("acquire.lua")
     port, shape, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     body = {
         "empty": "return 1",
         "peer": None,
         "acquire": ours("acquire.lua"),
         "acquire4": ours("acquire.lua"),
+        "acquire4-check2": ours("acquire.lua"),
         "acquire32": ours("acquire.lua"),
+        "acquire32x4": ours("acquire.lua"),
         "settle": ours("adjust.lua"),
         "settle-no-id": ours("adjust.lua"),
     }[shape] or peer_script()

@@ -5,7 +5,7 @@
 # on its own fresh redis-server: 1000 runs to fill the keys, then N more; instructions
 # over all of them, divided by their number.
 #
-# Usage: [SCRIPTS_AT=<git revision>] benchmarks/script_instructions.sh [N]
+# Usage: [SCRIPTS_AT=<git revision>] [SHAPES="acquire ..."] benchmarks/script_instructions.sh [N]
 #        (default 3000; needs valgrind, python3,
 #        and benchmarks/peers/node_modules, which benchmarks/peers/run.sh installs)
 set -euo pipefail
@@ -18,7 +18,7 @@ VENV="${TMPDIR:-/tmp}/tower-llm-ratelimit-bench-venv"
 [ -d benchmarks/peers/node_modules/rate-limiter-flexible ] ||
   (cd benchmarks/peers && npm install --silent --no-audit --no-fund)
 
-for shape in empty peer acquire acquire4 acquire32 settle settle-no-id; do
+for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 settle settle-no-id}; do
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   dir=$(mktemp -d)
   valgrind --tool=callgrind --callgrind-out-file=/dev/null --toggle-collect=evalShaCommand \

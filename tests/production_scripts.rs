@@ -24,11 +24,23 @@ fn fixed_window(limit: f64, window_us: f64, cost: f64, last: f64) -> Vec<u8> {
         .collect()
 }
 
-fn doubles(reply: &[u8]) -> Vec<f64> {
-    reply
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+/// A script's reply: the time it decided at (µs), then its values.
+fn reply_of(value: redis::Value) -> (f64, Vec<redis::Value>) {
+    let redis::Value::Array(mut parts) = value else {
+        panic!("not an array: {value:?}");
+    };
+    let redis::Value::Int(now) = parts.remove(0) else {
+        panic!("no time first: {parts:?}");
+    };
+    (now as f64, parts)
+}
+
+/// The numbers of a fixed window's state as stored: window index, used.
+fn stored(conn: &mut redis::Connection, key: &str) -> (f64, f64) {
+    let raw: Vec<u8> = redis::cmd("GET").arg(key).query(conn).unwrap();
+    assert_eq!((raw.len(), raw[0]), (25, 1), "{raw:?}");
+    let at = |i: usize| f64::from_le_bytes(raw[i..i + 8].try_into().unwrap());
+    (at(1), at(9))
 }
 
 #[test]
@@ -52,26 +64,31 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
     // One call, one limit of 5 per minute, taking 1; a caller's "now" of 1 µs (what a
     // test build would read) must be ignored.
     let mut records = 1f64.to_le_bytes().to_vec();
+    records.extend(1f64.to_le_bytes());
     records.extend(fixed_window(5.0, window_us, 1.0, 1.0));
-    let reply: Vec<u8> = redis::Script::new(&production(ACQUIRE))
+    let reply: redis::Value = redis::Script::new(&production(ACQUIRE))
         .key(&key)
-        .arg(1)
         .arg(records)
         .arg(1)
         .invoke(&mut conn)
         .unwrap();
-    let reply = doubles(&reply);
-    // allowed_all, then allowed, limit, remaining, reset_after_us, retry_after_us, window.
-    assert_eq!(&reply[..5], &[1.0, 1.0, 5.0, 4.0, reply[4]]);
+    // The time, then allowed_all and the state as read (none yet).
+    let (now, parts) = reply_of(reply);
+    assert_eq!(parts, [redis::Value::Int(1), redis::Value::Nil]);
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_micros() as f64;
-    let window = (now_us / window_us).floor();
     assert!(
-        (reply[6] - window).abs() <= 1.0,
-        "window {} decided, the server's is {window}",
-        reply[6]
+        (now - now_us).abs() < 60e6,
+        "decided at {now} µs, the server's clock reads {now_us}"
+    );
+    let (window, used) = stored(&mut conn, &key);
+    assert_eq!(used, 1.0);
+    assert!(
+        (window - (now_us / window_us).floor()).abs() <= 1.0,
+        "window {window} decided, the server's is {}",
+        (now_us / window_us).floor()
     );
     let ttl_ms: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
     assert!(
@@ -85,7 +102,7 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
         .flat_map(|v| v.to_le_bytes())
         .collect::<Vec<u8>>();
     records.extend(fixed_window(5.0, window_us, 2.0, -1.0));
-    let reply: Vec<u8> = redis::Script::new(&production(ADJUST))
+    let reply: redis::Value = redis::Script::new(&production(ADJUST))
         .key(&key)
         .arg(1)
         .arg(10_000)
@@ -93,8 +110,10 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
         .arg(records)
         .invoke(&mut conn)
         .unwrap();
-    let reply = doubles(&reply);
-    assert_eq!(&reply[..4], &[1.0, 1.0, 5.0, 2.0], "{reply:?}");
+    // Applied; the state it read had 1 used.
+    let (_, parts) = reply_of(reply);
+    assert_eq!(parts[0], redis::Value::Int(1), "{parts:?}");
+    assert_eq!(stored(&mut conn, &key).1, 3.0);
 
     // A settlement with an id (a refund of 1), sent twice: applied once, and the id's
     // key expires after the time given (10 s), unpadded.
@@ -104,8 +123,8 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
         .collect::<Vec<u8>>();
     records.extend(fixed_window(5.0, window_us, -1.0, -1.0));
     let id_key = format!("{key}:settlement:7");
-    for attempt in ["first", "retry"] {
-        let reply: Vec<u8> = redis::Script::new(&production(ADJUST))
+    for (attempt, applied) in [("first", 1), ("retry", 0)] {
+        let reply: redis::Value = redis::Script::new(&production(ADJUST))
             .key(&key)
             .key(&id_key)
             .arg(1)
@@ -114,7 +133,9 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
             .arg(&records)
             .invoke(&mut conn)
             .unwrap();
-        assert_eq!(doubles(&reply)[3], 3.0, "{attempt}");
+        let (_, parts) = reply_of(reply);
+        assert_eq!(parts[0], redis::Value::Int(applied), "{attempt}");
+        assert_eq!(stored(&mut conn, &key).1, 2.0, "{attempt}");
     }
     let ttl_ms: i64 = redis::cmd("PTTL").arg(&id_key).query(&mut conn).unwrap();
     assert!((1..=10_000).contains(&ttl_ms), "id TTL {ttl_ms} ms");

@@ -9,7 +9,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use super::{Adjustment, Decision, LimitCheck, StateKey, Store, StoreFuture, undo_adjustments};
+use super::{
+    Adjustment, Decision, LimitCheck, Rule, StateKey, Store, StoreFuture, undo_adjustments,
+};
+use crate::algorithm::{self, State};
 use crate::error::StoreError;
 
 /// The scripts' clock and TTLs: the server's time, or in `test-util` builds only, a
@@ -215,7 +218,7 @@ impl Queued {
     }
 }
 
-type ReplyFuture = Pin<Box<dyn Future<Output = Result<Vec<i64>, StoreError>> + Send>>;
+type ReplyFuture = Pin<Box<dyn Future<Output = Result<ScriptReply, StoreError>> + Send>>;
 
 struct Shared {
     conn: Connection,
@@ -409,7 +412,7 @@ impl RedisStore {
         script: &'static Script,
         keys: Vec<StateKey>,
         args: ScriptArgs,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<ScriptReply, StoreError> {
         let mut conn = shared.conn.clone();
         let invocation = prepare(script, &keys, &args);
         match tokio::time::timeout(shared.response_timeout, invocation.invoke_async(&mut conn))
@@ -421,31 +424,32 @@ impl RedisStore {
     }
 }
 
-/// A script's reply as numbers, or the error (a timeout after `waited`).
+/// A script's reply (see the scripts' headers): the time the script decided at, then
+/// each call's (or settlement's) part, a flag and one value per limit.
+struct ScriptReply {
+    now: i64,
+    parts: std::vec::IntoIter<redis::Value>,
+}
+
+/// A script's reply, or the error (a timeout after `waited`).
 fn script_reply(
-    reply: redis::RedisResult<Vec<u8>>,
+    reply: redis::RedisResult<redis::Value>,
     waited: Duration,
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<ScriptReply, StoreError> {
     match reply {
-        Ok(reply) => unpack_reply(&reply),
+        Ok(redis::Value::Array(parts)) => {
+            let mut parts = parts.into_iter();
+            match parts.next() {
+                Some(redis::Value::Int(now)) => Ok(ScriptReply { now, parts }),
+                _ => Err(StoreError::new(
+                    "malformed script reply: it does not start with the script's time",
+                )),
+            }
+        }
+        Ok(_) => Err(StoreError::new("malformed script reply: not an array")),
         Err(e) if e.is_timeout() => Err(StoreError::timeout(waited)),
         Err(e) => Err(StoreError::with_source("Redis script failed", e)),
     }
-}
-
-/// A script's reply: numbers packed as little-endian doubles (see the scripts' headers),
-/// every one an integer below 2^53.
-fn unpack_reply(reply: &[u8]) -> Result<Vec<i64>, StoreError> {
-    if !reply.len().is_multiple_of(8) {
-        return Err(StoreError::new(format!(
-            "malformed script reply: {} bytes, not a whole number of 8-byte values",
-            reply.len()
-        )));
-    }
-    Ok(reply
-        .chunks_exact(8)
-        .map(|v| f64::from_le_bytes(v.try_into().unwrap_or([0; 8])) as i64)
-        .collect())
 }
 
 /// `script` with these KEYS and ARGV.
@@ -468,43 +472,168 @@ fn prepare<'a>(
     invocation
 }
 
-/// Reply fields per limit: allowed, limit, remaining, reset_after_us, retry_after_us,
-/// window.
-const FIELDS: usize = 6;
-
-/// Parse `count` decisions of [`FIELDS`] integers each from `fields`.
-fn parse_decisions(fields: &[i64], count: usize) -> Result<Vec<Decision>, StoreError> {
-    if fields.len() != count * FIELDS {
-        return Err(StoreError::new(format!(
-            "unexpected script reply: {} fields for {count} limits",
-            fields.len()
-        )));
+/// One limit's state as a script read it: the 25-byte packed form (a byte 1, then three
+/// little-endian doubles), or the text `a:b:c` of earlier releases. Anything else reads
+/// as no state, as the scripts read it.
+fn parse_state(raw: &[u8]) -> Option<State> {
+    if raw.len() == 25 && raw[0] == 1 {
+        let at = |i: usize| {
+            let bytes: [u8; 8] = raw[i..i + 8].try_into().unwrap_or([0; 8]);
+            f64::from_le_bytes(bytes) as i64
+        };
+        return Some(State {
+            a: at(1),
+            b: at(9),
+            c: at(17),
+        });
     }
-    Ok(fields
-        .chunks_exact(FIELDS)
-        .map(|f| Decision {
-            allowed: f[0] == 1,
-            limit: f[1].max(0) as u64,
-            remaining: f[2].max(0) as u64,
-            reset_after: Duration::from_micros(f[3].max(0) as u64),
-            retry_after: (f[4] >= 0).then(|| Duration::from_micros(f[4] as u64)),
-            fallback: false,
-            window: (f[5] >= 0).then_some(f[5]),
-        })
-        .collect())
+    let text = std::str::from_utf8(raw).ok()?;
+    let mut fields = text.split(':').map(|f| {
+        let digits = f.strip_prefix('-').unwrap_or(f);
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| f.parse::<i64>().ok())
+            .flatten()
+    });
+    let (a, b, c) = (fields.next()??, fields.next()??, fields.next()??);
+    fields.next().is_none().then_some(State { a, b, c })
 }
 
-/// One call's (or settlement's) decisions from its part of a script reply: a flag (-1:
-/// one of its keys holds another Redis type, and nothing was written for it), then
-/// [`FIELDS`] integers per limit.
-fn parse_flagged(reply: &[i64], count: usize) -> Result<Vec<Decision>, StoreError> {
-    match reply.split_first() {
-        Some((-1, _)) => Err(StoreError::new(
-            "a key of this call holds another Redis type (is the key prefix shared with \
-             other data?); nothing was written for it",
+/// A concurrency limit's decision as the scripts send it: six little-endian doubles,
+/// allowed, max, held, reset_after_us, retry_after_us (-1: none), -1.
+fn parse_slots(raw: &[u8]) -> Result<Decision, StoreError> {
+    if raw.len() != 48 {
+        return Err(StoreError::new(format!(
+            "malformed script reply: a concurrency decision of {} bytes",
+            raw.len()
+        )));
+    }
+    let f: Vec<i64> = raw
+        .chunks_exact(8)
+        .map(|v| f64::from_le_bytes(v.try_into().unwrap_or([0; 8])) as i64)
+        .collect();
+    Ok(Decision {
+        allowed: f[0] == 1,
+        limit: f[1].max(0) as u64,
+        remaining: (f[1] - f[2]).max(0) as u64,
+        reset_after: Duration::from_micros(f[3].max(0) as u64),
+        retry_after: (f[4] >= 0).then(|| Duration::from_micros(f[4] as u64)),
+        fallback: false,
+        window: None,
+    })
+}
+
+/// The state a script read for one rate limit, or why the reply is not one.
+fn state_of(value: Option<redis::Value>) -> Result<Option<State>, StoreError> {
+    match value {
+        Some(redis::Value::Nil) => Ok(None),
+        Some(redis::Value::BulkString(raw)) => Ok(parse_state(&raw)),
+        _ => Err(StoreError::new(
+            "malformed script reply: a limit without its state",
         )),
-        Some((_, rest)) => parse_decisions(rest, count),
-        None => Err(StoreError::new("empty script reply")),
+    }
+}
+
+/// The concurrency decision a script sent for one limit.
+fn slots_of(value: Option<redis::Value>) -> Result<Decision, StoreError> {
+    match value {
+        Some(redis::Value::BulkString(raw)) => parse_slots(&raw),
+        _ => Err(StoreError::new(
+            "malformed script reply: a concurrency limit without its decision",
+        )),
+    }
+}
+
+impl ScriptReply {
+    /// The next part: a call's or settlement's flag and its `count` values (taken whole,
+    /// so that a malformed part leaves the next one where it is).
+    fn next_part(&mut self, count: usize) -> Result<(i64, Vec<redis::Value>), StoreError> {
+        let flag = match self.parts.next() {
+            Some(redis::Value::Int(flag)) => flag,
+            Some(_) => {
+                return Err(StoreError::new(
+                    "malformed script reply: no flag where one belongs",
+                ));
+            }
+            None => return Err(StoreError::new("short script reply")),
+        };
+        let values: Vec<redis::Value> = self.parts.by_ref().take(count).collect();
+        if values.len() != count {
+            return Err(StoreError::new("short script reply"));
+        }
+        if flag == -1 {
+            return Err(StoreError::new(
+                "a key of this call holds another Redis type (is the key prefix shared with \
+                 other data?); nothing was written for it",
+            ));
+        }
+        Ok((flag, values))
+    }
+
+    /// One call's decisions, computed from the states the script read as the memory store
+    /// computes its own (`algorithm::decide`): what the script took, it took by the same
+    /// arithmetic, so each limit reads as if decided here. A denied call reports every
+    /// limit as it is (nothing was taken).
+    fn acquire(&mut self, checks: &[LimitCheck]) -> Result<Vec<Decision>, StoreError> {
+        let (flag, values) = self.next_part(checks.len())?;
+        let all = flag == 1;
+        let mut decisions = Vec::with_capacity(checks.len());
+        for (c, value) in checks.iter().zip(values) {
+            let value = Some(value);
+            decisions.push(match &c.rule {
+                Rule::Rate(alg) => {
+                    // The script takes costs as doubles, exact up to 2^53.
+                    let cost = c.cost.min(1 << 53);
+                    let (outcome, _) =
+                        algorithm::decide(alg, state_of(value)?, self.now, cost, c.take && all);
+                    Decision::from(outcome)
+                }
+                Rule::Concurrency(_) => slots_of(value)?,
+            });
+        }
+        let allowed = decisions.iter().all(|d| d.allowed);
+        if allowed != all {
+            // Both run the same arithmetic; a difference would be a bug. What Redis did
+            // stands: a call it allowed had its costs taken (so it is allowed, and settles
+            // them), and one it denied took nothing.
+            tracing::error!(
+                script = all,
+                client = allowed,
+                "the acquire script and the client disagree on a decision"
+            );
+            if !all {
+                return Err(StoreError::new(
+                    "the acquire script denied a call that its limits' states allow",
+                ));
+            }
+            for d in &mut decisions {
+                d.allowed = true;
+            }
+        }
+        Ok(decisions)
+    }
+
+    /// One settlement's outcomes, computed from the states the script read
+    /// (`algorithm::adjust`, as the memory store does): after the settlement if it was
+    /// applied, as they are if its id had been applied before.
+    fn adjust(&mut self, adjustments: &[Adjustment]) -> Result<Vec<Decision>, StoreError> {
+        let (flag, values) = self.next_part(adjustments.len())?;
+        let applied = flag == 1;
+        adjustments
+            .iter()
+            .zip(values)
+            .map(|(a, value)| {
+                let value = Some(value);
+                Ok(match &a.rule {
+                    Rule::Rate(alg) => {
+                        let delta = if applied { a.delta } else { 0 };
+                        let (outcome, _) =
+                            algorithm::adjust(alg, state_of(value)?, self.now, delta, a.window);
+                        Decision::from(outcome)
+                    }
+                    Rule::Concurrency(_) => slots_of(value)?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -584,7 +713,7 @@ impl Future for InFlightAcquire {
         self.sent = true;
         let reply = std::task::ready!(result);
         self.reply = None;
-        Poll::Ready(reply.and_then(|r| parse_flagged(&r, self.checks.len())))
+        Poll::Ready(reply.and_then(|mut r| r.acquire(&self.checks)))
     }
 }
 
@@ -597,8 +726,7 @@ impl Drop for InFlightAcquire {
         let checks = std::mem::take(&mut self.checks);
         let runtime = store.shared.runtime.clone();
         spawn_undo(runtime, async move {
-            let count = checks.len();
-            let decisions = reply.await.and_then(|r| parse_flagged(&r, count));
+            let decisions = reply.await.and_then(|mut r| r.acquire(&checks));
             reconcile(store, checks, decisions).await;
         });
     }
@@ -785,8 +913,8 @@ impl RedisStore {
     /// One call's acquire as its own script, with the caller-facing timeout.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
         // A batch of one call.
-        let mut args = ScriptArgs::with_records(1, checks.len());
-        args.head.push(1);
+        let mut args = ScriptArgs::with_records(2, checks.len());
+        args.push_count(1);
         args.push_call(&checks);
         let keys = checks.iter().map(|c| c.key.clone()).collect();
         self.push_test_clock(&mut args);
@@ -812,8 +940,8 @@ impl RedisStore {
     ) {
         let calls = batch.len();
         let total: usize = batch.iter().map(|(checks, _)| checks.len()).sum();
-        let mut args = ScriptArgs::with_records(calls, total);
-        args.head.push(calls as i64);
+        let mut args = ScriptArgs::with_records(1 + calls, total);
+        args.push_count(calls);
         let mut keys = Vec::with_capacity(total);
         for (checks, _) in &batch {
             args.push_call(checks);
@@ -821,7 +949,7 @@ impl RedisStore {
         }
         self.push_test_clock(&mut args);
         let reply = Self::invoke(self.shared.clone(), &ACQUIRE, keys, args).await;
-        let results = self.split_batch_reply(reply, batch.iter().map(|(checks, _)| checks.len()));
+        let results = self.split_batch_reply(reply, &batch, |r, (checks, _)| r.acquire(checks));
         for ((checks, sender), result) in batch.into_iter().zip(results) {
             // Not taken by the caller (gone before or after the send): undone on drop.
             let _ = sender.send(AcquireAnswer {
@@ -838,26 +966,27 @@ impl RedisStore {
         let settlements: Vec<_> = batch.iter().map(|(a, id, _)| (&a[..], *id)).collect();
         let (keys, args) = self.adjust_script_input(&settlements);
         let reply = Self::invoke(self.shared.clone(), &ADJUST, keys, args).await;
-        let results = self.split_batch_reply(reply, batch.iter().map(|(a, _, _)| a.len()));
+        let results = self.split_batch_reply(reply, &batch, |r, (a, _, _)| r.adjust(a));
         for ((_, _, sender), result) in batch.into_iter().zip(results) {
             let _ = sender.send(result);
         }
     }
 
-    /// A batch script's reply cut into each item's decisions (a flag, then [`FIELDS`]
-    /// integers per limit; `limits` gives each item's limit count), or each item's share
-    /// of the script's failure.
-    fn split_batch_reply(
+    /// A batch script's reply cut into each item's decisions (`decode` reads one item's
+    /// part), or each item's share of the script's failure.
+    fn split_batch_reply<T>(
         &self,
-        reply: Result<Vec<i64>, StoreError>,
-        limits: impl Iterator<Item = usize>,
+        reply: Result<ScriptReply, StoreError>,
+        items: &[T],
+        decode: impl Fn(&mut ScriptReply, &T) -> Result<Vec<Decision>, StoreError>,
     ) -> Vec<Result<Vec<Decision>, StoreError>> {
-        let reply = match reply {
+        let mut reply = match reply {
             Ok(reply) => reply,
             Err(error) => {
                 let timeout = error.is_timeout();
                 let message = format!("batched script failed: {error}");
-                return limits
+                return items
+                    .iter()
                     .map(|_| {
                         Err(if timeout {
                             StoreError::timeout(self.shared.response_timeout)
@@ -868,18 +997,7 @@ impl RedisStore {
                     .collect();
             }
         };
-        let mut rest = &reply[..];
-        limits
-            .map(|count| {
-                let size = 1 + count * FIELDS;
-                if rest.len() < size {
-                    return Err(StoreError::new("short batch reply"));
-                }
-                let (item, tail) = rest.split_at(size);
-                rest = tail;
-                parse_flagged(item, count)
-            })
-            .collect()
+        items.iter().map(|item| decode(&mut reply, item)).collect()
     }
 
     /// KEYS and ARGV of adjust.lua for these settlements.
@@ -1037,12 +1155,12 @@ impl Store for RedisStore {
                 std::convert::identity,
             );
         }
-        let count = adjustments.len();
         let (keys, args) = self.adjust_script_input(&[(adjustments, settlement_id)]);
         let shared = self.shared.clone();
+        let adjustments = adjustments.to_vec();
         StoreFuture::new(async move {
-            let reply = Self::run(shared, &ADJUST, keys, args).await?;
-            parse_flagged(&reply, count)
+            let mut reply = Self::run(shared, &ADJUST, keys, args).await?;
+            reply.adjust(&adjustments)
         })
     }
 
@@ -1124,5 +1242,83 @@ impl Store for RedisStore {
                 Err(_) => Err(StoreError::timeout(shared.response_timeout)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FixedWindow;
+
+    fn packed_state(a: f64, b: f64, c: f64) -> Vec<u8> {
+        let mut raw = vec![1u8];
+        for v in [a, b, c] {
+            raw.extend(v.to_le_bytes());
+        }
+        raw
+    }
+
+    #[test]
+    fn states_read_as_the_scripts_read_them() {
+        assert_eq!(
+            parse_state(&packed_state(7.0, 3.0, 2.0)),
+            Some(State { a: 7, b: 3, c: 2 })
+        );
+        // The text form of earlier releases.
+        assert_eq!(parse_state(b"-4:12:0"), Some(State { a: -4, b: 12, c: 0 }));
+        // Anything else is no state (the scripts' pattern does not match it).
+        for raw in [
+            &b"1:2"[..],
+            b"1:2:3:4",
+            b"a:b:c",
+            b"1::3",
+            b"-:1:2",
+            b"",
+            &[1u8; 24],
+        ] {
+            assert_eq!(parse_state(raw), None, "{raw:?}");
+        }
+    }
+
+    fn reply(parts: Vec<redis::Value>) -> ScriptReply {
+        ScriptReply {
+            now: 3_600_000_000,
+            parts: parts.into_iter(),
+        }
+    }
+
+    fn check(cost: u64, take: bool) -> LimitCheck {
+        LimitCheck {
+            key: "t:{u}".into(),
+            rule: Rule::Rate(FixedWindow::new(5, Duration::from_secs(60)).unwrap().into()),
+            cost,
+            take,
+            slot: 0,
+        }
+    }
+
+    #[test]
+    fn decisions_come_from_the_states_the_script_read() {
+        // Window 60 (the script's "now" is 3 600 s), 4 of 5 used: a cost of 1 fits.
+        let state = redis::Value::BulkString(packed_state(60.0, 4.0, 0.0));
+        let mut r = reply(vec![redis::Value::Int(1), state.clone()]);
+        let d = r.acquire(&[check(1, true)]).unwrap();
+        assert_eq!(
+            (d[0].allowed, d[0].remaining, d[0].window),
+            (true, 0, Some(60))
+        );
+        // Denied by the script: reported as it is, with nothing taken.
+        let mut r = reply(vec![redis::Value::Int(0), state.clone()]);
+        let d = r.acquire(&[check(2, true)]).unwrap();
+        assert_eq!((d[0].allowed, d[0].remaining), (false, 1));
+        assert_eq!(d[0].retry_after, Some(Duration::from_secs(60)));
+        // A script that denied what the states allow is not reported as allowed.
+        let mut r = reply(vec![redis::Value::Int(0), state]);
+        assert!(r.acquire(&[check(1, true)]).is_err());
+        // A key of another type, and a reply cut short, are errors, not panics.
+        let mut r = reply(vec![redis::Value::Int(-1), redis::Value::Nil]);
+        assert!(r.acquire(&[check(1, true)]).is_err());
+        let mut r = reply(vec![redis::Value::Int(1)]);
+        assert!(r.acquire(&[check(1, true)]).is_err());
     }
 }

@@ -19,11 +19,13 @@
 --          that paid for a refund, -1: none; see `algorithm::adjust` for where a refund
 --          lands once that window has rolled). For concurrency, p3 is the slot id's high
 --          32 bits and the window field its low 32 bits.
--- Reply    one string of little-endian doubles (8 bytes per number), holding per
---          settlement, concatenated: 1, or -1 if one of its keys holds something
---          else than a limiter state (the settlement is then neither applied nor
---          recorded), then per limit: within_limit (0|1), limit, remaining,
---          reset_after_us, -1, window.
+-- Reply    an array: "now" (us), then per settlement, concatenated: 1 if applied, 0 if
+--          its id was applied before (nothing changed), -1 if one of its keys holds
+--          something else than a limiter state (neither applied nor recorded); then per
+--          limit, in KEYS order: for a rate limit, its key's value as read before the
+--          settlement (nil: none), from which the client computes the outcome with the
+--          arithmetic of src/algorithm.rs; for concurrency, the slots' decision after
+--          it, as one string of six little-endian doubles (see slots_reply).
 -- Writes   every non-zero delta, with a TTL (or deletes a state back to "absent"), and
 --          the id's key (expiring after ARGV[2] ms); nothing for a settlement whose id
 --          key exists (a retry of one that was applied).
@@ -32,10 +34,11 @@ local settlements = ARGV[1] + 0
 local now = clock(ARGV[3] ~= '-1' and ARGV[3] or nil)
 -- How long an id is remembered, as a string (see USED_AT).
 local remember_ms = id_ttl_ms(ARGV[2])
-local reply, len = { 0, 0, 0, 0, 0, 0, 0 }, 0
+local reply, len = { now, 0, 0 }, 1
 -- Per limit of the settlement being applied, reused from settlement to settlement: its
--- view (anchor, cur, prev, same window, decision time; for slots, nothing).
-local V = { 0, 0, 0, 0, 0 }
+-- view (anchor, cur, prev, same window, decision time) and its key's value as read (for
+-- slots, nothing).
+local V = { 0, 0, 0, 0, 0, 0 }
 local records = ARGV[4]
 -- KEYS index before the current settlement's keys, and where its limits start in
 -- `records` (limit i at o + PACKED_LIMIT_BYTES * (i - 1)).
@@ -53,10 +56,10 @@ for s = 1, settlements do
     if alg == 4 then
       failed = failed or type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) ~= 'number'
     else
-      local anchor, cur, prev, _, same, at = view(key, alg, p2, p3, now)
+      local anchor, cur, prev, _, same, at, raw = view(key, alg, p2, p3, now)
       if anchor == nil then failed = true end
-      local v = 5 * i
-      V[v - 4], V[v - 3], V[v - 2], V[v - 1], V[v] = anchor, cur, prev, same, at
+      local v = 6 * i
+      V[v - 5], V[v - 4], V[v - 3], V[v - 2], V[v - 1], V[v] = anchor, cur, prev, same, at, raw
     end
   end
   local apply = not failed
@@ -73,12 +76,13 @@ for s = 1, settlements do
   end
   -- Pass 2: apply (unless failed or applied before) and report every limit.
   len = len + 1
-  reply[len] = failed and -1 or 1
+  reply[len] = failed and -1 or apply and 1 or 0
   for i = 1, n do
     local key = KEYS[k + i]
     local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, records, o + PACKED_LIMIT_BYTES * (i - 1))
+    len = len + 1
     if failed then
-      len = push(reply, len, 0, 0, 0, 0, -1, -1)
+      reply[len] = false
     elseif alg == 4 then
       local slot = string.format('%.0f:%.0f', p3, window)
       if apply and delta < 0 then
@@ -88,14 +92,15 @@ for s = 1, settlements do
         redis.call('PEXPIRE', key, ttl_ms(p2))
       end
       -- An empty sorted set is deleted by Redis itself.
-      len = push_slots(reply, len, key, p1, redis.call('ZCARD', key), 1, now)
+      reply[len] = slots_reply(key, p1, redis.call('ZCARD', key), 1, now)
     else
-      local v = 5 * i
-      local anchor, cur, prev, same = V[v - 4], V[v - 3], V[v - 2], V[v - 1]
+      local v = 6 * i
+      local anchor, cur, prev, same = V[v - 5], V[v - 4], V[v - 3], V[v - 2]
+      reply[len] = V[v]
       -- This limit's decision time (see view), shadowing the script's; TTLs count from
       -- the script's own time, so one made later lives that much longer.
-      local late = V[v] - now
-      local now = V[v]
+      local late = V[v - 1] - now
+      local now = V[v - 1]
       local changed = apply and delta ~= 0
       if changed then
         if delta > 0 then
@@ -144,25 +149,16 @@ for s = 1, settlements do
           end
         end
       end
-      local used = cur
-      if alg == 2 and prev > 0 then
-        local w = prev * (p2 - (now - anchor * p2)) / p2
-        local f = w % 1
-        if f > 0 then w = w - f + 1 end
-        used = cur + w
-      end
-      local reset = reset_after(alg, p2, p3, anchor, cur, prev, now)
       if changed and same and delta > 0 then
         -- A charge into this very window of a state with something used: its TTL
         -- already ends where the new state's does, so only "used" changes.
         redis.call('SETRANGE', key, USED_AT, struct.pack('<d', cur))
       elseif changed then
-        persist(key, alg, anchor, cur, prev, reset + late)
+        persist(key, alg, anchor, cur, prev, reset_after(alg, p2, p3, anchor, cur, prev, now) + late)
       end
-      len = push(reply, len, used <= p1 and 1 or 0, p1, used, reset, -1, alg == 3 and -1 or anchor)
     end
   end
   k = k + n + (has_id and 1 or 0)
   o = o + PACKED_LIMIT_BYTES * n
 end
-return pack_reply(reply, len)
+return reply

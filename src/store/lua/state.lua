@@ -7,6 +7,10 @@
 -- fractional step (the sliding-window weight) uses the same operations in the same order
 -- as the Rust code, so both stores decide identically.
 --
+-- The scripts reply with each limit's state as they read it (before the call changed
+-- it): the client computes the decisions from those states with src/algorithm.rs, the
+-- code the memory store runs, so the scripts compute only what their writes need.
+--
 -- Cost matters here: these scripts run once per decision on a Redis that every instance
 -- shares, and Redis's Lua spends ~10 ns per VM instruction and ~100 ns per call of a C
 -- function. So the hot path builds no tables (functions return several values), calls
@@ -42,7 +46,7 @@ local PACKED_LIMIT_BYTES = 48
 --   bucket:  last refill time, used after refilling, 0, used
 -- and whether the key holds a packed state of this very window with something used in
 -- it, so that a take only has to rewrite the "used" field (its TTL already ends where
--- the new state's does), and the time the decision is made at: `now`, or the start of the
+-- the new state's does), the time the decision is made at: `now`, or the start of the
 -- state's window (its last refill for a bucket) if later (`effective` in
 -- algorithm.rs: a state from "the future" was written by a caller whose clock read later;
 -- deciding in its window keeps its count there). Nothing (nil) if the key holds another
@@ -66,13 +70,13 @@ local function view(key, alg, p2, p3, now)
     end
   end
   if alg == 3 then
-    if not a then return now, 0, 0, 0, false, now end
+    if not a then return now, 0, 0, 0, false, now, raw end
     if b > now then now = b end
     local elapsed = now - b
     local intervals = (elapsed - elapsed % p3) / p3
     local used = a - intervals * p2
-    if used <= 0 then return now, 0, 0, 0, false, now end
-    return b + intervals * p3, used, 0, used, false, now
+    if used <= 0 then return now, 0, 0, 0, false, now, raw end
+    return b + intervals * p3, used, 0, used, false, now, raw
   end
   -- A window starting more than a window after now was written under another window
   -- length (a reconfigured limit): absent (`effective` in algorithm.rs).
@@ -80,8 +84,8 @@ local function view(key, alg, p2, p3, now)
   if a and a * p2 > now then now = a * p2 end
   local idx = (now - now % p2) / p2
   if alg == 1 then
-    if a and a >= idx then return idx, b, 0, b, packed and a == idx and b > 0, now end
-    return idx, 0, 0, 0, false, now
+    if a and a >= idx then return idx, b, 0, b, packed and a == idx and b > 0, now, raw end
+    return idx, 0, 0, 0, false, now, raw
   end
   local cur, prev = 0, 0
   if a and a >= idx then
@@ -90,11 +94,11 @@ local function view(key, alg, p2, p3, now)
     prev = b
   end
   local same = packed and a == idx and cur > 0
-  if prev <= 0 then return idx, cur, prev, cur, same, now end
+  if prev <= 0 then return idx, cur, prev, cur, same, now, raw end
   local w = prev * (p2 - (now - idx * p2)) / p2
   local f = w % 1
   if f > 0 then w = w - f + 1 end
-  return idx, cur, prev, cur + w, same, now
+  return idx, cur, prev, cur + w, same, now, raw
 end
 
 -- Time (us) until the budget of a view (anchor, cur, prev) is fully restored.
@@ -130,44 +134,12 @@ local function persist(key, alg, anchor, cur, prev, reset)
   redis.call('SET', key, state, 'PX', ttl_ms(reset))
 end
 
--- The script's reply: its first `len` numbers as one string of little-endian doubles
--- (every number is an integer below 2^53, so exact). Redis turns a table into one reply
--- element per number, which costs more than packing them (and the client parses one
--- string instead of hundreds of integers). `unpack` takes at most a few thousand values
--- at a time: packed in parts.
-local function pack_reply(reply, len)
-  -- One call of one limit (the unbatched shape): a constant format, not one built with
-  -- string.rep and `..`: two new strings, 2 % of what such a script costs Redis.
-  if len == 7 then return struct.pack('<ddddddd', unpack(reply, 1, 7)) end
-  if len <= 4000 then return struct.pack('<' .. string.rep('d', len), unpack(reply, 1, len)) end
-  local parts, first = {}, 1
-  while first <= len do
-    local last = first + 3999
-    if last > len then last = len end
-    parts[#parts + 1] = struct.pack('<' .. string.rep('d', last - first + 1), unpack(reply, first, last))
-    first = last + 1
-  end
-  return table.concat(parts)
-end
-
--- Append one decision's six reply fields at reply[n+1..n+6]: allowed (0|1), limit,
--- remaining, reset_after_us, retry_after_us (-1: none), window index (-1: a bucket or
--- slots). Returns the new length.
-local function push(reply, n, allowed, limit, used, reset, retry, window)
-  local remaining = limit - used
-  if remaining < 0 then remaining = 0 end
-  if reset < 0 then reset = 0 elseif reset > MAX then reset = MAX end
-  if retry > MAX then retry = MAX end
-  reply[n + 1], reply[n + 2], reply[n + 3] = allowed, limit, remaining
-  reply[n + 4], reply[n + 5], reply[n + 6] = reset, retry, window
-  return n + 6
-end
-
 -- Concurrency slots: a sorted set of slot id -> lease end (us). Expired slots are dropped
--- before counting, so a slot of a crashed process frees itself. Appends the decision
--- (reset and retry: the time until the earliest lease ends, an upper bound on when a
--- slot frees) and returns the new length.
-local function push_slots(reply, n, key, max, held, allowed, now)
+-- before counting, so a slot of a crashed process frees itself. The decision, as the
+-- reply carries it: one string of six little-endian doubles, allowed (0|1), max, held,
+-- reset and retry (the time until the earliest lease ends, an upper bound on when a slot
+-- frees; retry -1 when allowed), -1.
+local function slots_reply(key, max, held, allowed, now)
   local earliest = 0
   if held > 0 then
     local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
@@ -176,7 +148,8 @@ local function push_slots(reply, n, key, max, held, allowed, now)
       if earliest < 0 then earliest = 0 end
     end
   end
+  if earliest > MAX then earliest = MAX end
   local retry = -1
   if allowed == 0 then retry = earliest > 1 and earliest or 1 end
-  return push(reply, n, allowed, max, held, earliest, retry, -1)
+  return struct.pack(PACKED_LIMIT, allowed, max, held, earliest, retry, -1)
 end
