@@ -38,10 +38,10 @@ local calls, at = struct.unpack('<d', records)
 -- Tables are built at their smallest sizes up front (growing one rehashes it): the
 -- reply holds "now" and at least one call's flag and one limit's state.
 local reply, len = { now, 0, 0 }, 1
--- Twelve values per limit of the call being decided, reused from call to call: its
--- six arguments (take folded into flags: 1 take, +2 "same window", see view), then its
--- view (anchor, cur, prev, used, the time it is decided at, and its key's value as
--- read; for slots, the slots held).
+-- Twelve places per limit of the call being decided, reused from call to call: its
+-- algorithm, p1, p2, p3, cost, flags (1: takes a cost, +2: "same window", see view; 0:
+-- takes nothing), then its view (anchor, cur, prev, unused, the time it is decided at)
+-- and its key's value as read; for slots, the slots held instead of the view.
 local L = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 local k0 = 0
 for call = 1, calls do
@@ -53,18 +53,25 @@ for call = 1, calls do
     local key, l = KEYS[k0 + i], 12 * i - 2
     local alg, p1, p2, p3, cost, take
     alg, p1, p2, p3, cost, take, at = struct.unpack(PACKED_LIMIT, records, at)
-    L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5] = alg, p1, p2, p3, cost
+    L[l - 9] = alg
     if alg == 4 then
       -- pcall, as in view: a key of another type fails this call only.
       local held = redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)
       if type(held) == 'number' then held = redis.call('ZCARD', key) else held, all = 0, -1 end
-      L[l - 4], L[l - 3] = take, held
+      L[l - 8], L[l - 7], L[l - 6], L[l - 5], L[l - 4], L[l - 3] = p1, p2, p3, cost, take, held
       if held >= p1 and all == 1 then all = 0 end
     else
       local anchor, cur, prev, used, same, at, raw = view(key, alg, p2, p3, now)
       if anchor == nil then anchor, cur, prev, used, same, at, raw, all = 0, 0, 0, 0, false, now, false, -1 end
-      L[l - 4] = same and take + 2 or take
-      L[l - 3], L[l - 2], L[l - 1], L[l], L[l + 1], L[l + 2] = anchor, cur, prev, used, at, raw
+      L[l + 2] = raw
+      -- A check that takes nothing needs only its state in pass 2 (each value kept
+      -- here is a table store, ~200 instructions).
+      if take == 1 and cost > 0 then
+        L[l - 7], L[l - 6], L[l - 5], L[l - 4] = p2, p3, cost, same and 3 or 1
+        L[l - 3], L[l - 2], L[l - 1], L[l + 1] = anchor, cur, prev, at
+      else
+        L[l - 4] = 0
+      end
       if used + cost > p1 and all == 1 then all = 0 end
     end
   end
@@ -73,13 +80,13 @@ for call = 1, calls do
   reply[len] = all
   for i = 1, n do
     local key, l = KEYS[k0 + i], 12 * i - 2
-    local alg, p1, p2, p3, cost = L[l - 9], L[l - 8], L[l - 7], L[l - 6], L[l - 5]
+    local alg = L[l - 9]
     local take = all == 1 and L[l - 4] % 2 == 1
     len = len + 1
     if all == -1 then
       reply[len] = false
     elseif alg == 4 then
-      local held = L[l - 3]
+      local p1, p2, p3, cost, held = L[l - 8], L[l - 7], L[l - 6], L[l - 5], L[l - 3]
       local allowed = held < p1 and 1 or 0
       if take then
         local slot = string.format('%.0f:%.0f', p3, cost)
@@ -90,9 +97,10 @@ for call = 1, calls do
       reply[len] = slots_reply(key, p1, held, allowed, now)
     else
       reply[len] = L[l + 2]
-      if take and cost > 0 then
+      if take then
         -- Taking adds exactly `cost` to what is used (the previous window's weight and
         -- the bucket's refill do not change).
+        local p2, p3, cost = L[l - 7], L[l - 6], L[l - 5]
         local cur = L[l - 2] + cost
         if L[l - 4] >= 2 then
           -- Same window, something used already: its TTL already ends where this

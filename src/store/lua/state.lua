@@ -57,13 +57,17 @@ local function view(key, alg, p2, p3, now)
   -- pcall: a key of another type (a misconfigured prefix) fails its own call only, as
   -- nil, before the script has written anything for that call.
   local raw = redis.pcall('GET', key)
-  local _, a, b, c
+  local a, b, c
   local packed = false
   if raw then
-    if type(raw) == 'table' then return nil end
-    if #raw == 25 and string.byte(raw, 1) == 1 then
-      _, a, b, c = struct.unpack(PACK, raw)
+    -- The length first: the usual packed state then costs no C call to tell from an
+    -- error reply (a table, whose length is 0) or text.
+    local marker
+    if #raw == 25 then marker, a, b, c = struct.unpack(PACK, raw) end
+    if marker == 1 then
       packed = true
+    elseif type(raw) == 'table' then
+      return nil
     else
       a, b, c = string.match(raw, '^(-?%d+):(-?%d+):(-?%d+)$')
       if a then a, b, c = a + 0, b + 0, c + 0 end
