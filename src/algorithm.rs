@@ -733,6 +733,10 @@ pub(crate) fn decide(
     cost: u64,
     take: bool,
 ) -> (Outcome, Write) {
+    // Beyond 2^53 every cost is the same (more than any limit, it never fits), and none
+    // overflows the arithmetic below; the Redis scripts take costs as doubles, exact to
+    // 2^53, the same.
+    let cost = cost.min(1 << 53);
     per_algorithm!(alg, decide_as(alg, state, now, cost, take))
 }
 
@@ -878,6 +882,35 @@ mod tests {
             Write::Put(s, _) => *st = Some(s),
         }
         o
+    }
+
+    /// A cost beyond 2^63 (a custom caller's) is denied like any cost above the limit,
+    /// never overflowing into one that fits.
+    #[test]
+    fn a_cost_beyond_every_limit_is_denied_without_overflow() {
+        let algorithms: [Algorithm; 3] = [
+            FixedWindow::new(10, Duration::from_secs(60))
+                .unwrap()
+                .into(),
+            SlidingWindow::new(10, Duration::from_secs(60))
+                .unwrap()
+                .into(),
+            TokenBucket::new(10, 1, Duration::from_secs(1))
+                .unwrap()
+                .into(),
+        ];
+        for alg in algorithms {
+            for cost in [1 << 53, u64::MAX >> 1, (u64::MAX >> 1) + 1, u64::MAX] {
+                let state = Some(State {
+                    a: 30_000_000,
+                    b: 3,
+                    c: 0,
+                });
+                let (o, w) = decide(&alg, state, 1_800_000_000 * S, cost, true);
+                assert!(!o.allowed, "{alg:?} {cost}");
+                assert_eq!((o.retry_after_us, w), (None, Write::None), "{alg:?} {cost}");
+            }
+        }
     }
 
     /// The division-free window index equals `now / window` everywhere: around window

@@ -475,11 +475,19 @@ fn prepare<'a>(
 /// One limit's state as a script read it: the 25-byte packed form (a byte 1, then three
 /// little-endian doubles), or the text `a:b:c` of earlier releases. Anything else reads
 /// as no state, as the scripts read it.
+///
+/// The scripts write every number within ±2^52, but a key may hold anything (a state
+/// written by hand or by something else): each number is clamped to ±2^52, where every
+/// decision about it is the same as the scripts' (a count that large never fits; a window
+/// or refill time that large lies centuries ahead), so the arithmetic cannot overflow.
 fn parse_state(raw: &[u8]) -> Option<State> {
+    const LIMIT: f64 = algorithm::MAX_COUNTER as f64;
+    // NaN (a byte pattern no script writes) reads as 0.
+    let number = |v: f64| v.clamp(-LIMIT, LIMIT) as i64;
     if raw.len() == 25 && raw[0] == 1 {
         let at = |i: usize| {
             let bytes: [u8; 8] = raw[i..i + 8].try_into().unwrap_or([0; 8]);
-            f64::from_le_bytes(bytes) as i64
+            number(f64::from_le_bytes(bytes))
         };
         return Some(State {
             a: at(1),
@@ -487,11 +495,12 @@ fn parse_state(raw: &[u8]) -> Option<State> {
             c: at(17),
         });
     }
+    // `^(-?%d+):(-?%d+):(-?%d+)$`, each number read as the script reads it (a double).
     let text = std::str::from_utf8(raw).ok()?;
     let mut fields = text.split(':').map(|f| {
         let digits = f.strip_prefix('-').unwrap_or(f);
         (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| f.parse::<i64>().ok())
+            .then(|| f.parse::<f64>().ok().map(number))
             .flatten()
     });
     let (a, b, c) = (fields.next()??, fields.next()??, fields.next()??);
@@ -514,7 +523,7 @@ fn parse_slots(raw: &[u8]) -> Result<Decision, StoreError> {
     Ok(Decision {
         allowed: f[0] == 1,
         limit: f[1].max(0) as u64,
-        remaining: (f[1] - f[2]).max(0) as u64,
+        remaining: f[1].saturating_sub(f[2]).max(0) as u64,
         reset_after: Duration::from_micros(f[3].max(0) as u64),
         retry_after: (f[4] >= 0).then(|| Duration::from_micros(f[4] as u64)),
         fallback: false,
@@ -594,19 +603,18 @@ impl ScriptReply {
         if allowed != all {
             // Both run the same arithmetic; a difference would be a bug. What Redis did
             // stands: a call it allowed had its costs taken (so it is allowed, and settles
-            // them), and one it denied took nothing.
+            // them); one it denied took nothing, and is denied (not an error, which a
+            // fail-open policy would let through).
             tracing::error!(
                 script = all,
                 client = allowed,
                 "the acquire script and the client disagree on a decision"
             );
-            if !all {
-                return Err(StoreError::new(
-                    "the acquire script denied a call that its limits' states allow",
-                ));
-            }
             for d in &mut decisions {
-                d.allowed = true;
+                d.allowed = all;
+                if !all {
+                    d.retry_after = None;
+                }
             }
         }
         Ok(decisions)
@@ -1266,6 +1274,29 @@ mod tests {
         );
         // The text form of earlier releases.
         assert_eq!(parse_state(b"-4:12:0"), Some(State { a: -4, b: 12, c: 0 }));
+        // Numbers beyond what the scripts write are clamped to ±2^52 (and in text are
+        // read as the scripts read them: as doubles, not as 64-bit integers).
+        let max = 1i64 << 52;
+        assert_eq!(
+            parse_state(&packed_state(1e20, f64::MAX, -1e300)),
+            Some(State {
+                a: max,
+                b: max,
+                c: -max
+            })
+        );
+        assert_eq!(
+            parse_state(b"1:99999999999999999999:-9223372036854775808"),
+            Some(State {
+                a: 1,
+                b: max,
+                c: -max
+            })
+        );
+        assert_eq!(
+            parse_state(&packed_state(f64::NAN, 0.0, 0.0)).map(|s| s.a),
+            Some(0)
+        );
         // Anything else is no state (the scripts' pattern does not match it).
         for raw in [
             &b"1:2"[..],
@@ -1312,13 +1343,43 @@ mod tests {
         let d = r.acquire(&[check(2, true)]).unwrap();
         assert_eq!((d[0].allowed, d[0].remaining), (false, 1));
         assert_eq!(d[0].retry_after, Some(Duration::from_secs(60)));
-        // A script that denied what the states allow is not reported as allowed.
+        // A script that denied what the states allow is reported as a denial.
         let mut r = reply(vec![redis::Value::Int(0), state]);
-        assert!(r.acquire(&[check(1, true)]).is_err());
+        assert!(!r.acquire(&[check(1, true)]).unwrap()[0].allowed);
         // A key of another type, and a reply cut short, are errors, not panics.
         let mut r = reply(vec![redis::Value::Int(-1), redis::Value::Nil]);
         assert!(r.acquire(&[check(1, true)]).is_err());
         let mut r = reply(vec![redis::Value::Int(1)]);
         assert!(r.acquire(&[check(1, true)]).is_err());
+    }
+
+    /// States no script writes (a key set by hand) are decided as the scripts decide
+    /// them, without overflowing: a count beyond any limit denies, a huge negative one
+    /// allows.
+    #[test]
+    fn extreme_states_are_decided_without_overflow() {
+        let state = |raw: &[u8]| redis::Value::BulkString(raw.to_vec());
+        let huge = format!("60:{}:0", i64::MAX);
+        let negative = format!("60:{}:0", i64::MIN);
+        for (raw, script_allowed) in [
+            (state(huge.as_bytes()), 0),
+            (state(b"60:99999999999999999999:0"), 0),
+            (state(&packed_state(60.0, 1e300, 0.0)), 0),
+            (state(negative.as_bytes()), 1),
+        ] {
+            let mut r = reply(vec![redis::Value::Int(script_allowed), raw.clone()]);
+            let d = r.acquire(&[check(1, true)]).unwrap();
+            assert_eq!(d[0].allowed, script_allowed == 1, "{raw:?}");
+            let mut r = reply(vec![redis::Value::Int(1), raw.clone()]);
+            let refund = Adjustment {
+                key: "t:{u}".into(),
+                rule: check(1, true).rule,
+                delta: -1,
+                slot: 0,
+                window: Some(60),
+            };
+            let d = r.adjust(&[refund]).unwrap();
+            assert_eq!(d[0].allowed, script_allowed == 1, "{raw:?}");
+        }
     }
 }

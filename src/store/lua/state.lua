@@ -135,7 +135,8 @@ local function persist(key, alg, anchor, cur, prev, reset)
     state = struct.pack(PACK, 1, anchor, cur, prev)
   end
   if reset < 1 then reset = 1 elseif reset > MAX then reset = MAX end
-  redis.call('SET', key, state, 'PX', ttl_ms(reset))
+  -- The TTL as text made here: Redis would make it with %.17g, ~1 300 instructions more.
+  redis.call('SET', key, state, 'PX', string.format('%d', ttl_ms(reset)))
 end
 
 -- Concurrency slots: a sorted set of slot id -> lease end (us). Expired slots are dropped
