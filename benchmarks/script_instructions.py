@@ -4,7 +4,7 @@ for benchmarks/script_instructions.sh, which counts the instructions Redis execu
 Usage: script_instructions.py PORT SHAPE N
 
 SHAPE: empty | peer | acquire | acquire4 | acquire4-check2 | acquire32 | acquire32x4 | settle |
-       settle-no-id
+       settle-no-id | one-key32 | one-key32x4 (benchmarks/one_key_acquire.lua, a prototype)
 The scripts are assembled as the crate assembles them (clock.lua, state.lua, the body),
 from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
 """
@@ -71,6 +71,16 @@ def calls(shape: str, i: int):
     if shape == "acquire32":
         keys = [f"k:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
         return keys, acquire_args(32, (COUNT[1] + LIMIT) * 32)
+    if shape in ("one-key32", "one-key32x4"):
+        # benchmarks/one_key_acquire.lua: one key per identifier for all its limits.
+        limits = 1 if shape == "one-key32" else 4
+
+        def limit(j: int, take: bool) -> bytes:
+            return struct.pack("<dddddd", j + 1, 1, 2**40, 3600e6, 0, 1 if take else -1)
+
+        call = struct.pack("<dd", 1, limits) + b"".join(limit(j, j % 2 == 0) for j in range(limits))
+        keys = [f"one:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
+        return keys, [struct.pack("<d", 32) + call * 32]
     if shape == "acquire32x4":
         keys = [f"k{q}:{{u{(i * 32 + j) % 100}}}" for j in range(32) for q in range(4)]
         return keys, acquire_args(32, (COUNT[4] + (LIMIT + CHECK) * 2) * 32)
@@ -116,6 +126,8 @@ def main() -> None:
         "acquire4-check2": ours("acquire.lua"),
         "acquire32": ours("acquire.lua"),
         "acquire32x4": ours("acquire.lua"),
+        "one-key32": lua("clock.lua") + (ROOT / "benchmarks" / "one_key_acquire.lua").read_text(),
+        "one-key32x4": lua("clock.lua") + (ROOT / "benchmarks" / "one_key_acquire.lua").read_text(),
         "settle": ours("adjust.lua"),
         "settle-no-id": ours("adjust.lua"),
     }[shape] or peer_script()

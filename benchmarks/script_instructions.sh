@@ -18,7 +18,7 @@ VENV="${TMPDIR:-/tmp}/tower-llm-ratelimit-bench-venv"
 [ -d benchmarks/peers/node_modules/rate-limiter-flexible ] ||
   (cd benchmarks/peers && npm install --silent --no-audit --no-fund)
 
-for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 settle settle-no-id}; do
+for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 settle settle-no-id one-key32 one-key32x4}; do
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   dir=$(mktemp -d)
   valgrind --tool=callgrind --callgrind-out-file=/dev/null --toggle-collect=evalShaCommand \
