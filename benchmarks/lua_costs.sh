@@ -13,19 +13,12 @@ VENV="${TMPDIR:-/tmp}/tower-llm-ratelimit-bench-venv"
   { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q redis; }
 RUNS=20
 echo "redis=$(redis-server --version | awk '{print $3}')"
+. benchmarks/callgrind_redis.sh
+run_operation() { "$VENV/bin/python" benchmarks/lua_costs.py "$REDIS_PORT" "$operation" "$RUNS"; }
+# Instructions per iteration of OPERATION's loop.
 count() {
-  local port dir pid total
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  dir=$(mktemp -d)
-  valgrind --tool=callgrind --callgrind-out-file=/dev/null --toggle-collect=evalShaCommand \
-    redis-server --port "$port" --save "" --appendonly no --dir "$dir" >/dev/null 2>"$dir/vg.log" &
-  pid=$!
-  for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.2; done
-  "$VENV/bin/python" benchmarks/lua_costs.py "$port" "$1" "$RUNS"
-  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
-  wait "$pid" || true
-  total=$(awk '/Collected/ { print $4 }' "$dir/vg.log")
-  rm -rf "$dir"
+  local operation="$1" total
+  total=$(callgrind_total run_operation)
   echo $((total / RUNS / 1000))
 }
 loop=$(count loop)

@@ -18,18 +18,13 @@ VENV="${TMPDIR:-/tmp}/tower-llm-ratelimit-bench-venv"
 [ -d benchmarks/peers/node_modules/rate-limiter-flexible ] ||
   (cd benchmarks/peers && npm install --silent --no-audit --no-fund)
 
+. benchmarks/callgrind_redis.sh
+# 1000 runs to fill the keys, then N more.
+fill_and_run() {
+  "$VENV/bin/python" benchmarks/script_instructions.py "$REDIS_PORT" "$shape" 1000
+  "$VENV/bin/python" benchmarks/script_instructions.py "$REDIS_PORT" "$shape" "$N"
+}
 for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 settle settle-no-id one-key32 one-key32x4}; do
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  dir=$(mktemp -d)
-  valgrind --tool=callgrind --callgrind-out-file=/dev/null --toggle-collect=evalShaCommand \
-    redis-server --port "$port" --save "" --appendonly no --dir "$dir" >/dev/null 2>"$dir/vg.log" &
-  pid=$!
-  for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.2; done
-  "$VENV/bin/python" benchmarks/script_instructions.py "$port" "$shape" 1000
-  "$VENV/bin/python" benchmarks/script_instructions.py "$port" "$shape" "$N"
-  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
-  wait "$pid" || true
-  total=$(awk '/Collected/ { print $4 }' "$dir/vg.log")
+  total=$(callgrind_total fill_and_run)
   echo "$shape: $((total / (N + 1000))) instructions per script run"
-  rm -rf "$dir"
 done

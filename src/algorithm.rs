@@ -884,35 +884,6 @@ mod tests {
         o
     }
 
-    /// A cost beyond 2^63 (a custom caller's) is denied like any cost above the limit,
-    /// never overflowing into one that fits.
-    #[test]
-    fn a_cost_beyond_every_limit_is_denied_without_overflow() {
-        let algorithms: [Algorithm; 3] = [
-            FixedWindow::new(10, Duration::from_secs(60))
-                .unwrap()
-                .into(),
-            SlidingWindow::new(10, Duration::from_secs(60))
-                .unwrap()
-                .into(),
-            TokenBucket::new(10, 1, Duration::from_secs(1))
-                .unwrap()
-                .into(),
-        ];
-        for alg in algorithms {
-            for cost in [1 << 53, u64::MAX >> 1, (u64::MAX >> 1) + 1, u64::MAX] {
-                let state = Some(State {
-                    a: 30_000_000,
-                    b: 3,
-                    c: 0,
-                });
-                let (o, w) = decide(&alg, state, 1_800_000_000 * S, cost, true);
-                assert!(!o.allowed, "{alg:?} {cost}");
-                assert_eq!((o.retry_after_us, w), (None, Write::None), "{alg:?} {cost}");
-            }
-        }
-    }
-
     /// The division-free window index equals `now / window` everywhere: around window
     /// edges, for states behind, ahead and far off, and at the ends of `i64`.
     /// A state written under a shorter window, read under the longest one, is absent:
@@ -1110,6 +1081,9 @@ mod tests {
         assert_eq!(w, Write::Delete);
     }
 
+    /// Every cost above the limit, up to `u64::MAX` (a custom caller's: 2^63 and more
+    /// once overflowed into a cost that fits), is denied and never retries, on a fresh
+    /// state and on one in use.
     #[test]
     fn cost_above_limit_never_retries() {
         for alg in [
@@ -1121,10 +1095,14 @@ mod tests {
                 .unwrap()
                 .into(),
         ] {
-            let (o, w) = decide(&alg, None, 0, 6, true);
-            assert!(!o.allowed);
-            assert_eq!(o.retry_after_us, None);
-            assert_eq!(w, Write::None);
+            for cost in [6, 1 << 53, u64::MAX >> 1, (u64::MAX >> 1) + 1, u64::MAX] {
+                for state in [None, Some(State { a: 0, b: 3, c: 0 })] {
+                    let (o, w) = decide(&alg, state, 0, cost, true);
+                    assert!(!o.allowed, "{alg:?} {cost} {state:?}");
+                    assert_eq!(o.retry_after_us, None, "{alg:?} {cost}");
+                    assert_eq!(w, Write::None);
+                }
+            }
         }
     }
 
