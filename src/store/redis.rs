@@ -440,7 +440,12 @@ fn script_reply(
         Ok(redis::Value::Array(parts)) => {
             let mut parts = parts.into_iter();
             match parts.next() {
-                Some(redis::Value::Int(now)) => Ok(ScriptReply { now, parts }),
+                // The server's clock in µs since the epoch, below 2^52 until the year 2112:
+                // anything else is no Redis of ours (and would overflow the arithmetic
+                // the decisions are computed with).
+                Some(redis::Value::Int(now)) if (0..=algorithm::MAX_COUNTER).contains(&now) => {
+                    Ok(ScriptReply { now, parts })
+                }
                 _ => Err(StoreError::new(
                     "malformed script reply: it does not start with the script's time",
                 )),
@@ -612,9 +617,7 @@ impl ScriptReply {
             );
             for d in &mut decisions {
                 d.allowed = all;
-                if !all {
-                    d.retry_after = None;
-                }
+                d.retry_after = None;
             }
         }
         Ok(decisions)
@@ -1351,6 +1354,28 @@ mod tests {
         assert!(r.acquire(&[check(1, true)]).is_err());
         let mut r = reply(vec![redis::Value::Int(1)]);
         assert!(r.acquire(&[check(1, true)]).is_err());
+    }
+
+    /// A reply whose time is no server clock's (out of 0..=2^52 µs) is an error, not a
+    /// panic in the arithmetic it would feed.
+    #[test]
+    fn a_reply_whose_time_is_out_of_range_is_an_error() {
+        let with_now = |now: i64| {
+            redis::Value::Array(vec![
+                redis::Value::Int(now),
+                redis::Value::Int(1),
+                redis::Value::Nil,
+            ])
+        };
+        for now in [i64::MAX, i64::MIN, -1, (1 << 52) + 1] {
+            assert!(
+                script_reply(Ok(with_now(now)), Duration::ZERO).is_err(),
+                "{now}"
+            );
+        }
+        let mut reply = script_reply(Ok(with_now(1_800_000_000_000_000)), Duration::ZERO).unwrap();
+        assert!(reply.acquire(&[check(1, true)]).unwrap()[0].allowed);
+        assert!(script_reply(Ok(redis::Value::Int(1)), Duration::ZERO).is_err());
     }
 
     /// States no script writes (a key set by hand) are decided as the scripts decide
