@@ -521,26 +521,26 @@ fn parse_slots(raw: &[u8]) -> Result<Decision, StoreError> {
             raw.len()
         )));
     }
-    let f: Vec<i64> = raw
-        .chunks_exact(8)
-        .map(|v| f64::from_le_bytes(v.try_into().unwrap_or([0; 8])) as i64)
-        .collect();
+    let f = |i: usize| {
+        let bytes: [u8; 8] = raw[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]);
+        f64::from_le_bytes(bytes) as i64
+    };
     Ok(Decision {
-        allowed: f[0] == 1,
-        limit: f[1].max(0) as u64,
-        remaining: f[1].saturating_sub(f[2]).max(0) as u64,
-        reset_after: Duration::from_micros(f[3].max(0) as u64),
-        retry_after: (f[4] >= 0).then(|| Duration::from_micros(f[4] as u64)),
+        allowed: f(0) == 1,
+        limit: f(1).max(0) as u64,
+        remaining: f(1).saturating_sub(f(2)).max(0) as u64,
+        reset_after: Duration::from_micros(f(3).max(0) as u64),
+        retry_after: (f(4) >= 0).then(|| Duration::from_micros(f(4) as u64)),
         fallback: false,
         window: None,
     })
 }
 
 /// The state a script read for one rate limit, or why the reply is not one.
-fn state_of(value: Option<redis::Value>) -> Result<Option<State>, StoreError> {
+fn state_of(value: redis::Value) -> Result<Option<State>, StoreError> {
     match value {
-        Some(redis::Value::Nil) => Ok(None),
-        Some(redis::Value::BulkString(raw)) => Ok(parse_state(&raw)),
+        redis::Value::Nil => Ok(None),
+        redis::Value::BulkString(raw) => Ok(parse_state(&raw)),
         _ => Err(StoreError::new(
             "malformed script reply: a limit without its state",
         )),
@@ -548,9 +548,9 @@ fn state_of(value: Option<redis::Value>) -> Result<Option<State>, StoreError> {
 }
 
 /// The concurrency decision a script sent for one limit.
-fn slots_of(value: Option<redis::Value>) -> Result<Decision, StoreError> {
+fn slots_of(value: redis::Value) -> Result<Decision, StoreError> {
     match value {
-        Some(redis::Value::BulkString(raw)) => parse_slots(&raw),
+        redis::Value::BulkString(raw) => parse_slots(&raw),
         _ => Err(StoreError::new(
             "malformed script reply: a concurrency limit without its decision",
         )),
@@ -592,13 +592,10 @@ impl ScriptReply {
         let all = flag == 1;
         let mut decisions = Vec::with_capacity(checks.len());
         for (c, value) in checks.iter().zip(values) {
-            let value = Some(value);
             decisions.push(match &c.rule {
                 Rule::Rate(alg) => {
-                    // The script takes costs as doubles, exact up to 2^53.
-                    let cost = c.cost.min(1 << 53);
                     let (outcome, _) =
-                        algorithm::decide(alg, state_of(value)?, self.now, cost, c.take && all);
+                        algorithm::decide(alg, state_of(value)?, self.now, c.cost, c.take && all);
                     Decision::from(outcome)
                 }
                 Rule::Concurrency(_) => slots_of(value)?,
@@ -633,7 +630,6 @@ impl ScriptReply {
             .iter()
             .zip(values)
             .map(|(a, value)| {
-                let value = Some(value);
                 Ok(match &a.rule {
                     Rule::Rate(alg) => {
                         let delta = if applied { a.delta } else { 0 };

@@ -38,11 +38,11 @@ local calls, at = struct.unpack('<d', records)
 -- Tables are built at their smallest sizes up front (growing one rehashes it): the
 -- reply holds "now" and at least one call's flag and one limit's state.
 local reply, len = { now, 0, 0 }, 1
--- Twelve places per limit of the call being decided, reused from call to call: its
+-- Eleven places per limit of the call being decided, reused from call to call: its
 -- algorithm, p1, p2, p3, cost, flags (1: takes a cost, +2: "same window", see view; 0:
--- takes nothing), then its view (anchor, cur, prev, unused, the time it is decided at)
--- and its key's value as read; for slots, the slots held instead of the view.
-local L = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+-- takes nothing), then its view (anchor, cur, prev), its key's value as read and the
+-- time it is decided at; for slots, the slots held instead of the view.
+local L = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 local k0 = 0
 for call = 1, calls do
   local n
@@ -50,7 +50,7 @@ for call = 1, calls do
   -- Pass 1: read every limit; the call passes only if all of them allow it.
   local all = 1
   for i = 1, n do
-    local key, l = KEYS[k0 + i], 12 * i - 2
+    local key, l = KEYS[k0 + i], 11 * i - 1
     local alg, p1, p2, p3, cost, take
     alg, p1, p2, p3, cost, take, at = struct.unpack(PACKED_LIMIT, records, at)
     L[l - 9] = alg
@@ -63,7 +63,7 @@ for call = 1, calls do
     else
       local anchor, cur, prev, used, same, at, raw = view(key, alg, p2, p3, now)
       if anchor == nil then anchor, cur, prev, used, same, at, raw, all = 0, 0, 0, 0, false, now, false, -1 end
-      L[l + 2] = raw
+      L[l] = raw
       -- A check that takes nothing needs only its state in pass 2 (each value kept
       -- here is a table store, ~200 instructions).
       if take == 1 and cost > 0 then
@@ -79,7 +79,7 @@ for call = 1, calls do
   len = len + 1
   reply[len] = all
   for i = 1, n do
-    local key, l = KEYS[k0 + i], 12 * i - 2
+    local key, l = KEYS[k0 + i], 11 * i - 1
     local alg = L[l - 9]
     local take = all == 1 and L[l - 4] % 2 == 1
     len = len + 1
@@ -96,7 +96,7 @@ for call = 1, calls do
       end
       reply[len] = slots_reply(key, p1, held, allowed, now)
     else
-      reply[len] = L[l + 2]
+      reply[len] = L[l]
       if take then
         -- Taking adds exactly `cost` to what is used (the previous window's weight and
         -- the bucket's refill do not change).
