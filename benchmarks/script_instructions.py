@@ -4,9 +4,13 @@ for benchmarks/script_instructions.sh, which counts the instructions Redis execu
 Usage: script_instructions.py PORT SHAPE N
 
 SHAPE: empty | peer | acquire | acquire4 | acquire4-check2 | acquire32 | acquire32x4 | settle |
-       settle-no-id | one-key32 | one-key32x4 (benchmarks/one_key_acquire.lua, a prototype)
+       settle-no-id | shaped | shaped4-check2 | shaped32 | shaped32x4 | one-key32 | one-key32x4 |
+       one-key-shaped32 | one-key-shaped32x4
 The scripts are assembled as the crate assembles them (clock.lua, state.lua, the body),
 from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
+The shaped* shapes run the scripts the crate generates for calls of one shape, as
+`examples/acquire_script.rs` prints them into the files $SHAPED_ONE and $SHAPED_FOUR (from
+the working tree only); one-key* run the prototypes in benchmarks/prototypes/.
 """
 
 import os
@@ -37,6 +41,14 @@ def ours(body: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         clock = "local TEST_CLOCK = false\n"
     return clock + lua("state.lua") + lua(body)
+
+
+def shaped(variable: str) -> str:
+    return pathlib.Path(os.environ[variable]).read_text()
+
+
+def prototype(name: str) -> str:
+    return lua("clock.lua") + (ROOT / "benchmarks" / "prototypes" / name).read_text()
 
 
 def peer_script() -> str:
@@ -71,8 +83,19 @@ def calls(shape: str, i: int):
     if shape == "acquire32":
         keys = [f"k:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
         return keys, acquire_args(32, (COUNT[1] + LIMIT) * 32)
+    if shape in ("shaped", "shaped4-check2", "shaped32", "shaped32x4"):
+        # Generated per shape: per limit only its quota and cost.
+        limits = 4 if shape.endswith("4-check2") or shape.endswith("x4") else 1
+        calls_per_run = 32 if "32" in shape else 1
+        call = struct.pack("<dd", 2**40, 1) * limits
+        keys = [f"k{q}:{{u{(i * calls_per_run + j) % 100}}}" for j in range(calls_per_run) for q in range(limits)]
+        return keys, [struct.pack("<d", calls_per_run) + call * calls_per_run]
+    if shape in ("one-key-shaped32", "one-key-shaped32x4"):
+        call = struct.pack("<dd", 2**40, 1) * (1 if shape == "one-key-shaped32" else 4)
+        keys = [f"one:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
+        return keys, [struct.pack("<d", 32) + call * 32]
     if shape in ("one-key32", "one-key32x4"):
-        # benchmarks/one_key_acquire.lua: one key per identifier for all its limits.
+        # benchmarks/prototypes/one_key_acquire.lua: one key per identifier for all its limits.
         limits = 1 if shape == "one-key32" else 4
 
         def limit(j: int, take: bool) -> bytes:
@@ -126,8 +149,14 @@ def main() -> None:
         "acquire4-check2": ours("acquire.lua"),
         "acquire32": ours("acquire.lua"),
         "acquire32x4": ours("acquire.lua"),
-        "one-key32": lua("clock.lua") + (ROOT / "benchmarks" / "one_key_acquire.lua").read_text(),
-        "one-key32x4": lua("clock.lua") + (ROOT / "benchmarks" / "one_key_acquire.lua").read_text(),
+        "shaped": shaped("SHAPED_ONE"),
+        "shaped4-check2": shaped("SHAPED_FOUR"),
+        "shaped32": shaped("SHAPED_ONE"),
+        "shaped32x4": shaped("SHAPED_FOUR"),
+        "one-key32": prototype("one_key_acquire.lua"),
+        "one-key32x4": prototype("one_key_acquire.lua"),
+        "one-key-shaped32": prototype("one_key_shaped_1.lua"),
+        "one-key-shaped32x4": prototype("one_key_shaped_4.lua"),
         "settle": ours("adjust.lua"),
         "settle-no-id": ours("adjust.lua"),
     }[shape] or peer_script()

@@ -618,3 +618,146 @@ mod store_edges {
         }
     }
 }
+
+/// Calls of different shapes (sets of limits) batched together: each shape's calls go
+/// in their own script, the generated one for their shape or the one for any limits (a
+/// call with a concurrency limit), all sent at once. A limit that every shape shares
+/// stays exact across them, and nothing is taken for a denied call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_of_different_shapes_batched_together_are_exact() {
+    use tower_llm_ratelimit::store::{LimitCheck, Rule};
+    use tower_llm_ratelimit::{ConcurrencyLimit, Store};
+    let server = common::RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&server.url).await.unwrap());
+    let prefix = common::unique_prefix("shapes");
+    let minute = tower_llm_ratelimit::algorithm::MAX_WINDOW;
+    let key = |name: &str| format!("{prefix}:{name}:{{user}}");
+    let check = |name: &str, rule: Rule, take: bool| LimitCheck {
+        key: key(name).into(),
+        rule,
+        cost: 1,
+        take,
+        slot: 0,
+    };
+    let shared = || {
+        check(
+            "shared",
+            FixedWindow::new(LIMIT, minute).unwrap().into(),
+            true,
+        )
+    };
+    let plenty = 1_000_000;
+    let shapes: Vec<Vec<LimitCheck>> = vec![
+        vec![shared()],
+        vec![
+            shared(),
+            check(
+                "sliding",
+                SlidingWindow::new(plenty, minute).unwrap().into(),
+                false,
+            ),
+        ],
+        vec![
+            check(
+                "bucket",
+                TokenBucket::new(plenty, 1, minute).unwrap().into(),
+                true,
+            ),
+            shared(),
+        ],
+        vec![
+            shared(),
+            check(
+                "slots",
+                ConcurrencyLimit::new(plenty, minute).unwrap().into(),
+                true,
+            ),
+        ],
+    ];
+    let tasks: Vec<_> = (0..400usize)
+        .map(|i| {
+            let store = store.clone();
+            let mut checks = shapes[i % shapes.len()].clone();
+            for (n, c) in checks.iter_mut().enumerate() {
+                c.slot = if matches!(c.rule, Rule::Concurrency(_)) {
+                    (i * 8 + n) as u64 + 1
+                } else {
+                    0
+                };
+            }
+            tokio::spawn(async move {
+                let decisions = store.acquire(&checks).await.unwrap();
+                (i % 4, decisions.iter().all(|d| d.allowed))
+            })
+        })
+        .collect();
+    let mut allowed = [0u64; 4];
+    for t in tasks {
+        let (shape, ok) = t.await.unwrap();
+        allowed[shape] += u64::from(ok);
+    }
+    assert_eq!(
+        allowed.iter().sum::<u64>(),
+        LIMIT,
+        "allowed per shape: {allowed:?}"
+    );
+    // What the other limits took: exactly one per allowed call of the shapes that take
+    // them (the sliding window only checks).
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(server.port.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["ZCARD", &key("slots")]), allowed[3].to_string());
+    assert_eq!(cli(&["EXISTS", &key("sliding")]), "0");
+    let bucket = Rule::from(TokenBucket::new(plenty, 1, minute).unwrap());
+    let read = LimitCheck {
+        key: key("bucket").into(),
+        rule: bucket,
+        cost: 0,
+        take: false,
+        slot: 0,
+    };
+    let left = store.acquire(&[read]).await.unwrap()[0].remaining;
+    assert_eq!(plenty - left, allowed[2], "the bucket's takes");
+}
+
+/// A process that meets more shapes of calls than it generates scripts for (one per
+/// window here) still decides every one of them exactly: the shapes beyond use the
+/// script for any limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shapes_beyond_the_generated_scripts_are_decided_exactly() {
+    use tower_llm_ratelimit::Store;
+    use tower_llm_ratelimit::store::LimitCheck;
+    let server = common::RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&server.url).await.unwrap());
+    let prefix = common::unique_prefix("many-shapes");
+    let tasks: Vec<_> = (0..100u64)
+        .flat_map(|shape| (0..5).map(move |call| (shape, call)))
+        .map(|(shape, _)| {
+            let store = store.clone();
+            let window = Duration::from_secs(3600 + shape);
+            let check = LimitCheck {
+                key: format!("{prefix}:{shape}:{{user}}").into(),
+                rule: FixedWindow::new(3, window).unwrap().into(),
+                cost: 1,
+                take: true,
+                slot: 0,
+            };
+            tokio::spawn(async move { (shape, store.acquire(&[check]).await.unwrap()[0].allowed) })
+        })
+        .collect();
+    let mut allowed = vec![0u64; 100];
+    for t in tasks {
+        let (shape, ok) = t.await.unwrap();
+        allowed[shape as usize] += u64::from(ok);
+    }
+    assert!(
+        allowed.iter().all(|&n| n == 3),
+        "allowed per shape: {allowed:?}"
+    );
+}

@@ -1,5 +1,5 @@
 //! The Lua scripts as a build without the `test-util` feature assembles them (clock.lua,
-//! state.lua, the script; see `script` in src/store/redis.rs). The integration tests
+//! state.lua, the script; see `script` in src/store/redis/mod.rs). The integration tests
 //! link the crate with `test-util`, so this is where the production text runs: it must
 //! carry no test clock, read no "now" from its caller, pad no TTL, and still decide.
 

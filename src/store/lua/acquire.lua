@@ -1,5 +1,8 @@
 -- acquire.lua: the acquires of one or more calls in one round trip, each call
--- all-or-nothing across its limits. (clock.lua and state.lua are prepended.)
+-- all-or-nothing across its limits. (clock.lua and state.lua are prepended.) This script
+-- carries calls of any limits; calls of up to eight rate limits usually go through a
+-- script generated for their shape instead (acquire_shaped.lua), which decides and
+-- writes exactly as this one does.
 --
 -- KEYS     the state keys of every call, call after call. One call's keys share one hash
 --          tag; on a Redis Cluster a script carries one call.

@@ -15,30 +15,33 @@ use super::{
 use crate::algorithm::{self, State};
 use crate::error::StoreError;
 
+mod shaped;
+
 /// The scripts' clock and TTLs: the server's time, or in `test-util` builds only, a
 /// test's "now" when one is sent (and TTLs padded to outlast the test).
 #[cfg(not(feature = "test-util"))]
-const CLOCK: &str = include_str!("lua/clock.lua");
+const CLOCK: &str = include_str!("../lua/clock.lua");
 #[cfg(feature = "test-util")]
 const CLOCK: &str = concat!(
-    include_str!("lua/clock.lua"),
-    include_str!("lua/test_clock.lua")
+    include_str!("../lua/clock.lua"),
+    include_str!("../lua/test_clock.lua")
 );
 
 /// The clock, `state.lua` (what the scripts share) and one script.
 fn script(body: &str) -> Script {
-    Script::new(&[CLOCK, include_str!("lua/state.lua"), body].concat())
+    Script::new(&[CLOCK, include_str!("../lua/state.lua"), body].concat())
 }
 
-/// The acquires of one call, or of a batch of calls.
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/acquire.lua")));
+/// The acquires of one call, or of a batch of calls, of any limits (calls of a shape
+/// that has a generated script use that instead: see `shaped`).
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("../lua/acquire.lua")));
 
 /// Most acquires (or settlements) sent in one batch script.
 const MAX_BATCH: usize = 32;
 /// Batches in flight at once; while all are out, new work queues up and goes together.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
-static ADJUST: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/adjust.lua")));
+static ADJUST: LazyLock<Script> = LazyLock::new(|| script(include_str!("../lua/adjust.lua")));
 
 /// Connection settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
@@ -153,6 +156,8 @@ impl redis::aio::ConnectionLike for Connection {
 }
 
 type ReplySender = tokio::sync::oneshot::Sender<Result<Vec<Decision>, StoreError>>;
+/// Where a queued acquire's answer goes.
+type AcquireSender = tokio::sync::oneshot::Sender<AcquireAnswer>;
 
 /// A batched acquire's answer on its way to its caller. Whatever took it leaves no trace
 /// if the caller never does: dropped unread (the caller left after it was sent, or before
@@ -201,7 +206,7 @@ fn spawn_undo(
 enum Queued {
     Acquire {
         checks: Vec<LimitCheck>,
-        reply: tokio::sync::oneshot::Sender<AcquireAnswer>,
+        reply: AcquireSender,
     },
     Adjust {
         adjustments: Vec<Adjustment>,
@@ -376,6 +381,19 @@ impl RedisStore {
         Self {
             shared: Arc::new(shared),
         }
+    }
+
+    /// Benchmarks only (feature `test-util`): the whole Lua script an acquire of
+    /// `checks` runs, the one generated for their shape or the one for any limits (for
+    /// counting what Redis spends on it).
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn acquire_script_source(checks: &[LimitCheck]) -> String {
+        let body = shaped::source_for(checks);
+        let body = body
+            .as_deref()
+            .unwrap_or(include_str!("../lua/acquire.lua"));
+        [CLOCK, include_str!("../lua/state.lua"), body].concat()
     }
 
     /// A test's "now" (`test-util` builds with a test clock only).
@@ -914,19 +932,39 @@ impl ScriptArgs {
             self.push_limit(check_packed(c));
         }
     }
+
+    /// The KEYS and ARGV of one script run for the acquires of these calls (all of one
+    /// shape when `shaped`, whose script takes only their quotas and costs).
+    fn acquires<'c>(
+        calls: impl ExactSizeIterator<Item = &'c [LimitCheck]> + Clone,
+        shaped: bool,
+    ) -> (Vec<StateKey>, Self) {
+        let total: usize = calls.clone().map(<[LimitCheck]>::len).sum();
+        let mut args = Self::with_records(1 + calls.len(), total);
+        args.push_count(calls.len());
+        let mut keys = Vec::with_capacity(total);
+        for checks in calls {
+            if shaped {
+                shaped::push_call(&mut args.records, checks);
+            } else {
+                args.push_call(checks);
+            }
+            keys.extend(checks.iter().map(|c| c.key.clone()));
+        }
+        (keys, args)
+    }
 }
 
 impl RedisStore {
     /// One call's acquire as its own script, with the caller-facing timeout.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
         // A batch of one call.
-        let mut args = ScriptArgs::with_records(2, checks.len());
-        args.push_count(1);
-        args.push_call(&checks);
-        let keys = checks.iter().map(|c| c.key.clone()).collect();
+        let shaped = shaped::script_for(&checks);
+        let (keys, mut args) = ScriptArgs::acquires(std::iter::once(&checks[..]), shaped.is_some());
         self.push_test_clock(&mut args);
+        let script = shaped.unwrap_or(&ACQUIRE);
         let in_flight = InFlightAcquire {
-            reply: Some(Self::invoke(self.shared.clone(), &ACQUIRE, keys, args)),
+            reply: Some(Self::invoke(self.shared.clone(), script, keys, args)),
             sent: false,
             store: self.clone(),
             checks,
@@ -939,23 +977,76 @@ impl RedisStore {
         })
     }
 
-    /// Several calls' acquires as one script; each call gets its own decisions. A call
-    /// whose caller left before the reply came has what it took given back.
-    async fn acquire_batch(
-        &self,
-        batch: Vec<(Vec<LimitCheck>, tokio::sync::oneshot::Sender<AcquireAnswer>)>,
-    ) {
-        let calls = batch.len();
-        let total: usize = batch.iter().map(|(checks, _)| checks.len()).sum();
-        let mut args = ScriptArgs::with_records(1 + calls, total);
-        args.push_count(calls);
-        let mut keys = Vec::with_capacity(total);
-        for (checks, _) in &batch {
-            args.push_call(checks);
-            keys.extend(checks.iter().map(|c| c.key.clone()));
+    /// Several calls' acquires; each call gets its own decisions. Calls of one shape go
+    /// in one script (its generated one, or `acquire.lua`); a batch of several shapes
+    /// sends one script per shape, all at once.
+    async fn acquire_batch(&self, batch: Vec<(Vec<LimitCheck>, AcquireSender)>) {
+        let mut groups: Vec<(Option<&'static Script>, Vec<_>)> = Vec::with_capacity(1);
+        for call in batch {
+            let script = shaped::script_for(&call.0);
+            let same = |(s, _): &&mut (Option<&'static Script>, _)| match (s, script) {
+                (Some(a), Some(b)) => std::ptr::eq(*a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            match groups.iter_mut().find(same) {
+                Some((_, calls)) => calls.push(call),
+                None => groups.push((script, vec![call])),
+            }
         }
+        if groups.len() > 1 {
+            // A call alone in its shape goes with the calls for `acquire.lua` instead: a
+            // script of its own costs Redis more (its run, its clock) than the generated
+            // script saves on one call.
+            let (alone, mut kept): (Vec<_>, Vec<_>) = groups
+                .into_iter()
+                .partition(|(script, calls)| script.is_some() && calls.len() == 1);
+            if !alone.is_empty() {
+                let any = match kept.iter().position(|(script, _)| script.is_none()) {
+                    Some(i) => i,
+                    None => {
+                        kept.push((None, Vec::with_capacity(alone.len())));
+                        kept.len() - 1
+                    }
+                };
+                kept[any]
+                    .1
+                    .extend(alone.into_iter().flat_map(|(_, calls)| calls));
+            }
+            groups = kept;
+        }
+        if groups.is_empty() {
+            return;
+        }
+        let first = groups.swap_remove(0);
+        let others: Vec<_> = groups
+            .into_iter()
+            .map(|(script, calls)| {
+                let store = self.clone();
+                tokio::spawn(async move { store.acquire_group(script, calls).await })
+            })
+            .collect();
+        self.acquire_group(first.0, first.1).await;
+        for other in others {
+            // A group's task ends when its answers are sent; it does not panic.
+            let _ = other.await;
+        }
+    }
+
+    /// Calls of one shape as one script (`script`: their generated one; `None`:
+    /// `acquire.lua`). A call whose caller left before the reply came has what it took
+    /// given back.
+    async fn acquire_group(
+        &self,
+        script: Option<&'static Script>,
+        batch: Vec<(Vec<LimitCheck>, AcquireSender)>,
+    ) {
+        let (keys, mut args) = ScriptArgs::acquires(
+            batch.iter().map(|(checks, _)| &checks[..]),
+            script.is_some(),
+        );
         self.push_test_clock(&mut args);
-        let reply = Self::invoke(self.shared.clone(), &ACQUIRE, keys, args).await;
+        let script = script.unwrap_or(&ACQUIRE);
+        let reply = Self::invoke(self.shared.clone(), script, keys, args).await;
         let results = self.split_batch_reply(reply, &batch, |r, (checks, _)| r.acquire(checks));
         for ((checks, sender), result) in batch.into_iter().zip(results) {
             // Not taken by the caller (gone before or after the send): undone on drop.
