@@ -438,6 +438,97 @@ async fn text_states_of_earlier_releases_are_read() {
     }
 }
 
+/// A packed state no script writes (NaN or an infinity in any field, set by something
+/// else) is decided as the client reads it (NaN as 0, the rest clamped to ±2^52), on every
+/// algorithm, by acquires and settlements alike, alone or batched with other calls: no
+/// error, nothing NaN written back, and the other calls of its batch unharmed. (A NaN
+/// refill time used to fail the whole script after the writes of the calls before it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_states_are_decided_not_failed() {
+    use tower_llm_ratelimit::Store;
+    use tower_llm_ratelimit::store::{Adjustment, LimitCheck};
+    let server = common::RedisServer::start();
+    let store = RedisStore::connect(&server.url).await.unwrap();
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let prefix = common::unique_prefix("non-finite");
+    let window = tower_llm_ratelimit::algorithm::MAX_WINDOW;
+    let packed = |a: f64, b: f64, c: f64| -> Vec<u8> {
+        let mut raw = vec![1u8];
+        for v in [a, b, c] {
+            raw.extend(v.to_le_bytes());
+        }
+        raw
+    };
+    let algorithms: [(&str, Algorithm); 3] = [
+        ("fixed", FixedWindow::new(10, window).unwrap().into()),
+        ("sliding", SlidingWindow::new(10, window).unwrap().into()),
+        ("bucket", TokenBucket::new(10, 1, window).unwrap().into()),
+    ];
+    let odd = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
+    let mut case = 0;
+    for (name, algorithm) in algorithms {
+        for field in 0..3 {
+            for value in odd {
+                case += 1;
+                let mut fields = [5.0, 5.0, 0.0];
+                fields[field] = value;
+                let odd_key = format!("{prefix}:{name}:{case}:{{odd{case}}}");
+                let good_key = format!("{prefix}:{name}:{case}:{{good{case}}}");
+                let _: () = redis::cmd("SET")
+                    .arg(&odd_key)
+                    .arg(packed(fields[0], fields[1], fields[2]))
+                    .arg("PX")
+                    .arg(600_000)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let check = |key: &str| LimitCheck {
+                    key: key.into(),
+                    rule: algorithm.into(),
+                    cost: 1,
+                    take: true,
+                    slot: 0,
+                };
+                let what = format!("{name}, field {field} = {value}");
+                // Queued together: one batch, the good call first.
+                let good = store.acquire(&[check(&good_key)]);
+                let odd = store.acquire(&[check(&odd_key)]);
+                let good = good
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: good call: {e}"));
+                odd.await.unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(
+                    good[0].allowed && good[0].remaining == 9,
+                    "{what}: {good:?}"
+                );
+                let refund = Adjustment {
+                    key: odd_key.as_str().into(),
+                    rule: algorithm.into(),
+                    delta: -1,
+                    slot: 0,
+                    window: None,
+                };
+                store
+                    .adjust(&[refund], None)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: settlement: {e}"));
+                let raw: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&odd_key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if let Some(raw) = raw.filter(|r| r.len() == 25) {
+                    for i in 0..3 {
+                        let v = f64::from_le_bytes(raw[1 + 8 * i..9 + 8 * i].try_into().unwrap());
+                        assert!(v.is_finite(), "{what}: wrote {v} back");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A key that holds another Redis type (a key prefix shared with other data) fails the
 /// calls and settlements on it, and only them: the others batched in the same scripts
 /// are applied exactly, and nothing is written for the failed ones.

@@ -145,3 +145,70 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
         "TTL {ttl_ms} ms: padded or missing"
     );
 }
+
+/// A script generated for one shape of call, as a build without `test-util` assembles
+/// it (the same text, less test_clock.lua, which only `test-util` builds append): no
+/// test hook, the server's clock, an unpadded TTL.
+#[test]
+fn generated_scripts_in_production_decide_on_the_server_clock() {
+    use std::time::Duration;
+    use tower_llm_ratelimit::store::LimitCheck;
+    use tower_llm_ratelimit::{FixedWindow, RedisStore};
+    let test_clock = include_str!("../src/store/lua/test_clock.lua");
+    let check = LimitCheck {
+        key: "k:{t}".into(),
+        rule: FixedWindow::new(5, Duration::from_secs(60)).unwrap().into(),
+        cost: 1,
+        take: true,
+        slot: 0,
+    };
+    let built = RedisStore::acquire_script_source(&[check]);
+    assert!(built.contains(test_clock));
+    let source = built.replace(test_clock, "");
+    // The window is a constant of the script, not an argument: a generated script.
+    assert!(
+        source.contains("view(KEYS[k + 1], 1, 60000000, 0, now)"),
+        "{source}"
+    );
+    for hook in ["override", "ttl_pad", "server_clock"] {
+        assert!(!source.contains(hook), "{hook:?} in a production script");
+    }
+    let server = common::RedisServer::start();
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let key = format!("{}:rpm:{{user-1}}", common::unique_prefix("prod-shaped"));
+    // One call: its quota (5) and cost (1); a caller's "now" of 1 µs must be ignored.
+    let records: Vec<u8> = [1f64, 5.0, 1.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let script = redis::Script::new(&source);
+    for taken in 1..=6 {
+        let reply: redis::Value = script
+            .key(&key)
+            .arg(&records)
+            .arg(1)
+            .invoke(&mut conn)
+            .unwrap();
+        let (now, parts) = reply_of(reply);
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as f64;
+        assert!(
+            (now - now_us).abs() < 60e6,
+            "decided at {now} µs, not {now_us}"
+        );
+        assert_eq!(
+            parts[0],
+            redis::Value::Int(i64::from(taken <= 5)),
+            "call {taken}"
+        );
+    }
+    assert_eq!(stored(&mut conn, &key).1, 5.0);
+    let ttl_ms: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+    assert!(
+        (1..=60_000).contains(&ttl_ms),
+        "TTL {ttl_ms} ms: padded or missing"
+    );
+}

@@ -72,6 +72,16 @@ local function view(key, alg, p2, p3, now)
       a, b, c = string.match(raw, '^(-?%d+):(-?%d+):(-?%d+)$')
       if a then a, b, c = a + 0, b + 0, c + 0 end
     end
+    -- A number no script writes (NaN, or beyond +-2^52: a key set by something else)
+    -- reads as the client reads it (parse_state in src/store/redis/mod.rs): NaN as 0,
+    -- the rest clamped to +-2^52. Both then decide alike, and nothing written back from
+    -- it is NaN or infinite (a NaN TTL would fail the whole script, after the writes of
+    -- the calls before it in a batch).
+    if a then
+      if a ~= a then a = 0 elseif a > MAX then a = MAX elseif a < -MAX then a = -MAX end
+      if b ~= b then b = 0 elseif b > MAX then b = MAX elseif b < -MAX then b = -MAX end
+      if c ~= c then c = 0 elseif c > MAX then c = MAX elseif c < -MAX then c = -MAX end
+    end
   end
   if alg == 3 then
     if not a then return now, 0, 0, 0, false, now, raw end
