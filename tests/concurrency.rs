@@ -545,15 +545,7 @@ async fn a_foreign_key_fails_only_its_own_calls_in_a_batch() {
         .unwrap(),
     );
     let foreign = rl.key("foreign").unwrap();
-    let cli = |args: &[&str]| {
-        let out = Command::new("redis-cli")
-            .arg("-p")
-            .arg(server.port.to_string())
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let cli = |args: &[&str]| common::redis_cli(server.port, args);
     cli(&["ZADD", &foreign, "1", "someone-elses-data"]);
     let tasks: Vec<_> = (0..400u64)
         .map(|i| {
@@ -794,15 +786,7 @@ async fn calls_of_different_shapes_batched_together_are_exact() {
     );
     // What the other limits took: exactly one per allowed call of the shapes that take
     // them (the sliding window only checks).
-    let cli = |args: &[&str]| {
-        let out = Command::new("redis-cli")
-            .arg("-p")
-            .arg(server.port.to_string())
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let cli = |args: &[&str]| common::redis_cli(server.port, args);
     assert_eq!(cli(&["ZCARD", &key("slots")]), allowed[3].to_string());
     assert_eq!(cli(&["EXISTS", &key("sliding")]), "0");
     let bucket = Rule::from(TokenBucket::new(plenty, 1, minute).unwrap());

@@ -205,18 +205,8 @@ async fn four_limits_exact_under_200_concurrent_tasks() {
     }
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn evalsha_calls(port: u16) -> u64 {
-    let stats = redis_cli(port, &["INFO", "commandstats"]);
+    let stats = common::redis_cli(port, &["INFO", "commandstats"]);
     stats
         .lines()
         .find(|l| l.starts_with("cmdstat_evalsha:"))

@@ -43,6 +43,20 @@ fn stored(conn: &mut redis::Connection, key: &str) -> (f64, f64) {
     (at(1), at(9))
 }
 
+/// That a script decided at `now` (µs) by the server's clock (within a minute of this
+/// machine's, which runs it); this machine's time.
+fn assert_server_clock(now: f64) -> f64 {
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as f64;
+    assert!(
+        (now - now_us).abs() < 60e6,
+        "decided at {now} µs, the server's clock reads {now_us}"
+    );
+    now_us
+}
+
 #[test]
 fn production_scripts_carry_no_test_clock() {
     for body in [ACQUIRE, ADJUST] {
@@ -75,14 +89,7 @@ fn production_scripts_decide_on_the_server_clock_with_unpadded_ttls() {
     // The time, then allowed_all and the state as read (none yet).
     let (now, parts) = reply_of(reply);
     assert_eq!(parts, [redis::Value::Int(1), redis::Value::Nil]);
-    let now_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as f64;
-    assert!(
-        (now - now_us).abs() < 60e6,
-        "decided at {now} µs, the server's clock reads {now_us}"
-    );
+    let now_us = assert_server_clock(now);
     let (window, used) = stored(&mut conn, &key);
     assert_eq!(used, 1.0);
     assert!(
@@ -191,14 +198,7 @@ fn generated_scripts_in_production_decide_on_the_server_clock() {
             .invoke(&mut conn)
             .unwrap();
         let (now, parts) = reply_of(reply);
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros() as f64;
-        assert!(
-            (now - now_us).abs() < 60e6,
-            "decided at {now} µs, not {now_us}"
-        );
+        assert_server_clock(now);
         assert_eq!(
             parts[0],
             redis::Value::Int(i64::from(taken <= 5)),

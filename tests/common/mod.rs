@@ -163,6 +163,17 @@ pub fn unique_prefix(name: &str) -> String {
     )
 }
 
+/// `redis-cli -p <port> <args>`'s answer, trimmed (tests only).
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Every key under `prefix` with its PTTL (ms), by SCAN (tests only).
 pub fn redis_keys(url: &str, prefix: &str) -> Vec<(String, i64)> {
     let client = redis::Client::open(url).unwrap();
