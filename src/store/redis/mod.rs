@@ -27,14 +27,23 @@ const CLOCK: &str = concat!(
     include_str!("../lua/test_clock.lua")
 );
 
-/// The clock, `state.lua` (what the scripts share) and one script.
-fn script(body: &str) -> Script {
-    Script::new(&[CLOCK, include_str!("../lua/state.lua"), body].concat())
+/// The whole text of a script: the clock, `state.lua` (what the scripts share) and its
+/// body.
+fn source(body: &str) -> String {
+    [CLOCK, include_str!("../lua/state.lua"), body].concat()
 }
+
+/// The script of this body (see [`source`]).
+fn script(body: &str) -> Script {
+    Script::new(&source(body))
+}
+
+/// The body of the script for the acquires of any limits.
+const ACQUIRE_BODY: &str = include_str!("../lua/acquire.lua");
 
 /// The acquires of one call, or of a batch of calls, of any limits (calls of a shape
 /// that has a generated script use that instead: see `shaped`).
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("../lua/acquire.lua")));
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| script(ACQUIRE_BODY));
 
 /// Most acquires (or settlements) sent in one batch script.
 const MAX_BATCH: usize = 32;
@@ -389,11 +398,11 @@ impl RedisStore {
     #[cfg(feature = "test-util")]
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn acquire_script_source(checks: &[LimitCheck]) -> String {
-        let body = shaped::source_for(checks);
-        let body = body
-            .as_deref()
-            .unwrap_or(include_str!("../lua/acquire.lua"));
-        [CLOCK, include_str!("../lua/state.lua"), body].concat()
+        source(
+            shaped::source_for(checks)
+                .as_deref()
+                .unwrap_or(ACQUIRE_BODY),
+        )
     }
 
     /// A test's "now" (`test-util` builds with a test clock only).
@@ -843,6 +852,12 @@ fn exact(v: i64) -> f64 {
     v.clamp(-EXACT, EXACT) as f64
 }
 
+/// A check's cost as sent (costs beyond `i64::MAX` saturate, as every cost beyond 2^53
+/// does).
+fn cost_sent(c: &LimitCheck) -> f64 {
+    exact(c.cost.min(i64::MAX as u64) as i64)
+}
+
 /// A slot id's high and low 32 bits.
 fn slot_halves(slot: u64) -> (f64, f64) {
     ((slot >> 32) as f64, (slot & 0xffff_ffff) as f64)
@@ -854,14 +869,7 @@ fn check_packed(c: &LimitCheck) -> PackedLimit {
     match &c.rule {
         super::Rule::Rate(a) => {
             let [code, p1, p2, p3] = a.script_params().map(|p| p as f64);
-            packed([
-                code,
-                p1,
-                p2,
-                p3,
-                exact(c.cost.min(i64::MAX as u64) as i64),
-                take,
-            ])
+            packed([code, p1, p2, p3, cost_sent(c), take])
         }
         super::Rule::Concurrency(l) => {
             let [code, max, lease] = l.script_params().map(|p| p as f64);
@@ -981,14 +989,15 @@ impl RedisStore {
     /// in one script (its generated one, or `acquire.lua`); a batch of several shapes
     /// sends one script per shape, all at once.
     async fn acquire_batch(&self, batch: Vec<(Vec<LimitCheck>, AcquireSender)>) {
+        // Scripts are compared by address: each shape has one.
+        let address = |script: Option<&'static Script>| script.map(std::ptr::from_ref);
         let mut groups: Vec<(Option<&'static Script>, Vec<_>)> = Vec::with_capacity(1);
         for call in batch {
             let script = shaped::script_for(&call.0);
-            let same = |(s, _): &&mut (Option<&'static Script>, _)| match (s, script) {
-                (Some(a), Some(b)) => std::ptr::eq(*a, b),
-                (a, b) => a.is_none() && b.is_none(),
-            };
-            match groups.iter_mut().find(same) {
+            match groups
+                .iter_mut()
+                .find(|(s, _)| address(*s) == address(script))
+            {
                 Some((_, calls)) => calls.push(call),
                 None => groups.push((script, vec![call])),
             }
@@ -997,22 +1006,17 @@ impl RedisStore {
             // A call alone in its shape goes with the calls for `acquire.lua` instead: a
             // script of its own costs Redis more (its run, its clock) than the generated
             // script saves on one call.
-            let (alone, mut kept): (Vec<_>, Vec<_>) = groups
-                .into_iter()
-                .partition(|(script, calls)| script.is_some() && calls.len() == 1);
-            if !alone.is_empty() {
-                let any = match kept.iter().position(|(script, _)| script.is_none()) {
-                    Some(i) => i,
-                    None => {
-                        kept.push((None, Vec::with_capacity(alone.len())));
-                        kept.len() - 1
-                    }
-                };
-                kept[any]
-                    .1
-                    .extend(alone.into_iter().flat_map(|(_, calls)| calls));
+            let mut any = Vec::new();
+            groups.retain_mut(|(script, calls)| {
+                let keep = script.is_some() && calls.len() > 1;
+                if !keep {
+                    any.append(calls);
+                }
+                keep
+            });
+            if !any.is_empty() {
+                groups.push((None, any));
             }
-            groups = kept;
         }
         if groups.is_empty() {
             return;

@@ -75,13 +75,8 @@ pub(super) fn script_for(checks: &[LimitCheck]) -> Option<&'static Script> {
 /// Append one call's arguments for its generated script: per limit, its quota and cost.
 pub(super) fn push_call(records: &mut Vec<u8>, checks: &[LimitCheck]) {
     for c in checks {
-        let quota = match &c.rule {
-            Rule::Rate(algorithm) => algorithm.script_params()[1],
-            // Never in a generated script's call (see `Shape::of`).
-            Rule::Concurrency(limit) => limit.max(),
-        };
-        records.extend_from_slice(&(quota as f64).to_le_bytes());
-        records.extend_from_slice(&super::exact(c.cost.min(i64::MAX as u64) as i64).to_le_bytes());
+        records.extend_from_slice(&(c.rule.limit() as f64).to_le_bytes());
+        records.extend_from_slice(&super::cost_sent(c).to_le_bytes());
     }
 }
 
