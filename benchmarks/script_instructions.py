@@ -5,12 +5,13 @@ Usage: script_instructions.py PORT SHAPE N
 
 SHAPE: empty | peer | acquire | acquire4 | acquire4-check2 | acquire32 | acquire32x4 | settle |
        settle-no-id | shaped | shaped4-check2 | shaped32 | shaped32x4 | one-key32 | one-key32x4 |
-       one-key-shaped32 | one-key-shaped32x4
+       one-key-shaped32 | one-key-shaped32x4 | hash32 | hash32x4 | shaped32x4-mget
 The scripts are assembled as the crate assembles them (clock.lua, state.lua, the body),
 from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
 The shaped* shapes run the scripts the crate generates for calls of one shape, as
 `examples/acquire_script.rs` prints them into the files $SHAPED_ONE and $SHAPED_FOUR (from
-the working tree only); one-key* run the prototypes in benchmarks/prototypes/.
+the working tree only); one-key* and hash* run the prototypes in benchmarks/prototypes/;
+shaped32x4-mget is the generated four-limit script with its four GETs made one MGET.
 """
 
 import os
@@ -51,6 +52,19 @@ def prototype(name: str) -> str:
     return lua("clock.lua") + (ROOT / "benchmarks" / "prototypes" / name).read_text()
 
 
+def with_mget(script: str) -> str:
+    """The generated four-limit script reading its four keys with one MGET (a measurement
+    only: MGET reads a key of another type as nil, which the crate's scripts must not)."""
+    script = script.replace("local function view(key, alg, p2, p3, now)", "local function view(raw, alg, p2, p3, now)")
+    script = script.replace("  local raw = redis.pcall('GET', key)\n", "", 1)
+    first = "  local a1, u1, p1, w1, s1, t1, r1 = view(KEYS[k + 1]"
+    assert first in script
+    script = script.replace(first, "  local m = redis.call('MGET', KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4])\n" + first)
+    for q in range(1, 5):
+        script = script.replace(f"view(KEYS[k + {q}]", f"view(m[{q}]")
+    return script
+
+
 def peer_script() -> str:
     source = PEER.read_text()
     start = source.index("`") + 1
@@ -83,9 +97,9 @@ def calls(shape: str, i: int):
     if shape == "acquire32":
         keys = [f"k:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
         return keys, acquire_args(32, (COUNT[1] + LIMIT) * 32)
-    if shape in ("shaped", "shaped4-check2", "shaped32", "shaped32x4"):
+    if shape in ("shaped", "shaped4-check2", "shaped32", "shaped32x4", "shaped32x4-mget"):
         # Generated per shape: per limit only its quota and cost.
-        limits = 4 if shape.endswith("4-check2") or shape.endswith("x4") else 1
+        limits = 4 if shape.endswith("4-check2") or "x4" in shape else 1
         calls_per_run = 32 if "32" in shape else 1
         call = struct.pack("<dd", 2**40, 1) * limits
         keys = [f"k{q}:{{u{(i * calls_per_run + j) % 100}}}" for j in range(calls_per_run) for q in range(limits)]
@@ -93,6 +107,16 @@ def calls(shape: str, i: int):
     if shape in ("one-key-shaped32", "one-key-shaped32x4"):
         call = struct.pack("<dd", 2**40, 1) * (1 if shape == "one-key-shaped32" else 4)
         keys = [f"one:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
+        return keys, [struct.pack("<d", 32) + call * 32]
+    if shape in ("hash32", "hash32x4"):
+        # benchmarks/prototypes/hash_per_identifier_*.lua: per call the identifier's hash,
+        # then its fields.
+        limits = 1 if shape == "hash32" else 4
+        call = struct.pack("<dd", 2**40, 1) * limits
+        keys = []
+        for j in range(32):
+            user = f"u{(i * 32 + j) % 100}"
+            keys += [f"h:{{{user}}}"] + [f"k{q}:{{{user}}}" for q in range(limits)]
         return keys, [struct.pack("<d", 32) + call * 32]
     if shape in ("one-key32", "one-key32x4"):
         # benchmarks/prototypes/one_key_acquire.lua: one key per identifier for all its limits.
@@ -157,6 +181,9 @@ def main() -> None:
         "one-key32x4": prototype("one_key_acquire.lua"),
         "one-key-shaped32": prototype("one_key_shaped_1.lua"),
         "one-key-shaped32x4": prototype("one_key_shaped_4.lua"),
+        "shaped32x4-mget": with_mget(shaped("SHAPED_FOUR")),
+        "hash32": prototype("hash_per_identifier_1.lua"),
+        "hash32x4": prototype("hash_per_identifier_4.lua"),
         "settle": ours("adjust.lua"),
         "settle-no-id": ours("adjust.lua"),
     }[shape] or peer_script()
