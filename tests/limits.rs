@@ -688,6 +688,86 @@ fn metrics_carry_the_documented_names_and_labels() {
     );
 }
 
+/// A store that never answers: every write times out and is queued.
+#[cfg(feature = "metrics")]
+struct Unanswering;
+
+#[cfg(feature = "metrics")]
+impl Store for Unanswering {
+    fn acquire(
+        &self,
+        _: &[tower_llm_ratelimit::store::LimitCheck],
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        tower_llm_ratelimit::store::StoreFuture::new(std::future::pending())
+    }
+
+    fn adjust(
+        &self,
+        _: &[tower_llm_ratelimit::store::Adjustment],
+        _: Option<u64>,
+    ) -> tower_llm_ratelimit::store::StoreFuture<Vec<tower_llm_ratelimit::Decision>> {
+        tower_llm_ratelimit::store::StoreFuture::new(std::future::pending())
+    }
+
+    fn delete(&self, _: Vec<String>) -> tower_llm_ratelimit::store::StoreFuture<()> {
+        tower_llm_ratelimit::store::StoreFuture::new(std::future::pending())
+    }
+}
+
+/// The pending-settlements gauge reads every layer's queued settlements together (each
+/// layer used to set it to its own count, hiding the others').
+#[cfg(feature = "metrics")]
+#[test]
+fn the_pending_settlements_gauge_sums_every_layer() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let gauge = || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find_map(|(key, _, _, value)| match value {
+                DebugValue::Gauge(g) if key.key().name() == "llm_ratelimit_pending_settlements" => {
+                    Some(g.into_inner())
+                }
+                _ => None,
+            })
+    };
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut layers = Vec::new();
+            for (policy, calls) in [
+                (tower_llm_ratelimit::StoreErrorPolicy::FailOpen, 3),
+                (tower_llm_ratelimit::StoreErrorPolicy::Local, 2),
+            ] {
+                let layer = RatelimitLayer::builder()
+                    .store(Unanswering)
+                    .store_timeout(Duration::from_millis(20))
+                    .on_store_error(policy)
+                    .limit("rpm", Limit::requests(FixedWindow::new(100, LONG).unwrap()))
+                    .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
+                    .build()
+                    .unwrap();
+                let svc = layer.layer(llm(Usage::new(3, 4)));
+                for _ in 0..calls {
+                    svc.clone()
+                        .oneshot(LlmRequest::new("pat", "x"))
+                        .await
+                        .unwrap();
+                }
+                assert_eq!(layer.pending_settlements(), calls, "{policy:?}");
+                layers.push(layer);
+            }
+            assert_eq!(gauge(), Some(5.0), "3 + 2 settlements pending");
+        });
+    });
+}
+
 #[tokio::test]
 async fn a_call_dropped_while_the_model_runs_is_charged_its_prompt_estimate() {
     for mode in [TokenMode::CheckRemaining, TokenMode::Reserve] {

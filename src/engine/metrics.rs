@@ -113,9 +113,17 @@ pub(crate) fn fallback(policy: StoreErrorPolicy) {
     ::metrics::counter!("llm_ratelimit_fallback_decisions_total", "policy" => policy).increment(1);
 }
 
+/// Settlements queued (positive) or written or given up (negative) by one queue: the
+/// gauge moves by each queue's changes, so it reads the sum over every layer of the
+/// process (setting it to one queue's length would hide the others').
 #[cfg(feature = "metrics")]
-pub(crate) fn pending_settlements(pending: usize) {
-    ::metrics::gauge!("llm_ratelimit_pending_settlements").set(pending as f64);
+pub(crate) fn pending_settlements_changed(by: i64) {
+    let gauge = ::metrics::gauge!("llm_ratelimit_pending_settlements");
+    if by >= 0 {
+        gauge.increment(by as f64);
+    } else {
+        gauge.decrement(by.unsigned_abs() as f64);
+    }
 }
 
 #[cfg(not(feature = "metrics"))]
@@ -140,4 +148,4 @@ pub(crate) fn store_latency(_: Duration) {}
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn fallback(_: StoreErrorPolicy) {}
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn pending_settlements(_: usize) {}
+pub(crate) fn pending_settlements_changed(_: i64) {}

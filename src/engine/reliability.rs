@@ -167,6 +167,16 @@ impl std::fmt::Debug for SettlementQueue {
     }
 }
 
+impl Drop for SettlementQueue {
+    fn drop(&mut self) {
+        // Settlements of a layer that is gone are no longer pending anywhere.
+        let left = self.lock().items.len();
+        if left > 0 {
+            super::metrics::pending_settlements_changed(-(left as i64));
+        }
+    }
+}
+
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -222,6 +232,7 @@ impl SettlementQueue {
                 id,
                 on_landed,
             });
+            super::metrics::pending_settlements_changed(1);
             tracing::warn!(
                 pending = state.items.len(),
                 "queued a settlement the store did not take"
@@ -282,12 +293,8 @@ impl SettlementQueue {
             match with_timeout(timeout, write).await {
                 Ok(_) => {
                     (next.on_landed)(&next.adjustments);
-                    let pending = {
-                        let mut state = self.lock();
-                        state.items.pop_front();
-                        state.items.len()
-                    };
-                    super::metrics::pending_settlements(pending);
+                    self.lock().items.pop_front();
+                    super::metrics::pending_settlements_changed(-1);
                     backoff = MIN_BACKOFF;
                 }
                 Err(error) => {

@@ -476,7 +476,6 @@ fn queue_settlement(engine: &Arc<Engine>, plan: &Arc<Plan>, remote: Vec<Adjustme
         id,
         on_landed,
     );
-    metrics::pending_settlements(engine.queue.len());
 }
 
 impl Drop for Settlement {
