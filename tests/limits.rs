@@ -549,6 +549,49 @@ async fn wait_mode_waits_within_the_bound_and_fails_beyond_it() {
     );
 }
 
+/// A call whose cost exceeds a limit's quota can never pass: it fails at once even when
+/// other calls are waiting for that budget (it used to take a turn behind them and fail
+/// only once the window had rolled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_can_never_pass_does_not_wait_behind_waiting_calls() {
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "tpm",
+            Limit::tokens(FixedWindow::new(100, Duration::from_secs(10)).unwrap())
+                .count(TokenCount::Total),
+        )
+        .token_mode(TokenMode::Reserve)
+        .wait_up_to(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(0, 0)));
+    let call = |max_tokens| {
+        svc.clone()
+            .oneshot(LlmRequest::new("nia", "").with_max_tokens(max_tokens))
+    };
+    // The window spent by a reservation (the usage reported, 0, refunds it only once the
+    // call ends; the reservation is what blocks the next ones meanwhile).
+    let hold = LlmRequest::new("nia", "").with_max_tokens(100);
+    let slow = layer.layer(llm_after(Duration::from_secs(30), Usage::new(0, 100)));
+    let holder = tokio::spawn(slow.oneshot(hold));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A call that fits once the window rolls: it waits for it.
+    let waiter = tokio::spawn(call(10));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the second call waits for the window"
+    );
+    let never = tokio::time::timeout(Duration::from_secs(5), call(1000))
+        .await
+        .expect("a call that can never pass fails at once, not behind the waiting one");
+    let error = never.unwrap_err();
+    assert_eq!(error.retry_after(), None, "{error}");
+    assert!(!waiter.is_finished());
+    waiter.abort();
+    holder.abort();
+}
+
 #[tokio::test]
 async fn waiting_calls_go_in_arrival_order_and_a_dropped_one_leaves_nothing() {
     let layer = bucket_layer(Duration::from_millis(200), Duration::from_secs(5));

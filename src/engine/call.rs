@@ -254,6 +254,7 @@ impl<S: Service<R>, R> Call<S, R> {
             };
         }
         if pending.wait.is_some()
+            && !plan.checks.iter().any(can_never_pass)
             && let Some(busy) = pending
                 .engine
                 .waiters
@@ -351,6 +352,13 @@ impl<S: Service<R>, R> Call<S, R> {
             pending: Some(pending),
         }
     }
+}
+
+/// Whether this check's cost exceeds its limit's quota, so that no wait could let it
+/// pass: such a call goes to the store at once (which denies it with no retry) instead
+/// of taking a turn behind the calls waiting for its budgets.
+fn can_never_pass(check: &crate::store::LimitCheck) -> bool {
+    !check.rule.is_concurrency() && check.cost > check.rule.limit()
 }
 
 /// The queue a denied call waits in: the state key of the limit that denied it (one
