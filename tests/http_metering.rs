@@ -220,3 +220,142 @@ async fn anthropic_routes_identify_by_x_api_key() {
         0
     );
 }
+
+type Received = Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>;
+
+/// An upstream that records each request's headers and body, answering with usage.
+fn recording_upstream(
+    received: Received,
+) -> impl tower::Service<
+    Request<RequestBody<Full<Bytes>>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone {
+    service_fn(move |req: Request<RequestBody<Full<Bytes>>>| {
+        let received = received.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            received.lock().unwrap().push((parts.headers, body));
+            let answer = r#"{"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+            let mut response = Response::new(Full::new(Bytes::from(answer)));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Limits that depend on the model read it from compressed bodies too, and refuse
+/// bodies they cannot read (too large, an unknown encoding, corrupt) instead of letting
+/// them through with no model: compressing or padding a request used to escape them.
+#[tokio::test]
+async fn model_limits_are_not_escaped_by_compressed_or_oversized_bodies() {
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "gpt4",
+            tower_llm_ratelimit::Limit::requests(FixedWindow::new(1, LONG).unwrap())
+                .models(["gpt-4*"]),
+        )
+        .limit(
+            "per-model",
+            tower_llm_ratelimit::Limit::requests(FixedWindow::new(1, LONG).unwrap()).per_model(),
+        )
+        .identifier(Fixed::new("zip"))
+        .max_request_body(1024)
+        .build_http()
+        .unwrap();
+    let received = Received::default();
+    let svc = layer.layer(recording_upstream(received.clone()));
+    let send = |encoding: Option<&'static str>, body: Vec<u8>| {
+        let mut request =
+            Request::post("/v1/chat/completions").header("content-type", "application/json");
+        if let Some(encoding) = encoding {
+            request = request.header("content-encoding", encoding);
+        }
+        let svc = svc.clone();
+        async move {
+            svc.oneshot(request.body(Full::new(Bytes::from(body))).unwrap())
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let chat = |model: &str| {
+        format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+    };
+    let gpt4 = gzip(chat("gpt-4o").as_bytes());
+    assert_eq!(send(Some("gzip"), gpt4.clone()).await, 200);
+    {
+        let received = received.lock().unwrap();
+        let (headers, body) = &received[0];
+        assert_eq!(headers["content-encoding"], "gzip", "passed on as it came");
+        assert_eq!(&body[..], &gpt4[..]);
+    }
+    // gpt-4o's limits are spent: compressed or not, padded or not, it is refused.
+    assert_eq!(send(Some("gzip"), gpt4.clone()).await, 429);
+    assert_eq!(send(None, chat("gpt-4o").into_bytes()).await, 429);
+    let padded = format!("{}{}", chat("gpt-4o"), " ".repeat(2000));
+    assert_eq!(
+        send(None, padded.clone().into_bytes()).await,
+        413,
+        "larger than the layer reads"
+    );
+    assert_eq!(
+        send(Some("gzip"), gzip(padded.as_bytes())).await,
+        413,
+        "larger once decoded"
+    );
+    assert_eq!(
+        send(Some("compress"), chat("gpt-4o").into_bytes()).await,
+        415
+    );
+    assert_eq!(send(Some("gzip"), b"not gzip".to_vec()).await, 400);
+    assert_eq!(
+        received.lock().unwrap().len(),
+        1,
+        "none of them reached the upstream"
+    );
+    // Another model's budgets are its own, compressed too.
+    assert_eq!(
+        send(Some("gzip"), gzip(chat("claude-3").as_bytes())).await,
+        200
+    );
+    assert_eq!(
+        send(Some("gzip"), gzip(chat("claude-3").as_bytes())).await,
+        429
+    );
+}
+
+/// A streamed chat request sent compressed still gets usage asked for: the upstream
+/// receives the rewritten request decoded (no `Content-Encoding`).
+#[tokio::test]
+async fn a_compressed_streamed_request_is_rewritten_decoded() {
+    let layer = layer();
+    let received = Received::default();
+    let svc = layer.layer(recording_upstream(received.clone()));
+    let request = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Full::new(Bytes::from(gzip(CHAT_STREAM.as_bytes()))))
+        .unwrap();
+    let response = svc.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let received = received.lock().unwrap();
+    let (headers, body) = &received[0];
+    assert!(headers.get("content-encoding").is_none(), "{headers:?}");
+    assert_eq!(headers["content-length"], body.len().to_string().as_str());
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(json["stream_options"]["include_usage"], true, "{json}");
+    assert_eq!(json["model"], "m");
+}

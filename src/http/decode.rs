@@ -1,7 +1,8 @@
-//! A decoded view of a compressed response body, for metering only: the client receives
-//! the upstream's bytes unchanged, while the usage reader sees them decoded, frame by
-//! frame, in bounded memory (each frame's output is read and dropped). Nothing escapes
-//! metering by asking for compression.
+//! Decoded views of compressed bodies. A response body is decoded for metering only:
+//! the client receives the upstream's bytes unchanged, while the usage reader sees them
+//! decoded, frame by frame, in bounded memory (each frame's output is read and dropped).
+//! A request body is decoded whole, up to the size the layer reads, to find its model
+//! and estimate. Nothing escapes metering, or a model's limits, by compressing.
 
 use std::io::Write;
 
@@ -121,6 +122,52 @@ impl Decoder {
     }
 }
 
+/// Why a compressed request body could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Unreadable {
+    /// It decodes to more than the layer reads.
+    TooLarge,
+    /// It does not decode under its encoding.
+    Corrupt,
+    /// Its encoding is one this crate cannot read (the name).
+    Unsupported(String),
+}
+
+/// Input fed to a decoder at a time, so that a body that decodes to far more than it
+/// weighs (a "zip bomb") is stopped soon after passing `max`: deflate expands a byte to
+/// at most ~1 032, so a step overshoots by at most ~1 MiB.
+const REQUEST_STEP: usize = 1024;
+
+/// The whole of a request `body` under `encoding`, decoded, if that is at most `max`
+/// bytes. `None` for an identity body (the bytes as they are).
+pub(crate) fn decode_request(
+    encoding: Encoding,
+    body: &[u8],
+    max: usize,
+) -> Result<Option<Vec<u8>>, Unreadable> {
+    let mut decoder = match encoding {
+        Encoding::Identity => return Ok(None),
+        Encoding::Unknown(name) => return Err(Unreadable::Unsupported(name)),
+        Encoding::Known(decoder) => decoder,
+    };
+    let mut decoded = Vec::new();
+    for step in body.chunks(REQUEST_STEP) {
+        decoder
+            .write(step, &mut decoded)
+            .map_err(|_| Unreadable::Corrupt)?;
+        if decoded.len() > max {
+            return Err(Unreadable::TooLarge);
+        }
+    }
+    decoder
+        .finish(&mut decoded)
+        .map_err(|_| Unreadable::Corrupt)?;
+    if decoded.len() > max {
+        return Err(Unreadable::TooLarge);
+    }
+    Ok(Some(decoded))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +188,49 @@ mod tests {
             all.append(&mut out);
             assert_eq!(all, plain, "{encoding} split {split}");
         }
+    }
+
+    #[test]
+    fn request_bodies_decode_whole_within_the_bound() {
+        let header =
+            |v: &'static str| Encoding::from_header(Some(&http::HeaderValue::from_static(v)));
+        let plain = br#"{"model":"gpt-4o","messages":[]}"#.repeat(100);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&plain).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(
+            decode_request(header("gzip"), &gz, plain.len())
+                .unwrap()
+                .unwrap(),
+            plain
+        );
+        assert_eq!(
+            decode_request(header("gzip"), &gz, plain.len() - 1),
+            Err(Unreadable::TooLarge)
+        );
+        assert_eq!(
+            decode_request(header("gzip"), &gz[..gz.len() / 2], usize::MAX),
+            Err(Unreadable::Corrupt)
+        );
+        assert_eq!(
+            decode_request(header("gzip"), b"not gzip", usize::MAX),
+            Err(Unreadable::Corrupt)
+        );
+        assert_eq!(decode_request(header("identity"), &plain, 1), Ok(None));
+        assert_eq!(
+            decode_request(header("compress"), &plain, usize::MAX),
+            Err(Unreadable::Unsupported("compress".into()))
+        );
+        // 64 MiB of zeros in ~64 KiB: stopped soon after the bound, not decoded whole.
+        let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        for _ in 0..64 {
+            bomb.write_all(&vec![0u8; 1 << 20]).unwrap();
+        }
+        let bomb = bomb.finish().unwrap();
+        assert_eq!(
+            decode_request(header("gzip"), &bomb, 4 << 20),
+            Err(Unreadable::TooLarge)
+        );
     }
 
     #[test]

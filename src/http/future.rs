@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use super::HttpConfig;
 use super::body::{Meter, RatelimitBody, RequestBody};
-use super::decode::Encoding;
+use super::decode::{Encoding, Unreadable, decode_request};
 use super::headers::{self, Api, LimitInfo};
 use super::inspect::inspect;
 use crate::engine::call::{Call, CallRequest, Outcome};
@@ -56,6 +56,41 @@ where
     })
 }
 
+/// The layer's answer to a request body it needs to read and cannot: 413 when it
+/// decodes to more than the layer reads, 415 for an encoding the layer cannot read, 400
+/// for a body that does not decode.
+fn unreadable_request<B>(
+    api: Api,
+    http: &HttpConfig,
+    unreadable: Unreadable,
+) -> Response<RatelimitBody<B>> {
+    tracing::warn!(?unreadable, "could not read a compressed request body");
+    let (status, code, message) = match unreadable {
+        Unreadable::TooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "request body larger than {} bytes once decoded",
+                http.max_request_body
+            ),
+        ),
+        Unreadable::Unsupported(name) => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding",
+            format!(
+                "request body encoded as {name:?}, which the rate limiter cannot read \
+                 (it reads gzip, deflate, br and zstd)"
+            ),
+        ),
+        Unreadable::Corrupt => (
+            StatusCode::BAD_REQUEST,
+            "unreadable_body",
+            "the request body does not decode under its Content-Encoding".to_owned(),
+        ),
+    };
+    headers::api_error(api, status, "invalid_request_error", code, &message)
+}
+
 /// What the response needs from the request once the call is on its way.
 struct CallInfo {
     engine: Arc<Engine>,
@@ -65,6 +100,9 @@ struct CallInfo {
     filter_usage_chunk: bool,
     /// Prompt tokens estimated from the request, charged if the usage never arrives.
     prompt_estimate: u64,
+    /// The call needs what its body says (its estimate, or its model): a body the layer
+    /// cannot read is refused, not passed on.
+    strict: bool,
 }
 
 pin_project! {
@@ -283,8 +321,10 @@ where
         B::Error: Into<BoxError>,
     {
         let (parts, body) = request.into_parts();
-        // Only an estimate needs the whole body; otherwise a large body passes through.
-        let read = read_body(body, http.max_request_body, needs_estimate);
+        // Only an estimate, or limits that depend on the model, need the whole body:
+        // otherwise a large body passes through.
+        let strict = needs_estimate || engine.needs_model();
+        let read = read_body(body, http.max_request_body, strict);
         Self {
             state: State::Reading {
                 read,
@@ -297,6 +337,7 @@ where
                     api,
                     filter_usage_chunk: false,
                     prompt_estimate: 0,
+                    strict,
                 }),
             },
         }
@@ -335,6 +376,7 @@ where
                     api,
                     filter_usage_chunk: false,
                     prompt_estimate,
+                    strict: false,
                 }),
             },
         }
@@ -429,14 +471,38 @@ where
                         });
                         continue;
                     }
+                    // A compressed body is read decoded. One the layer cannot read
+                    // (an encoding it does not know, corrupt, or larger than it reads
+                    // once decoded) is refused if the call needs what it says (its
+                    // estimate or its model), else passed on as it came, uninspected.
+                    let encoding = Encoding::from_header(parts.headers.get(CONTENT_ENCODING));
+                    let decoded = match decode_request(encoding, &bytes, info.http.max_request_body)
+                    {
+                        Ok(decoded) => Some(decoded),
+                        Err(unreadable) if info.strict => {
+                            this.state.set(State::Respond {
+                                response: Some(unreadable_request(
+                                    info.api, &info.http, unreadable,
+                                )),
+                            });
+                            continue;
+                        }
+                        Err(_) => None,
+                    };
                     // Only OpenAI chat and completions accept `stream_options`.
                     let path = parts.uri.path();
                     let inject = info.http.inject_stream_usage
                         && info.api == Api::OpenAi
                         && (path.ends_with("/chat/completions") || path.ends_with("/completions"));
-                    let inspection = inspect(&bytes, info.engine.default_estimate, inject);
+                    let inspection = match &decoded {
+                        Some(Some(plain)) => inspect(plain, info.engine.default_estimate, inject),
+                        Some(None) => inspect(&bytes, info.engine.default_estimate, inject),
+                        None => Default::default(),
+                    };
                     let body = match inspection.rewritten {
                         Some(rewritten) => {
+                            // Sent decoded: the rewrite is of the decoded text.
+                            parts.headers.remove(CONTENT_ENCODING);
                             parts.headers.insert(CONTENT_LENGTH, rewritten.len().into());
                             rewritten
                         }

@@ -147,7 +147,7 @@ fn json_string(s: &str) -> String {
 /// The error type Anthropic uses for a status.
 fn anthropic_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 | 413 => "invalid_request_error",
+        400 | 413 | 415 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",

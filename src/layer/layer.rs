@@ -336,8 +336,12 @@ impl<X> RatelimitLayerBuilder<X> {
         self
     }
 
-    /// HTTP: the largest request body the layer reads to estimate tokens (default
-    /// 4 MiB); larger requests get `413 Payload Too Large`.
+    /// HTTP: the largest request body the layer reads (default 4 MiB), decoded if it is
+    /// compressed (gzip, deflate, br or zstd). The layer reads the body of a JSON `POST`
+    /// for its estimate and its model. A request whose body the call needs (an estimate
+    /// in [`TokenMode::Reserve`], or limits that depend on the model) and that is larger
+    /// gets `413 Payload Too Large` (an encoding the layer cannot read: `415`; a body that
+    /// does not decode: `400`); otherwise a larger body passes through uninspected.
     #[cfg(feature = "http")]
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.settings.http.max_request_body = bytes;
