@@ -65,7 +65,10 @@ pub struct LlmRequest {
 }
 
 impl LlmRequest {
-    /// A request for `identifier` with `prompt`.
+    /// A request for `identifier` with `prompt`. A short identifier of safe characters
+    /// appears in store keys as it is: pass a secret (an API key) through
+    /// [`hash_api_key`](crate::identifier::hash_api_key) first. (Logs and spans show
+    /// identifiers only hashed.)
     pub fn new(identifier: impl Into<String>, prompt: impl Into<String>) -> Self {
         Self {
             identifier: Some(identifier.into()),

@@ -138,10 +138,10 @@ struct Unplanned {
 }
 
 pin_project! {
-    /// The acquire → call state machine. Each state owns what it needs; polling it
-    /// after it completed panics.
+    /// The states of a [`Call`]. Each state owns what it needs; polling it after it
+    /// completed panics.
     #[project = CallProj]
-    pub(crate) enum Call<S, R>
+    pub(crate) enum CallState<S, R>
     where
         S: Service<R>,
     {
@@ -152,6 +152,22 @@ pin_project! {
         Calling { #[pin] future: S::Future, settlement: Option<Settlement>, plan: Option<Arc<Plan>> },
         Refused { error: Option<Error>, decisions: Vec<Decision>, plan: Option<Arc<Plan>> },
         Done,
+    }
+}
+
+pin_project! {
+    /// The acquire → call state machine of one call, in its `tracing` span
+    /// (`llm_ratelimit_call`, at debug level: the identifier, hashed; the model; the
+    /// limits that apply; the decision, and the limit that denied).
+    pub(crate) struct Call<S, R>
+    where
+        S: Service<R>,
+    {
+        #[pin]
+        state: CallState<S, R>,
+        // Present only while a subscriber listens at debug level: the span, and the
+        // engine that names the call's limits.
+        span: Option<(tracing::Span, Arc<Engine>)>,
     }
 }
 
@@ -166,6 +182,77 @@ impl<S: Service<R>, R> Call<S, R> {
 
     /// Start a call prepared while its request was still borrowed.
     pub(crate) fn start(engine: Arc<Engine>, service: S, request: R, prepared: Prepared) -> Self {
+        // Checked first: building a disabled span still costs (it is offered to the
+        // `log` crate when tracing's `log` feature is on).
+        let span = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            let identifier = prepared.tag.as_ref().ok().map(|t| Tag::logged(t.as_str()));
+            let span = tracing::debug_span!(
+                "llm_ratelimit_call",
+                identifier = identifier.as_ref().map(tracing::field::display),
+                model = prepared.model.as_deref(),
+                limits = tracing::field::Empty,
+                decision = tracing::field::Empty,
+                denied_by = tracing::field::Empty,
+            );
+            (span, engine.clone())
+        });
+        let state = match &span {
+            Some((span, _)) => {
+                span.in_scope(|| CallState::start(engine, service, request, prepared))
+            }
+            None => CallState::start(engine, service, request, prepared),
+        };
+        Call { state, span }
+    }
+}
+
+impl<S: Service<R>, R> Future for Call<S, R> {
+    type Output = Outcome<S, R>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some((span, engine)) = this.span else {
+            return this.state.poll(cx);
+        };
+        let _entered = span.enter();
+        let outcome = ready!(this.state.poll(cx));
+        let (plan, decision, denied_by) = match &outcome {
+            Outcome::Called { plan, .. } => (Some(plan), "allowed", None),
+            Outcome::Refused { error, plan, .. } => match error.limit_exceeded() {
+                Some(e) => (plan.as_ref(), "denied", Some(e.name.clone())),
+                None => (plan.as_ref(), "error", None),
+            },
+        };
+        if let Some(plan) = plan {
+            span.record("limits", tracing::field::display(LimitNames(engine, plan)));
+        }
+        span.record("decision", decision);
+        if let Some(name) = denied_by {
+            span.record("denied_by", &*name);
+        }
+        Poll::Ready(outcome)
+    }
+}
+
+/// The names of the limits a plan applies, comma-separated (formatted only if a
+/// subscriber records them).
+struct LimitNames<'a>(&'a Engine, &'a Plan);
+
+impl std::fmt::Display for LimitNames<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, t) in self.1.taken.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(&self.0.limits[t.limit].name)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Service<R>, R> CallState<S, R> {
+    /// Start a call prepared while its request was still borrowed.
+    fn start(engine: Arc<Engine>, service: S, request: R, prepared: Prepared) -> Self {
         let Prepared {
             tag,
             model,
@@ -200,7 +287,7 @@ impl<S: Service<R>, R> Call<S, R> {
             None => None,
             Some(Resolution::Ready(q)) => q,
             Some(Resolution::Pending(quotas)) => {
-                return Call::Resolving {
+                return CallState::Resolving {
                     quotas,
                     unplanned: Some(Box::new(Unplanned {
                         tag,
@@ -218,7 +305,7 @@ impl<S: Service<R>, R> Call<S, R> {
     }
 
     fn refused(error: Error) -> Self {
-        Call::Refused {
+        CallState::Refused {
             error: Some(error),
             decisions: Vec::new(),
             plan: None,
@@ -233,7 +320,7 @@ impl<S: Service<R>, R> Call<S, R> {
             if let Some(e) = error.limit_exceeded() {
                 metrics::denied_without_store(&e.name);
             }
-            return Call::Refused {
+            return CallState::Refused {
                 error: Some(error),
                 decisions: Vec::new(),
                 plan: Some(plan),
@@ -247,7 +334,7 @@ impl<S: Service<R>, R> Call<S, R> {
             if let Some(e) = error.limit_exceeded() {
                 metrics::denied_without_store(&e.name);
             }
-            return Call::Refused {
+            return CallState::Refused {
                 error: Some(error),
                 decisions,
                 plan: Some(plan),
@@ -287,7 +374,7 @@ impl<S: Service<R>, R> Call<S, R> {
             .wait
             .as_ref()
             .map(|w| Box::pin(tokio::time::sleep_until(w.deadline)));
-        Call::Queued {
+        CallState::Queued {
             turn,
             deadline,
             plan: Some(plan),
@@ -323,7 +410,7 @@ impl<S: Service<R>, R> Call<S, R> {
                     }),
                     None => Box::pin(sleep),
                 };
-                Call::Sleeping {
+                CallState::Sleeping {
                     wake,
                     plan: Some(plan),
                     pending: Some(pending),
@@ -346,7 +433,7 @@ impl<S: Service<R>, R> Call<S, R> {
         // future dropped before it is polled must take nothing, and the slots' lease
         // renewal needs the runtime that polls.
         let settlement = Settlement::new(pending.engine.clone(), plan.clone());
-        Call::Acquiring {
+        CallState::Acquiring {
             settlement: Some(settlement),
             plan: Some(plan),
             pending: Some(pending),
@@ -431,7 +518,7 @@ fn taken<T>(slot: &mut Option<T>) -> T {
     slot.take().expect("call state polled after completion")
 }
 
-impl<S: Service<R>, R> Future for Call<S, R> {
+impl<S: Service<R>, R> Future for CallState<S, R> {
     type Output = Outcome<S, R>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -537,12 +624,12 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         let queue = denying_queue(&engine, &plan, &error);
                         let Some((error, decisions)) = wait_for(&mut pending, error, decisions)
                         else {
-                            tracing::debug!(identifier = %plan.tag, "waiting for budget");
+                            tracing::debug!(identifier = %Tag::logged(&plan.tag), "waiting for budget");
                             self.set(Self::queue(plan, pending, queue));
                             continue;
                         };
                         release_turn(&mut pending);
-                        tracing::info!(identifier = %plan.tag, %error, "rate limit denied a call");
+                        tracing::info!(identifier = %Tag::logged(&plan.tag), %error, "rate limit denied a call");
                         return Poll::Ready(Outcome::Refused {
                             error,
                             decisions,
@@ -556,19 +643,9 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         // sharing a limit with this call) no longer reports it as it is.
                         pending.engine.forget_denials(&plan.tag);
                     }
-                    // Checked first: building a disabled span still costs (it is offered
-                    // to the `log` crate when tracing's `log` feature is on).
-                    let _span = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-                        tracing::debug_span!(
-                            "llm_ratelimit_call",
-                            identifier = %plan.tag,
-                            limits = plan.taken.len(),
-                        )
-                        .entered()
-                    });
                     let mut service = pending.service;
                     let future = service.call(pending.request);
-                    self.set(Call::Calling {
+                    self.set(CallState::Calling {
                         future,
                         settlement: Some(settlement),
                         plan: Some(plan),
@@ -585,7 +662,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                         settlement: taken(settlement),
                         plan: taken(plan),
                     };
-                    self.set(Call::Done);
+                    self.set(CallState::Done);
                     return Poll::Ready(outcome);
                 }
                 CallProj::Refused {
@@ -594,7 +671,7 @@ impl<S: Service<R>, R> Future for Call<S, R> {
                     plan,
                 } => {
                     let outcome = refusal(taken(error), std::mem::take(decisions), plan.take());
-                    self.set(Call::Done);
+                    self.set(CallState::Done);
                     return Poll::Ready(outcome);
                 }
                 CallProj::Done => panic!("call state polled after completion"),

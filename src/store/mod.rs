@@ -410,21 +410,51 @@ impl Tag {
             tag.len = identifier.len() as u8;
             return Ok(tag);
         }
+        Ok(Self::hashed(identifier))
+    }
+
+    /// `#` and 32 hex digits of the SHA-256 of `identifier`: the tag of any identifier
+    /// not kept verbatim.
+    pub(crate) fn hashed(identifier: &[u8]) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut tag = Tag {
+            bytes: [0; MAX_VERBATIM_IDENTIFIER],
+            len: 33,
+        };
         let digest = Sha256::digest(identifier);
         tag.bytes[0] = b'#';
         for (i, b) in digest[..16].iter().enumerate() {
             tag.bytes[1 + 2 * i] = HEX[usize::from(b >> 4)];
             tag.bytes[2 + 2 * i] = HEX[usize::from(b & 15)];
         }
-        tag.len = 33;
-        Ok(tag)
+        tag
+    }
+
+    /// How logs and spans name the identifier of tag `tag`: always hashed (a verbatim
+    /// tag is the identifier itself, which may be a secret such as an API key).
+    pub(crate) fn logged(tag: &str) -> Self {
+        if !tag.starts_with('#') || tag.len() > MAX_VERBATIM_IDENTIFIER {
+            return Tag::hashed(tag.as_bytes());
+        }
+        // Hashed already.
+        let mut logged = Tag {
+            bytes: [0; MAX_VERBATIM_IDENTIFIER],
+            len: tag.len() as u8,
+        };
+        logged.bytes[..tag.len()].copy_from_slice(tag.as_bytes());
+        logged
     }
 
     /// The tag as text.
     pub(crate) fn as_str(&self) -> &str {
         // Only ASCII is ever written (safe bytes, `#`, hex digits).
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("#")
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
