@@ -1376,3 +1376,46 @@ fn each_call_has_a_span_with_its_limits_and_decision_and_no_raw_identifier() {
         "the raw identifier reached tracing: {everything}"
     );
 }
+
+/// A reset of per-model limits on a single Redis scans the database for the identifier's
+/// models: it takes as long as the scan does, however much shorter `store_timeout` is,
+/// and resets every model's budget (it failed after `store_timeout` on a large
+/// database, with the identifier's other limits already reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_of_per_model_limits_scans_a_large_database_to_the_end() {
+    let server = common::RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    // A million keys of something else.
+    assert_eq!(
+        common::redis_cli(server.port, &["DEBUG", "POPULATE", "1000000", "other"]),
+        "OK"
+    );
+    let store = RedisStore::connect(&server.url).await.unwrap();
+    let layer = RatelimitLayer::builder()
+        .store(store)
+        .store_timeout(Duration::from_millis(100))
+        .limit("rpm", Limit::requests(FixedWindow::new(10, LONG).unwrap()))
+        .limit(
+            "per-model",
+            Limit::requests(FixedWindow::new(1, LONG).unwrap()).per_model(),
+        )
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let call = |model: &str| {
+        svc.clone()
+            .oneshot(LlmRequest::new("sam", "x").with_model(model))
+    };
+    for model in ["m1", "m2"] {
+        call(model).await.unwrap();
+        call(model).await.unwrap_err();
+    }
+    let started = Instant::now();
+    layer.reset("sam").await.unwrap();
+    eprintln!("reset over a million keys took {:?}", started.elapsed());
+    for model in ["m1", "m2"] {
+        let usage = left(&layer.usage_for_model("sam", model).await.unwrap());
+        assert_eq!(usage, map(&[("rpm", 10), ("per-model", 1)]), "{model}");
+    }
+    call("m1").await.unwrap();
+    call("m2").await.unwrap();
+}

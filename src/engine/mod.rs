@@ -476,11 +476,15 @@ impl Engine {
         if !per_model.is_empty() {
             self.local.delete_identifier_now(&per_model, &tag);
         }
-        with_timeout(self.store_timeout, self.store.delete(keys)).await?;
+        // Per-model states first: finding them may scan (a single Redis has no index of
+        // an identifier's keys), so it is the step likelier to fail, and then nothing is
+        // reset. It waits as long as the scan takes, within `IDENTIFIER_SCAN_WAIT`, not
+        // `store_timeout`: its time grows with the database, not with the identifier.
         if !per_model.is_empty() {
             let deleted = self.store.delete_identifier(per_model, tag.clone());
-            with_timeout(self.store_timeout, deleted).await?;
+            with_timeout(self.store_timeout.max(IDENTIFIER_SCAN_WAIT), deleted).await?;
         }
+        with_timeout(self.store_timeout, self.store.delete(keys)).await?;
         // A denial cached while the delete was in flight is stale too.
         self.forget_denials(&tag);
         // Calls sleeping until their budget comes back: it just did.
@@ -550,6 +554,11 @@ pub(crate) struct Waiters {
 
 /// Slots of [`Waiters::returns`]: budgets sharing one only cost each other a retry.
 const RETURN_SLOTS: usize = 1024;
+
+/// How long a reset waits for the store to find and delete an identifier's per-model
+/// states (a scan of the whole database on a single Redis: about a second per million
+/// keys there).
+const IDENTIFIER_SCAN_WAIT: Duration = Duration::from_secs(300);
 
 impl Default for Waiters {
     fn default() -> Self {

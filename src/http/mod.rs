@@ -122,7 +122,7 @@ impl<X> HttpRatelimitLayer<X> {
 
     /// Give `identifier` a full budget on every limit and model (its state is deleted
     /// from the store, so every instance sees the reset) and drop its cached denials
-    /// here.
+    /// here. Waits as [`RatelimitLayer::reset`](crate::RatelimitLayer::reset) does.
     pub async fn reset(&self, identifier: impl AsRef<[u8]>) -> Result<(), crate::Error> {
         self.engine.reset(identifier.as_ref(), None).await
     }

@@ -92,7 +92,10 @@ impl<X> RatelimitLayer<X> {
     /// deleted from the store, so every instance sees the reset, and from this
     /// instance's fallback store) and drop its cached denials here (other instances drop
     /// theirs within their denial-cache max age). Fails with the store's error, or a
-    /// timeout after `store_timeout`.
+    /// timeout after `store_timeout`; finding the states of per-model limits may take
+    /// longer (on a single Redis it scans the database, about a second per million keys,
+    /// and waits up to five minutes for it), and is done first, so that a reset that
+    /// fails there has reset nothing.
     pub async fn reset(&self, identifier: impl AsRef<[u8]>) -> Result<(), Error> {
         self.engine.reset(identifier.as_ref(), None).await
     }
