@@ -347,6 +347,7 @@ async fn a_compressed_streamed_request_is_rewritten_decoded() {
     let request = Request::post("/v1/chat/completions")
         .header("content-type", "application/json")
         .header("content-encoding", "gzip")
+        .header("transfer-encoding", "chunked")
         .body(Full::new(Bytes::from(gzip(CHAT_STREAM.as_bytes()))))
         .unwrap();
     let response = svc.oneshot(request).await.unwrap();
@@ -354,6 +355,7 @@ async fn a_compressed_streamed_request_is_rewritten_decoded() {
     let received = received.lock().unwrap();
     let (headers, body) = &received[0];
     assert!(headers.get("content-encoding").is_none(), "{headers:?}");
+    assert!(headers.get("transfer-encoding").is_none(), "{headers:?}");
     assert_eq!(headers["content-length"], body.len().to_string().as_str());
     let json: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(json["stream_options"]["include_usage"], true, "{json}");

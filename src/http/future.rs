@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -501,8 +501,10 @@ where
                     };
                     let body = match inspection.rewritten {
                         Some(rewritten) => {
-                            // Sent decoded: the rewrite is of the decoded text.
+                            // Sent decoded (the rewrite is of the decoded text), whole,
+                            // with its length: no stale encoding or chunked framing.
                             parts.headers.remove(CONTENT_ENCODING);
+                            parts.headers.remove(TRANSFER_ENCODING);
                             parts.headers.insert(CONTENT_LENGTH, rewritten.len().into());
                             rewritten
                         }
