@@ -249,6 +249,15 @@ fn recording_upstream(
     })
 }
 
+fn brotli_body(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut writer = brotli::CompressorWriter::new(&mut out, 4096, 5, 24);
+        writer.write_all(bytes).unwrap();
+    }
+    out
+}
+
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(bytes).unwrap();
@@ -279,8 +288,9 @@ async fn model_limits_are_not_escaped_by_compressed_or_oversized_bodies() {
     let send = |encoding: Option<&'static str>, body: Vec<u8>| {
         let mut request =
             Request::post("/v1/chat/completions").header("content-type", "application/json");
-        if let Some(encoding) = encoding {
-            request = request.header("content-encoding", encoding);
+        // Several codings separated by '|' go as several header lines.
+        for coding in encoding.into_iter().flat_map(|e| e.split('|')) {
+            request = request.header("content-encoding", coding);
         }
         let svc = svc.clone();
         async move {
@@ -321,6 +331,34 @@ async fn model_limits_are_not_escaped_by_compressed_or_oversized_bodies() {
         415
     );
     assert_eq!(send(Some("gzip"), b"not gzip".to_vec()).await, 400);
+    // Two header lines are one list: "identity" then "gzip" is gzip.
+    assert_eq!(send(Some("identity|gzip"), gpt4.clone()).await, 429);
+    assert_eq!(
+        send(Some("gzip|br"), gpt4.clone()).await,
+        415,
+        "stacked codings"
+    );
+    // Cut short or empty, under any coding: it does not decode.
+    let zstd = zstd::encode_all(chat("gpt-4o").as_bytes(), 3).unwrap();
+    assert_eq!(
+        send(Some("zstd"), zstd[..zstd.len() - 1].to_vec()).await,
+        400
+    );
+    assert_eq!(send(Some("br"), Vec::new()).await, 400);
+    // A few hundred bytes of brotli that decode to 64 MiB: stopped at the bound.
+    let bomb = brotli_body(&vec![b' '; 64 << 20]);
+    assert!(bomb.len() < 4096, "{}", bomb.len());
+    assert_eq!(send(Some("br"), bomb).await, 413);
+    // JSON this parser does not read (nesting deeper than it goes, a lone surrogate),
+    // which another parser may: refused, since its model cannot be read.
+    let deep = format!(
+        r#"{{"model":"gpt-4o","messages":[{}{}]}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    assert_eq!(send(None, deep.into_bytes()).await, 400);
+    let surrogate = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"\ud800"}]}"#;
+    assert_eq!(send(None, surrogate.as_bytes().to_vec()).await, 400);
     assert_eq!(
         received.lock().unwrap().len(),
         1,

@@ -33,15 +33,32 @@ pub(crate) enum DeflateKind {
 const BROTLI_BUFFER: usize = 4096;
 
 impl Encoding {
-    /// The encoding named by a `Content-Encoding` value (one coding; a list of several
-    /// is treated as unknown).
-    pub(crate) fn from_header(value: Option<&http::HeaderValue>) -> Self {
-        let Some(value) = value else {
-            return Encoding::Identity;
-        };
-        let name = value.to_str().unwrap_or("?").trim().to_ascii_lowercase();
-        let decoder = match name.as_str() {
-            "" | "identity" => return Encoding::Identity,
+    /// The encoding the `Content-Encoding` header lines of `headers` name, read as one
+    /// list (several lines mean the same as one line listing their values; `identity`
+    /// is no coding). One coding is decoded; several stacked are treated as unknown.
+    pub(crate) fn of(headers: &http::HeaderMap) -> Self {
+        let mut codings = Vec::new();
+        for value in headers.get_all(http::header::CONTENT_ENCODING) {
+            let Ok(value) = value.to_str() else {
+                return Encoding::Unknown("?".into());
+            };
+            for coding in value.split(',') {
+                let coding = coding.trim().to_ascii_lowercase();
+                if !coding.is_empty() && coding != "identity" {
+                    codings.push(coding);
+                }
+            }
+        }
+        match codings.as_slice() {
+            [] => Encoding::Identity,
+            [one] => Self::named(one),
+            several => Encoding::Unknown(several.join(", ")),
+        }
+    }
+
+    /// The encoding of one coding's (lowercase) name.
+    fn named(name: &str) -> Self {
+        let decoder = match name {
             "gzip" | "x-gzip" => Decoder::Gzip(flate2::write::MultiGzDecoder::new(Vec::new())),
             "deflate" => Decoder::Deflate(None),
             "br" => Decoder::Brotli(Box::new(brotli_decompressor::DecompressorWriter::new(
@@ -50,9 +67,9 @@ impl Encoding {
             ))),
             "zstd" => match zstd::stream::write::Decoder::new(Vec::new()) {
                 Ok(d) => Decoder::Zstd(Box::new(d)),
-                Err(_) => return Encoding::Unknown(name),
+                Err(_) => return Encoding::Unknown(name.to_owned()),
             },
-            _ => return Encoding::Unknown(name),
+            _ => return Encoding::Unknown(name.to_owned()),
         };
         Encoding::Known(Box::new(decoder))
     }
@@ -77,9 +94,7 @@ impl Decoder {
             return Ok(());
         }
         if let Decoder::Deflate(kind @ None) = self {
-            // zlib streams start with a CMF byte of 0x?8 whose header checksums.
-            let zlib = input[0] & 0x0f == 8 && input[0] >> 4 <= 7;
-            *kind = Some(if zlib {
+            *kind = Some(if is_zlib(input[0]) {
                 DeflateKind::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
             } else {
                 DeflateKind::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
@@ -133,39 +148,53 @@ pub(crate) enum Unreadable {
     Unsupported(String),
 }
 
-/// Input fed to a decoder at a time, so that a body that decodes to far more than it
-/// weighs (a "zip bomb") is stopped soon after passing `max`: deflate expands a byte to
-/// at most ~1 032, so a step overshoots by at most ~1 MiB.
-const REQUEST_STEP: usize = 1024;
-
 /// The whole of a request `body` under `encoding`, decoded, if that is at most `max`
 /// bytes. `None` for an identity body (the bytes as they are).
+///
+/// Decoded by pulling: a decoder produces output only as it is read, so reading at
+/// most `max + 1` bytes bounds the memory and time a body that decodes to far more
+/// than it weighs can take (brotli turns a few hundred bytes into gigabytes). A stream
+/// that ends early (truncated, or empty) does not decode: every decoder here fails when
+/// its input ends before its stream does.
 pub(crate) fn decode_request(
     encoding: Encoding,
     body: &[u8],
     max: usize,
 ) -> Result<Option<Vec<u8>>, Unreadable> {
-    let mut decoder = match encoding {
+    use std::io::Read;
+    let decoder = match encoding {
         Encoding::Identity => return Ok(None),
         Encoding::Unknown(name) => return Err(Unreadable::Unsupported(name)),
         Encoding::Known(decoder) => decoder,
     };
-    let mut decoded = Vec::new();
-    for step in body.chunks(REQUEST_STEP) {
-        decoder
-            .write(step, &mut decoded)
-            .map_err(|_| Unreadable::Corrupt)?;
-        if decoded.len() > max {
-            return Err(Unreadable::TooLarge);
-        }
+    if body.is_empty() {
+        return Err(Unreadable::Corrupt);
     }
-    decoder
-        .finish(&mut decoded)
+    let reader: Box<dyn Read + '_> = match *decoder {
+        Decoder::Gzip(_) => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Decoder::Deflate(_) if is_zlib(body[0]) => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Decoder::Deflate(_) => Box::new(flate2::read::DeflateDecoder::new(body)),
+        Decoder::Brotli(_) => Box::new(brotli_decompressor::Decompressor::new(body, BROTLI_BUFFER)),
+        Decoder::Zstd(_) => {
+            Box::new(zstd::stream::read::Decoder::new(body).map_err(|_| Unreadable::Corrupt)?)
+        }
+    };
+    let mut decoded = Vec::new();
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    reader
+        .take(limit)
+        .read_to_end(&mut decoded)
         .map_err(|_| Unreadable::Corrupt)?;
     if decoded.len() > max {
         return Err(Unreadable::TooLarge);
     }
     Ok(Some(decoded))
+}
+
+/// Whether a deflate stream starting with `first` is zlib-wrapped (a CMF byte of 0x?8
+/// whose window fits), else raw deflate.
+fn is_zlib(first: u8) -> bool {
+    first & 0x0f == 8 && first >> 4 <= 7
 }
 
 #[cfg(test)]
@@ -175,7 +204,7 @@ mod tests {
     fn roundtrip(encoding: &str, compressed: &[u8], plain: &[u8]) {
         let value = http::HeaderValue::from_str(encoding).unwrap();
         for split in [1, 7, 100, compressed.len().max(1)] {
-            let Encoding::Known(mut decoder) = Encoding::from_header(Some(&value)) else {
+            let Encoding::Known(mut decoder) = Encoding::of(&headers(value.clone())) else {
                 panic!("{encoding} is known");
             };
             let mut out = Vec::new();
@@ -190,47 +219,129 @@ mod tests {
         }
     }
 
+    fn headers(value: http::HeaderValue) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::CONTENT_ENCODING, value);
+        headers
+    }
+
+    fn named(v: &'static str) -> Encoding {
+        Encoding::of(&headers(http::HeaderValue::from_static(v)))
+    }
+
+    /// `plain` under each encoding the layer reads.
+    fn encoded(plain: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(plain).unwrap();
+        let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zl.write_all(plain).unwrap();
+        let mut raw =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        raw.write_all(plain).unwrap();
+        let mut br = Vec::new();
+        {
+            let mut w = brotli::CompressorWriter::new(&mut br, 4096, 5, 22);
+            w.write_all(plain).unwrap();
+        }
+        vec![
+            ("gzip", gz.finish().unwrap()),
+            ("deflate", zl.finish().unwrap()),
+            ("deflate", raw.finish().unwrap()),
+            ("br", br),
+            ("zstd", zstd::encode_all(plain, 3).unwrap()),
+        ]
+    }
+
     #[test]
     fn request_bodies_decode_whole_within_the_bound() {
-        let header =
-            |v: &'static str| Encoding::from_header(Some(&http::HeaderValue::from_static(v)));
         let plain = br#"{"model":"gpt-4o","messages":[]}"#.repeat(100);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&plain).unwrap();
-        let gz = gz.finish().unwrap();
+        for (name, body) in encoded(&plain) {
+            assert_eq!(
+                decode_request(named(name), &body, plain.len())
+                    .unwrap()
+                    .unwrap(),
+                plain,
+                "{name}"
+            );
+            assert_eq!(
+                decode_request(named(name), &body, plain.len() - 1),
+                Err(Unreadable::TooLarge),
+                "{name}"
+            );
+            // Cut short, or empty: it does not decode (a quiet end would read as a
+            // shorter body, or none).
+            for cut in [body.len() / 2, body.len() - 1, 0] {
+                assert_eq!(
+                    decode_request(named(name), &body[..cut], usize::MAX),
+                    Err(Unreadable::Corrupt),
+                    "{name} cut at {cut}"
+                );
+            }
+        }
         assert_eq!(
-            decode_request(header("gzip"), &gz, plain.len())
-                .unwrap()
-                .unwrap(),
-            plain
-        );
-        assert_eq!(
-            decode_request(header("gzip"), &gz, plain.len() - 1),
-            Err(Unreadable::TooLarge)
-        );
-        assert_eq!(
-            decode_request(header("gzip"), &gz[..gz.len() / 2], usize::MAX),
+            decode_request(named("gzip"), b"not gzip", usize::MAX),
             Err(Unreadable::Corrupt)
         );
+        assert_eq!(decode_request(named("identity"), &plain, 1), Ok(None));
         assert_eq!(
-            decode_request(header("gzip"), b"not gzip", usize::MAX),
-            Err(Unreadable::Corrupt)
-        );
-        assert_eq!(decode_request(header("identity"), &plain, 1), Ok(None));
-        assert_eq!(
-            decode_request(header("compress"), &plain, usize::MAX),
+            decode_request(named("compress"), &plain, usize::MAX),
             Err(Unreadable::Unsupported("compress".into()))
         );
-        // 64 MiB of zeros in ~64 KiB: stopped soon after the bound, not decoded whole.
-        let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        for _ in 0..64 {
-            bomb.write_all(&vec![0u8; 1 << 20]).unwrap();
+    }
+
+    #[test]
+    fn a_body_that_decodes_to_far_more_than_it_weighs_is_stopped_at_the_bound() {
+        // 256 MiB of spaces: brotli makes a few hundred bytes of it, gzip ~250 KiB.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut br = Vec::new();
+        let mut zs = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        {
+            let mut b = brotli::CompressorWriter::new(&mut br, 4096, 5, 24);
+            let chunk = vec![b' '; 1 << 20];
+            for _ in 0..256 {
+                gz.write_all(&chunk).unwrap();
+                b.write_all(&chunk).unwrap();
+                zs.write_all(&chunk).unwrap();
+            }
         }
-        let bomb = bomb.finish().unwrap();
-        assert_eq!(
-            decode_request(header("gzip"), &bomb, 4 << 20),
-            Err(Unreadable::TooLarge)
+        let bombs = [
+            ("gzip", gz.finish().unwrap()),
+            ("br", br),
+            ("zstd", zs.finish().unwrap()),
+        ];
+        for (name, bomb) in bombs {
+            assert_eq!(
+                decode_request(named(name), &bomb, 4 << 20),
+                Err(Unreadable::TooLarge),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_encoding_lines_are_read_as_one_list() {
+        let mut two = http::HeaderMap::new();
+        two.append(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("identity"),
         );
+        two.append(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("gzip"),
+        );
+        assert!(matches!(Encoding::of(&two), Encoding::Known(d) if matches!(*d, Decoder::Gzip(_))));
+        two.append(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("br"),
+        );
+        assert!(matches!(Encoding::of(&two), Encoding::Unknown(n) if n == "gzip, br"));
+        assert!(matches!(named(" GZIP , identity"), Encoding::Known(_)));
+        assert!(matches!(named("identity"), Encoding::Identity));
+        assert!(matches!(
+            Encoding::of(&http::HeaderMap::new()),
+            Encoding::Identity
+        ));
+        assert!(matches!(named("gzip, gzip"), Encoding::Unknown(_)));
     }
 
     #[test]
@@ -247,9 +358,6 @@ mod tests {
         raw.write_all(&plain).unwrap();
         roundtrip("deflate", &raw.finish().unwrap(), &plain);
         roundtrip("zstd", &zstd::encode_all(&plain[..], 3).unwrap(), &plain);
-        assert!(matches!(
-            Encoding::from_header(Some(&http::HeaderValue::from_static("compress"))),
-            Encoding::Unknown(_)
-        ));
+        assert!(matches!(named("compress"), Encoding::Unknown(_)));
     }
 }

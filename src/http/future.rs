@@ -475,7 +475,7 @@ where
                     // (an encoding it does not know, corrupt, or larger than it reads
                     // once decoded) is refused if the call needs what it says (its
                     // estimate or its model), else passed on as it came, uninspected.
-                    let encoding = Encoding::from_header(parts.headers.get(CONTENT_ENCODING));
+                    let encoding = Encoding::of(&parts.headers);
                     let decoded = match decode_request(encoding, &bytes, info.http.max_request_body)
                     {
                         Ok(decoded) => Some(decoded),
@@ -499,6 +499,25 @@ where
                         Some(None) => inspect(&bytes, info.engine.default_estimate, inject),
                         None => Default::default(),
                     };
+                    if inspection.prompt.is_none() && info.engine.needs_model() {
+                        // Limits apply by model, and the model cannot be read: the body
+                        // is not a JSON object this parser reads (too deeply nested, a
+                        // lone surrogate, not JSON), which the upstream's may still read.
+                        // Passing it on would skip those limits.
+                        tracing::warn!(
+                            "a request whose model the limits need is not JSON it can read"
+                        );
+                        this.state.set(State::Respond {
+                            response: Some(headers::api_error(
+                                info.api,
+                                StatusCode::BAD_REQUEST,
+                                "invalid_request_error",
+                                "unreadable_body",
+                                "the rate limiter could not read the request body as a JSON object",
+                            )),
+                        });
+                        continue;
+                    }
                     let body = match inspection.rewritten {
                         Some(rewritten) => {
                             // Sent decoded (the rewrite is of the decoded text), whole,
@@ -586,9 +605,7 @@ where
                                 // the concurrency slot, held until the body is done.
                                 let parser = info.http.usage_format.parser(&parts);
                                 let event_stream = is_event_stream(&parts);
-                                let encoding = Encoding::from_header(
-                                    parts.headers.get(http::header::CONTENT_ENCODING),
-                                );
+                                let encoding = Encoding::of(&parts.headers);
                                 // The usage chunk can only be taken out of a plain stream.
                                 let filter = info.filter_usage_chunk
                                     && event_stream
