@@ -594,6 +594,41 @@ async fn a_call_that_can_never_pass_does_not_wait_behind_waiting_calls() {
     holder.abort();
 }
 
+/// The same when another limit's denial is cached (the default): the call that can never
+/// pass fails from the cache at once instead of waiting that denial out first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_can_never_pass_does_not_wait_out_another_limits_cached_denial() {
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "rps",
+            Limit::requests(TokenBucket::new(1, 1, Duration::from_secs(10)).unwrap()),
+        )
+        .limit(
+            "tpm",
+            Limit::tokens(FixedWindow::new(100, LONG).unwrap()).count(TokenCount::Total),
+        )
+        .token_mode(TokenMode::Reserve)
+        .wait_up_to(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(0, 1)));
+    let call = |max_tokens| {
+        svc.clone()
+            .oneshot(LlmRequest::new("ned", "").with_max_tokens(max_tokens))
+    };
+    call(10).await.unwrap();
+    // Denied by "rps" for ten seconds: it waits, and the denial is cached.
+    let waiter = tokio::spawn(call(10));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished());
+    let never = tokio::time::timeout(Duration::from_secs(5), call(1000))
+        .await
+        .expect("a call that can never pass fails at once");
+    assert!(never.is_err());
+    assert!(!waiter.is_finished(), "the waiting call still waits");
+    waiter.abort();
+}
+
 #[tokio::test]
 async fn waiting_calls_go_in_arrival_order_and_a_dropped_one_leaves_nothing() {
     let layer = bucket_layer(Duration::from_millis(200), Duration::from_secs(5));

@@ -315,6 +315,14 @@ impl<S: Service<R>, R> CallState<S, R> {
     /// The plan is known: refuse a suspended identifier, answer from the denial cache,
     /// queue behind waiting calls, or acquire.
     fn planned(plan: Arc<Plan>, mut pending: Pending<S, R>) -> Self {
+        if let Some(w) = pending.wait.as_deref_mut()
+            && plan.checks.iter().any(can_never_pass)
+        {
+            // No wait lets this call pass: it is decided as without wait mode (from the
+            // denial cache or the store, failing at once), not queued behind the calls
+            // waiting for its budgets.
+            w.no_more_waiting = true;
+        }
         let engine = &pending.engine;
         if let Some(error) = engine.suspension(&plan) {
             if let Some(e) = error.limit_exceeded() {
@@ -340,8 +348,7 @@ impl<S: Service<R>, R> CallState<S, R> {
                 plan: Some(plan),
             };
         }
-        if pending.wait.is_some()
-            && !plan.checks.iter().any(can_never_pass)
+        if pending.wait.as_deref().is_some_and(|w| !w.no_more_waiting)
             && let Some(busy) = pending
                 .engine
                 .waiters
@@ -442,8 +449,7 @@ impl<S: Service<R>, R> CallState<S, R> {
 }
 
 /// Whether this check's cost exceeds its limit's quota, so that no wait could let it
-/// pass: such a call goes to the store at once (which denies it with no retry) instead
-/// of taking a turn behind the calls waiting for its budgets.
+/// pass.
 fn can_never_pass(check: &crate::store::LimitCheck) -> bool {
     !check.rule.is_concurrency() && check.cost > check.rule.limit()
 }
