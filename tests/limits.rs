@@ -1298,65 +1298,12 @@ async fn units_given_back_wake_every_waiting_call_they_let_through() {
     );
 }
 
-/// A span's name and every field recorded on it.
-type CapturedSpan = (String, HashMap<String, String>);
-
-/// Span fields as a subscriber sees them.
-#[derive(Clone, Default)]
-struct SpanCapture {
-    spans: Arc<Mutex<Vec<CapturedSpan>>>,
-    events: Arc<Mutex<Vec<String>>>,
-}
-
-struct FieldMap<'a>(&'a mut HashMap<String, String>);
-
-impl tracing::field::Visit for FieldMap<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-}
-
-impl tracing::Subscriber for SpanCapture {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        let mut fields = HashMap::new();
-        attrs.record(&mut FieldMap(&mut fields));
-        let mut spans = self.spans.lock().unwrap();
-        spans.push((attrs.metadata().name().to_owned(), fields));
-        tracing::span::Id::from_u64(spans.len() as u64)
-    }
-
-    fn record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>) {
-        let mut spans = self.spans.lock().unwrap();
-        values.record(&mut FieldMap(&mut spans[id.into_u64() as usize - 1].1));
-    }
-
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut fields = HashMap::new();
-        event.record(&mut FieldMap(&mut fields));
-        self.events.lock().unwrap().push(format!("{fields:?}"));
-    }
-
-    fn enter(&self, _: &tracing::span::Id) {}
-
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 /// Every call has a span that names its limits and its decision (and the limit that
 /// denied it), and names the identifier only hashed: an identifier may be an API key.
 #[test]
 fn each_call_has_a_span_with_its_limits_and_decision_and_no_raw_identifier() {
     use sha2::{Digest, Sha256};
-    let capture = SpanCapture::default();
+    let capture = common::SpanCapture::default();
     let _default = tracing::subscriber::set_default(capture.clone());
     let key = "sk-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCdEfGhIjKl";
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1377,14 +1324,7 @@ fn each_call_has_a_span_with_its_limits_and_decision_and_no_raw_identifier() {
         call().await.unwrap();
         call().await.unwrap_err();
     });
-    let spans: Vec<_> = capture
-        .spans
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(name, _)| name == "llm_ratelimit_call")
-        .map(|(_, fields)| fields.clone())
-        .collect();
+    let spans = capture.spans_named("llm_ratelimit_call");
     assert_eq!(
         spans.len(),
         2,

@@ -21,7 +21,7 @@ use crate::engine::settlement::{Ending, Settlement};
 use crate::engine::{Engine, Plan};
 use crate::error::{BoxError, Error};
 use crate::llm::Usage;
-use crate::store::Decision;
+use crate::store::{Decision, Tag};
 
 /// The request body read: all of it (`None`), or its first bytes and the rest unread
 /// (the body was larger than the layer reads and the layer needs no estimate).
@@ -53,6 +53,23 @@ where
             }
         }
         Ok((read.freeze(), None))
+    })
+}
+
+/// The span of a call the HTTP layer refuses itself before the call starts (no
+/// identifier, a body it cannot read): the call's span (`llm_ratelimit_call`), entered,
+/// with the decision `error`.
+fn refusal_span(identifier: Option<&[u8]>) -> Option<tracing::span::EnteredSpan> {
+    tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let identifier = identifier
+            .and_then(|id| Tag::of(id).ok())
+            .map(|tag| Tag::logged(tag.as_str()));
+        tracing::debug_span!(
+            "llm_ratelimit_call",
+            identifier = identifier.as_ref().map(tracing::field::display),
+            decision = "error",
+        )
+        .entered()
     })
 }
 
@@ -294,6 +311,7 @@ where
     S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
 {
     pub(crate) fn rejected(error: &Error, api: Api) -> Self {
+        let _span = refusal_span(None);
         tracing::info!(%error, "rate limit refused a request");
         Self::respond(refusal(error, api))
     }
@@ -415,6 +433,7 @@ where
                     let (bytes, rest) = match result {
                         Ok(read) => read,
                         Err(e) => {
+                            let _span = refusal_span(Some(identifier));
                             let too_large = e.downcast_ref::<LengthLimitError>().is_some();
                             tracing::warn!(error = %e, too_large, "could not read a request body");
                             let response = if too_large {
@@ -480,6 +499,7 @@ where
                     {
                         Ok(decoded) => Some(decoded),
                         Err(unreadable) if info.strict => {
+                            let _span = refusal_span(Some(identifier));
                             this.state.set(State::Respond {
                                 response: Some(unreadable_request(
                                     info.api, &info.http, unreadable,
@@ -504,6 +524,7 @@ where
                         // is not a JSON object this parser reads (too deeply nested, a
                         // lone surrogate, not JSON), which the upstream's may still read.
                         // Passing it on would skip those limits.
+                        let _span = refusal_span(Some(identifier));
                         tracing::warn!(
                             "a request whose model the limits need is not JSON it can read"
                         );

@@ -218,3 +218,69 @@ impl Xorshift {
         self.next() % n
     }
 }
+
+/// A span's name and every field recorded on it.
+pub type CapturedSpan = (String, std::collections::HashMap<String, String>);
+
+/// Span fields as a subscriber sees them.
+#[derive(Clone, Default)]
+pub struct SpanCapture {
+    pub spans: std::sync::Arc<std::sync::Mutex<Vec<CapturedSpan>>>,
+    pub events: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SpanCapture {
+    /// The fields of every span named `name`, in the order they were made.
+    pub fn spans_named(&self, name: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let spans = self.spans.lock().unwrap();
+        spans
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, fields)| fields.clone())
+            .collect()
+    }
+}
+
+/// Writes a span's or an event's fields into a map (as text).
+pub struct FieldMap<'a>(&'a mut std::collections::HashMap<String, String>);
+
+impl tracing::field::Visit for FieldMap<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl tracing::Subscriber for SpanCapture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut fields = std::collections::HashMap::new();
+        attrs.record(&mut FieldMap(&mut fields));
+        let mut spans = self.spans.lock().unwrap();
+        spans.push((attrs.metadata().name().to_owned(), fields));
+        tracing::span::Id::from_u64(spans.len() as u64)
+    }
+
+    fn record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        let mut spans = self.spans.lock().unwrap();
+        values.record(&mut FieldMap(&mut spans[id.into_u64() as usize - 1].1));
+    }
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = std::collections::HashMap::new();
+        event.record(&mut FieldMap(&mut fields));
+        self.events.lock().unwrap().push(format!("{fields:?}"));
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
