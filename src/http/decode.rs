@@ -16,17 +16,44 @@ pub(crate) enum Encoding {
 
 /// A streaming decoder writing decoded bytes into a buffer the caller drains.
 pub(crate) enum Decoder {
-    Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),
+    Gzip(flate2::write::MultiGzDecoder<Bounded>),
     /// `deflate`: zlib-wrapped per the HTTP spec, or raw deflate as some servers send;
     /// chosen from the first byte.
     Deflate(Option<DeflateKind>),
-    Brotli(Box<brotli_decompressor::DecompressorWriter<Vec<u8>>>),
-    Zstd(Box<zstd::stream::write::Decoder<'static, Vec<u8>>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Bounded>>),
+    Zstd(Box<zstd::stream::write::Decoder<'static, Bounded>>),
 }
 
 pub(crate) enum DeflateKind {
-    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
-    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
+    Zlib(flate2::write::ZlibDecoder<Bounded>),
+    Raw(flate2::write::DeflateDecoder<Bounded>),
+}
+
+/// The most one write into a decoder may decode to before it is read: a piece of
+/// input that decodes to more (a "bomb": brotli turns a few hundred bytes into
+/// gigabytes) fails, instead of being held whole in memory. Deflate's ~1 032× on the
+/// layer's pieces of 256 bytes stays far below it.
+const MAX_PIECE_OUTPUT: usize = 1 << 20;
+
+/// Where a decoder writes: a buffer that refuses to grow beyond [`MAX_PIECE_OUTPUT`]
+/// (its reader drains it after every write).
+#[derive(Default)]
+pub(crate) struct Bounded(Vec<u8>);
+
+impl Write for Bounded {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + data.len() > MAX_PIECE_OUTPUT {
+            return Err(std::io::Error::other(
+                "a piece of the body decodes to more than the rate limiter reads at once",
+            ));
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Brotli's internal buffer (its window is allocated as the stream demands).
@@ -59,13 +86,15 @@ impl Encoding {
     /// The encoding of one coding's (lowercase) name.
     fn named(name: &str) -> Self {
         let decoder = match name {
-            "gzip" | "x-gzip" => Decoder::Gzip(flate2::write::MultiGzDecoder::new(Vec::new())),
+            "gzip" | "x-gzip" => {
+                Decoder::Gzip(flate2::write::MultiGzDecoder::new(Bounded::default()))
+            }
             "deflate" => Decoder::Deflate(None),
             "br" => Decoder::Brotli(Box::new(brotli_decompressor::DecompressorWriter::new(
-                Vec::new(),
+                Bounded::default(),
                 BROTLI_BUFFER,
             ))),
-            "zstd" => match zstd::stream::write::Decoder::new(Vec::new()) {
+            "zstd" => match zstd::stream::write::Decoder::new(Bounded::default()) {
                 Ok(d) => Decoder::Zstd(Box::new(d)),
                 Err(_) => return Encoding::Unknown(name.to_owned()),
             },
@@ -78,12 +107,12 @@ impl Encoding {
 impl Decoder {
     fn output(&mut self) -> &mut Vec<u8> {
         match self {
-            Decoder::Gzip(d) => d.get_mut(),
-            Decoder::Deflate(Some(DeflateKind::Zlib(d))) => d.get_mut(),
-            Decoder::Deflate(Some(DeflateKind::Raw(d))) => d.get_mut(),
+            Decoder::Gzip(d) => &mut d.get_mut().0,
+            Decoder::Deflate(Some(DeflateKind::Zlib(d))) => &mut d.get_mut().0,
+            Decoder::Deflate(Some(DeflateKind::Raw(d))) => &mut d.get_mut().0,
             Decoder::Deflate(None) => unreachable!("deflate kind chosen before output"),
-            Decoder::Brotli(d) => d.get_mut(),
-            Decoder::Zstd(d) => d.get_mut(),
+            Decoder::Brotli(d) => &mut d.get_mut().0,
+            Decoder::Zstd(d) => &mut d.get_mut().0,
         }
     }
 
@@ -95,9 +124,9 @@ impl Decoder {
         }
         if let Decoder::Deflate(kind @ None) = self {
             *kind = Some(if is_zlib(input[0]) {
-                DeflateKind::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
+                DeflateKind::Zlib(flate2::write::ZlibDecoder::new(Bounded::default()))
             } else {
-                DeflateKind::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
+                DeflateKind::Raw(flate2::write::DeflateDecoder::new(Bounded::default()))
             });
         }
         // Flushed after each write: the decoded bytes are read (and dropped) now, not
@@ -316,6 +345,33 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn a_piece_of_a_response_that_decodes_to_too_much_fails_instead_of_filling_memory() {
+        let mut bomb = Vec::new();
+        {
+            let mut b = brotli::CompressorWriter::new(&mut bomb, 4096, 5, 24);
+            let chunk = vec![b' '; 1 << 20];
+            for _ in 0..256 {
+                b.write_all(&chunk).unwrap();
+            }
+        }
+        let Encoding::Known(mut decoder) = named("br") else {
+            panic!("br is known");
+        };
+        let mut out = Vec::new();
+        let failed = bomb.chunks(256).any(|piece| {
+            let result = decoder.write(piece, &mut out);
+            assert!(out.len() <= MAX_PIECE_OUTPUT, "{}", out.len());
+            out.clear();
+            result.is_err()
+        });
+        assert!(
+            failed,
+            "256 MiB in {} bytes decoded without an error",
+            bomb.len()
+        );
     }
 
     #[test]
