@@ -576,22 +576,28 @@ async fn a_call_that_can_never_pass_does_not_wait_behind_waiting_calls() {
     let holder = tokio::spawn(slow.oneshot(hold));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A call that fits once the window rolls: it waits for it.
-    let waiter = tokio::spawn(call(10));
+    let error = fails_at_once_while_another_waits(tokio::spawn(call(10)), call(1000)).await;
+    assert_eq!(error.retry_after(), None, "{error}");
+    holder.abort();
+}
+
+/// `waiter`, a call that waits, still waits after `never`, a call that can never pass,
+/// failed at once: its error.
+async fn fails_at_once_while_another_waits<T: std::fmt::Debug>(
+    waiter: tokio::task::JoinHandle<Result<T, tower_llm_ratelimit::Error>>,
+    never: impl std::future::Future<Output = Result<T, tower_llm_ratelimit::Error>>,
+) -> tower_llm_ratelimit::Error {
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        !waiter.is_finished(),
-        "the second call waits for the window"
-    );
-    let never = tokio::time::timeout(Duration::from_secs(5), call(1000))
+    assert!(!waiter.is_finished(), "the first call waits");
+    let never = tokio::time::timeout(Duration::from_secs(5), never)
         .await
         .expect("a call that can never pass fails at once, not behind the waiting one");
     let error = never.unwrap_err();
-    assert_eq!(error.retry_after(), None, "{error}");
     if waiter.is_finished() {
-        panic!("waiter ended: {:?}", waiter.await.unwrap().map(|_| ()));
+        panic!("the waiting call ended: {:?}", waiter.await.unwrap());
     }
     waiter.abort();
-    holder.abort();
+    error
 }
 
 /// The same when another limit's denial is cached (the default): the call that can never
@@ -617,16 +623,9 @@ async fn a_call_that_can_never_pass_does_not_wait_out_another_limits_cached_deni
             .oneshot(LlmRequest::new("ned", "").with_max_tokens(max_tokens))
     };
     call(10).await.unwrap();
-    // Denied by "rps" for ten seconds: it waits, and the denial is cached.
-    let waiter = tokio::spawn(call(10));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!waiter.is_finished());
-    let never = tokio::time::timeout(Duration::from_secs(5), call(1000))
-        .await
-        .expect("a call that can never pass fails at once");
-    assert!(never.is_err());
-    assert!(!waiter.is_finished(), "the waiting call still waits");
-    waiter.abort();
+    // Denied by "rps" for ten seconds: it waits, and the denial is cached (the call that
+    // can never pass is refused with it, as without wait mode).
+    fails_at_once_while_another_waits(tokio::spawn(call(10)), call(1000)).await;
 }
 
 #[tokio::test]
