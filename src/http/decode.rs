@@ -31,9 +31,10 @@ pub(crate) enum DeflateKind {
 
 /// The most one write into a decoder may decode to before it is read: a piece of
 /// input that decodes to more (a "bomb": brotli turns a few hundred bytes into
-/// gigabytes) fails, instead of being held whole in memory. Deflate's ~1 032× on the
-/// layer's pieces of 256 bytes stays far below it.
-const MAX_PIECE_OUTPUT: usize = 1 << 20;
+/// gigabytes) fails instead of being held whole in memory. As large as the most a
+/// response body is read decoded at all (64 MiB), so that a highly compressible but
+/// honest body (thousands of identical events) is still metered exactly.
+const MAX_PIECE_OUTPUT: usize = 64 << 20;
 
 /// Where a decoder writes: a buffer that refuses to grow beyond [`MAX_PIECE_OUTPUT`]
 /// (its reader drains it after every write).
