@@ -152,9 +152,9 @@ impl Meter {
             Encoding::Unknown(_) => self.bytes += data.len() as u64,
             Encoding::Known(decoder) => {
                 // Small pieces of input at a time: a piece decodes to a bounded amount
-                // of output (one that decodes to more than the total read fails: see `Bounded`), read
-                // and dropped before the next (a body that inflates a thousandfold costs
-                // time, not memory), up to a total.
+                // of output (one that decodes to more than the total read fails: see
+                // `Bounded`), read and dropped before the next (a body that inflates a
+                // thousandfold costs time, not memory), up to a total.
                 for piece in data.chunks(DECODE_PIECE) {
                     let mut out = Vec::new();
                     let result = decoder.write(piece, &mut out);

@@ -60,15 +60,25 @@ impl Write for Bounded {
 /// Brotli's internal buffer (its window is allocated as the stream demands).
 const BROTLI_BUFFER: usize = 4096;
 
-impl Encoding {
-    /// The encoding the `Content-Encoding` header lines of `headers` name, read as one
+/// A coding this crate decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Coding {
+    Gzip,
+    Deflate,
+    Brotli,
+    Zstd,
+}
+
+impl Coding {
+    /// The coding the `Content-Encoding` header lines of `headers` name, read as one
     /// list (several lines mean the same as one line listing their values; `identity`
-    /// is no coding). One coding is decoded; several stacked are treated as unknown.
-    pub(crate) fn of(headers: &http::HeaderMap) -> Self {
+    /// is no coding): `None` for none, or the name of what this crate does not decode
+    /// (an unknown coding, or several stacked).
+    fn of(headers: &http::HeaderMap) -> Result<Option<Self>, String> {
         let mut codings = Vec::new();
         for value in headers.get_all(http::header::CONTENT_ENCODING) {
             let Ok(value) = value.to_str() else {
-                return Encoding::Unknown("?".into());
+                return Err("?".into());
             };
             for coding in value.split(',') {
                 let coding = coding.trim().to_ascii_lowercase();
@@ -78,28 +88,37 @@ impl Encoding {
             }
         }
         match codings.as_slice() {
-            [] => Encoding::Identity,
-            [one] => Self::named(one),
-            several => Encoding::Unknown(several.join(", ")),
+            [] => Ok(None),
+            [one] => match one.as_str() {
+                "gzip" | "x-gzip" => Ok(Some(Coding::Gzip)),
+                "deflate" => Ok(Some(Coding::Deflate)),
+                "br" => Ok(Some(Coding::Brotli)),
+                "zstd" => Ok(Some(Coding::Zstd)),
+                _ => Err(one.clone()),
+            },
+            several => Err(several.join(", ")),
         }
     }
+}
 
-    /// The encoding of one coding's (lowercase) name.
-    fn named(name: &str) -> Self {
-        let decoder = match name {
-            "gzip" | "x-gzip" => {
+impl Encoding {
+    /// How a body whose headers are `headers` is encoded (see [`Coding::of`]), with a
+    /// streaming decoder for a coding this crate reads.
+    pub(crate) fn of(headers: &http::HeaderMap) -> Self {
+        let decoder = match Coding::of(headers) {
+            Ok(None) => return Encoding::Identity,
+            Err(name) => return Encoding::Unknown(name),
+            Ok(Some(Coding::Gzip)) => {
                 Decoder::Gzip(flate2::write::MultiGzDecoder::new(Bounded::default()))
             }
-            "deflate" => Decoder::Deflate(None),
-            "br" => Decoder::Brotli(Box::new(brotli_decompressor::DecompressorWriter::new(
-                Bounded::default(),
-                BROTLI_BUFFER,
-            ))),
-            "zstd" => match zstd::stream::write::Decoder::new(Bounded::default()) {
+            Ok(Some(Coding::Deflate)) => Decoder::Deflate(None),
+            Ok(Some(Coding::Brotli)) => Decoder::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(Bounded::default(), BROTLI_BUFFER),
+            )),
+            Ok(Some(Coding::Zstd)) => match zstd::stream::write::Decoder::new(Bounded::default()) {
                 Ok(d) => Decoder::Zstd(Box::new(d)),
-                Err(_) => return Encoding::Unknown(name.to_owned()),
+                Err(_) => return Encoding::Unknown("zstd".into()),
             },
-            _ => return Encoding::Unknown(name.to_owned()),
         };
         Encoding::Known(Box::new(decoder))
     }
@@ -178,8 +197,8 @@ pub(crate) enum Unreadable {
     Unsupported(String),
 }
 
-/// The whole of a request `body` under `encoding`, decoded, if that is at most `max`
-/// bytes. `None` for an identity body (the bytes as they are).
+/// The whole of a request `body`, encoded as `headers` say, decoded, if that is at most
+/// `max` bytes. `None` for an identity body (the bytes as they are).
 ///
 /// Decoded by pulling: a decoder produces output only as it is read, so reading at
 /// most `max + 1` bytes bounds the memory and time a body that decodes to far more
@@ -187,25 +206,25 @@ pub(crate) enum Unreadable {
 /// that ends early (truncated, or empty) does not decode: every decoder here fails when
 /// its input ends before its stream does.
 pub(crate) fn decode_request(
-    encoding: Encoding,
+    headers: &http::HeaderMap,
     body: &[u8],
     max: usize,
 ) -> Result<Option<Vec<u8>>, Unreadable> {
     use std::io::Read;
-    let decoder = match encoding {
-        Encoding::Identity => return Ok(None),
-        Encoding::Unknown(name) => return Err(Unreadable::Unsupported(name)),
-        Encoding::Known(decoder) => decoder,
+    let coding = match Coding::of(headers) {
+        Ok(None) => return Ok(None),
+        Ok(Some(coding)) => coding,
+        Err(name) => return Err(Unreadable::Unsupported(name)),
     };
     if body.is_empty() {
         return Err(Unreadable::Corrupt);
     }
-    let reader: Box<dyn Read + '_> = match *decoder {
-        Decoder::Gzip(_) => Box::new(flate2::read::MultiGzDecoder::new(body)),
-        Decoder::Deflate(_) if is_zlib(body[0]) => Box::new(flate2::read::ZlibDecoder::new(body)),
-        Decoder::Deflate(_) => Box::new(flate2::read::DeflateDecoder::new(body)),
-        Decoder::Brotli(_) => Box::new(brotli_decompressor::Decompressor::new(body, BROTLI_BUFFER)),
-        Decoder::Zstd(_) => {
+    let reader: Box<dyn Read + '_> = match coding {
+        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Coding::Deflate if is_zlib(body[0]) => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Coding::Deflate => Box::new(flate2::read::DeflateDecoder::new(body)),
+        Coding::Brotli => Box::new(brotli_decompressor::Decompressor::new(body, BROTLI_BUFFER)),
+        Coding::Zstd => {
             Box::new(zstd::stream::read::Decoder::new(body).map_err(|_| Unreadable::Corrupt)?)
         }
     };
@@ -255,8 +274,13 @@ mod tests {
         headers
     }
 
+    /// Headers saying the body is encoded as `v`.
+    fn encoded_as(v: &'static str) -> http::HeaderMap {
+        headers(http::HeaderValue::from_static(v))
+    }
+
     fn named(v: &'static str) -> Encoding {
-        Encoding::of(&headers(http::HeaderValue::from_static(v)))
+        Encoding::of(&encoded_as(v))
     }
 
     /// `plain` under each encoding the layer reads.
@@ -287,14 +311,14 @@ mod tests {
         let plain = br#"{"model":"gpt-4o","messages":[]}"#.repeat(100);
         for (name, body) in encoded(&plain) {
             assert_eq!(
-                decode_request(named(name), &body, plain.len())
+                decode_request(&encoded_as(name), &body, plain.len())
                     .unwrap()
                     .unwrap(),
                 plain,
                 "{name}"
             );
             assert_eq!(
-                decode_request(named(name), &body, plain.len() - 1),
+                decode_request(&encoded_as(name), &body, plain.len() - 1),
                 Err(Unreadable::TooLarge),
                 "{name}"
             );
@@ -302,19 +326,19 @@ mod tests {
             // shorter body, or none).
             for cut in [body.len() / 2, body.len() - 1, 0] {
                 assert_eq!(
-                    decode_request(named(name), &body[..cut], usize::MAX),
+                    decode_request(&encoded_as(name), &body[..cut], usize::MAX),
                     Err(Unreadable::Corrupt),
                     "{name} cut at {cut}"
                 );
             }
         }
         assert_eq!(
-            decode_request(named("gzip"), b"not gzip", usize::MAX),
+            decode_request(&encoded_as("gzip"), b"not gzip", usize::MAX),
             Err(Unreadable::Corrupt)
         );
-        assert_eq!(decode_request(named("identity"), &plain, 1), Ok(None));
+        assert_eq!(decode_request(&encoded_as("identity"), &plain, 1), Ok(None));
         assert_eq!(
-            decode_request(named("compress"), &plain, usize::MAX),
+            decode_request(&encoded_as("compress"), &plain, usize::MAX),
             Err(Unreadable::Unsupported("compress".into()))
         );
     }
@@ -341,7 +365,7 @@ mod tests {
         ];
         for (name, bomb) in bombs {
             assert_eq!(
-                decode_request(named(name), &bomb, 4 << 20),
+                decode_request(&encoded_as(name), &bomb, 4 << 20),
                 Err(Unreadable::TooLarge),
                 "{name}"
             );

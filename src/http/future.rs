@@ -494,21 +494,20 @@ where
                     // (an encoding it does not know, corrupt, or larger than it reads
                     // once decoded) is refused if the call needs what it says (its
                     // estimate or its model), else passed on as it came, uninspected.
-                    let encoding = Encoding::of(&parts.headers);
-                    let decoded = match decode_request(encoding, &bytes, info.http.max_request_body)
-                    {
-                        Ok(decoded) => Some(decoded),
-                        Err(unreadable) if info.strict => {
-                            let _span = refusal_span(Some(identifier));
-                            this.state.set(State::Respond {
-                                response: Some(unreadable_request(
-                                    info.api, &info.http, unreadable,
-                                )),
-                            });
-                            continue;
-                        }
-                        Err(_) => None,
-                    };
+                    let decoded =
+                        match decode_request(&parts.headers, &bytes, info.http.max_request_body) {
+                            Ok(decoded) => Some(decoded),
+                            Err(unreadable) if info.strict => {
+                                let _span = refusal_span(Some(identifier));
+                                this.state.set(State::Respond {
+                                    response: Some(unreadable_request(
+                                        info.api, &info.http, unreadable,
+                                    )),
+                                });
+                                continue;
+                            }
+                            Err(_) => None,
+                        };
                     // Only OpenAI chat and completions accept `stream_options`.
                     let path = parts.uri.path();
                     let inject = info.http.inject_stream_usage
