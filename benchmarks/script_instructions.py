@@ -5,7 +5,7 @@ Usage: script_instructions.py PORT SHAPE N
 
 SHAPE: empty | peer | acquire | acquire4 | acquire4-check2 | acquire32 | acquire32x4 | settle |
        settle-no-id | shaped | shaped4-check2 | shaped32 | shaped32x4 | one-key32 | one-key32x4 |
-       one-key-shaped32 | one-key-shaped32x4 | hash32 | hash32x4 | shaped32x4-mget
+       one-key-shaped32 | one-key-shaped32x4 | shared-columns32x4 | hash32 | hash32x4 | shaped32x4-mget
 The scripts are assembled as the crate assembles them (clock.lua, state.lua, the body),
 from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
 The shaped* shapes run the scripts the crate generates for calls of one shape, as
@@ -104,6 +104,11 @@ def calls(shape: str, i: int):
         call = struct.pack("<dd", 2**40, 1) * limits
         keys = [f"k{q}:{{u{(i * calls_per_run + j) % 100}}}" for j in range(calls_per_run) for q in range(limits)]
         return keys, [struct.pack("<d", calls_per_run) + call * calls_per_run]
+    if shape == "shared-columns32x4":
+        # benchmarks/prototypes/shared_columns_4.lua: one value per identifier, by columns.
+        call = struct.pack("<dd", 2**40, 1) * 4
+        keys = [f"c:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
+        return keys, [struct.pack("<d", 32) + call * 32]
     if shape in ("one-key-shaped32", "one-key-shaped32x4"):
         call = struct.pack("<dd", 2**40, 1) * (1 if shape == "one-key-shaped32" else 4)
         keys = [f"one:{{u{(i * 32 + j) % 100}}}" for j in range(32)]
@@ -181,6 +186,7 @@ def main() -> None:
         "one-key32x4": prototype("one_key_acquire.lua"),
         "one-key-shaped32": prototype("one_key_shaped_1.lua"),
         "one-key-shaped32x4": prototype("one_key_shaped_4.lua"),
+        "shared-columns32x4": prototype("shared_columns_4.lua"),
         "shaped32x4-mget": with_mget(shaped("SHAPED_FOUR")),
         "hash32": prototype("hash_per_identifier_1.lua"),
         "hash32x4": prototype("hash_per_identifier_4.lua"),

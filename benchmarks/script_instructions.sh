@@ -31,7 +31,7 @@ fill_and_run() {
   "$VENV/bin/python" benchmarks/script_instructions.py "$REDIS_PORT" "$shape" 1000
   "$VENV/bin/python" benchmarks/script_instructions.py "$REDIS_PORT" "$shape" "$N"
 }
-for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 shaped shaped4-check2 shaped32 shaped32x4 settle settle-no-id one-key32 one-key32x4 one-key-shaped32 one-key-shaped32x4 hash32 hash32x4 shaped32x4-mget}; do
+for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 shaped shaped4-check2 shaped32 shaped32x4 settle settle-no-id one-key32 one-key32x4 one-key-shaped32 one-key-shaped32x4 shared-columns32x4 hash32 hash32x4 shaped32x4-mget}; do
   total=$(callgrind_total fill_and_run)
   echo "$shape: $((total / (N + 1000))) instructions per script run"
 done
