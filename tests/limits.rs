@@ -623,9 +623,42 @@ async fn a_call_that_can_never_pass_does_not_wait_out_another_limits_cached_deni
             .oneshot(LlmRequest::new("ned", "").with_max_tokens(max_tokens))
     };
     call(10).await.unwrap();
-    // Denied by "rps" for ten seconds: it waits, and the denial is cached (the call that
-    // can never pass is refused with it, as without wait mode).
-    fails_at_once_while_another_waits(tokio::spawn(call(10)), call(1000)).await;
+    // Denied by "rps" for ten seconds: it waits, and the denial is cached. The call that
+    // can never pass is refused at once, and says so: by "tpm", with no retry time (not
+    // "rps"'s cached one, which would send its client back in ten seconds to fail again).
+    let error = fails_at_once_while_another_waits(tokio::spawn(call(10)), call(1000)).await;
+    assert_eq!(error.kind(), ErrorKind::TokenLimitReached, "{error}");
+    let exceeded = error.limit_exceeded().unwrap();
+    assert_eq!(&*exceeded.name, "tpm");
+    assert_eq!((exceeded.limit, exceeded.retry_after), (100, None));
+    // The same without wait mode, from the cache.
+    let plain = RatelimitLayer::builder()
+        .limit(
+            "rps",
+            Limit::requests(TokenBucket::new(1, 1, Duration::from_secs(10)).unwrap()),
+        )
+        .limit(
+            "tpm",
+            Limit::tokens(FixedWindow::new(100, LONG).unwrap()).count(TokenCount::Total),
+        )
+        .token_mode(TokenMode::Reserve)
+        .build()
+        .unwrap();
+    let svc = plain.layer(llm(Usage::new(0, 1)));
+    let call = |max_tokens| {
+        svc.clone()
+            .oneshot(LlmRequest::new("ned", "").with_max_tokens(max_tokens))
+    };
+    call(10).await.unwrap();
+    let cached = call(10).await.unwrap_err();
+    assert_eq!(&*cached.limit_exceeded().unwrap().name, "rps");
+    let never = call(1000).await.unwrap_err();
+    let exceeded = never.limit_exceeded().unwrap();
+    assert_eq!(
+        (&*exceeded.name, exceeded.retry_after),
+        ("tpm", None),
+        "{never}"
+    );
 }
 
 #[tokio::test]

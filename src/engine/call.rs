@@ -335,6 +335,9 @@ impl<S: Service<R>, R> CallState<S, R> {
             };
         }
         if let Some((error, decisions)) = engine.cached_denial(&plan) {
+            // A call that can never pass is refused for that, not for the cached denial
+            // (whose retry time would send its client back to fail again).
+            let error = engine.never_passes(&plan, &decisions).unwrap_or(error);
             let queue = denying_queue(engine, &plan, &error);
             let Some((error, decisions)) = wait_for(&mut pending, error, decisions) else {
                 return Self::queue(plan, pending, queue);
@@ -450,7 +453,7 @@ impl<S: Service<R>, R> CallState<S, R> {
 
 /// Whether this check's cost exceeds its limit's quota, so that no wait could let it
 /// pass.
-fn can_never_pass(check: &crate::store::LimitCheck) -> bool {
+pub(super) fn can_never_pass(check: &crate::store::LimitCheck) -> bool {
     !check.rule.is_concurrency() && check.cost > check.rule.limit()
 }
 

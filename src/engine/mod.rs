@@ -382,6 +382,25 @@ impl Engine {
         limit_error(spec.kind, exceeded)
     }
 
+    /// The refusal of a call one of whose costs exceeds its limit's quota (no wait lets
+    /// it pass), by the first such limit, with its numbers from `decisions` (the
+    /// identifier's limits as last decided); `None` if every cost fits its quota.
+    pub(crate) fn never_passes(&self, plan: &Plan, decisions: &[Decision]) -> Option<Error> {
+        let i = plan.checks.iter().position(call::can_never_pass)?;
+        let spec = &self.limits[plan.taken[i].limit];
+        let (remaining, reset_after) = decisions
+            .get(i)
+            .map_or((0, Duration::ZERO), |d| (d.remaining, d.reset_after));
+        let exceeded = LimitExceeded {
+            name: spec.name.clone(),
+            limit: plan.checks[i].rule.limit(),
+            remaining,
+            retry_after: None,
+            reset_after,
+        };
+        Some(limit_error(spec.kind, exceeded))
+    }
+
     /// Where the denial cache stands for `plan` when its acquire begins (see
     /// [`remember_denial`](Self::remember_denial)).
     pub(crate) fn denial_epoch(&self, plan: &Plan) -> u64 {
