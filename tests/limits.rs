@@ -600,11 +600,10 @@ async fn fails_at_once_while_another_waits<T: std::fmt::Debug>(
     error
 }
 
-/// The same when another limit's denial is cached (the default): the call that can never
-/// pass fails from the cache at once instead of waiting that denial out first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_that_can_never_pass_does_not_wait_out_another_limits_cached_denial() {
-    let layer = RatelimitLayer::builder()
+/// One request a second (a bucket refilling every ten seconds) and 100 tokens, reserved.
+fn rps_and_tpm()
+-> tower_llm_ratelimit::layer::RatelimitLayerBuilder<tower_llm_ratelimit::identifier::FromRequest> {
+    RatelimitLayer::builder()
         .limit(
             "rps",
             Limit::requests(TokenBucket::new(1, 1, Duration::from_secs(10)).unwrap()),
@@ -614,6 +613,13 @@ async fn a_call_that_can_never_pass_does_not_wait_out_another_limits_cached_deni
             Limit::tokens(FixedWindow::new(100, LONG).unwrap()).count(TokenCount::Total),
         )
         .token_mode(TokenMode::Reserve)
+}
+
+/// The same when another limit's denial is cached (the default): the call that can never
+/// pass fails from the cache at once instead of waiting that denial out first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_can_never_pass_does_not_wait_out_another_limits_cached_denial() {
+    let layer = rps_and_tpm()
         .wait_up_to(Duration::from_secs(20))
         .build()
         .unwrap();
@@ -632,18 +638,7 @@ async fn a_call_that_can_never_pass_does_not_wait_out_another_limits_cached_deni
     assert_eq!(&*exceeded.name, "tpm");
     assert_eq!((exceeded.limit, exceeded.retry_after), (100, None));
     // The same without wait mode, from the cache.
-    let plain = RatelimitLayer::builder()
-        .limit(
-            "rps",
-            Limit::requests(TokenBucket::new(1, 1, Duration::from_secs(10)).unwrap()),
-        )
-        .limit(
-            "tpm",
-            Limit::tokens(FixedWindow::new(100, LONG).unwrap()).count(TokenCount::Total),
-        )
-        .token_mode(TokenMode::Reserve)
-        .build()
-        .unwrap();
+    let plain = rps_and_tpm().build().unwrap();
     let svc = plain.layer(llm(Usage::new(0, 1)));
     let call = |max_tokens| {
         svc.clone()
