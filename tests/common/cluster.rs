@@ -69,36 +69,44 @@ impl Cluster {
         panic!("the cluster did not reach cluster_state:ok");
     }
 
+    /// A connection to the node on `port`. (Tests read the nodes through a connection, not
+    /// through `redis-cli`: a process spawned per read made a check of a few keys take
+    /// longer than a token takes to refill, on a loaded machine.)
+    fn connection(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|client| client.get_connection())
+            .expect("connect to a cluster node")
+    }
+
     /// Every key under `prefix` (from every master) with its PTTL.
     pub fn keys(&self, prefix: &str) -> Vec<(String, i64)> {
         let mut out: Vec<(String, i64)> = Vec::new();
         for n in &self.nodes {
-            if !self.cli(n.port, &["role"]).starts_with("master") {
+            let mut c = self.connection(n.port);
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).expect("ROLE");
+            if !matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
                 continue;
             }
-            for key in self
-                .cli(n.port, &["keys", &format!("{prefix}*")])
-                .lines()
-                .filter(|l| !l.is_empty())
-            {
-                let ttl: i64 = self
-                    .cli(n.port, &["pttl", key])
-                    .trim()
-                    .parse()
-                    .unwrap_or(-3);
-                out.push((key.to_string(), ttl));
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
+                .query(&mut c)
+                .expect("KEYS");
+            for key in keys {
+                let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut c).expect("PTTL");
+                out.push((key, ttl));
             }
         }
         out
     }
 
-    /// The value of `key`, read on the master that owns its slot.
+    /// The value of `key` (its bytes, printed), read on the master that owns its slot.
     pub fn get(&self, key: &str) -> Option<String> {
         for n in &self.nodes {
-            let reply = self.cli(n.port, &["get", key]);
-            if !reply.starts_with("MOVED") && !reply.starts_with("ASK") {
-                let v = reply.trim_end_matches('\n').to_string();
-                return (!v.is_empty()).then_some(v);
+            let mut c = self.connection(n.port);
+            // Another node's slot is refused with MOVED (an error here); a replica's too,
+            // since the connection is not in READONLY mode.
+            if let Ok(value) = redis::cmd("GET").arg(key).query::<Option<Vec<u8>>>(&mut c) {
+                return value.map(|bytes| format!("{bytes:?}"));
             }
         }
         None
