@@ -144,20 +144,14 @@ async fn metered_calls_ask_the_upstream_for_identity() {
     assert_eq!(seen.lock().unwrap()[0]["accept-encoding"], "identity");
 }
 
-/// A gzip body cut short: what was decoded is still counted, never 0.
-#[tokio::test]
-async fn a_truncated_compressed_body_is_charged_its_estimate() {
-    let sse: String = (0..50u64)
-        .map(|i| {
-            let word = (i * 2_654_435_761 % 1_000_003).to_string();
-            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n")
-        })
-        .collect();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(sse.as_bytes()).unwrap();
-    let mut compressed = gz.finish().unwrap();
-    compressed.truncate(compressed.len() - 30);
-    let body = Bytes::from(compressed);
+/// The tokens charged for one call whose upstream answers `body` as it is, labelled
+/// with `content_type` and `encoding`.
+async fn charged_for_answer(
+    content_type: &'static str,
+    encoding: &'static str,
+    body: Vec<u8>,
+) -> u64 {
+    let body = Bytes::from(body);
     let layer = layer();
     let svc = layer.layer(service_fn(
         move |_req: Request<RequestBody<Full<Bytes>>>| {
@@ -165,8 +159,8 @@ async fn a_truncated_compressed_body_is_charged_its_estimate() {
             async move {
                 Ok::<_, Infallible>(
                     Response::builder()
-                        .header("content-type", "text/event-stream")
-                        .header("content-encoding", "gzip")
+                        .header("content-type", content_type)
+                        .header("content-encoding", encoding)
                         .body(Full::new(body))
                         .unwrap(),
                 )
@@ -184,7 +178,58 @@ async fn a_truncated_compressed_body_is_charged_its_estimate() {
         .into_body()
         .collect()
         .await;
-    let used = BUDGET - layer.usage("meter").await.unwrap()[0].remaining;
+    BUDGET - layer.usage("meter").await.unwrap()[0].remaining
+}
+
+/// An answer in zstd is metered when its window is at most 8 MiB. One asking for a
+/// larger window (which its decoder would hold for the whole stream, up to 128 MiB) is
+/// not decoded: it is charged by its size, as an unreadable answer is.
+#[tokio::test]
+async fn a_zstd_answer_is_read_within_an_8_mib_window_only() {
+    let answer = br#"{"id":"c","object":"chat.completion","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5000,"total_tokens":5007}}"#;
+    let zstd = |window_log: u32| {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.window_log(window_log).unwrap();
+        for piece in answer.chunks(16) {
+            encoder.write_all(piece).unwrap();
+        }
+        encoder.finish().unwrap()
+    };
+    let read = charged_for_answer("application/json", "zstd", zstd(23)).await;
+    assert_eq!(read, 5007);
+    let unread = charged_for_answer("application/json", "zstd", zstd(24)).await;
+    assert!(unread > 0 && unread < 5007, "charged {unread}");
+}
+
+/// An answer that fails to decode in its first frame is charged by its size (4 bytes a
+/// token), as an unreadable answer is: it was charged nothing.
+#[tokio::test]
+async fn a_compressed_answer_unreadable_from_its_first_byte_is_charged_by_its_size() {
+    let garbage = b"this is not what its coding says it is. ".repeat(25);
+    for coding in ["gzip", "deflate", "br", "zstd"] {
+        let used = charged_for_answer("application/json", coding, garbage.clone()).await;
+        assert!(
+            used >= garbage.len() as u64 / 4,
+            "{coding}: charged {used} for {} bytes",
+            garbage.len()
+        );
+    }
+}
+
+/// A gzip body cut short: what was decoded is still counted, never 0.
+#[tokio::test]
+async fn a_truncated_compressed_body_is_charged_its_estimate() {
+    let sse: String = (0..50u64)
+        .map(|i| {
+            let word = (i * 2_654_435_761 % 1_000_003).to_string();
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n")
+        })
+        .collect();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(sse.as_bytes()).unwrap();
+    let mut compressed = gz.finish().unwrap();
+    compressed.truncate(compressed.len() - 30);
+    let used = charged_for_answer("text/event-stream", "gzip", compressed).await;
     assert!(used >= 40, "charged {used}");
 }
 

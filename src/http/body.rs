@@ -155,14 +155,18 @@ impl Meter {
                 // of output (one that decodes to more than the total read fails: see
                 // `Bounded`), read and dropped before the next (a body that inflates a
                 // thousandfold costs time, not memory), up to a total.
-                for piece in data.chunks(DECODE_PIECE) {
+                for (i, piece) in data.chunks(DECODE_PIECE).enumerate() {
                     let mut out = Vec::new();
                     let result = decoder.write(piece, &mut out);
                     self.decoded += out.len() as u64;
                     self.read_decoded(out);
+                    // Once the body is unreadable, its bytes not decoded yet stand for
+                    // output (see `unreadable` above); a body that fails in its first
+                    // frame is thus charged by its size, not nothing.
                     if let Err(error) = result {
                         tracing::warn!(%error, "cannot decode a compressed response body; charging the estimate");
                         self.unreadable = true;
+                        self.bytes += (data.len() - i * DECODE_PIECE) as u64;
                         break;
                     }
                     if self.decoded > MAX_DECODED {
@@ -171,12 +175,17 @@ impl Meter {
                             "a compressed response body decodes to more than the rate limiter reads; charging the estimate"
                         );
                         self.unreadable = true;
+                        self.bytes += (data.len() - (i * DECODE_PIECE + piece.len())) as u64;
                         break;
                     }
                 }
             }
         }
-        self.encoding = encoding;
+        if !self.unreadable {
+            self.encoding = encoding;
+        }
+        // Else the decoder is dropped here, its window with it: nothing more is decoded
+        // (the rest of the body is counted by its bytes).
     }
 
     fn read_decoded(&mut self, decoded: Vec<u8>) {

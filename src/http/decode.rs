@@ -60,6 +60,14 @@ impl Write for Bounded {
 /// Brotli's internal buffer (its window is allocated as the stream demands).
 const BROTLI_BUFFER: usize = 4096;
 
+/// The largest zstd window a body may use, as a power of two: 8 MiB, the most the zstd
+/// content coding of HTTP allows (RFC 9659) and what browsers decode. The decoder holds
+/// its frame's window for the whole stream, and without this bound it takes up to
+/// 128 MiB (window log 27) for any stream that asks, a request body a client sends
+/// among them. A larger window fails to decode: a response is then charged its
+/// estimate, a request refused as corrupt.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
 /// A coding this crate decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Coding {
@@ -115,10 +123,14 @@ impl Encoding {
             Ok(Some(Coding::Brotli)) => Decoder::Brotli(Box::new(
                 brotli_decompressor::DecompressorWriter::new(Bounded::default(), BROTLI_BUFFER),
             )),
-            Ok(Some(Coding::Zstd)) => match zstd::stream::write::Decoder::new(Bounded::default()) {
-                Ok(d) => Decoder::Zstd(Box::new(d)),
-                Err(_) => return Encoding::Unknown("zstd".into()),
-            },
+            Ok(Some(Coding::Zstd)) => {
+                match zstd::stream::write::Decoder::new(Bounded::default())
+                    .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
+                {
+                    Ok(d) => Decoder::Zstd(Box::new(d)),
+                    Err(_) => return Encoding::Unknown("zstd".into()),
+                }
+            }
         };
         Encoding::Known(Box::new(decoder))
     }
@@ -227,9 +239,11 @@ pub(crate) fn decode_request(
         Coding::Deflate if is_zlib(body[0]) => Box::new(flate2::read::ZlibDecoder::new(body)),
         Coding::Deflate => Box::new(flate2::read::DeflateDecoder::new(body)),
         Coding::Brotli => Box::new(brotli_decompressor::Decompressor::new(body, BROTLI_BUFFER)),
-        Coding::Zstd => {
-            Box::new(zstd::stream::read::Decoder::new(body).map_err(|_| Unreadable::Corrupt)?)
-        }
+        Coding::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(body)
+                .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
+                .map_err(|_| Unreadable::Corrupt)?,
+        ),
     };
     let mut decoded = Vec::new();
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
@@ -472,6 +486,46 @@ mod tests {
             "256 MiB in {} bytes decoded without an error",
             bomb.len()
         );
+    }
+
+    /// A zstd stream whose frame asks for a window of `2^window_log` bytes (written in
+    /// pieces, so the encoder does not know its size and keeps the window).
+    fn zstd_with_window(plain: &[u8], window_log: u32) -> Vec<u8> {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.window_log(window_log).unwrap();
+        for piece in plain.chunks(4096) {
+            encoder.write_all(piece).unwrap();
+        }
+        encoder.finish().unwrap()
+    }
+
+    /// A zstd window beyond 8 MiB fails to decode, in a response (whose decoder would
+    /// hold it for the whole stream: 128 MiB for window log 27) and in a request body;
+    /// one of 8 MiB decodes.
+    #[test]
+    fn a_zstd_window_beyond_8_mib_does_not_decode() {
+        let plain = b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n".repeat(2000);
+        roundtrip("zstd", &zstd_with_window(&plain, 23), &plain);
+        let headers = encoded_as("zstd");
+        let fits = decode_request(&headers, &zstd_with_window(&plain, 23), 1 << 20);
+        assert_eq!(fits, Ok(Some(plain.clone())));
+        for window_log in [24, 27] {
+            let large = zstd_with_window(&plain, window_log);
+            let Encoding::Known(mut decoder) = named("zstd") else {
+                panic!("zstd is known");
+            };
+            let mut out = Vec::new();
+            assert!(
+                decoder.write(&large, &mut out).is_err(),
+                "window log {window_log} decoded"
+            );
+            assert!(out.is_empty(), "window log {window_log}");
+            assert_eq!(
+                decode_request(&headers, &large, 1 << 20),
+                Err(Unreadable::Corrupt),
+                "window log {window_log}"
+            );
+        }
     }
 
     #[test]
