@@ -795,6 +795,70 @@ fn metrics_carry_the_documented_names_and_labels() {
     );
 }
 
+/// Denials count the same whether the denial cache answers or the store does: once for
+/// each limit that denies a call, a limit whose quota the call's cost can never fit
+/// included (the cache counted only the limit its error named).
+#[cfg(feature = "metrics")]
+#[test]
+fn denials_count_the_same_with_the_denial_cache_on_or_off() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    for cache in [false, true] {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let layer = rps_and_tpm()
+                    .limit("rpd", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+                    .cache_denials(cache)
+                    .build()
+                    .unwrap();
+                let svc = layer.layer(llm(Usage::new(0, 1)));
+                let call = |max_tokens| {
+                    svc.clone()
+                        .oneshot(LlmRequest::new("dee", "").with_max_tokens(max_tokens))
+                };
+                call(10).await.unwrap();
+                // Denied by "rps" and "rpd" (the first from the store, the second from
+                // the cache when it is on), then a call that "tpm" can never pass.
+                for max_tokens in [10, 10, 1000] {
+                    assert!(call(max_tokens).await.is_err(), "cache {cache}");
+                }
+            });
+        });
+        // (One snapshot: taking one empties the recorder.)
+        let counters = snapshotter.snapshot().into_vec();
+        let denied = |limit: &str| {
+            counters
+                .iter()
+                .find_map(|(key, _, _, value)| {
+                    let key = key.key();
+                    let labels: Vec<(&str, &str)> =
+                        key.labels().map(|l| (l.key(), l.value())).collect();
+                    match value {
+                        DebugValue::Counter(n)
+                            if key.name() == "llm_ratelimit_decisions_total"
+                                && labels.contains(&("limit", limit))
+                                && labels.contains(&("outcome", "denied")) =>
+                        {
+                            Some(*n)
+                        }
+                        _ => None,
+                    }
+                })
+                .unwrap_or(0)
+        };
+        assert_eq!(
+            (denied("rps"), denied("rpd"), denied("tpm")),
+            (3, 3, 1),
+            "cache {cache}"
+        );
+    }
+}
+
 /// A store that never answers: every write times out and is queued.
 #[cfg(feature = "metrics")]
 struct Unanswering;

@@ -70,8 +70,8 @@ pub(crate) fn decisions(engine: &Engine, taken: &[Taken], decisions: &[Decision]
     });
 }
 
-/// A denial decided without asking the store, by limit `name`: answered from the denial
-/// cache, or an identifier whose quota for the limit is 0.
+/// A denial decided without asking the store, by limit `name`: an identifier whose quota
+/// for the limit is 0.
 #[cfg(feature = "metrics")]
 pub(crate) fn denied_without_store(name: &str) {
     ::metrics::counter!(
@@ -80,6 +80,28 @@ pub(crate) fn denied_without_store(name: &str) {
         "outcome" => "denied"
     )
     .increment(1);
+}
+
+/// A call refused from the denial cache, counted as the store would have counted it:
+/// `denied` for each limit its cached `decisions` deny, and for limit `never` (one the
+/// call's cost can never pass), if any.
+#[cfg(feature = "metrics")]
+pub(crate) fn denied_from_cache(
+    engine: &Engine,
+    taken: &[Taken],
+    decisions: &[Decision],
+    never: Option<usize>,
+) {
+    ::metrics::with_recorder(|recorder| {
+        for (i, (t, d)) in taken.iter().zip(decisions).enumerate() {
+            if !d.allowed || never == Some(i) {
+                let keys = &engine.limits[t.limit].metrics;
+                recorder
+                    .register_counter(&keys.denied, &METADATA)
+                    .increment(1);
+            }
+        }
+    });
 }
 
 #[cfg(feature = "metrics")]
@@ -130,6 +152,8 @@ pub(crate) fn pending_settlements_changed(by: i64) {
 pub(crate) fn decisions(_: &Engine, _: &[Taken], _: &[Decision], _: bool) {}
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn denied_without_store(_: &str) {}
+#[cfg(not(feature = "metrics"))]
+pub(crate) fn denied_from_cache(_: &Engine, _: &[Taken], _: &[Decision], _: Option<usize>) {}
 #[cfg(not(feature = "metrics"))]
 #[derive(Clone, Debug)]
 pub(crate) struct LimitKeys;
