@@ -795,67 +795,131 @@ fn metrics_carry_the_documented_names_and_labels() {
     );
 }
 
-/// Denials count the same whether the denial cache answers or the store does: once for
-/// each limit that denies a call, a limit whose quota the call's cost can never fit
-/// included (the cache counted only the limit its error named).
+/// The denials counted for `calls` (each `(max_tokens, pause before it)`, by one
+/// identifier) through `layer` over a model that reports 60 tokens, with the denial cache
+/// on or off: limit name → count.
+#[cfg(feature = "metrics")]
+fn denials_counted(
+    layer: tower_llm_ratelimit::layer::RatelimitLayerBuilder<
+        tower_llm_ratelimit::identifier::FromRequest,
+    >,
+    cache: bool,
+    calls: &[(u64, Duration)],
+) -> HashMap<String, u64> {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let layer = layer.cache_denials(cache).build().unwrap();
+            let svc = layer.layer(llm(Usage::new(0, 60)));
+            for &(max_tokens, pause) in calls {
+                tokio::time::sleep(pause).await;
+                let request = LlmRequest::new("dee", "").with_max_tokens(max_tokens);
+                let _ = svc.clone().oneshot(request).await;
+            }
+        });
+    });
+    // (One snapshot: taking one empties the recorder.)
+    let mut denied = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let labels: Vec<(&str, &str)> = key.labels().map(|l| (l.key(), l.value())).collect();
+        if let (DebugValue::Counter(n), Some((_, limit))) =
+            (value, labels.iter().find(|(k, _)| *k == "limit"))
+            && key.name() == "llm_ratelimit_decisions_total"
+            && labels.contains(&("outcome", "denied"))
+        {
+            denied.insert(limit.to_string(), n);
+        }
+    }
+    denied
+}
+
+/// A refused call counts one denial, on the limit its refusal names, whether the denial
+/// cache answers or the store does. The cache's decisions are an earlier call's (of
+/// another cost, at another time), so counting every limit they deny, as the store's
+/// answer was counted, made the counts depend on the cache: a limit spent by a larger
+/// cost, a second limit the cost can never pass, a bucket refilled since.
 #[cfg(feature = "metrics")]
 #[test]
-fn denials_count_the_same_with_the_denial_cache_on_or_off() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    for cache in [false, true] {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        metrics::with_local_recorder(&recorder, || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let layer = rps_and_tpm()
-                    .limit("rpd", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
-                    .cache_denials(cache)
-                    .build()
-                    .unwrap();
-                let svc = layer.layer(llm(Usage::new(0, 1)));
-                let call = |max_tokens| {
-                    svc.clone()
-                        .oneshot(LlmRequest::new("dee", "").with_max_tokens(max_tokens))
-                };
-                call(10).await.unwrap();
-                // Denied by "rps" and "rpd" (the first from the store, the second from
-                // the cache when it is on), then a call that "tpm" can never pass.
-                for max_tokens in [10, 10, 1000] {
-                    assert!(call(max_tokens).await.is_err(), "cache {cache}");
-                }
-            });
-        });
-        // (One snapshot: taking one empties the recorder.)
-        let counters = snapshotter.snapshot().into_vec();
-        let denied = |limit: &str| {
-            counters
-                .iter()
-                .find_map(|(key, _, _, value)| {
-                    let key = key.key();
-                    let labels: Vec<(&str, &str)> =
-                        key.labels().map(|l| (l.key(), l.value())).collect();
-                    match value {
-                        DebugValue::Counter(n)
-                            if key.name() == "llm_ratelimit_decisions_total"
-                                && labels.contains(&("limit", limit))
-                                && labels.contains(&("outcome", "denied")) =>
-                        {
-                            Some(*n)
-                        }
-                        _ => None,
-                    }
-                })
-                .unwrap_or(0)
-        };
-        assert_eq!(
-            (denied("rps"), denied("rpd"), denied("tpm")),
-            (3, 3, 1),
-            "cache {cache}"
-        );
+fn a_refusal_counts_one_denial_with_the_denial_cache_on_or_off() {
+    const HOUR: Duration = Duration::from_secs(3600);
+    let now = Duration::ZERO;
+    let day_and_tokens = || {
+        RatelimitLayer::builder()
+            .limit("rpd", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+            .limit(
+                "tpm",
+                Limit::tokens(FixedWindow::new(100, HOUR).unwrap()).count(TokenCount::Total),
+            )
+            .token_mode(TokenMode::Reserve)
+    };
+    type Builder = tower_llm_ratelimit::layer::RatelimitLayerBuilder<
+        tower_llm_ratelimit::identifier::FromRequest,
+    >;
+    /// What it shows, the layer, the calls, and the denials counted by limit.
+    type Case = (
+        &'static str,
+        Box<dyn Fn() -> Builder>,
+        Vec<(u64, Duration)>,
+        Vec<(&'static str, u64)>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "spent, then a larger cost that the token limit denies too",
+            Box::new(day_and_tokens),
+            vec![(10, now), (10, now), (50, now)],
+            vec![("rpd", 2)],
+        ),
+        (
+            "two limits the cost can never pass",
+            Box::new(move || {
+                day_and_tokens().limit(
+                    "tpd",
+                    Limit::tokens(FixedWindow::new(500, 2 * HOUR).unwrap())
+                        .count(TokenCount::Total),
+                )
+            }),
+            vec![(10, now), (10, now), (1000, now)],
+            vec![("rpd", 1), ("tpd", 1)],
+        ),
+        (
+            "a bucket refilled while the denial is cached",
+            Box::new(|| {
+                RatelimitLayer::builder()
+                    .limit("rpd", Limit::requests(FixedWindow::new(4, LONG).unwrap()))
+                    .limit(
+                        "rpm",
+                        Limit::requests(
+                            TokenBucket::new(4, 1, Duration::from_millis(100)).unwrap(),
+                        ),
+                    )
+            }),
+            vec![
+                (1, now),
+                (1, now),
+                (1, now),
+                (1, now),
+                (1, now),
+                (1, Duration::from_millis(200)),
+            ],
+            vec![("rpd", 2)],
+        ),
+    ];
+    for (case, layer, calls, expected) in cases {
+        let expected: HashMap<String, u64> = expected
+            .into_iter()
+            .map(|(l, n)| (l.to_string(), n))
+            .collect();
+        for cache in [false, true] {
+            let denied = denials_counted(layer(), cache, &calls);
+            assert_eq!(denied, expected, "{case}, cache {cache}");
+        }
     }
 }
 

@@ -342,9 +342,9 @@ impl<S: Service<R>, R> CallState<S, R> {
             let Some((error, decisions)) = wait_for(&mut pending, error, decisions) else {
                 return Self::queue(plan, pending, queue);
             };
-            // Counted as the store would count this call: every limit that denies it.
-            let never = plan.checks.iter().position(can_never_pass);
-            metrics::denied_from_cache(&pending.engine, &plan.taken, &decisions, never);
+            if let Some(e) = error.limit_exceeded() {
+                metrics::denied_without_store(&e.name);
+            }
             return CallState::Refused {
                 error: Some(error),
                 decisions,

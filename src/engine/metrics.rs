@@ -9,12 +9,16 @@
 //! | `llm_ratelimit_store_latency_seconds` | histogram | |
 //! | `llm_ratelimit_fallback_decisions_total` | counter | `policy` (`open` \| `local`) |
 //! | `llm_ratelimit_pending_settlements` | gauge | |
+//!
+//! A call that passes counts `allowed` on each of its limits; a refused call counts
+//! `denied` once, on the limit its refusal is named after (as its error and headers
+//! are), whether the store, the denial cache or a quota of 0 refused it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::reliability::StoreErrorPolicy;
-use super::{Engine, Taken};
+use super::{Engine, Taken, denying};
 use crate::store::Decision;
 
 /// A limit's metric keys, built once with the limit: recording a decision then looks
@@ -53,25 +57,29 @@ impl LimitKeys {
 static METADATA: ::metrics::Metadata<'static> =
     ::metrics::Metadata::new(module_path!(), ::metrics::Level::INFO, Some(module_path!()));
 
-/// One call's decision: `allowed` for every limit when the call passed, `denied` for
-/// each limit that refused it (the others took nothing and are not counted).
+/// One call's decision: `allowed` for every limit when the call passed; when it was
+/// refused, `denied` for the one limit its refusal is named after (see [`denying`]).
 #[cfg(feature = "metrics")]
 pub(crate) fn decisions(engine: &Engine, taken: &[Taken], decisions: &[Decision], allowed: bool) {
     ::metrics::with_recorder(|recorder| {
-        for (t, d) in taken.iter().zip(decisions) {
-            let keys = &engine.limits[t.limit].metrics;
-            let key = match (allowed, d.allowed) {
-                (true, _) => &keys.allowed,
-                (false, false) => &keys.denied,
-                (false, true) => continue,
-            };
-            recorder.register_counter(key, &METADATA).increment(1);
+        if allowed {
+            for t in taken {
+                let keys = &engine.limits[t.limit].metrics;
+                recorder
+                    .register_counter(&keys.allowed, &METADATA)
+                    .increment(1);
+            }
+        } else if let Some(i) = denying(decisions) {
+            let keys = &engine.limits[taken[i].limit].metrics;
+            recorder
+                .register_counter(&keys.denied, &METADATA)
+                .increment(1);
         }
     });
 }
 
-/// A denial decided without asking the store, by limit `name`: an identifier whose quota
-/// for the limit is 0.
+/// A refusal decided without asking the store, named after limit `name`: answered from
+/// the denial cache, or an identifier whose quota for the limit is 0.
 #[cfg(feature = "metrics")]
 pub(crate) fn denied_without_store(name: &str) {
     ::metrics::counter!(
@@ -80,28 +88,6 @@ pub(crate) fn denied_without_store(name: &str) {
         "outcome" => "denied"
     )
     .increment(1);
-}
-
-/// A call refused from the denial cache, counted as the store would have counted it:
-/// `denied` for each limit its cached `decisions` deny, and for limit `never` (one the
-/// call's cost can never pass), if any.
-#[cfg(feature = "metrics")]
-pub(crate) fn denied_from_cache(
-    engine: &Engine,
-    taken: &[Taken],
-    decisions: &[Decision],
-    never: Option<usize>,
-) {
-    ::metrics::with_recorder(|recorder| {
-        for (i, (t, d)) in taken.iter().zip(decisions).enumerate() {
-            if !d.allowed || never == Some(i) {
-                let keys = &engine.limits[t.limit].metrics;
-                recorder
-                    .register_counter(&keys.denied, &METADATA)
-                    .increment(1);
-            }
-        }
-    });
 }
 
 #[cfg(feature = "metrics")]
@@ -152,8 +138,6 @@ pub(crate) fn pending_settlements_changed(by: i64) {
 pub(crate) fn decisions(_: &Engine, _: &[Taken], _: &[Decision], _: bool) {}
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn denied_without_store(_: &str) {}
-#[cfg(not(feature = "metrics"))]
-pub(crate) fn denied_from_cache(_: &Engine, _: &[Taken], _: &[Decision], _: Option<usize>) {}
 #[cfg(not(feature = "metrics"))]
 #[derive(Clone, Debug)]
 pub(crate) struct LimitKeys;

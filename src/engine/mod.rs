@@ -166,6 +166,18 @@ fn with_quota(rule: Rule, quota: u64, name: &str) -> Rule {
 }
 
 /// The error of a denial by a limit of `kind`.
+/// Which of a denied call's `decisions` its refusal is named after (its error, headers
+/// and denial metric): the denying limit whose denial lasts longest (no retry time is
+/// longest of all), the last of equals.
+pub(crate) fn denying(decisions: &[Decision]) -> Option<usize> {
+    decisions
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.allowed)
+        .max_by_key(|(_, d)| d.retry_after.map_or(Duration::MAX, |r| r))
+        .map(|(i, _)| i)
+}
+
 fn limit_error(kind: LimitKind, exceeded: LimitExceeded) -> Error {
     match kind {
         LimitKind::Requests => Error::RequestLimitReached(exceeded),
@@ -360,13 +372,7 @@ impl Engine {
     /// The error for a denied acquire: the denying limit whose wait is longest (a cost
     /// that can never pass first), with its own numbers.
     pub(crate) fn denial(&self, plan: &Plan, decisions: &[Decision]) -> Error {
-        let denied = plan
-            .taken
-            .iter()
-            .zip(decisions)
-            .filter(|(_, d)| !d.allowed)
-            .max_by_key(|(_, d)| d.retry_after.map_or(Duration::MAX, |r| r))
-            .map(|(t, d)| (&self.limits[t.limit], d));
+        let denied = denying(decisions).map(|i| (&self.limits[plan.taken[i].limit], &decisions[i]));
         let Some((spec, d)) = denied else {
             return Error::Store(crate::error::StoreError::new(
                 "store denied without a denying decision",
@@ -386,7 +392,9 @@ impl Engine {
     /// it pass), by the first such limit, with its numbers from `decisions` (the
     /// identifier's limits as last decided); `None` if every cost fits its quota.
     pub(crate) fn never_passes(&self, plan: &Plan, decisions: &[Decision]) -> Option<Error> {
-        let i = plan.checks.iter().position(call::can_never_pass)?;
+        // The last such limit, as [`denying`] names the last of the limits that deny
+        // for longest.
+        let i = plan.checks.iter().rposition(call::can_never_pass)?;
         let spec = &self.limits[plan.taken[i].limit];
         let (remaining, reset_after) = decisions
             .get(i)
