@@ -144,9 +144,12 @@ async fn metered_calls_ask_the_upstream_for_identity() {
     assert_eq!(seen.lock().unwrap()[0]["accept-encoding"], "identity");
 }
 
-/// The tokens charged for one call whose upstream answers `body` as it is, labelled
+const CHAT: &str = "/v1/chat/completions";
+
+/// The tokens charged for one call to `path` whose upstream answers `body` as it is, labelled
 /// with `content_type` and `encoding`.
 async fn charged_for_answer(
+    path: &'static str,
     content_type: &'static str,
     encoding: &'static str,
     body: Vec<u8>,
@@ -167,7 +170,7 @@ async fn charged_for_answer(
             }
         },
     ));
-    let request = Request::post("/v1/chat/completions")
+    let request = Request::post(path)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
         .unwrap();
@@ -195,9 +198,9 @@ async fn a_zstd_answer_is_read_within_an_8_mib_window_only() {
         }
         encoder.finish().unwrap()
     };
-    let read = charged_for_answer("application/json", "zstd", zstd(23)).await;
+    let read = charged_for_answer(CHAT, "application/json", "zstd", zstd(23)).await;
     assert_eq!(read, 5007);
-    let unread = charged_for_answer("application/json", "zstd", zstd(24)).await;
+    let unread = charged_for_answer(CHAT, "application/json", "zstd", zstd(24)).await;
     assert!(unread > 0 && unread < 5007, "charged {unread}");
 }
 
@@ -207,13 +210,75 @@ async fn a_zstd_answer_is_read_within_an_8_mib_window_only() {
 async fn a_compressed_answer_unreadable_from_its_first_byte_is_charged_by_its_size() {
     let garbage = b"this is not what its coding says it is. ".repeat(25);
     for coding in ["gzip", "deflate", "br", "zstd"] {
-        let used = charged_for_answer("application/json", coding, garbage.clone()).await;
+        let used = charged_for_answer(CHAT, "application/json", coding, garbage.clone()).await;
         assert!(
             used >= garbage.len() as u64 / 4,
             "{coding}: charged {used} for {} bytes",
             garbage.len()
         );
     }
+}
+
+/// ~80 KB of text that does not compress to nothing (no usage in it): one zstd block.
+fn prose() -> Vec<u8> {
+    (0..12_000u64)
+        .flat_map(|i| format!("{} ", i * 2_654_435_761 % 1_000_003).into_bytes())
+        .collect()
+}
+
+/// An answer cut short is charged at least by its size (4 bytes a token), however its
+/// coding decodes. A zstd block produces nothing until it is whole (up to 128 KiB), and
+/// a zstd stream cut short did not fail to finish: such an answer was charged 0.
+#[tokio::test]
+async fn a_compressed_answer_cut_short_is_charged_at_least_by_its_size() {
+    let plain = prose();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&plain).unwrap();
+    let codings = [
+        ("gzip", gz.finish().unwrap()),
+        ("br", brotli_body(&plain)),
+        ("zstd", zstd::encode_all(&plain[..], 3).unwrap()),
+    ];
+    for (coding, mut body) in codings {
+        body.truncate(body.len() - 10);
+        let size = body.len() as u64;
+        let used = charged_for_answer(CHAT, "application/json", coding, body).await;
+        assert!(
+            used >= size / 4,
+            "{coding}: charged {used} for {size} bytes"
+        );
+    }
+}
+
+/// What could not be read of an answer adds to what was: a readable event (or an
+/// Anthropic `message_start`, with its partial usage) before it no longer stands for the
+/// whole answer. Such answers were charged 1 token, and 10.
+#[tokio::test]
+async fn what_could_not_be_read_adds_to_what_was() {
+    let garbage = vec![0x42u8; 200_000];
+    let then_garbage = |event: &str| {
+        let mut body = gzip(event.as_bytes());
+        body.extend_from_slice(&garbage);
+        body
+    };
+    let event = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+    let used = charged_for_answer(CHAT, "text/event-stream", "gzip", then_garbage(event)).await;
+    assert!(
+        used >= garbage.len() as u64 / 4,
+        "an event, then garbage: {used}"
+    );
+    let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n";
+    let used = charged_for_answer(
+        "/v1/messages",
+        "text/event-stream",
+        "gzip",
+        then_garbage(start),
+    )
+    .await;
+    assert!(
+        used >= 9 + garbage.len() as u64 / 4,
+        "message_start, then garbage: {used}"
+    );
 }
 
 /// A gzip body cut short: what was decoded is still counted, never 0.
@@ -229,7 +294,7 @@ async fn a_truncated_compressed_body_is_charged_its_estimate() {
     gz.write_all(sse.as_bytes()).unwrap();
     let mut compressed = gz.finish().unwrap();
     compressed.truncate(compressed.len() - 30);
-    let used = charged_for_answer("text/event-stream", "gzip", compressed).await;
+    let used = charged_for_answer(CHAT, "text/event-stream", "gzip", compressed).await;
     assert!(used >= 40, "charged {used}");
 }
 

@@ -43,6 +43,14 @@ pub(crate) struct Meter {
     unreadable: bool,
     /// Bytes decoded so far (compressed bodies).
     decoded: u64,
+    /// Bytes of the body that were never read as output: those of a body in an encoding
+    /// this crate cannot read or after it failed to decode, and compressed bytes that
+    /// had produced no output yet when it failed or was cut short. Charged at 4 bytes a
+    /// token on top of what was read, if the usage never arrives.
+    unread: u64,
+    /// Compressed bytes fed to the decoder since it last produced output (a zstd block
+    /// produces nothing until it is whole: up to 128 KiB).
+    fed_since_output: u64,
 }
 
 /// Compressed input decoded at a time (its output is at most ~1,000 times larger).
@@ -52,21 +60,24 @@ const DECODE_PIECE: usize = 256;
 const MAX_DECODED: u64 = 64 * 1024 * 1024;
 
 /// The estimate charged for a call whose usage never arrived: the prompt estimate, and
-/// one output token per streamed event (or per 4 bytes of any other body, or of a body
-/// that could not be read) seen.
+/// one output token per streamed event (or per 4 bytes of any other body) read, plus one
+/// per 4 bytes of the body that could not be read.
 fn incomplete_estimate(
     prompt: u64,
     event_stream: bool,
     events: u64,
     bytes: u64,
+    unread: u64,
     seen: Option<Usage>,
 ) -> Usage {
-    // Streams: one token per event; other (or unreadable) bodies: 4 bytes a token.
-    let output = if event_stream && events > 0 {
+    // Streams: one token per event; other bodies, and what could not be read: 4 bytes a
+    // token.
+    let read = if event_stream && events > 0 {
         events
     } else {
         bytes.div_ceil(4)
     };
+    let output = read.saturating_add(unread.div_ceil(4));
     let mut usage = Usage::new(prompt, output);
     if let Some(seen) = seen {
         // A partial usage (e.g. Anthropic's `message_start`) is real: keep the larger.
@@ -100,6 +111,8 @@ impl Meter {
             encoding,
             unreadable,
             decoded: 0,
+            unread: 0,
+            fed_since_output: 0,
             parser,
             settlement: Some(settlement),
             success,
@@ -138,7 +151,7 @@ impl Meter {
     fn observe(&mut self, data: &Bytes) {
         if self.unreadable {
             // Unreadable: its bytes still stand for output (4 bytes a token).
-            self.bytes += data.len() as u64;
+            self.unread += data.len() as u64;
             return;
         }
         let mut encoding = std::mem::replace(&mut self.encoding, Encoding::Identity);
@@ -149,7 +162,7 @@ impl Meter {
                     p.feed(data);
                 }
             }
-            Encoding::Unknown(_) => self.bytes += data.len() as u64,
+            Encoding::Unknown(_) => self.unread += data.len() as u64,
             Encoding::Known(decoder) => {
                 // Small pieces of input at a time: a piece decodes to a bounded amount
                 // of output (one that decodes to more than the total read fails: see
@@ -158,24 +171,34 @@ impl Meter {
                 for (i, piece) in data.chunks(DECODE_PIECE).enumerate() {
                     let mut out = Vec::new();
                     let result = decoder.write(piece, &mut out);
+                    self.fed_since_output += piece.len() as u64;
+                    if !out.is_empty() {
+                        self.fed_since_output = 0;
+                    }
                     self.decoded += out.len() as u64;
                     self.read_decoded(out);
-                    // Once the body is unreadable, its bytes not decoded yet stand for
-                    // output (see `unreadable` above); a body that fails in its first
-                    // frame is thus charged by its size, not nothing.
-                    if let Err(error) = result {
-                        tracing::warn!(%error, "cannot decode a compressed response body; charging the estimate");
+                    let failed = match result {
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot decode a compressed response body; charging the estimate");
+                            true
+                        }
+                        Ok(()) if self.decoded > MAX_DECODED => {
+                            tracing::warn!(
+                                max = MAX_DECODED,
+                                "a compressed response body decodes to more than the rate limiter reads; charging the estimate"
+                            );
+                            true
+                        }
+                        Ok(()) => false,
+                    };
+                    if failed {
+                        // What had produced no output yet, this piece at least (how much
+                        // of it was read is not known) and the rest of this frame are
+                        // not read: they stand for output by their size.
                         self.unreadable = true;
-                        self.bytes += (data.len() - i * DECODE_PIECE) as u64;
-                        break;
-                    }
-                    if self.decoded > MAX_DECODED {
-                        tracing::warn!(
-                            max = MAX_DECODED,
-                            "a compressed response body decodes to more than the rate limiter reads; charging the estimate"
-                        );
-                        self.unreadable = true;
-                        self.bytes += (data.len() - (i * DECODE_PIECE + piece.len())) as u64;
+                        let fed = std::mem::take(&mut self.fed_since_output);
+                        let rest = data.len() - (i * DECODE_PIECE + piece.len());
+                        self.unread += fed.max(piece.len() as u64) + rest as u64;
                         break;
                     }
                 }
@@ -198,8 +221,8 @@ impl Meter {
         }
     }
 
-    /// The body ended (or was cut): flush the decoder, once.
-    fn end_of_body(&mut self) {
+    /// The body ended (`finished`) or was cut: flush the decoder, once.
+    fn end_of_body(&mut self, finished: bool) {
         if self.unreadable {
             return;
         }
@@ -207,18 +230,26 @@ impl Meter {
             std::mem::replace(&mut self.encoding, Encoding::Identity)
         {
             let mut out = Vec::new();
-            if let Err(error) = decoder.finish(&mut out) {
+            let result = decoder.finish(&mut out);
+            if !out.is_empty() {
+                self.fed_since_output = 0;
+            }
+            self.read_decoded(out);
+            if let Err(error) = result {
                 tracing::warn!(%error, "a compressed response body ended early; charging the estimate");
                 self.unreadable = true;
             }
-            self.read_decoded(out);
+            if self.unreadable || !finished {
+                // Input that never produced output (a zstd block cut short): its size.
+                self.unread += std::mem::take(&mut self.fed_since_output);
+            }
         }
     }
 
     /// `finished`: the body ended normally (its usage, if any, has been seen).
     fn start_settlement(&mut self, finished: bool) {
         // Also when cut short: what the decoder holds was seen.
-        self.end_of_body();
+        self.end_of_body(finished);
         let usage = match &mut self.parser {
             Some(p) if finished => p.finish(),
             Some(p) => p.usage(),
@@ -228,7 +259,9 @@ impl Meter {
             return;
         };
         let ending = match (usage, finished) {
-            (Some(usage), true) => {
+            // (Usage seen in a body that then could not be read may be partial, as
+            // Anthropic's `message_start` is: it is charged as seen, below.)
+            (Some(usage), true) if !self.unreadable => {
                 s.start(Ending::Delivered(Some(&usage)));
                 return;
             }
@@ -239,6 +272,7 @@ impl Meter {
                 self.event_stream,
                 self.events,
                 self.bytes,
+                self.unread,
                 None,
             )),
             // Cut short (client gone, upstream cut, body error) or unreadable: never
@@ -248,6 +282,7 @@ impl Meter {
                 self.event_stream,
                 self.events,
                 self.bytes,
+                self.unread,
                 seen,
             )),
         };

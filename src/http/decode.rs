@@ -181,15 +181,18 @@ impl Decoder {
         result
     }
 
-    /// The body ended: flush what the decoder still holds into `out`.
+    /// The body ended: flush what the decoder still holds into `out`; an error if the
+    /// stream was cut short.
     pub(crate) fn finish(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
         let result = match self {
             Decoder::Gzip(d) => d.try_finish(),
             Decoder::Deflate(Some(DeflateKind::Zlib(d))) => d.try_finish(),
             Decoder::Deflate(Some(DeflateKind::Raw(d))) => d.try_finish(),
             Decoder::Deflate(None) => Ok(()),
-            Decoder::Brotli(d) => d.flush(),
-            Decoder::Zstd(d) => d.flush(),
+            // (Both fail on a stream that ends before its end: as gzip's and zlib's
+            // `try_finish` do, and as a flush does not.)
+            Decoder::Brotli(d) => d.close(),
+            Decoder::Zstd(d) => d.do_finish(),
         };
         if !matches!(self, Decoder::Deflate(None)) {
             out.append(self.output());
@@ -486,6 +489,35 @@ mod tests {
             "256 MiB in {} bytes decoded without an error",
             bomb.len()
         );
+    }
+
+    /// Every coding's stream cut short fails to finish (and a whole one finishes): a
+    /// body cut short is read as unreadable, not as whole. (A zstd or brotli flush did
+    /// not say: a zstd block cut short decoded to nothing, without an error.)
+    #[test]
+    fn a_stream_cut_short_fails_to_finish() {
+        let plain = b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n".repeat(500);
+        for (coding, whole) in encoded(&plain) {
+            for cut in [whole.len() / 2, whole.len() - 1] {
+                let Encoding::Known(mut decoder) = named(coding) else {
+                    panic!("{coding} is known");
+                };
+                let mut out = Vec::new();
+                let wrote = decoder.write(&whole[..cut], &mut out);
+                let finished = decoder.finish(&mut out);
+                assert!(
+                    wrote.is_err() || finished.is_err(),
+                    "{coding} cut at {cut} of {} finished",
+                    whole.len()
+                );
+            }
+            let Encoding::Known(mut decoder) = named(coding) else {
+                panic!("{coding} is known");
+            };
+            let mut out = Vec::new();
+            decoder.write(&whole, &mut out).unwrap();
+            decoder.finish(&mut out).unwrap();
+        }
     }
 
     /// A zstd stream whose frame asks for a window of `2^window_log` bytes (written in
