@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::reliability::StoreErrorPolicy;
-use super::{Engine, Taken, denying};
+use super::{Engine, Taken};
 use crate::store::Decision;
 
 /// A limit's metric keys, built once with the limit: recording a decision then looks
@@ -58,7 +58,8 @@ static METADATA: ::metrics::Metadata<'static> =
     ::metrics::Metadata::new(module_path!(), ::metrics::Level::INFO, Some(module_path!()));
 
 /// One call's decision: `allowed` for every limit when the call passed; when it was
-/// refused, `denied` for the one limit its refusal is named after (see [`denying`]).
+/// refused, `denied` for the one limit its refusal is named after (see
+/// [`denying`](super::denying)).
 #[cfg(feature = "metrics")]
 pub(crate) fn decisions(engine: &Engine, taken: &[Taken], decisions: &[Decision], allowed: bool) {
     ::metrics::with_recorder(|recorder| {
@@ -69,7 +70,7 @@ pub(crate) fn decisions(engine: &Engine, taken: &[Taken], decisions: &[Decision]
                     .register_counter(&keys.allowed, &METADATA)
                     .increment(1);
             }
-        } else if let Some(i) = denying(decisions) {
+        } else if let Some(i) = super::denying(decisions) {
             let keys = &engine.limits[taken[i].limit].metrics;
             recorder
                 .register_counter(&keys.denied, &METADATA)
