@@ -727,38 +727,53 @@ async fn builders_that_would_do_nothing_are_errors() {
     assert!(bad_name.to_string().contains("a b"), "{bad_name}");
 }
 
+/// What `calls` record, run on a one-thread runtime with a recorder of their own (one
+/// snapshot, taken at the end: taking one empties the recorder).
+#[cfg(feature = "metrics")]
+fn recorded<F: std::future::Future<Output = ()>>(
+    calls: impl FnOnce() -> F,
+) -> Vec<(
+    metrics_util::CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    metrics_util::debugging::DebugValue,
+)> {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(calls())
+    });
+    snapshotter.snapshot().into_vec()
+}
+
 #[cfg(feature = "metrics")]
 #[test]
 fn metrics_carry_the_documented_names_and_labels() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+    use metrics_util::debugging::DebugValue;
+    let recorded = recorded(|| async {
+        let layer = RatelimitLayer::builder()
+            .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
+            .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
+            .cache_denials(false)
+            .quotas(StaticQuotas::new().insert("banned", Quotas::new().set("rpm", 0)))
             .build()
             .unwrap();
-        rt.block_on(async {
-            let layer = RatelimitLayer::builder()
-                .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
-                .limit("tpm", Limit::tokens(FixedWindow::new(1000, LONG).unwrap()))
-                .cache_denials(false)
-                .quotas(StaticQuotas::new().insert("banned", Quotas::new().set("rpm", 0)))
-                .build()
-                .unwrap();
-            let svc = layer.layer(llm(Usage::new(30, 5)));
-            for _ in 0..3 {
-                let _ = svc.clone().oneshot(LlmRequest::new("kim", "x")).await;
-            }
-            // Refused without the store (a quota of 0): counted as denials too.
-            for _ in 0..2 {
-                let refused = svc.clone().oneshot(LlmRequest::new("banned", "x")).await;
-                assert!(refused.is_err());
-            }
-        });
+        let svc = layer.layer(llm(Usage::new(30, 5)));
+        for _ in 0..3 {
+            let _ = svc.clone().oneshot(LlmRequest::new("kim", "x")).await;
+        }
+        // Refused without the store (a quota of 0): counted as denials too.
+        for _ in 0..2 {
+            let refused = svc.clone().oneshot(LlmRequest::new("banned", "x")).await;
+            assert!(refused.is_err());
+        }
     });
     let mut seen: HashMap<String, u64> = HashMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+    for (key, _, _, value) in recorded {
         let mut labels: Vec<String> = key
             .key()
             .labels()
@@ -806,27 +821,18 @@ fn denials_counted(
     cache: bool,
     calls: &[(u64, Duration)],
 ) -> HashMap<String, u64> {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let layer = layer.cache_denials(cache).build().unwrap();
-            let svc = layer.layer(llm(Usage::new(0, 60)));
-            for &(max_tokens, pause) in calls {
-                tokio::time::sleep(pause).await;
-                let request = LlmRequest::new("dee", "").with_max_tokens(max_tokens);
-                let _ = svc.clone().oneshot(request).await;
-            }
-        });
+    use metrics_util::debugging::DebugValue;
+    let recorded = recorded(|| async {
+        let layer = layer.cache_denials(cache).build().unwrap();
+        let svc = layer.layer(llm(Usage::new(0, 60)));
+        for &(max_tokens, pause) in calls {
+            tokio::time::sleep(pause).await;
+            let request = LlmRequest::new("dee", "").with_max_tokens(max_tokens);
+            let _ = svc.clone().oneshot(request).await;
+        }
     });
-    // (One snapshot: taking one empties the recorder.)
     let mut denied = HashMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+    for (key, _, _, value) in recorded {
         let key = key.key();
         let labels: Vec<(&str, &str)> = key.labels().map(|l| (l.key(), l.value())).collect();
         if let (DebugValue::Counter(n), Some((_, limit))) =
