@@ -281,6 +281,51 @@ async fn what_could_not_be_read_adds_to_what_was() {
     );
 }
 
+/// A whole compressed answer followed by bytes its coding cannot read (a newline, zero
+/// padding: clients ignore them) is charged its usage exactly. Those bytes made the body
+/// unreadable, and the usage counted as a minimum only: a 20 KB embeddings answer of 8
+/// tokens was charged 5038.
+#[tokio::test]
+async fn trailing_bytes_after_a_whole_compressed_answer_do_not_change_its_charge() {
+    let floats: Vec<String> = (0..1536).map(|i| format!("-0.0{:08}", i * 7919)).collect();
+    let embeddings = format!(
+        r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":[{}]}}],"model":"e","usage":{{"prompt_tokens":8,"total_tokens":8}}}}"#,
+        floats.join(",")
+    );
+    let openai_sse = format!(
+        "{}data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":50,\"completion_tokens\":23,\"total_tokens\":73}}}}\n\ndata: [DONE]\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"word \"}}],\"usage\":null}\n\n".repeat(300)
+    );
+    let anthropic_sse = format!(
+        "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":60,\"output_tokens\":1}}}}}}\n\n{}event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":25}}}}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"word \"}}\n\n".repeat(300)
+    );
+    let answers = [
+        (CHAT, "application/json", embeddings, 8),
+        (CHAT, "text/event-stream", openai_sse, 73),
+        ("/v1/messages", "text/event-stream", anthropic_sse, 85),
+    ];
+    for (path, content_type, plain, usage) in answers {
+        let plain = plain.as_bytes();
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zlib.write_all(plain).unwrap();
+        let codings = [
+            ("gzip", gzip(plain)),
+            ("deflate", zlib.finish().unwrap()),
+            ("br", brotli_body(plain)),
+            ("zstd", zstd::encode_all(plain, 3).unwrap()),
+        ];
+        for (coding, whole) in codings {
+            for trailing in [&b""[..], b"\n", b"\r\n", &[0u8; 8]] {
+                let mut body = whole.clone();
+                body.extend_from_slice(trailing);
+                let used = charged_for_answer(path, content_type, coding, body).await;
+                assert_eq!(used, usage, "{path} {content_type} {coding} + {trailing:?}");
+            }
+        }
+    }
+}
+
 /// A gzip body cut short: what was decoded is still counted, never 0.
 #[tokio::test]
 async fn a_truncated_compressed_body_is_charged_its_estimate() {

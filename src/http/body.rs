@@ -255,13 +255,16 @@ impl Meter {
             Some(p) => p.usage(),
             None => None,
         };
+        let final_usage = self.parser.as_ref().is_some_and(|p| p.is_final());
         let Some(s) = &mut self.settlement else {
             return;
         };
         let ending = match (usage, finished) {
-            // (Usage seen in a body that then could not be read may be partial, as
-            // Anthropic's `message_start` is: it is charged as seen, below.)
-            (Some(usage), true) if !self.unreadable => {
+            // A body that could not be read to its end is charged its final usage if it
+            // had been read (bytes after it, such as a compressed body's trailing bytes,
+            // are ignored, as clients ignore them); a partial one, such as Anthropic's
+            // `message_start`, only as a minimum, below.
+            (Some(usage), true) if !self.unreadable || final_usage => {
                 s.start(Ending::Delivered(Some(&usage)));
                 return;
             }

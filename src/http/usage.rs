@@ -30,6 +30,14 @@ pub trait UsageParser: Send + 'static {
     fn finish(&mut self) -> Option<Usage> {
         self.usage()
     }
+    /// Whether the usage read so far is the answer's final count, not a partial one
+    /// (as Anthropic's `message_start` is, before `message_delta` gives the output
+    /// tokens). A final usage is charged as it is when bytes after it cannot be read (a
+    /// compressed body with trailing bytes, which clients ignore); a partial one only
+    /// as a minimum. `false` unless a parser says so.
+    fn is_final(&self) -> bool {
+        false
+    }
 }
 
 /// Chooses a [`UsageParser`] for a response.
@@ -228,6 +236,11 @@ impl UsageParser for JsonUsage {
         }
         self.usage
     }
+
+    /// A JSON body holds one usage, the answer's.
+    fn is_final(&self) -> bool {
+        self.usage.is_some()
+    }
 }
 
 /// What the SSE scanner is doing at the current byte of a line.
@@ -295,6 +308,8 @@ pub struct SseUsage {
     usage: Option<Usage>,
     /// Anthropic: input (and cached) tokens from `message_start`.
     anthropic_input: Option<(u64, u64)>,
+    /// The usage read last came from `message_start` (only its input tokens are final).
+    partial: bool,
 }
 
 impl SseUsage {
@@ -324,6 +339,7 @@ impl SseUsage {
             Some(b"message_start") => {
                 self.anthropic_input = Some((u.prompt_tokens, u.cached_prompt_tokens));
                 self.usage = Some(u);
+                self.partial = true;
             }
             Some(b"message_delta") => {
                 // Output tokens in message_delta are cumulative: the last one wins. Input
@@ -338,8 +354,12 @@ impl SseUsage {
                         .with_cached_prompt_tokens(cached)
                         .with_reasoning_tokens(u.reasoning_tokens),
                 );
+                self.partial = false;
             }
-            _ => self.usage = Some(u),
+            _ => {
+                self.usage = Some(u);
+                self.partial = false;
+            }
         }
     }
 
@@ -617,6 +637,11 @@ impl UsageParser for SseUsage {
     fn finish(&mut self) -> Option<Usage> {
         self.end_line();
         self.usage
+    }
+
+    /// OpenAI's usage chunk and Anthropic's `message_delta` are the answer's count.
+    fn is_final(&self) -> bool {
+        self.usage.is_some() && !self.partial
     }
 }
 
