@@ -165,7 +165,6 @@ fn with_quota(rule: Rule, quota: u64, name: &str) -> Rule {
     })
 }
 
-/// The error of a denial by a limit of `kind`.
 /// Which of a denied call's `decisions` its refusal is named after (its error, headers
 /// and denial metric): the denying limit whose denial lasts longest (no retry time is
 /// longest of all), the last of equals.
@@ -178,6 +177,7 @@ pub(crate) fn denying(decisions: &[Decision]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+/// The error of a denial by a limit of `kind`.
 fn limit_error(kind: LimitKind, exceeded: LimitExceeded) -> Error {
     match kind {
         LimitKind::Requests => Error::RequestLimitReached(exceeded),
@@ -389,11 +389,10 @@ impl Engine {
     }
 
     /// The refusal of a call one of whose costs exceeds its limit's quota (no wait lets
-    /// it pass), by the first such limit, with its numbers from `decisions` (the
+    /// it pass), by the last such limit (the one [`denying`] names: the last of the
+    /// limits that deny for longest), with its numbers from `decisions` (the
     /// identifier's limits as last decided); `None` if every cost fits its quota.
     pub(crate) fn never_passes(&self, plan: &Plan, decisions: &[Decision]) -> Option<Error> {
-        // The last such limit, as [`denying`] names the last of the limits that deny
-        // for longest.
         let i = plan.checks.iter().rposition(call::can_never_pass)?;
         let spec = &self.limits[plan.taken[i].limit];
         let (remaining, reset_after) = decisions
