@@ -1422,6 +1422,201 @@ async fn a_cold_cache_looks_a_tenant_up_once() {
     assert_eq!(lookups.load(Ordering::SeqCst), 1);
 }
 
+/// A `CachedQuotas` answer is fresh for its TTL from when it arrives: with a lookup that
+/// takes longer than the TTL, the calls after the first are answered from the cache (the
+/// entry's age used to count from the lookup's start, so every call looked up again).
+#[tokio::test(start_paused = true)]
+async fn a_cached_quota_stays_fresh_for_its_ttl_from_its_arrival() {
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let cached = {
+        let lookups = lookups.clone();
+        CachedQuotas::new(Duration::from_millis(500), move |_: Vec<u8>| {
+            let lookups = lookups.clone();
+            async move {
+                lookups.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                Some(Quotas::new().set("rpm", 10))
+            }
+        })
+        .timeout(Duration::from_secs(2))
+    };
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .quotas(cached)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let started = tokio::time::Instant::now();
+    for _ in 0..6 {
+        svc.clone()
+            .oneshot(LlmRequest::new("ada", "x"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(started.elapsed(), Duration::from_millis(600));
+    // Stale once its TTL has passed since it arrived.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(layer.usage("ada").await.unwrap()[0].limit, 10);
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
+}
+
+/// A `CachedQuotas` lookup that hangs is given up after the cache's timeout: the call
+/// goes on with the identifier's previous answer (or, for an identifier never answered,
+/// the configured quotas), and that answer is kept for one more timeout, so calls meanwhile
+/// are answered at once instead of each waiting for a lookup (they used to hang).
+#[tokio::test(start_paused = true)]
+async fn a_hung_quota_lookup_keeps_the_previous_answer_and_is_retried_one_call_at_a_time() {
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let cached = {
+        let lookups = lookups.clone();
+        CachedQuotas::new(Duration::from_secs(1), move |_: Vec<u8>| {
+            let first = lookups.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if !first {
+                    std::future::pending::<()>().await;
+                }
+                Some(Quotas::new().set("rpm", 10))
+            }
+        })
+        .timeout(Duration::from_millis(200))
+    };
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .quotas(cached)
+        .build()
+        .unwrap();
+    assert_eq!(layer.usage("bea").await.unwrap()[0].limit, 10);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        layer.usage("bea").await.unwrap()[0].limit,
+        10,
+        "previous answer"
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(200));
+    assert_eq!(layer.usage("bea").await.unwrap()[0].limit, 10);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(200),
+        "answered at once"
+    );
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
+    // After one more timeout the lookup is tried again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(layer.usage("bea").await.unwrap()[0].limit, 10);
+    assert_eq!(lookups.load(Ordering::SeqCst), 3);
+    // An identifier never answered: the configured quota.
+    let started = tokio::time::Instant::now();
+    assert_eq!(layer.usage("cyd").await.unwrap()[0].limit, 1);
+    assert_eq!(started.elapsed(), Duration::from_millis(200));
+}
+
+/// A resolver of its own that never answers.
+struct NeverAnswers;
+
+impl tower_llm_ratelimit::QuotaResolver for NeverAnswers {
+    fn resolve(&self, _: &[u8]) -> tower_llm_ratelimit::Resolution {
+        tower_llm_ratelimit::Resolution::Pending(Box::pin(std::future::pending()))
+    }
+}
+
+/// Any resolver's pending answer is waited for at most the layer's quota timeout; then
+/// the configured quotas apply (calls and `usage` used to hang for as long as it did).
+#[tokio::test(start_paused = true)]
+async fn a_resolver_that_never_answers_is_bounded_by_the_quota_timeout() {
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
+        .quotas(NeverAnswers)
+        .quota_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let bound = Duration::from_secs(10);
+    let started = tokio::time::Instant::now();
+    let call = svc.clone().oneshot(LlmRequest::new("dee", "x"));
+    tokio::time::timeout(bound, call).await.unwrap().unwrap();
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    let usage = tokio::time::timeout(bound, layer.usage("dee")).await;
+    let usage = usage.unwrap().unwrap();
+    assert_eq!((usage[0].limit, usage[0].remaining), (2, 1));
+    assert_eq!(started.elapsed(), Duration::from_millis(600));
+    assert!(
+        RatelimitLayer::builder()
+            .request_limit(FixedWindow::new(2, LONG).unwrap())
+            .quota_timeout(Duration::ZERO)
+            .build()
+            .is_err()
+    );
+}
+
+/// A quota override above the largest accepted is the largest (an "unlimited" tier
+/// written as `u64::MAX` used to get the configured quota).
+#[tokio::test]
+async fn a_quota_above_the_largest_is_the_largest() {
+    let max = tower_llm_ratelimit::algorithm::MAX_UNITS;
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(2, LONG).unwrap()))
+        .limit(
+            "tpm",
+            Limit::tokens(TokenBucket::new(2, 1, Duration::from_secs(1)).unwrap()),
+        )
+        .quotas(
+            StaticQuotas::new()
+                .insert(
+                    "vip",
+                    Quotas::new().set("rpm", u64::MAX).set("tpm", max + 1),
+                )
+                .insert("top", Quotas::new().set("rpm", max)),
+        )
+        .build()
+        .unwrap();
+    for id in ["vip", "top"] {
+        let usage = layer.usage(id).await.unwrap();
+        assert_eq!(usage[0].limit, max, "{id}");
+    }
+    assert_eq!(layer.usage("vip").await.unwrap()[1].limit, max);
+}
+
+/// Models that are no identifiers (empty, or longer than the longest identifier) still
+/// have budgets of their own: they all used to share one.
+#[tokio::test]
+async fn odd_models_have_budgets_of_their_own() {
+    let layer = RatelimitLayer::builder()
+        .limit(
+            "per-model",
+            Limit::requests(FixedWindow::new(1, LONG).unwrap()).per_model(),
+        )
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let huge = tower_llm_ratelimit::store::MAX_IDENTIFIER + 1;
+    let models = [
+        "a".repeat(huge),
+        "b".repeat(huge + 6),
+        String::new(),
+        "gpt-4o".into(),
+    ];
+    for model in &models {
+        let call = svc
+            .clone()
+            .oneshot(LlmRequest::new("eve", "x").with_model(model.clone()))
+            .await;
+        assert!(call.is_ok(), "model of {} bytes: {call:?}", model.len());
+    }
+    for model in &models {
+        let again = svc
+            .clone()
+            .oneshot(LlmRequest::new("eve", "x").with_model(model.clone()))
+            .await;
+        assert!(
+            again.is_err(),
+            "model of {} bytes allowed twice",
+            model.len()
+        );
+    }
+}
+
 /// Units that come back are for every call they let through, not only the one whose turn
 /// it is: two calls denied at once (their acquires in flight together, as on a network)
 /// both pass soon after a reset gives back enough for both, not when their recorded

@@ -541,6 +541,12 @@ impl Store for Flaky {
     fn delete(&self, keys: Vec<String>) -> StoreFuture<()> {
         self.answer(&self.acquire_fails, || self.inner.delete(keys))
     }
+
+    fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
+        self.answer(&self.acquire_fails, || {
+            self.inner.delete_identifier(prefixes, tag)
+        })
+    }
 }
 
 /// A store failing with a ready answer goes to the failure policy like one that times
@@ -653,6 +659,63 @@ async fn a_reset_clears_the_fallback_store() {
         after.is_ok(),
         "refused by the fallback's counts from before the reset: {after:?}"
     );
+}
+
+/// A reset drops what its identifier's calls still have queued for a store that failed
+/// their settlements (per-model limits too; with `reset_limit`, only that limit's part):
+/// a charge from before the reset used to land after it, taking back the fresh budget.
+/// Other identifiers' queued charges still land.
+#[tokio::test]
+async fn a_reset_drops_the_charges_queued_before_it() {
+    let store = Flaky::default();
+    let tokens =
+        |limit| tower_llm_ratelimit::Limit::tokens(FixedWindow::new(limit, MINUTE).unwrap());
+    let layer = RatelimitLayer::builder()
+        .store(store.clone())
+        .limit("tpm", tokens(1000))
+        .limit("tpm-model", tokens(1000).per_model())
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(
+        &layer,
+        mock_llm(Duration::from_millis(50), Usage::new(300, 0)),
+    );
+    let call = |id: &str| {
+        svc.clone()
+            .oneshot(LlmRequest::new(id, "hi").with_model("m1"))
+    };
+    store.adjust_fails.store(true, Ordering::SeqCst);
+    // At once, so that every acquire is in before the first failed settlement trips the
+    // breaker.
+    let (a, b, c) = tokio::join!(call("amy"), call("zed"), call("bo"));
+    for call in [a, b, c] {
+        call.unwrap();
+    }
+    assert_eq!(layer.pending_settlements(), 3);
+    layer.reset("zed").await.unwrap();
+    assert_eq!(layer.pending_settlements(), 2);
+    layer.reset_limit("bo", "tpm").await.unwrap();
+    assert_eq!(
+        layer.pending_settlements(),
+        2,
+        "bo's per-model charge stays queued"
+    );
+    store.adjust_fails.store(false, Ordering::SeqCst);
+    assert_eq!(layer.flush(Duration::from_secs(5)).await, 0);
+    let left = |id: &'static str| {
+        let layer = layer.clone();
+        async move {
+            let usage = layer.usage_for_model(id, "m1").await.unwrap();
+            (usage[0].remaining, usage[1].remaining)
+        }
+    };
+    assert_eq!(
+        left("zed").await,
+        (1000, 1000),
+        "a charge from before the reset landed"
+    );
+    assert_eq!(left("bo").await, (1000, 700));
+    assert_eq!(left("amy").await, (700, 700));
 }
 
 /// `usage` and `reset` wait for the store no longer than calls do (`store_timeout`).

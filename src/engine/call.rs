@@ -50,9 +50,9 @@ pub(crate) struct Prepared {
 impl Prepared {
     pub(crate) fn new(engine: &Engine, call: CallRequest<'_>) -> Self {
         let tag = Tag::of(call.identifier);
-        let quotas = match (&tag, &engine.quotas) {
-            (Ok(_), Some(resolver)) => Some(resolver.resolve(call.identifier)),
-            _ => None,
+        let quotas = match &tag {
+            Ok(_) => engine.resolve(call.identifier),
+            Err(_) => None,
         };
         Self {
             tag,

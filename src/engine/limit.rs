@@ -73,6 +73,18 @@ impl TokenWeights {
 
     /// `ceil(input × uncached prompt + cached_input × cached prompt + output × plain
     /// output + reasoning × reasoning)`, clamped to the largest cost accepted.
+    ///
+    /// The sum is taken as the decimal weights write it: a weight such as 1.1 has no
+    /// exact binary form (1.1 × 100 comes out as 110.00000000000001), so a sum within
+    /// one part in 10^12 of a whole number counts as that number.
+    ///
+    /// ```
+    /// use tower_llm_ratelimit::{TokenWeights, Usage};
+    ///
+    /// assert_eq!(TokenWeights::new(1.1, 0.0).cost(&Usage::new(100, 7)), 110);
+    /// assert_eq!(TokenWeights::new(0.15, 0.6).cost(&Usage::new(1000, 100)), 210);
+    /// assert_eq!(TokenWeights::new(0.15, 0.6).cost(&Usage::new(1, 1)), 1);
+    /// ```
     pub fn cost(&self, usage: &Usage) -> u64 {
         let cached = usage.cached_prompt_tokens.min(usage.prompt_tokens);
         let reasoning = usage.reasoning_tokens.min(usage.completion_tokens);
@@ -81,10 +93,16 @@ impl TokenWeights {
             + self.output * (usage.completion_tokens - reasoning) as f64
             + self.reasoning * reasoning as f64;
         if units.is_nan() || units <= 0.0 {
-            0
-        } else {
-            (units.ceil() as u64).min(MAX_UNITS)
+            return 0;
         }
+        // The products and sums are each within a few parts in 10^16 of the exact ones.
+        let whole = units.round();
+        let units = if (units - whole).abs() <= units * 1e-12 {
+            whole
+        } else {
+            units.ceil()
+        };
+        (units as u64).min(MAX_UNITS)
     }
 
     fn check(&self) -> Result<(), Error> {

@@ -25,7 +25,8 @@ use crate::algorithm::{
 use crate::error::{Error, LimitExceeded};
 use crate::llm::Usage;
 use crate::store::{
-    Decision, LimitCheck, MemoryStore, Rule, SharedKeys, StateKey, Store, identifier_tag, state_key,
+    Decision, LimitCheck, MemoryStore, Rule, SharedKeys, StateKey, Store, Tag, identifier_tag,
+    state_key,
 };
 
 use limit::{LimitKind, LimitSpec, TokenCount};
@@ -129,6 +130,8 @@ pub(crate) struct Engine {
     pub default_estimate: u64,
     pub fallback_identifier: Option<Vec<u8>>,
     pub quotas: Option<Arc<dyn QuotaResolver>>,
+    /// The longest a resolver's pending answer is waited for.
+    pub quota_timeout: Duration,
     /// Wait mode: the longest a denied call waits for budget.
     pub wait_up_to: Option<Duration>,
     pub waiters: Waiters,
@@ -144,9 +147,11 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// The rule with its quota replaced (a tenant's override). An override out of range is
-/// ignored with a warning.
+/// The rule with its quota replaced (a tenant's override). An override above the
+/// largest quota accepted is that quota (an "unlimited" tier written as `u64::MAX` gets
+/// the most there is, not the configured quota).
 fn with_quota(rule: Rule, quota: u64, name: &str) -> Rule {
+    let quota = quota.min(MAX_UNITS);
     let replaced = match rule {
         Rule::Rate(Algorithm::FixedWindow(a)) => {
             FixedWindow::new(quota, a.window()).map(|a| Rule::Rate(a.into()))
@@ -186,9 +191,12 @@ fn limit_error(kind: LimitKind, exceeded: LimitExceeded) -> Error {
     }
 }
 
-/// The per-model part of a key: the model as it is when short and plain, else a hash.
+/// The per-model part of a key: the model as it is when short and plain, else a hash
+/// (also of the empty model and of one longer than any identifier, which are no
+/// identifiers but still name a budget of their own).
 fn model_tag(model: &str) -> String {
-    identifier_tag(model.as_bytes()).unwrap_or_else(|_| "#".to_owned())
+    identifier_tag(model.as_bytes())
+        .unwrap_or_else(|_| Tag::hashed(model.as_bytes()).as_str().to_owned())
 }
 
 impl Engine {
@@ -470,9 +478,33 @@ impl Engine {
         &self.limits[index]
     }
 
+    /// `identifier`'s quotas from the resolver, if there is one: a pending answer is
+    /// waited for at most `quota_timeout`, after which the configured quotas apply.
+    pub(crate) fn resolve(&self, identifier: &[u8]) -> Option<quota::Resolution> {
+        let resolution = self.quotas.as_ref()?.resolve(identifier);
+        Some(match resolution {
+            quota::Resolution::Pending(answer) => {
+                let timeout = self.quota_timeout;
+                quota::Resolution::Pending(Box::pin(async move {
+                    tokio::time::timeout(timeout, answer)
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::warn!(
+                                ?timeout,
+                                "quota resolver did not answer in time; the configured \
+                                 quotas apply"
+                            );
+                            None
+                        })
+                }))
+            }
+            ready => ready,
+        })
+    }
+
     /// `identifier`'s quotas, asking the resolver (and waiting for it if need be).
     async fn quotas_for(&self, identifier: &[u8]) -> Option<Arc<Quotas>> {
-        match self.quotas.as_ref()?.resolve(identifier) {
+        match self.resolve(identifier)? {
             quota::Resolution::Ready(q) => q,
             quota::Resolution::Pending(f) => f.await,
         }
@@ -507,10 +539,17 @@ impl Engine {
         // reset. It waits as long as the scan takes, within `IDENTIFIER_SCAN_WAIT`, not
         // `store_timeout`: its time grows with the database, not with the identifier.
         if !per_model.is_empty() {
-            let deleted = self.store.delete_identifier(per_model, tag.clone());
+            let deleted = self.store.delete_identifier(per_model.clone(), tag.clone());
             with_timeout(self.store_timeout.max(IDENTIFIER_SCAN_WAIT), deleted).await?;
         }
-        with_timeout(self.store_timeout, self.store.delete(keys)).await?;
+        with_timeout(self.store_timeout, self.store.delete(keys.clone())).await?;
+        // Charges of before the reset still queued for the store must not land after it
+        // (dropped once the reset has landed: a reset that fails leaves them queued).
+        let of_identifier = [":{", &tag, "}"].concat();
+        self.queue.forget(|key| {
+            keys.iter().any(|k| k == key)
+                || (key.ends_with(&of_identifier) && per_model.iter().any(|p| key.starts_with(p)))
+        });
         // A denial cached while the delete was in flight is stale too.
         self.forget_denials(&tag);
         // Calls sleeping until their budget comes back: it just did.

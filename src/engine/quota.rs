@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock, so that a runtime with paused time (tests) moves it too.
+use tokio::time::Instant;
 
 /// Quotas by limit name, replacing the configured ones for one identifier (a tier).
 /// Limits not named keep their configured quota.
@@ -21,7 +24,9 @@ impl Quotas {
     }
 
     /// Set the quota of the limit named `limit` (units per window, bucket capacity, or
-    /// most calls in flight).
+    /// most calls in flight). 0 suspends the identifier: its calls are refused by that
+    /// limit. A quota above [`MAX_UNITS`](crate::algorithm::MAX_UNITS) is taken as
+    /// `MAX_UNITS` (so `u64::MAX` reads as "unlimited").
     pub fn set(mut self, limit: impl Into<String>, quota: u64) -> Self {
         self.0.insert(limit.into(), quota);
         self
@@ -127,20 +132,46 @@ where
 
 type Lookup = Arc<dyn Fn(Vec<u8>) -> QuotaFuture + Send + Sync>;
 
+/// What a lookup answered, and until when that answer is fresh.
+struct Answer {
+    quotas: Option<Arc<Quotas>>,
+    fresh_until: Instant,
+}
+
 /// One identifier's entry: the answer, once the lookup that every waiting call shares
-/// has finished.
+/// has finished, and the previous answer (kept for a lookup that times out).
 struct Cached {
-    answer: Arc<tokio::sync::OnceCell<Option<Arc<Quotas>>>>,
-    fetched: Instant,
+    answer: Arc<tokio::sync::OnceCell<Answer>>,
+    previous: Option<Arc<Quotas>>,
+}
+
+impl Cached {
+    /// Whether this entry answers at once at `now`.
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.answer.get().is_some_and(|a| now < a.fresh_until)
+    }
+
+    /// Whether its lookup is still running.
+    fn is_looking_up(&self) -> bool {
+        self.answer.get().is_none()
+    }
 }
 
 /// An async lookup (a database, a billing API) behind a cache with a time to live: a
 /// fresh entry answers at once; a missing or stale one is looked up once, and every call
-/// of that identifier meanwhile waits for that one lookup. A lookup that fails should
-/// return `None` (the configured quotas apply).
+/// of that identifier meanwhile waits for that one lookup. An answer stays fresh for the
+/// time to live from when it arrives.
+///
+/// A lookup that fails should return `None` (the configured quotas apply). One that has
+/// not answered within [`timeout`](Self::timeout) (500 ms unless set) is abandoned: its
+/// callers go on with the identifier's previous answer if there is one (a tenant keeps
+/// its tier while the lookup is down), else with the configured quotas, and that answer
+/// is kept for one more timeout (at most the time to live) before the next lookup is
+/// tried, so that an outage slows one call of an identifier at a time, not every call.
 pub struct CachedQuotas {
     lookup: Lookup,
     ttl: Duration,
+    timeout: Duration,
     cache: Arc<Mutex<HashMap<Vec<u8>, Cached>>>,
     capacity: usize,
 }
@@ -149,12 +180,13 @@ impl std::fmt::Debug for CachedQuotas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedQuotas")
             .field("ttl", &self.ttl)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl CachedQuotas {
-    /// Look quotas up with `lookup`, keeping each answer for `ttl`.
+    /// Look quotas up with `lookup`, keeping each answer for `ttl` from its arrival.
     pub fn new<F, Fut>(ttl: Duration, lookup: F) -> Self
     where
         F: Fn(Vec<u8>) -> Fut + Send + Sync + 'static,
@@ -167,9 +199,18 @@ impl CachedQuotas {
         Self {
             lookup,
             ttl,
+            timeout: Duration::from_millis(500),
             cache: Arc::new(Mutex::new(HashMap::new())),
             capacity: 100_000,
         }
+    }
+
+    /// How long a lookup may take before it is abandoned (see the type's docs). Keep it
+    /// below the layer's [`quota_timeout`](crate::RatelimitLayerBuilder::quota_timeout),
+    /// which bounds any resolver.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Forget the cached quotas of `identifier` (its next call looks them up again).
@@ -184,38 +225,64 @@ impl CachedQuotas {
 
 impl QuotaResolver for CachedQuotas {
     fn resolve(&self, identifier: &[u8]) -> Resolution {
-        let answer = {
+        let now = Instant::now();
+        let (answer, previous) = {
             let mut cache = self.lock();
             match cache.get(identifier) {
-                Some(c) if c.fetched.elapsed() < self.ttl => {
-                    if let Some(quotas) = c.answer.get() {
-                        return Resolution::Ready(quotas.clone());
-                    }
-                    // Being looked up: wait for that lookup.
-                    c.answer.clone()
+                Some(c) if c.is_fresh(now) => {
+                    return Resolution::Ready(c.answer.get().and_then(|a| a.quotas.clone()));
                 }
-                _ => {
+                // Being looked up: wait for that lookup.
+                Some(c) if c.is_looking_up() => (c.answer.clone(), c.previous.clone()),
+                stale => {
+                    let previous = match stale {
+                        Some(c) => c.answer.get().and_then(|a| a.quotas.clone()),
+                        None => None,
+                    };
                     if cache.len() >= self.capacity {
-                        let ttl = self.ttl;
-                        cache.retain(|_, c| c.fetched.elapsed() < ttl);
+                        // Entries still looking up stay: their callers wait on them.
+                        cache.retain(|_, c| c.is_fresh(now) || c.is_looking_up());
                     }
                     let answer = Arc::new(tokio::sync::OnceCell::new());
                     cache.insert(
                         identifier.to_vec(),
                         Cached {
                             answer: answer.clone(),
-                            fetched: Instant::now(),
+                            previous: previous.clone(),
                         },
                     );
-                    answer
+                    (answer, previous)
                 }
             }
         };
-        let lookup = self.lookup.clone();
+        let (lookup, ttl, timeout) = (self.lookup.clone(), self.ttl, self.timeout);
         let id = identifier.to_vec();
         Resolution::Pending(Box::pin(async move {
-            // Only the first caller's lookup runs; the others wait for its answer.
-            answer.get_or_init(|| lookup(id)).await.clone()
+            // Only the first caller's lookup runs; the others wait for its answer. (If
+            // that caller goes away, the next waiting one looks up again.)
+            let answer = answer
+                .get_or_init(|| async move {
+                    match tokio::time::timeout(timeout, lookup(id)).await {
+                        Ok(quotas) => Answer {
+                            quotas,
+                            fresh_until: Instant::now() + ttl,
+                        },
+                        Err(_) => {
+                            tracing::warn!(
+                                ?timeout,
+                                kept_previous = previous.is_some(),
+                                "quota lookup timed out; using the previous answer or the \
+                                 configured quotas"
+                            );
+                            Answer {
+                                quotas: previous,
+                                fresh_until: Instant::now() + timeout.min(ttl),
+                            }
+                        }
+                    }
+                })
+                .await;
+            answer.quotas.clone()
         }))
     }
 }

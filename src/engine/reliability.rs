@@ -293,8 +293,14 @@ impl SettlementQueue {
             match with_timeout(timeout, write).await {
                 Ok(_) => {
                     (next.on_landed)(&next.adjustments);
-                    self.lock().items.pop_front();
-                    super::metrics::pending_settlements_changed(-1);
+                    // Found by its id: a reset may have dropped it (or part of it) while
+                    // its write was out.
+                    let mut state = self.lock();
+                    if let Some(at) = state.items.iter().position(|i| i.id == next.id) {
+                        state.items.remove(at);
+                        super::metrics::pending_settlements_changed(-1);
+                    }
+                    drop(state);
                     backoff = MIN_BACKOFF;
                 }
                 Err(error) => {
@@ -306,6 +312,23 @@ impl SettlementQueue {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// Drop the queued adjustments of every key `reset` matches, and the settlements
+    /// left with none: the identifier they charge has been reset, and a charge from
+    /// before a reset must not land after it. (A write already out when this runs is
+    /// not called back.)
+    pub(crate) fn forget(&self, reset: impl Fn(&str) -> bool) {
+        let mut state = self.lock();
+        let before = state.items.len();
+        for item in state.items.iter_mut() {
+            item.adjustments.retain(|a| !reset(&a.key));
+        }
+        state.items.retain(|item| !item.adjustments.is_empty());
+        let gone = before - state.items.len();
+        if gone > 0 {
+            super::metrics::pending_settlements_changed(-(gone as i64));
         }
     }
 

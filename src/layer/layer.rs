@@ -79,7 +79,8 @@ impl<X> RatelimitLayer<X> {
     }
 
     /// Give `identifier` a full budget on the limit named `limit` (for every model),
-    /// and drop its cached denials here.
+    /// and drop its cached denials and the charges of that limit still queued here for a
+    /// store that failed them.
     pub async fn reset_limit(
         &self,
         identifier: impl AsRef<[u8]>,
@@ -90,8 +91,9 @@ impl<X> RatelimitLayer<X> {
 
     /// Give `identifier` a full budget on every limit and every model (its state is
     /// deleted from the store, so every instance sees the reset, and from this
-    /// instance's fallback store) and drop its cached denials here (other instances drop
-    /// theirs within their denial-cache max age). Fails with the store's error, or a
+    /// instance's fallback store) and drop its cached denials and its charges still
+    /// queued here for a store that failed them (other instances drop their cached
+    /// denials within their denial-cache max age). Fails with the store's error, or a
     /// timeout after `store_timeout`; finding the states of per-model limits may take
     /// longer (on a single Redis it scans the database, about a second per million keys,
     /// and waits up to five minutes for it), and is done first, so that a reset that
@@ -132,6 +134,7 @@ struct Settings {
     default_estimate: u64,
     fallback_identifier: Option<Vec<u8>>,
     quotas: Option<Arc<dyn QuotaResolver>>,
+    quota_timeout: std::time::Duration,
     wait_up_to: Option<std::time::Duration>,
     #[cfg(feature = "http")]
     http: crate::http::HttpConfig,
@@ -155,6 +158,7 @@ impl Default for Settings {
             default_estimate: 1,
             fallback_identifier: None,
             quotas: None,
+            quota_timeout: std::time::Duration::from_secs(1),
             wait_up_to: None,
             #[cfg(feature = "http")]
             http: crate::http::HttpConfig::default(),
@@ -229,6 +233,15 @@ impl<X> RatelimitLayerBuilder<X> {
     /// a changed quota applies on the identifier's next call and keeps what was used.
     pub fn quotas(mut self, resolver: impl QuotaResolver) -> Self {
         self.settings.quotas = Some(Arc::new(resolver));
+        self
+    }
+
+    /// The longest a call (or [`usage`](RatelimitLayer::usage)) waits for the quota
+    /// resolver's answer (default 1 s); beyond it, the configured quotas apply, with a
+    /// warning. [`CachedQuotas`](crate::CachedQuotas) bounds its lookups itself, more
+    /// gently (see its docs).
+    pub fn quota_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.settings.quota_timeout = timeout;
         self
     }
 
@@ -417,6 +430,9 @@ impl<X> RatelimitLayerBuilder<X> {
         if s.store_timeout.is_zero() {
             return Err(Error::invalid_input("store timeout must be more than zero"));
         }
+        if s.quota_timeout.is_zero() {
+            return Err(Error::invalid_input("quota timeout must be more than zero"));
+        }
         let store = s.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let engine = Engine {
             store,
@@ -436,6 +452,7 @@ impl<X> RatelimitLayerBuilder<X> {
             default_estimate: s.default_estimate,
             fallback_identifier: s.fallback_identifier,
             quotas: s.quotas,
+            quota_timeout: s.quota_timeout,
             wait_up_to: s.wait_up_to,
             waiters: Waiters::default(),
         };
