@@ -206,7 +206,7 @@ impl CachedQuotas {
     }
 
     /// How long a lookup may take before it is abandoned (see the type's docs). Keep it
-    /// below the layer's [`quota_timeout`](crate::RatelimitLayerBuilder::quota_timeout),
+    /// below the layer's [`quota_timeout`](crate::layer::RatelimitLayerBuilder::quota_timeout),
     /// which bounds any resolver.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
