@@ -1,7 +1,7 @@
 //! [`Ratelimit`]: one algorithm with its quota, a store and a key prefix.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::algorithm::{Algorithm, MAX_UNITS};
 use crate::error::Error;
@@ -164,14 +164,13 @@ impl Ratelimit {
         timeout: Duration,
     ) -> Result<Decision, Error> {
         let identifier = identifier.as_ref();
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::engine::deadline_after(timeout);
         loop {
             let decision = self.limit(identifier, cost).await?;
             let Some(wait) = decision.retry_after.filter(|_| !decision.allowed) else {
                 return Ok(decision);
             };
-            let now = Instant::now();
-            if now + wait > deadline {
+            if deadline.saturating_duration_since(tokio::time::Instant::now()) < wait {
                 return Ok(decision);
             }
             tokio::time::sleep(wait).await;

@@ -1512,6 +1512,36 @@ async fn a_hung_quota_lookup_keeps_the_previous_answer_and_is_retried_one_call_a
     assert_eq!(started.elapsed(), Duration::from_millis(200));
 }
 
+/// `Duration::MAX` reads as "no bound" wherever a duration is added to the time (a cache
+/// TTL, a flush deadline, `block_until_ready`'s timeout): each used to panic on overflow.
+#[tokio::test]
+async fn the_longest_durations_are_no_bound_and_no_panic() {
+    let layer = RatelimitLayer::builder()
+        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
+        .quotas(
+            CachedQuotas::new(Duration::MAX, |_: Vec<u8>| async {
+                Some(Quotas::new().set("rpm", 3))
+            })
+            .timeout(Duration::MAX),
+        )
+        .quota_timeout(Duration::MAX)
+        .wait_up_to(Duration::MAX)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    svc.oneshot(LlmRequest::new("max", "x")).await.unwrap();
+    assert_eq!(layer.usage("max").await.unwrap()[0].remaining, 2);
+    assert_eq!(layer.flush(Duration::MAX).await, 0);
+    let limiter = tower_llm_ratelimit::Ratelimit::new(
+        FixedWindow::new(1, LONG).unwrap(),
+        MemoryStore::new(),
+        "max",
+    )
+    .unwrap();
+    let first = limiter.block_until_ready("max", 1, Duration::MAX).await;
+    assert!(first.unwrap().allowed);
+}
+
 /// A resolver of its own that never answers.
 struct NeverAnswers;
 
@@ -1576,6 +1606,38 @@ async fn a_quota_above_the_largest_is_the_largest() {
         assert_eq!(usage[0].limit, max, "{id}");
     }
     assert_eq!(layer.usage("vip").await.unwrap()[1].limit, max);
+}
+
+/// A tier's quota on a token bucket scales its refill too: a bucket of 2 refilled by 2 a
+/// second, given 10, is refilled by 10 a second (its refill stayed 2: the tier got a
+/// burst of 10, then the configured rate).
+#[tokio::test]
+async fn a_tier_on_a_token_bucket_scales_its_refill() {
+    let clock = tower_llm_ratelimit::ManualClock::new(Duration::from_secs(1_700_000_000));
+    let layer = RatelimitLayer::builder()
+        .store(MemoryStore::with_clock(clock.clone()))
+        .limit(
+            "rps",
+            Limit::requests(TokenBucket::new(2, 2, Duration::from_secs(1)).unwrap()),
+        )
+        .quotas(StaticQuotas::new().insert("pro", Quotas::new().set("rps", 10)))
+        .cache_denials(false)
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let allowed = |id: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let mut allowed = 0;
+            while svc.clone().oneshot(LlmRequest::new(id, "x")).await.is_ok() {
+                allowed += 1;
+            }
+            allowed
+        }
+    };
+    assert_eq!((allowed("pro").await, allowed("free").await), (10, 2));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!((allowed("pro").await, allowed("free").await), (10, 2));
 }
 
 /// Models that are no identifiers (empty, or longer than the longest identifier) still

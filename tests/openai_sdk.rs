@@ -90,6 +90,7 @@ async fn the_openai_python_sdk_sees_rate_limits() {
 #[derive(Clone, Debug)]
 struct Seen {
     path: String,
+    query: Option<String>,
     headers: http::HeaderMap,
     body: bytes::Bytes,
 }
@@ -115,6 +116,7 @@ async fn recording_upstream() -> (
                 .unwrap_or_default();
             record.lock().unwrap().push(Seen {
                 path: parts.uri.path().to_owned(),
+                query: parts.uri.query().map(str::to_owned),
                 headers: parts.headers.clone(),
                 body: body.clone(),
             });
@@ -278,4 +280,80 @@ tier = "pro"
             assert!(s.headers.get("x-api-key").is_none());
         }
     }
+}
+
+/// With gateway keys, no credential of the client's reaches the upstream in any header or
+/// query parameter the upstream APIs read one from (Azure's `api-key`, Gemini's
+/// `x-goog-api-key` and `?key=` used to be forwarded); other parameters are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_credential_reaches_the_upstream_in_any_header_or_parameter() {
+    use http_body_util::BodyExt;
+    let (upstream, seen) = recording_upstream().await;
+    let key = "gk-cred";
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let config = format!(
+        r#"
+upstream = "http://{upstream}/v1"
+upstream_api_key_env = "TEST_UPSTREAM_KEY"
+prefix = "{prefix}"
+[[limits]]
+name = "rpm"
+kind = "requests"
+quota = 100
+window = "1h"
+[[keys]]
+name = "cred-user"
+sha256 = "{digest}"
+"#,
+        prefix = common::unique_prefix("sdk-cred"),
+    );
+    let env = |name: &str| (name == "TEST_UPSTREAM_KEY").then(|| "upstream-secret".to_string());
+    let settings = gateway::settings_from_toml(&config, &env).unwrap();
+    let service = gateway::build(&settings).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(gateway::serve(listener, service));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    for query in [
+        "?key=sk-client-q&api-version=2024-06-01",
+        "?API_KEY=sk-client-q",
+    ] {
+        let request = http::Request::post(format!("http://{addr}/v1/chat/completions{query}"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("api-key", "sk-client-azure")
+            .header("x-goog-api-key", "sk-client-goog")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status();
+        let answer = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in seen.iter() {
+        for (name, value) in &s.headers {
+            let v = value.to_str().unwrap_or("");
+            assert!(
+                !v.contains("sk-client") && !v.contains(key),
+                "{name}: {v} reached the upstream"
+            );
+        }
+        assert_eq!(s.headers["authorization"], "Bearer upstream-secret");
+        assert!(
+            !s.query.as_deref().unwrap_or("").contains("sk-client"),
+            "{s:?}"
+        );
+    }
+    assert_eq!(seen[0].query.as_deref(), Some("api-version=2024-06-01"));
+    assert_eq!(seen[1].query, None);
 }

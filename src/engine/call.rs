@@ -7,7 +7,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use smallvec::SmallVec;
@@ -264,12 +263,8 @@ impl<S: Service<R>, R> CallState<S, R> {
             Err(error) => return Self::refused(error),
         };
         let wait = engine.wait_up_to.map(|d| {
-            let now = Instant::now();
             Box::new(Waiting {
-                // A bound too large to add is no bound: a century from now.
-                deadline: now
-                    .checked_add(d)
-                    .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400)),
+                deadline: super::deadline_after(d),
                 queue: None,
                 turn: None,
                 denied: None,

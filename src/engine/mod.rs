@@ -147,7 +147,8 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// The rule with its quota replaced (a tenant's override). An override above the
+/// The rule with its quota replaced (a tenant's override; a bucket's refill scaled by the
+/// same factor, rounded to the nearest unit, at least 1). An override above the
 /// largest quota accepted is that quota (an "unlimited" tier written as `u64::MAX` gets
 /// the most there is, not the configured quota).
 fn with_quota(rule: Rule, quota: u64, name: &str) -> Rule {
@@ -160,7 +161,14 @@ fn with_quota(rule: Rule, quota: u64, name: &str) -> Rule {
             SlidingWindow::new(quota, a.window()).map(|a| Rule::Rate(a.into()))
         }
         Rule::Rate(Algorithm::TokenBucket(b)) => {
-            TokenBucket::new(quota, b.refill(), b.interval()).map(|b| Rule::Rate(b.into()))
+            // The refill scales with the capacity, so that the tier's bucket refills in
+            // the same time: a quota 5 times the configured one is 5 times the rate too.
+            let refill = u128::from(b.refill()) * u128::from(quota);
+            let refill = (refill + u128::from(b.capacity()) / 2) / u128::from(b.capacity());
+            let refill = u64::try_from(refill)
+                .unwrap_or(MAX_UNITS)
+                .clamp(1, MAX_UNITS);
+            TokenBucket::new(quota, refill, b.interval()).map(|b| Rule::Rate(b.into()))
         }
         Rule::Concurrency(c) => ConcurrencyLimit::new(quota, c.lease()).map(Rule::Concurrency),
     };
@@ -189,6 +197,14 @@ fn limit_error(kind: LimitKind, exceeded: LimitExceeded) -> Error {
         LimitKind::Tokens => Error::TokenLimitReached(exceeded),
         LimitKind::Concurrency => Error::ConcurrencyLimitReached(exceeded),
     }
+}
+
+/// `after` from now on Tokio's clock; a duration too large to add (`Duration::MAX` for
+/// "no bound") is a century from now.
+pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 /// The per-model part of a key: the model as it is when short and plain, else a hash

@@ -24,7 +24,10 @@ impl Quotas {
     }
 
     /// Set the quota of the limit named `limit` (units per window, bucket capacity, or
-    /// most calls in flight). 0 suspends the identifier: its calls are refused by that
+    /// most calls in flight). A token bucket's refill is scaled by the same factor (to
+    /// the nearest unit, at least 1), so that its bucket refills in the same time: a
+    /// bucket of 2 refilled by 2 a second, given a quota of 10, is refilled by 10 a
+    /// second. 0 suspends the identifier: its calls are refused by that
     /// limit. A quota above [`MAX_UNITS`](crate::algorithm::MAX_UNITS) is taken as
     /// `MAX_UNITS` (so `u64::MAX` reads as "unlimited").
     pub fn set(mut self, limit: impl Into<String>, quota: u64) -> Self {
@@ -168,6 +171,9 @@ impl Cached {
 /// its tier while the lookup is down), else with the configured quotas, and that answer
 /// is kept for one more timeout (at most the time to live) before the next lookup is
 /// tried, so that an outage slows one call of an identifier at a time, not every call.
+///
+/// The cache holds up to 100 000 identifiers; when it is full, it drops its stale
+/// entries and then as many others as needed to keep half.
 pub struct CachedQuotas {
     lookup: Lookup,
     ttl: Duration,
@@ -223,6 +229,23 @@ impl CachedQuotas {
     }
 }
 
+/// Make room in a full cache: drop every stale entry, then, while more than `keep` are
+/// left, entries in no particular order (they are looked up again on their next call).
+/// Entries still looking up stay: their callers wait on them. Keeping at most half the
+/// capacity means the next scan comes only after as many new identifiers again, so a
+/// flood of new identifiers costs each one a constant share of a scan.
+fn evict(cache: &mut HashMap<Vec<u8>, Cached>, keep: usize, now: Instant) {
+    cache.retain(|_, c| c.is_fresh(now) || c.is_looking_up());
+    let mut excess = cache.len().saturating_sub(keep);
+    cache.retain(|_, c| {
+        if excess == 0 || c.is_looking_up() {
+            return true;
+        }
+        excess -= 1;
+        false
+    });
+}
+
 impl QuotaResolver for CachedQuotas {
     fn resolve(&self, identifier: &[u8]) -> Resolution {
         let now = Instant::now();
@@ -240,8 +263,7 @@ impl QuotaResolver for CachedQuotas {
                         None => None,
                     };
                     if cache.len() >= self.capacity {
-                        // Entries still looking up stay: their callers wait on them.
-                        cache.retain(|_, c| c.is_fresh(now) || c.is_looking_up());
+                        evict(&mut cache, self.capacity / 2, now);
                     }
                     let answer = Arc::new(tokio::sync::OnceCell::new());
                     cache.insert(
@@ -265,7 +287,7 @@ impl QuotaResolver for CachedQuotas {
                     match tokio::time::timeout(timeout, lookup(id)).await {
                         Ok(quotas) => Answer {
                             quotas,
-                            fresh_until: Instant::now() + ttl,
+                            fresh_until: super::deadline_after(ttl),
                         },
                         Err(_) => {
                             tracing::warn!(
@@ -276,7 +298,7 @@ impl QuotaResolver for CachedQuotas {
                             );
                             Answer {
                                 quotas: previous,
-                                fresh_until: Instant::now() + timeout.min(ttl),
+                                fresh_until: super::deadline_after(timeout.min(ttl)),
                             }
                         }
                     }
@@ -284,5 +306,45 @@ impl QuotaResolver for CachedQuotas {
                 .await;
             answer.quotas.clone()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full cache of fresh answers still makes room (it kept every fresh entry, so it
+    /// grew without bound and scanned itself whole for every new identifier), and keeps
+    /// the entries whose lookups are running.
+    #[tokio::test]
+    async fn a_full_cache_of_fresh_answers_makes_room_and_keeps_running_lookups() {
+        let mut cached = CachedQuotas::new(Duration::from_secs(3600), |id: Vec<u8>| async move {
+            if id == b"slow" {
+                std::future::pending::<()>().await;
+            }
+            Some(Quotas::new().set("rpm", 7))
+        });
+        cached.capacity = 8;
+        let slow = match cached.resolve(b"slow") {
+            Resolution::Pending(f) => f,
+            Resolution::Ready(_) => panic!("the first resolve cannot be ready"),
+        };
+        for i in 0..100u32 {
+            if let Resolution::Pending(f) = cached.resolve(&i.to_le_bytes()) {
+                assert_eq!(f.await.unwrap().get("rpm"), Some(7));
+            }
+            let cache = cached.lock();
+            assert!(cache.len() <= 8, "{} entries", cache.len());
+            assert!(
+                cache.get(&b"slow"[..]).is_some(),
+                "a running lookup was evicted"
+            );
+        }
+        drop(slow);
+        // The newest answer is kept: it answers at once.
+        assert!(matches!(
+            cached.resolve(&99u32.to_le_bytes()),
+            Resolution::Ready(Some(_))
+        ));
     }
 }

@@ -336,7 +336,7 @@ impl SettlementQueue {
     /// many are still pending.
     pub(crate) async fn flush(&self, deadline: Duration) -> usize {
         self.stopping.store(true, Ordering::Relaxed);
-        let until = tokio::time::Instant::now() + deadline;
+        let until = super::deadline_after(deadline);
         loop {
             let idle = self.idle.notified();
             let mut idle = std::pin::pin!(idle);

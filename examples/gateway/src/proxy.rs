@@ -112,14 +112,48 @@ impl Upstream {
     }
 }
 
-/// Replace the client's credential with the gateway's. With gateway keys (`strip`),
-/// the client's credential is a gateway key and never goes upstream, whatever else.
+/// `path_and_query` without the query parameters a credential travels in.
+fn without_credential_params(path_and_query: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
+            !CREDENTIAL_PARAMS
+                .iter()
+                .any(|p| name.eq_ignore_ascii_case(p))
+        })
+        .collect();
+    match kept.is_empty() {
+        true => path.to_owned(),
+        false => format!("{path}?{}", kept.join("&")),
+    }
+}
+
+/// Headers in which the APIs that upstreams speak take a credential: OpenAI's, Anthropic's,
+/// Azure OpenAI's and Gemini's.
+const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// Query parameters in which some of them take one (Gemini: `?key=`).
+const CREDENTIAL_PARAMS: [&str; 3] = ["key", "api-key", "api_key"];
+
+/// Whether the gateway replaces the client's credential: it has one of its own for the
+/// upstream, or clients hold gateway keys (`strip`), which never go upstream.
+fn replaces_credentials(key: Option<&str>, strip: bool) -> bool {
+    key.is_some() || strip
+}
+
+/// Replace the client's credential with the gateway's: every header a credential
+/// travels in is dropped, then the gateway's own is set.
 fn set_credential(headers: &mut http::HeaderMap, api: Api, key: Option<&str>, strip: bool) {
-    if key.is_none() && !strip {
+    if !replaces_credentials(key, strip) {
         return;
     }
-    headers.remove(http::header::AUTHORIZATION);
-    headers.remove("x-api-key");
+    for name in CREDENTIAL_HEADERS {
+        headers.remove(name);
+    }
     let Some(key) = key else { return };
     let value = match api {
         Api::OpenAi => HeaderValue::from_str(&format!("Bearer {key}")),
@@ -165,6 +199,12 @@ impl Service<Request<RequestBody<Incoming>>> for Upstream {
             };
             let base = base.trim_end_matches('/');
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let path = match replaces_credentials(target.api_key.as_deref(), this.strip_client_keys)
+            {
+                true => without_credential_params(path),
+                false => path.to_owned(),
+            };
+            let path = path.as_str();
             // A base ending in /v1 takes request paths that start with /v1 once.
             let path = match base.ends_with("/v1") {
                 true => path.strip_prefix("/v1").unwrap_or(path),
