@@ -440,33 +440,55 @@ async fn a_tier_raises_a_quota_live_and_keeps_what_was_used() {
     }
 }
 
+/// A `CachedQuotas` of `ttl` whose lookup takes `delay` and answers `rpm = quota` for
+/// the identifiers `answers` accepts, and the count of its lookups.
+fn counting_cache(
+    ttl: Duration,
+    delay: Duration,
+    quota: u64,
+    answers: fn(&[u8]) -> bool,
+) -> (CachedQuotas, Arc<AtomicUsize>) {
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let counted = lookups.clone();
+    let cached = CachedQuotas::new(ttl, move |id: Vec<u8>| {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            answers(&id).then(|| Quotas::new().set("rpm", quota))
+        }
+    });
+    (cached, lookups)
+}
+
+/// A layer of one request limit, "rpm", of `quota` per (long) window, with `resolver`.
+fn rpm_layer(quota: u64, resolver: impl tower_llm_ratelimit::QuotaResolver) -> RatelimitLayer {
+    RatelimitLayer::builder()
+        .limit(
+            "rpm",
+            Limit::requests(FixedWindow::new(quota, LONG).unwrap()),
+        )
+        .quotas(resolver)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn static_and_cached_quota_resolvers() {
-    let layer = RatelimitLayer::builder()
-        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
-        .quotas(StaticQuotas::new().insert("pro", Quotas::new().set("rpm", 3)))
-        .build()
-        .unwrap();
+    let layer = rpm_layer(
+        1,
+        StaticQuotas::new().insert("pro", Quotas::new().set("rpm", 3)),
+    );
     assert_eq!(layer.usage("pro").await.unwrap()[0].limit, 3);
     assert_eq!(layer.usage("free").await.unwrap()[0].limit, 1);
 
-    let lookups = Arc::new(AtomicUsize::new(0));
-    let cached = {
-        let lookups = lookups.clone();
-        CachedQuotas::new(Duration::from_millis(200), move |id: Vec<u8>| {
-            let lookups = lookups.clone();
-            async move {
-                lookups.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                (id == b"pro").then(|| Quotas::new().set("rpm", 5))
-            }
-        })
-    };
-    let layer = RatelimitLayer::builder()
-        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
-        .quotas(cached)
-        .build()
-        .unwrap();
+    let (cached, lookups) = counting_cache(
+        Duration::from_millis(200),
+        Duration::from_millis(10),
+        5,
+        |id| id == b"pro",
+    );
+    let layer = rpm_layer(1, cached);
     let svc = layer.layer(llm(Usage::new(1, 1)));
     for _ in 0..5 {
         svc.clone()
@@ -1395,23 +1417,13 @@ async fn a_quota_of_zero_suspends_and_huge_bounds_do_not_panic() {
 
 #[tokio::test]
 async fn a_cold_cache_looks_a_tenant_up_once() {
-    let lookups = Arc::new(AtomicUsize::new(0));
-    let cached = {
-        let lookups = lookups.clone();
-        CachedQuotas::new(Duration::from_secs(60), move |_: Vec<u8>| {
-            let lookups = lookups.clone();
-            async move {
-                lookups.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Some(Quotas::new().set("rpm", 1000))
-            }
-        })
-    };
-    let layer = RatelimitLayer::builder()
-        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
-        .quotas(cached)
-        .build()
-        .unwrap();
+    let (cached, lookups) = counting_cache(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        1000,
+        |_| true,
+    );
+    let layer = rpm_layer(1, cached);
     let svc = layer.layer(llm(Usage::new(1, 1)));
     let calls: Vec<_> = (0..50)
         .map(|_| tokio::spawn(svc.clone().oneshot(LlmRequest::new("quinn", "x"))))
@@ -1427,24 +1439,13 @@ async fn a_cold_cache_looks_a_tenant_up_once() {
 /// entry's age used to count from the lookup's start, so every call looked up again).
 #[tokio::test(start_paused = true)]
 async fn a_cached_quota_stays_fresh_for_its_ttl_from_its_arrival() {
-    let lookups = Arc::new(AtomicUsize::new(0));
-    let cached = {
-        let lookups = lookups.clone();
-        CachedQuotas::new(Duration::from_millis(500), move |_: Vec<u8>| {
-            let lookups = lookups.clone();
-            async move {
-                lookups.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(600)).await;
-                Some(Quotas::new().set("rpm", 10))
-            }
-        })
-        .timeout(Duration::from_secs(2))
-    };
-    let layer = RatelimitLayer::builder()
-        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
-        .quotas(cached)
-        .build()
-        .unwrap();
+    let (cached, lookups) = counting_cache(
+        Duration::from_millis(500),
+        Duration::from_millis(600),
+        10,
+        |_| true,
+    );
+    let layer = rpm_layer(1, cached.timeout(Duration::from_secs(2)));
     let svc = layer.layer(llm(Usage::new(1, 1)));
     let started = tokio::time::Instant::now();
     for _ in 0..6 {
@@ -1481,11 +1482,7 @@ async fn a_hung_quota_lookup_keeps_the_previous_answer_and_is_retried_one_call_a
         })
         .timeout(Duration::from_millis(200))
     };
-    let layer = RatelimitLayer::builder()
-        .limit("rpm", Limit::requests(FixedWindow::new(1, LONG).unwrap()))
-        .quotas(cached)
-        .build()
-        .unwrap();
+    let layer = rpm_layer(1, cached);
     assert_eq!(layer.usage("bea").await.unwrap()[0].limit, 10);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = tokio::time::Instant::now();
