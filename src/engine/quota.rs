@@ -24,12 +24,14 @@ impl Quotas {
     }
 
     /// Set the quota of the limit named `limit` (units per window, bucket capacity, or
-    /// most calls in flight). A token bucket's refill is scaled by the same factor (to
-    /// the nearest unit, at least 1), so that its bucket refills in the same time: a
-    /// bucket of 2 refilled by 2 a second, given a quota of 10, is refilled by 10 a
-    /// second. 0 suspends the identifier: its calls are refused by that
-    /// limit. A quota above [`MAX_UNITS`](crate::algorithm::MAX_UNITS) is taken as
-    /// `MAX_UNITS` (so `u64::MAX` reads as "unlimited").
+    /// most calls in flight).
+    ///
+    /// A token bucket's refill is scaled by the same factor (to the nearest unit, at
+    /// least 1), so that its bucket refills in the same time: a bucket of 2 refilled by 2
+    /// a second, given a quota of 10, is refilled by 10 a second. A quota of 0 suspends
+    /// the identifier: its calls are refused by that limit. A quota above
+    /// [`MAX_UNITS`](crate::algorithm::MAX_UNITS) is taken as `MAX_UNITS` (so `u64::MAX`
+    /// reads as "unlimited").
     pub fn set(mut self, limit: impl Into<String>, quota: u64) -> Self {
         self.0.insert(limit.into(), quota);
         self
