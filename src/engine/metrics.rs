@@ -13,6 +13,9 @@
 //! A call that passes counts `allowed` on each of its limits; a refused call counts
 //! `denied` once, on the limit its refusal is named after (as its error and headers
 //! are), whether the store, the denial cache or a quota of 0 refused it.
+//! Tokens count as charged when their call settles, whether or not the write reaches the
+//! store (one that a full settlement queue drops is counted by
+//! `RatelimitLayer::dropped_settlements`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -144,10 +144,12 @@ struct Answer {
 }
 
 /// One identifier's entry: the answer, once the lookup that every waiting call shares
-/// has finished, and the previous answer (kept for a lookup that times out).
+/// has finished, the previous answer (kept for a lookup that times out), and when the
+/// lookup began.
 struct Cached {
     answer: Arc<tokio::sync::OnceCell<Answer>>,
     previous: Option<Arc<Quotas>>,
+    began: Instant,
 }
 
 impl Cached {
@@ -156,9 +158,19 @@ impl Cached {
         self.answer.get().is_some_and(|a| now < a.fresh_until)
     }
 
-    /// Whether its lookup is still running.
-    fn is_looking_up(&self) -> bool {
-        self.answer.get().is_none()
+    /// Whether its lookup may still be running at `now`: it has no answer yet, and began
+    /// less than a `timeout` ago. (A lookup ends within its timeout unless every caller
+    /// waiting for it went away; such an entry is stale, not running.)
+    fn is_looking_up(&self, now: Instant, timeout: Duration) -> bool {
+        self.answer.get().is_none() && now.saturating_duration_since(self.began) < timeout
+    }
+
+    /// The last answer this entry holds or carries.
+    fn last_answer(&self) -> Option<Arc<Quotas>> {
+        match self.answer.get() {
+            Some(answer) => answer.quotas.clone(),
+            None => self.previous.clone(),
+        }
     }
 }
 
@@ -235,12 +247,14 @@ impl CachedQuotas {
 /// left, entries in no particular order (they are looked up again on their next call).
 /// Entries still looking up stay: their callers wait on them. Keeping at most half the
 /// capacity means the next scan comes only after as many new identifiers again, so a
-/// flood of new identifiers costs each one a constant share of a scan.
-fn evict(cache: &mut HashMap<Vec<u8>, Cached>, keep: usize, now: Instant) {
-    cache.retain(|_, c| c.is_fresh(now) || c.is_looking_up());
+/// flood of new identifiers costs each one a constant share of a scan. (Lookups take at
+/// most `timeout`, so only those begun within the last timeout can keep the cache over
+/// half full.)
+fn evict(cache: &mut HashMap<Vec<u8>, Cached>, keep: usize, now: Instant, timeout: Duration) {
+    cache.retain(|_, c| c.is_fresh(now) || c.is_looking_up(now, timeout));
     let mut excess = cache.len().saturating_sub(keep);
     cache.retain(|_, c| {
-        if excess == 0 || c.is_looking_up() {
+        if excess == 0 || c.is_looking_up(now, timeout) {
             return true;
         }
         excess -= 1;
@@ -258,14 +272,13 @@ impl QuotaResolver for CachedQuotas {
                     return Resolution::Ready(c.answer.get().and_then(|a| a.quotas.clone()));
                 }
                 // Being looked up: wait for that lookup.
-                Some(c) if c.is_looking_up() => (c.answer.clone(), c.previous.clone()),
+                Some(c) if c.is_looking_up(now, self.timeout) => {
+                    (c.answer.clone(), c.previous.clone())
+                }
                 stale => {
-                    let previous = match stale {
-                        Some(c) => c.answer.get().and_then(|a| a.quotas.clone()),
-                        None => None,
-                    };
+                    let previous = stale.and_then(Cached::last_answer);
                     if cache.len() >= self.capacity {
-                        evict(&mut cache, self.capacity / 2, now);
+                        evict(&mut cache, self.capacity / 2, now, self.timeout);
                     }
                     let answer = Arc::new(tokio::sync::OnceCell::new());
                     cache.insert(
@@ -273,6 +286,7 @@ impl QuotaResolver for CachedQuotas {
                         Cached {
                             answer: answer.clone(),
                             previous: previous.clone(),
+                            began: now,
                         },
                     );
                     (answer, previous)
@@ -327,6 +341,8 @@ mod tests {
             Some(Quotas::new().set("rpm", 7))
         });
         cached.capacity = 8;
+        // However slowly this test runs, the pending lookup stays within its timeout.
+        cached.timeout = Duration::from_secs(3600);
         let slow = match cached.resolve(b"slow") {
             Resolution::Pending(f) => f,
             Resolution::Ready(_) => panic!("the first resolve cannot be ready"),
@@ -348,5 +364,28 @@ mod tests {
             cached.resolve(&99u32.to_le_bytes()),
             Resolution::Ready(Some(_))
         ));
+    }
+
+    /// Lookups whose callers all went away (their futures dropped) do not hold their
+    /// places for ever: past their timeout they are stale, and a full cache drops them
+    /// (it kept them as running, stayed full and scanned itself for every new identifier).
+    #[tokio::test(start_paused = true)]
+    async fn lookups_abandoned_by_their_callers_are_dropped_once_timed_out() {
+        let mut cached = CachedQuotas::new(Duration::from_secs(3600), |_: Vec<u8>| async {
+            Some(Quotas::new().set("rpm", 7))
+        });
+        cached.capacity = 8;
+        for i in 0..8u32 {
+            drop(cached.resolve(&i.to_le_bytes()));
+        }
+        assert_eq!(cached.lock().len(), 8);
+        tokio::time::sleep(cached.timeout).await;
+        drop(cached.resolve(b"next"));
+        assert_eq!(cached.lock().len(), 1, "the abandoned lookups were kept");
+        // An abandoned identifier is looked up afresh on its next call.
+        match cached.resolve(&0u32.to_le_bytes()) {
+            Resolution::Pending(f) => assert_eq!(f.await.unwrap().get("rpm"), Some(7)),
+            Resolution::Ready(_) => panic!("an abandoned lookup cannot have answered"),
+        }
     }
 }

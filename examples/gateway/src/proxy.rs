@@ -112,18 +112,29 @@ impl Upstream {
     }
 }
 
-/// `path_and_query` without the query parameters a credential travels in.
+/// `path_and_query` without the query parameters a credential travels in, whatever the
+/// case or percent-encoding of their names (`k%65y` is `key` to an upstream), and
+/// whether pairs are separated by `&` or `;`. Everything else is kept as it was sent.
 fn without_credential_params(path_and_query: &str) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_owned();
     };
-    let kept: Vec<&str> = query
+    let is_credential = |pair: &str| {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        let name: String = form_urlencoded::parse(name.as_bytes())
+            .next()
+            .map(|(name, _)| name.into_owned())
+            .unwrap_or_default();
+        CREDENTIAL_PARAMS
+            .iter()
+            .any(|p| name.eq_ignore_ascii_case(p))
+    };
+    let kept: Vec<String> = query
         .split('&')
-        .filter(|pair| {
-            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
-            !CREDENTIAL_PARAMS
-                .iter()
-                .any(|p| name.eq_ignore_ascii_case(p))
+        .filter_map(|pair| {
+            let parts: Vec<&str> = pair.split(';').filter(|p| !is_credential(p)).collect();
+            // A pair made only of credentials goes (an empty one, `a=1&&b=2`, stays).
+            (!parts.is_empty()).then(|| parts.join(";"))
         })
         .collect();
     match kept.is_empty() {
@@ -292,4 +303,34 @@ fn https_connector(settings: &Settings) -> Result<HttpsConnector<HttpConnector>,
         .enable_http1()
         .enable_http2()
         .wrap_connector(http))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_credential_params as strip;
+
+    #[test]
+    fn credential_parameters_go_under_any_spelling_and_the_rest_stays_in_order() {
+        let cases = [
+            ("/v1/x", "/v1/x"),
+            ("/v1/x?key=s", "/v1/x"),
+            (
+                "/v1/x?k%65y=s&api-version=2024-06-01",
+                "/v1/x?api-version=2024-06-01",
+            ),
+            ("/v1/x?%6B%65%79=s", "/v1/x"),
+            ("/v1/x?api%5Fkey=s&api%2Dkey=t&API_KEY=u", "/v1/x"),
+            ("/v1/x?alt=json;key=s", "/v1/x?alt=json"),
+            (
+                "/v1/x?key=a&key=b&keyword=kw&api-version=1&KEY=c&x=1",
+                "/v1/x?keyword=kw&api-version=1&x=1",
+            ),
+            ("/v1/x?key&keyword=&a=1", "/v1/x?keyword=&a=1"),
+            ("/v1/x?a=1&&b=2&key=s&", "/v1/x?a=1&&b=2&"),
+            ("/v1/x?a=%20b+c&keys=1", "/v1/x?a=%20b+c&keys=1"),
+        ];
+        for (sent, forwarded) in cases {
+            assert_eq!(strip(sent), forwarded, "{sent}");
+        }
+    }
 }
