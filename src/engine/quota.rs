@@ -145,11 +145,12 @@ struct Answer {
 
 /// One identifier's entry: the answer, once the lookup that every waiting call shares
 /// has finished, the previous answer (kept for a lookup that times out), and when the
-/// lookup began.
+/// lookup is given up (one timeout after the entry was made, whichever waiting caller
+/// runs it: a caller taking over from one that went away does not start the clock again).
 struct Cached {
     answer: Arc<tokio::sync::OnceCell<Answer>>,
     previous: Option<Arc<Quotas>>,
-    began: Instant,
+    gives_up: Instant,
 }
 
 impl Cached {
@@ -158,11 +159,11 @@ impl Cached {
         self.answer.get().is_some_and(|a| now < a.fresh_until)
     }
 
-    /// Whether its lookup may still be running at `now`: it has no answer yet, and began
-    /// less than a `timeout` ago. (A lookup ends within its timeout unless every caller
-    /// waiting for it went away; such an entry is stale, not running.)
-    fn is_looking_up(&self, now: Instant, timeout: Duration) -> bool {
-        self.answer.get().is_none() && now.saturating_duration_since(self.began) < timeout
+    /// Whether its lookup may still be running at `now`: it has no answer yet, and has
+    /// not been given up. (Every lookup ends by then; one without an answer after it was
+    /// abandoned by every caller waiting for it, and its entry is stale.)
+    fn is_looking_up(&self, now: Instant) -> bool {
+        self.answer.get().is_none() && now < self.gives_up
     }
 
     /// The last answer this entry holds or carries.
@@ -250,11 +251,11 @@ impl CachedQuotas {
 /// flood of new identifiers costs each one a constant share of a scan. (Lookups take at
 /// most `timeout`, so only those begun within the last timeout can keep the cache over
 /// half full.)
-fn evict(cache: &mut HashMap<Vec<u8>, Cached>, keep: usize, now: Instant, timeout: Duration) {
-    cache.retain(|_, c| c.is_fresh(now) || c.is_looking_up(now, timeout));
+fn evict(cache: &mut HashMap<Vec<u8>, Cached>, keep: usize, now: Instant) {
+    cache.retain(|_, c| c.is_fresh(now) || c.is_looking_up(now));
     let mut excess = cache.len().saturating_sub(keep);
     cache.retain(|_, c| {
-        if excess == 0 || c.is_looking_up(now, timeout) {
+        if excess == 0 || c.is_looking_up(now) {
             return true;
         }
         excess -= 1;
@@ -265,31 +266,32 @@ fn evict(cache: &mut HashMap<Vec<u8>, Cached>, keep: usize, now: Instant, timeou
 impl QuotaResolver for CachedQuotas {
     fn resolve(&self, identifier: &[u8]) -> Resolution {
         let now = Instant::now();
-        let (answer, previous) = {
+        let (answer, previous, gives_up) = {
             let mut cache = self.lock();
             match cache.get(identifier) {
                 Some(c) if c.is_fresh(now) => {
                     return Resolution::Ready(c.answer.get().and_then(|a| a.quotas.clone()));
                 }
                 // Being looked up: wait for that lookup.
-                Some(c) if c.is_looking_up(now, self.timeout) => {
-                    (c.answer.clone(), c.previous.clone())
+                Some(c) if c.is_looking_up(now) => {
+                    (c.answer.clone(), c.previous.clone(), c.gives_up)
                 }
                 stale => {
                     let previous = stale.and_then(Cached::last_answer);
                     if cache.len() >= self.capacity {
-                        evict(&mut cache, self.capacity / 2, now, self.timeout);
+                        evict(&mut cache, self.capacity / 2, now);
                     }
                     let answer = Arc::new(tokio::sync::OnceCell::new());
+                    let gives_up = super::deadline_after(self.timeout);
                     cache.insert(
                         identifier.to_vec(),
                         Cached {
                             answer: answer.clone(),
                             previous: previous.clone(),
-                            began: now,
+                            gives_up,
                         },
                     );
-                    (answer, previous)
+                    (answer, previous, gives_up)
                 }
             }
         };
@@ -300,7 +302,7 @@ impl QuotaResolver for CachedQuotas {
             // that caller goes away, the next waiting one looks up again.)
             let answer = answer
                 .get_or_init(|| async move {
-                    match tokio::time::timeout(timeout, lookup(id)).await {
+                    match tokio::time::timeout_at(gives_up, lookup(id)).await {
                         Ok(quotas) => Answer {
                             quotas,
                             fresh_until: super::deadline_after(ttl),
@@ -387,5 +389,57 @@ mod tests {
             Resolution::Pending(f) => assert_eq!(f.await.unwrap().get("rpm"), Some(7)),
             Resolution::Ready(_) => panic!("an abandoned lookup cannot have answered"),
         }
+    }
+
+    /// A caller taking over a lookup from one that went away gives it up when the first
+    /// would have (it used to start a timeout of its own, and wait up to twice as long),
+    /// and a call arriving after that finds the timed-out answer instead of starting a
+    /// second lookup beside the one still running.
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_taken_over_keeps_its_first_deadline_and_runs_alone() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (running, most, started) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let counts = (running.clone(), most.clone(), started.clone());
+        let cached = CachedQuotas::new(Duration::from_secs(60), move |_: Vec<u8>| {
+            let (running, most, started) = counts.clone();
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                // Counted down however the lookup ends (it is dropped when given up).
+                struct Done(Arc<AtomicUsize>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let _done = Done(running);
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Some(Quotas::new().set("rpm", 1))
+            }
+        })
+        .timeout(Duration::from_millis(200));
+        let cached = Arc::new(cached);
+        let pending = |cached: &CachedQuotas| match cached.resolve(b"id") {
+            Resolution::Pending(f) => f,
+            Resolution::Ready(_) => panic!("nothing is cached yet"),
+        };
+        let started_at = Instant::now();
+        let first = pending(&cached);
+        let first = tokio::spawn(tokio::time::timeout(Duration::from_millis(150), first));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = tokio::spawn(pending(&cached));
+        assert!(first.await.unwrap().is_err(), "the first caller went away");
+        assert_eq!(second.await.unwrap(), None, "the configured quotas");
+        assert_eq!(started_at.elapsed(), Duration::from_millis(200));
+        // Its timed-out answer is kept one more timeout: no third lookup.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(cached.resolve(b"id"), Resolution::Ready(None)));
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        assert_eq!(most.load(Ordering::SeqCst), 1, "two lookups ran at once");
     }
 }
