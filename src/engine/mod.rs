@@ -25,8 +25,8 @@ use crate::algorithm::{
 use crate::error::{Error, LimitExceeded};
 use crate::llm::Usage;
 use crate::store::{
-    Decision, LimitCheck, MemoryStore, Rule, SharedKeys, StateKey, Store, Tag, identifier_tag,
-    state_key,
+    Decision, IdentifierKeys, LimitCheck, MemoryStore, Rule, SharedKeys, StateKey, Store, Tag,
+    identifier_tag, state_key,
 };
 
 use limit::{LimitKind, LimitSpec, TokenCount};
@@ -561,11 +561,9 @@ impl Engine {
         with_timeout(self.store_timeout, self.store.delete(keys.clone())).await?;
         // Charges of before the reset still queued for the store must not land after it
         // (dropped once the reset has landed: a reset that fails leaves them queued).
-        let of_identifier = [":{", &tag, "}"].concat();
-        self.queue.forget(|key| {
-            keys.iter().any(|k| k == key)
-                || (key.ends_with(&of_identifier) && per_model.iter().any(|p| key.starts_with(p)))
-        });
+        let per_model = IdentifierKeys::new(per_model, &tag);
+        self.queue
+            .forget(|key| keys.iter().any(|k| k == key) || per_model.contains(key));
         // A denial cached while the delete was in flight is stale too.
         self.forget_denials(&tag);
         // Calls sleeping until their budget comes back: it just did.

@@ -662,12 +662,10 @@ impl MemoryStore {
     /// theirs) before any is swept: a concurrent call of that identifier is counted on
     /// all of its limits or on none.
     pub fn delete_identifier_now(&self, prefixes: &[String], tag: &str) {
-        let suffix = format!(":{{{tag}}}");
+        let keys = super::IdentifierKeys::new(prefixes.to_vec(), tag);
         let mut shards: Vec<_> = self.inner.shards.iter().map(lock).collect();
         for shard in &mut shards {
-            shard.table.retain(|(key, _)| {
-                !(key.ends_with(&suffix) && prefixes.iter().any(|p| key.starts_with(p.as_str())))
-            });
+            shard.table.retain(|(key, _)| !keys.contains(key));
         }
     }
 

@@ -337,6 +337,33 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// The keys [`Store::delete_identifier`] deletes: those of the identifier with hash tag
+/// `tag` under any of `prefixes`, `<prefix><anything>:{<tag>}`.
+pub(crate) struct IdentifierKeys {
+    prefixes: Vec<String>,
+    suffix: String,
+}
+
+impl IdentifierKeys {
+    pub(crate) fn new(prefixes: Vec<String>, tag: &str) -> Self {
+        Self {
+            prefixes,
+            suffix: [":{", tag, "}"].concat(),
+        }
+    }
+
+    /// What every one of these keys ends with: `:{<tag>}`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn suffix(&self) -> &str {
+        &self.suffix
+    }
+
+    /// Whether `key` is one of them.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        key.ends_with(&self.suffix) && self.prefixes.iter().any(|p| key.starts_with(p.as_str()))
+    }
+}
+
 /// Longest identifier kept verbatim in keys; longer ones (and any with bytes outside
 /// `[A-Za-z0-9._@-]`) are replaced by a hash.
 pub const MAX_VERBATIM_IDENTIFIER: usize = 64;

@@ -1269,20 +1269,19 @@ impl Store for RedisStore {
     fn delete_identifier(&self, prefixes: Vec<String>, tag: String) -> StoreFuture<()> {
         let shared = self.shared.clone();
         StoreFuture::new(async move {
-            let suffix = format!(":{{{tag}}}");
-            let keep = |key: &String| {
-                key.ends_with(&suffix) && prefixes.iter().any(|p| key.starts_with(p.as_str()))
-            };
+            let of_identifier = super::IdentifierKeys::new(prefixes, &tag);
+            let suffix = of_identifier.suffix();
+            let keep = |key: &String| of_identifier.contains(key);
             let work = async {
                 let mut conn = shared.conn.clone();
                 let keys: Vec<String> = match &conn {
                     #[cfg(feature = "cluster")]
-                    Connection::Cluster(_) => cluster_keys_of(&mut conn, &suffix).await?,
+                    Connection::Cluster(_) => cluster_keys_of(&mut conn, suffix).await?,
                     Connection::Single(_) => {
                         // One pass over the database for every prefix (each pass reads
                         // every key): the identifier's keys, whatever their prefix, then
                         // filtered here.
-                        let pattern = format!("*{}", glob_escape(&suffix));
+                        let pattern = format!("*{}", glob_escape(suffix));
                         let mut found = Vec::new();
                         let mut cursor: u64 = 0;
                         loop {
