@@ -150,18 +150,9 @@ const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", 
 /// Query parameters in which some of them take one (Gemini: `?key=`).
 const CREDENTIAL_PARAMS: [&str; 3] = ["key", "api-key", "api_key"];
 
-/// Whether the gateway replaces the client's credential: it has one of its own for the
-/// upstream, or clients hold gateway keys (`strip`), which never go upstream.
-fn replaces_credentials(key: Option<&str>, strip: bool) -> bool {
-    key.is_some() || strip
-}
-
-/// Replace the client's credential with the gateway's: every header a credential
-/// travels in is dropped, then the gateway's own is set.
-fn set_credential(headers: &mut http::HeaderMap, api: Api, key: Option<&str>, strip: bool) {
-    if !replaces_credentials(key, strip) {
-        return;
-    }
+/// Replace the client's credential with the gateway's (`key`, if it has one): every
+/// header a credential travels in is dropped, then the gateway's own is set.
+fn set_credential(headers: &mut http::HeaderMap, api: Api, key: Option<&str>) {
     for name in CREDENTIAL_HEADERS {
         headers.remove(name);
     }
@@ -197,12 +188,12 @@ impl Service<Request<RequestBody<Incoming>>> for Upstream {
                 Api::Anthropic => &this.anthropic,
             };
             let (mut parts, body) = request.into_parts();
-            set_credential(
-                &mut parts.headers,
-                api,
-                target.api_key.as_deref(),
-                this.strip_client_keys,
-            );
+            // The gateway replaces the client's credential when it has one of its own for
+            // the upstream, or when clients hold gateway keys, which never go upstream.
+            let replace = target.api_key.is_some() || this.strip_client_keys;
+            if replace {
+                set_credential(&mut parts.headers, api, target.api_key.as_deref());
+            }
             let (Some(base), Some(client)) = (&target.url, &this.client) else {
                 let response =
                     llm_mock_upstream::mock_upstream(Request::from_parts(parts, body)).await;
@@ -210,8 +201,7 @@ impl Service<Request<RequestBody<Incoming>>> for Upstream {
             };
             let base = base.trim_end_matches('/');
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let path = match replaces_credentials(target.api_key.as_deref(), this.strip_client_keys)
-            {
+            let path = match replace {
                 true => without_credential_params(path),
                 false => path.to_owned(),
             };
