@@ -204,13 +204,7 @@ models = ["claude*"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdks_work_with_gateway_keys_and_never_send_them_upstream() {
-    let hash = |key: &str| {
-        use sha2::Digest;
-        sha2::Sha256::digest(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let hash = llm_gateway::keys::sha256_line;
     let (upstream, seen) = recording_upstream().await;
     let prefix = common::unique_prefix("sdk-keys");
     let config = format!(
@@ -233,14 +227,14 @@ window = "1h"
 quotas = {{ rpm = 6 }}
 [[keys]]
 name = "free-user"
-sha256 = "{free}"
+{free}
 [[keys]]
 name = "pro-user"
-sha256 = "{pro}"
+{pro}
 tier = "pro"
 [[keys]]
 name = "stream-user"
-sha256 = "{stream}"
+{stream}
 tier = "pro"
 "#,
         redis = common::redis_url(),
@@ -290,13 +284,7 @@ async fn no_client_credential_reaches_the_upstream_in_any_header_or_parameter() 
     use http_body_util::BodyExt;
     let (upstream, seen) = recording_upstream().await;
     let key = "gk-cred";
-    let digest: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let digest = llm_gateway::keys::sha256_line(key);
     let config = format!(
         r#"
 upstream = "http://{upstream}/v1"
@@ -309,7 +297,7 @@ quota = 100
 window = "1h"
 [[keys]]
 name = "cred-user"
-sha256 = "{digest}"
+{digest}
 "#,
         prefix = common::unique_prefix("sdk-cred"),
     );
