@@ -4,13 +4,15 @@ for benchmarks/script_instructions.sh, which counts the instructions Redis execu
 Usage: script_instructions.py PORT SHAPE N
 
 SHAPE: empty | peer | acquire | acquire4 | acquire4-check2 | acquire32 | acquire32x4 | settle |
-       settle-no-id | shaped | shaped4-check2 | shaped32 | shaped32x4 | one-key32 | one-key32x4 |
+       settle-no-id | shaped | shaped4-check2 | shaped32 | shaped32x4 | grouped4-check2 |
+       grouped32x4 | one-key32 | one-key32x4 |
        one-key-shaped32 | one-key-shaped32x4 | shared-columns32x4 | hash32 | hash32x4 | shaped32x4-mget
 The scripts are assembled as the crate assembles them (clock.lua, state.lua, the body),
 from the working tree, or from the git revision in $SCRIPTS_AT (to compare releases).
 The shaped* shapes run the scripts the crate generates for calls of one shape, as
-`examples/acquire_script.rs` prints them into the files $SHAPED_ONE and $SHAPED_FOUR (from
-the working tree only); one-key* and hash* run the prototypes in benchmarks/prototypes/;
+`examples/acquire_script.rs` prints them into the files $SHAPED_ONE, $SHAPED_FOUR and
+$SHAPED_GROUPED (from the working tree only; grouped* are the layer's four limits as it
+plans them, one group whose states share one value); one-key* and hash* run the prototypes in benchmarks/prototypes/;
 shaped32x4-mget is the generated four-limit script with its four GETs made one MGET.
 """
 
@@ -104,6 +106,12 @@ def calls(shape: str, i: int):
         call = struct.pack("<dd", 2**40, 1) * limits
         keys = [f"k{q}:{{u{(i * calls_per_run + j) % 100}}}" for j in range(calls_per_run) for q in range(limits)]
         return keys, [struct.pack("<d", calls_per_run) + call * calls_per_run]
+    if shape in ("grouped4-check2", "grouped32x4"):
+        # The layer's four-limit shape as the crate plans it: one group, one key per call.
+        calls_per_run = 32 if "32" in shape else 1
+        call = struct.pack("<dd", 2**40, 1) * 4
+        keys = [f"g:{{u{(i * calls_per_run + j) % 100}}}" for j in range(calls_per_run)]
+        return keys, [struct.pack("<d", calls_per_run) + call * calls_per_run]
     if shape == "shared-columns32x4":
         # benchmarks/prototypes/shared_columns_4.lua: one value per identifier, by columns.
         call = struct.pack("<dd", 2**40, 1) * 4
@@ -182,6 +190,8 @@ def main() -> None:
         "shaped4-check2": shaped("SHAPED_FOUR"),
         "shaped32": shaped("SHAPED_ONE"),
         "shaped32x4": shaped("SHAPED_FOUR"),
+        "grouped4-check2": shaped("SHAPED_GROUPED"),
+        "grouped32x4": shaped("SHAPED_GROUPED"),
         "one-key32": prototype("one_key_acquire.lua"),
         "one-key32x4": prototype("one_key_acquire.lua"),
         "one-key-shaped32": prototype("one_key_shaped_1.lua"),

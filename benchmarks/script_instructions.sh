@@ -23,7 +23,8 @@ SHAPED="$(mktemp -d)"
 trap 'rm -rf "$SHAPED"' EXIT
 cargo run -q --features test-util --example acquire_script -- one >"$SHAPED/one.lua"
 cargo run -q --features test-util --example acquire_script -- four >"$SHAPED/four.lua"
-export SHAPED_ONE="$SHAPED/one.lua" SHAPED_FOUR="$SHAPED/four.lua"
+cargo run -q --features test-util --example acquire_script -- four-grouped >"$SHAPED/grouped.lua"
+export SHAPED_ONE="$SHAPED/one.lua" SHAPED_FOUR="$SHAPED/four.lua" SHAPED_GROUPED="$SHAPED/grouped.lua"
 
 . benchmarks/callgrind_redis.sh
 # 1000 runs to fill the keys, then N more.
@@ -31,7 +32,7 @@ fill_and_run() {
   "$VENV/bin/python" benchmarks/script_instructions.py "$REDIS_PORT" "$shape" 1000
   "$VENV/bin/python" benchmarks/script_instructions.py "$REDIS_PORT" "$shape" "$N"
 }
-for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 shaped shaped4-check2 shaped32 shaped32x4 settle settle-no-id one-key32 one-key32x4 one-key-shaped32 one-key-shaped32x4 shared-columns32x4 hash32 hash32x4 shaped32x4-mget}; do
+for shape in ${SHAPES:-empty peer acquire acquire4 acquire4-check2 acquire32 acquire32x4 shaped shaped4-check2 shaped32 shaped32x4 grouped4-check2 grouped32x4 settle settle-no-id one-key32 one-key32x4 one-key-shaped32 one-key-shaped32x4 shared-columns32x4 hash32 hash32x4 shaped32x4-mget}; do
   total=$(callgrind_total fill_and_run)
   echo "$shape: $((total / (N + 1000))) instructions per script run"
 done

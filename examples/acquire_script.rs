@@ -6,12 +6,14 @@
 //! ```
 //!
 //! Shapes: `one` (one fixed window of an hour that takes), `four` (the layer's four-limit
-//! shape: a request limit that takes, then a token limit that only checks, twice), `any`
-//! (a call with a concurrency limit: the script for any limits).
+//! shape: a request limit that takes, then a token limit that only checks, twice),
+//! `four-grouped` (the same four, as a layer plans them: members of one group, whose
+//! states share one value), `any` (a call with a concurrency limit: the script for any
+//! limits).
 
 use std::time::Duration;
 
-use tower_llm_ratelimit::store::{LimitCheck, Rule};
+use tower_llm_ratelimit::store::{LimitCheck, Rule, StateKey};
 use tower_llm_ratelimit::{ConcurrencyLimit, FixedWindow, RedisStore};
 
 fn main() {
@@ -27,6 +29,12 @@ fn main() {
     let checks = match shape.as_str() {
         "one" => vec![check(hour.into(), true)],
         "four" => (0..4).map(|i| check(hour.into(), i % 2 == 0)).collect(),
+        "four-grouped" => (0..4)
+            .map(|i| LimitCheck {
+                key: StateKey::grouped("k:{t}", "g:{t}", i, 4),
+                ..check(hour.into(), i % 2 == 0)
+            })
+            .collect(),
         "any" => vec![
             check(hour.into(), true),
             check(
@@ -37,7 +45,7 @@ fn main() {
             ),
         ],
         other => {
-            eprintln!("unknown shape {other:?}: one, four or any");
+            eprintln!("unknown shape {other:?}: one, four, four-grouped or any");
             std::process::exit(2);
         }
     };

@@ -136,20 +136,11 @@ const LAYER_REQUESTS: u64 = 120;
 const LAYER_TOKENS: u64 = 10_000_000;
 
 /// Child side: 50 concurrent calls through the layer; prints ALLOWED= and USAGE=.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run by four_processes_through_the_layer as a child process"]
-async fn child_layer_race() {
-    use tower::{BoxError, ServiceExt, service_fn};
-    use tower_llm_ratelimit::{LlmRequest, LlmResponse, RatelimitLayer, Usage};
-    let (Ok(url), Ok(prefix), Ok(go)) = (
-        std::env::var("TLR_CHILD_URL"),
-        std::env::var("TLR_CHILD_PREFIX"),
-        std::env::var("TLR_CHILD_GO"),
-    ) else {
-        panic!("child_layer_race is started by four_processes_through_the_layer");
-    };
-    let layer = RatelimitLayer::builder()
-        .store(RedisStore::connect(&url).await.unwrap())
+/// The layer of `child_layer_race`: a request limit and a token limit on the Redis at
+/// `url`.
+async fn race_layer(url: &str, prefix: &str) -> tower_llm_ratelimit::RatelimitLayer {
+    tower_llm_ratelimit::RatelimitLayer::builder()
+        .store(RedisStore::connect(url).await.unwrap())
         .prefix(prefix)
         .request_limit(
             FixedWindow::new(LAYER_REQUESTS, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
@@ -159,7 +150,22 @@ async fn child_layer_race() {
         )
         .include_output_tokens(true)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by four_processes_through_the_layer as a child process"]
+async fn child_layer_race() {
+    use tower::{BoxError, ServiceExt, service_fn};
+    use tower_llm_ratelimit::{LlmRequest, LlmResponse, Usage};
+    let (Ok(url), Ok(prefix), Ok(go)) = (
+        std::env::var("TLR_CHILD_URL"),
+        std::env::var("TLR_CHILD_PREFIX"),
+        std::env::var("TLR_CHILD_GO"),
+    ) else {
+        panic!("child_layer_race is started by four_processes_through_the_layer");
+    };
+    let layer = race_layer(&url, &prefix).await;
     // Each call reports its own usage: prompt tokens from the prompt, 3 completion tokens.
     async fn llm(req: LlmRequest) -> Result<LlmResponse, BoxError> {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -245,14 +251,13 @@ fn four_processes_through_the_layer() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let charged = rt.block_on(async {
-        let store = RedisStore::connect(&url).await.unwrap();
-        let rl = Ratelimit::new(
-            FixedWindow::new(LAYER_TOKENS, tower_llm_ratelimit::algorithm::MAX_WINDOW).unwrap(),
-            store,
-            &format!("{prefix}:tokens"),
-        )
-        .unwrap();
-        LAYER_TOKENS - rl.remaining("shared-user").await.unwrap()
+        let usage = race_layer(&url, &prefix)
+            .await
+            .usage("shared-user")
+            .await
+            .unwrap();
+        let tokens = usage.iter().find(|u| u.name == "tokens").unwrap();
+        LAYER_TOKENS - tokens.remaining
     });
     assert_eq!(
         charged, usage,
@@ -295,9 +300,9 @@ async fn concurrent_acquires_are_batched_and_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_settlements_are_batched_and_exact() {
     use tower::{BoxError, Layer, ServiceExt, service_fn};
-    use tower_llm_ratelimit::{LlmRequest, LlmResponse, RatelimitLayer, Usage};
+    use tower_llm_ratelimit::{LlmRequest, LlmResponse, Usage};
     let server = common::RedisServer::start();
-    let layer = RatelimitLayer::builder()
+    let layer = tower_llm_ratelimit::RatelimitLayer::builder()
         .store(RedisStore::connect(&server.url).await.unwrap())
         .prefix(common::unique_prefix("settle-batch"))
         .request_limit(

@@ -383,8 +383,8 @@ async fn settled_calls_leave_bounded_redis_memory() {
         });
     }
     while tasks.join_next().await.is_some() {}
-    // Besides the two states: one key per settlement id, each expiring after the
-    // dedupe horizon, none without a TTL, each small.
+    // Besides the one value of the layer's two states: one key per settlement id, each
+    // expiring after the dedupe horizon, none without a TTL, each small.
     let keys = common::redis_keys(&server.url, &prefix);
     let client = redis::Client::open(server.url.as_str()).unwrap();
     let mut c = client.get_connection().unwrap();
@@ -393,7 +393,7 @@ async fn settled_calls_leave_bounded_redis_memory() {
         .filter(|(key, _)| key.contains(":settlement:"))
         .collect();
     assert_eq!(
-        ids.len() + 2,
+        ids.len() + 1,
         keys.len(),
         "{:?}",
         &keys[..keys.len().min(5)]
@@ -420,7 +420,7 @@ async fn settled_calls_leave_bounded_redis_memory() {
     }
     tokio::time::sleep(horizon + Duration::from_millis(500)).await;
     let keys = common::redis_keys(&server.url, &prefix);
-    assert_eq!(keys.len(), 2, "after the dedupe horizon: {keys:?}");
+    assert_eq!(keys.len(), 1, "after the dedupe horizon: {keys:?}");
     for (key, ttl) in keys {
         assert!(ttl > 0, "{key} has no TTL");
         let bytes: i64 = redis::cmd("MEMORY")

@@ -206,13 +206,135 @@ async fn four_limits_exact_under_200_concurrent_tasks() {
 }
 
 fn evalsha_calls(port: u16) -> u64 {
+    command_calls(port, "evalsha")
+}
+
+/// How often the Redis at `port` ran `command` (scripts' commands counted too).
+fn command_calls(port: u16, command: &str) -> u64 {
     let stats = common::redis_cli(port, &["INFO", "commandstats"]);
     stats
         .lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .find(|l| l.starts_with(&format!("cmdstat_{command}:")))
         .and_then(|l| l.split("calls=").nth(1))
         .and_then(|v| v.split(',').next())
         .map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifier_wide_limits_share_one_redis_value_read_once_per_call() {
+    let server = common::RedisServer::start();
+    let options = RedisOptions::default().batching(false);
+    let store = Arc::new(
+        RedisStore::connect_with(&server.url, options)
+            .await
+            .unwrap(),
+    );
+    let prefix = common::unique_prefix("grouped");
+    let layer = RatelimitLayer::builder()
+        .shared_store(store)
+        .prefix(&prefix)
+        .limit("rpm", Limit::requests(FixedWindow::new(6, LONG).unwrap()))
+        .limit("rph", Limit::requests(SlidingWindow::new(7, LONG).unwrap()))
+        .limit("rpd", Limit::requests(FixedWindow::new(100, LONG).unwrap()))
+        .limit(
+            "burst",
+            Limit::requests(TokenBucket::new(50, 1, LONG).unwrap()),
+        )
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    let call = || svc.clone().oneshot(LlmRequest::new("ana", "x"));
+    call().await.unwrap();
+    let (gets, writes) = (
+        command_calls(server.port, "get"),
+        command_calls(server.port, "set") + command_calls(server.port, "setrange"),
+    );
+    for _ in 0..4 {
+        call().await.unwrap();
+    }
+    // Four limits, one value: one read and one write per call (a key per limit would
+    // read four and write four).
+    assert_eq!(command_calls(server.port, "get") - gets, 4);
+    let now_writes = command_calls(server.port, "set") + command_calls(server.port, "setrange");
+    assert_eq!(now_writes - writes, 4);
+    let keys = common::redis_keys(&server.url, &prefix);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(
+        keys[0].0.starts_with(&format!("{prefix}:+")) && keys[0].0.ends_with(":{ana}"),
+        "{keys:?}"
+    );
+    // As long as its longest-lived member needs (the fixed windows of ten years).
+    assert!(keys[0].1 > 86_400_000, "{keys:?}");
+    // Exact all the same: rpm (6) allowed the 6th call only, and denies the 7th.
+    call().await.unwrap();
+    let err = call().await.unwrap_err();
+    assert!(err.to_string().contains("\"rpm\""), "{err}");
+    assert_eq!(
+        left(&layer.usage("ana").await.unwrap()),
+        map(&[("rpm", 0), ("rph", 1), ("rpd", 94), ("burst", 44)])
+    );
+    // One member reset: the others keep what they used.
+    layer.reset_limit("ana", "rph").await.unwrap();
+    assert_eq!(
+        left(&layer.usage("ana").await.unwrap()),
+        map(&[("rpm", 0), ("rph", 7), ("rpd", 94), ("burst", 44)])
+    );
+    layer.reset("ana").await.unwrap();
+    assert!(common::redis_keys(&server.url, &prefix).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_limits_count_across_models_beside_per_model_and_filtered_ones() {
+    for (name, store) in stores().await {
+        let prefix = common::unique_prefix(&format!("mixed-{name}"));
+        let layer = RatelimitLayer::builder()
+            .shared_store(store)
+            .prefix(&prefix)
+            .limit("rpm", Limit::requests(FixedWindow::new(5, LONG).unwrap()))
+            .limit(
+                "per-model",
+                Limit::requests(FixedWindow::new(3, LONG).unwrap()).per_model(),
+            )
+            .limit(
+                "gpt",
+                Limit::requests(SlidingWindow::new(2, LONG).unwrap()).models(["gpt-*"]),
+            )
+            .limit(
+                "tpd",
+                Limit::tokens(TokenBucket::new(100, 1, LONG).unwrap()),
+            )
+            .build()
+            .unwrap();
+        let svc = layer.layer(llm(Usage::new(10, 5)));
+        let call = |model: &'static str| {
+            svc.clone()
+                .oneshot(LlmRequest::new("mo", "x").with_model(model))
+        };
+        call("gpt-4o").await.unwrap();
+        call("gpt-4o").await.unwrap();
+        // "gpt" allows two.
+        let err = call("gpt-4o").await.unwrap_err();
+        assert!(err.to_string().contains("\"gpt\""), "{name}: {err}");
+        call("claude").await.unwrap();
+        call("claude").await.unwrap();
+        call("claude").await.unwrap();
+        // "per-model" allows three claude calls.
+        let err = call("claude").await.unwrap_err();
+        assert!(err.to_string().contains("\"per-model\""), "{name}: {err}");
+        // "rpm" counted all five allowed calls, of both models.
+        let err = call("mistral").await.unwrap_err();
+        assert!(err.to_string().contains("\"rpm\""), "{name}: {err}");
+        assert_eq!(
+            left(&layer.usage_for_model("mo", "claude").await.unwrap()),
+            map(&[("rpm", 0), ("per-model", 0), ("tpd", 50)]),
+            "{name}"
+        );
+        assert_eq!(
+            left(&layer.usage_for_model("mo", "gpt-4o").await.unwrap()),
+            map(&[("rpm", 0), ("per-model", 1), ("gpt", 0), ("tpd", 50)]),
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

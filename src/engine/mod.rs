@@ -13,6 +13,7 @@ pub(crate) mod settlement;
 
 use std::collections::HashMap;
 
+use sha2::{Digest, Sha256};
 use smallvec::SmallVec;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,10 +112,68 @@ pub(crate) struct Plan {
     pub suspended: Option<usize>,
 }
 
+/// A layer's identifier-wide rate limits (no model filter, not per model), when it has
+/// at least two and no concurrency limit: they apply to every call, so a store may keep
+/// their states for one identifier in one value (the Redis store does: one read and one
+/// write per call however many there are). Each member still has its own key, which
+/// names it everywhere else (the memory store, the denial cache, wait mode's queues).
+#[derive(Clone, Debug)]
+pub(crate) struct LimitGroup {
+    /// Indices into [`Engine::limits`], in the order of their places in the value.
+    pub members: Vec<usize>,
+    /// `<layer prefix>:+<fingerprint of the members' names>:{`: what the shared
+    /// values' keys start with (a limit's name cannot contain `+`).
+    pub key_head: Box<str>,
+}
+
+/// The most limits a layer may have for its identifier-wide ones to be grouped (the
+/// Redis store decides a call of up to this many rate limits with a script generated
+/// for it; see `store::redis::shaped`).
+pub(crate) const MAX_GROUPED_LIMITS: usize = 8;
+
+impl LimitGroup {
+    /// The group of `limits` of the layer with key prefix `prefix`, if they have one.
+    pub(crate) fn of(limits: &[LimitSpec], prefix: &str) -> Option<Self> {
+        if limits.len() > MAX_GROUPED_LIMITS || limits.iter().any(|l| l.rule.is_concurrency()) {
+            return None;
+        }
+        let members: Vec<usize> = (0..limits.len())
+            .filter(|&i| !limits[i].per_model && limits[i].models.is_empty())
+            .collect();
+        if members.len() < 2 {
+            return None;
+        }
+        // The members' names, in order, fingerprinted: a layer whose identifier-wide
+        // limits change (one added, removed, renamed or moved) uses values of its own,
+        // never one laid out for other members.
+        let mut names = Sha256::new();
+        for &i in &members {
+            names.update(limits[i].name.as_bytes());
+            names.update([0]);
+        }
+        let digest = names.finalize();
+        let fingerprint: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Some(Self {
+            members,
+            key_head: [prefix, ":+", &fingerprint, ":{"].concat().into(),
+        })
+    }
+
+    /// The place of limit `index` of the engine among the members, if it is one.
+    fn member(&self, index: usize) -> Option<u8> {
+        self.members
+            .iter()
+            .position(|&m| m == index)
+            .map(|p| p as u8)
+    }
+}
+
 /// Everything the middleware shares across clones.
 pub(crate) struct Engine {
     pub store: Arc<dyn Store>,
     pub limits: Vec<LimitSpec>,
+    /// The identifier-wide limits whose states a store may keep together.
+    pub group: Option<LimitGroup>,
     pub store_timeout: Duration,
     pub on_store_error: StoreErrorPolicy,
     /// Decides under [`StoreErrorPolicy::Local`].
@@ -267,6 +326,10 @@ impl Engine {
         // `<prefix>:m.<model tag>:{<tag>}`, see `state_key`), in one allocation.
         SharedKeys::build(|buffer| {
             let tag_at = buffer.push(&[tag]);
+            let group_at = self
+                .group
+                .as_ref()
+                .map(|g| buffer.push_key(&g.key_head, tag));
             let mut model_part = None;
             let mut at: SmallVec<[(usize, Range<usize>); 4]> = SmallVec::new();
             for (i, spec) in self.limits.iter().enumerate() {
@@ -287,6 +350,7 @@ impl Engine {
                 SharedKeys::key(&text, tag_at),
                 &text,
                 at,
+                group_at,
                 model,
                 quotas,
                 estimate,
@@ -303,6 +367,7 @@ impl Engine {
         tag: StateKey,
         text: &Arc<str>,
         at: SmallVec<[(usize, Range<usize>); 4]>,
+        group_at: Option<Range<usize>>,
         model: Option<&str>,
         quotas: Option<&Quotas>,
         estimate: Option<Usage>,
@@ -320,7 +385,16 @@ impl Engine {
                 Some(quota) => with_quota(spec.rule, quota, &spec.name),
                 None => spec.rule,
             };
-            let key = SharedKeys::key(text, range);
+            let place = self
+                .group
+                .as_ref()
+                .and_then(|g| Some((g.member(i)?, g.members.len() as u8)));
+            let key = match (place, &group_at) {
+                (Some((member, members)), Some(group)) => {
+                    SharedKeys::grouped_key(text, range, group.clone(), member, members)
+                }
+                _ => SharedKeys::key(text, range),
+            };
             let (cost, take, slot, reserved) = match spec.kind {
                 LimitKind::Requests => (1, true, 0, 0),
                 LimitKind::Concurrency => (1, true, reliability::next_id(), 0),
@@ -539,7 +613,41 @@ impl Engine {
             return Err(Error::invalid_input(format!("no limit named {name:?}")));
         }
         self.forget_denials(&tag);
-        let keys: Vec<String> = specs.iter().map(|s| state_key(&s.prefix, &tag)).collect();
+        let mut keys: Vec<String> = specs.iter().map(|s| state_key(&s.prefix, &tag)).collect();
+        // Grouped limits: every one reset, their shared value goes; some, their places in
+        // it are refunded to a full budget (which is what a state that is gone reads as).
+        let mut refunds = Vec::new();
+        if let Some(group) = &self.group {
+            let group_key = [&*group.key_head, &tag, "}"].concat();
+            let reset: Vec<usize> = (0..self.limits.len())
+                .filter(|&i| group.members.contains(&i))
+                .filter(|&i| name.is_none_or(|n| *self.limits[i].name == *n))
+                .collect();
+            if reset.len() == group.members.len() {
+                keys.push(group_key);
+            } else {
+                for i in reset {
+                    let spec = &self.limits[i];
+                    let own = state_key(&spec.prefix, &tag);
+                    let text: Arc<str> = [own.as_str(), &group_key].concat().into();
+                    let member = group.member(i).unwrap_or_default();
+                    refunds.push(crate::store::Adjustment {
+                        key: SharedKeys::grouped_key(
+                            &text,
+                            0..own.len(),
+                            own.len()..text.len(),
+                            member,
+                            group.members.len() as u8,
+                        ),
+                        rule: spec.rule,
+                        // Beyond any count a state can hold (2^52): a full budget.
+                        delta: -(1 << 53),
+                        slot: 0,
+                        window: None,
+                    });
+                }
+            }
+        }
         let per_model: Vec<String> = specs
             .iter()
             .filter(|s| s.per_model)
@@ -559,6 +667,9 @@ impl Engine {
             with_timeout(self.store_timeout.max(IDENTIFIER_SCAN_WAIT), deleted).await?;
         }
         with_timeout(self.store_timeout, self.store.delete(keys.clone())).await?;
+        if !refunds.is_empty() {
+            with_timeout(self.store_timeout, self.store.adjust(&refunds, None)).await?;
+        }
         // Charges of before the reset still queued for the store must not land after it
         // (dropped once the reset has landed: a reset that fails leaves them queued).
         let per_model = IdentifierKeys::new(per_model, &tag);

@@ -7,7 +7,7 @@ use crate::algorithm::{Algorithm, ConcurrencyLimit, MAX_UNITS};
 use crate::engine::limit::{Limit, LimitKind, LimitSpec};
 use crate::engine::quota::QuotaResolver;
 use crate::engine::reliability::{Breaker, SettlementQueue, StoreErrorPolicy};
-use crate::engine::{CostFn, Engine, LimitUsage, MissingUsage, TokenMode, Waiters};
+use crate::engine::{CostFn, Engine, LimitGroup, LimitUsage, MissingUsage, TokenMode, Waiters};
 use crate::error::Error;
 use crate::identifier::FromRequest;
 use crate::llm::Usage;
@@ -126,6 +126,7 @@ struct Settings {
     on_store_error: StoreErrorPolicy,
     queue_capacity: usize,
     cache_denials: bool,
+    group_states: bool,
     denial_cache_max_age: std::time::Duration,
     token_mode: TokenMode,
     include_output_tokens: bool,
@@ -150,6 +151,7 @@ impl Default for Settings {
             on_store_error: StoreErrorPolicy::default(),
             queue_capacity: 100_000,
             cache_denials: true,
+            group_states: true,
             denial_cache_max_age: std::time::Duration::from_secs(1),
             token_mode: TokenMode::default(),
             include_output_tokens: false,
@@ -196,9 +198,30 @@ impl<X> RatelimitLayerBuilder<X> {
 
     /// Key prefix (default `llm-ratelimit`); limit `name`'s keys are
     /// `<prefix>:<name>:{<identifier>}` (per-model limits:
-    /// `<prefix>:<name>:m.<model>:{<identifier>}`).
+    /// `<prefix>:<name>:m.<model>:{<identifier>}`). On Redis, a layer's identifier-wide
+    /// limits share one value per identifier instead (see
+    /// [`group_states`](Self::group_states)).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.settings.prefix = prefix.into();
+        self
+    }
+
+    /// Keep the states of the limits every call has (rate limits with no model filter
+    /// and not per model) in one value per identifier on Redis (default on, when there
+    /// are at least two of them, no concurrency limit and at most eight limits in all):
+    /// `<prefix>:+<16 hex digits>:{<identifier>}`, the hex digits a fingerprint of those
+    /// limits' names in order. A call then reads and writes one key for all of them, so
+    /// four limits cost Redis about as much as two.
+    ///
+    /// Decisions are the same either way. Turn it off to keep a key per limit, as
+    /// releases before this one did: to run this release beside those during a rolling
+    /// upgrade (they count apart otherwise), or to read a limit through a separate
+    /// [`Ratelimit`](crate::Ratelimit) on its key. Adding, removing, renaming or
+    /// reordering those limits changes the fingerprint: their counts start afresh (a
+    /// changed quota keeps them). The memory store and custom stores keep a
+    /// state per limit whatever this says.
+    pub fn group_states(mut self, group: bool) -> Self {
+        self.settings.group_states = group;
         self
     }
 
@@ -436,6 +459,10 @@ impl<X> RatelimitLayerBuilder<X> {
         let store = s.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let engine = Engine {
             store,
+            group: s
+                .group_states
+                .then(|| LimitGroup::of(&limits, &s.prefix))
+                .flatten(),
             limits,
             store_timeout: s.store_timeout,
             on_store_error: s.on_store_error,

@@ -31,6 +31,20 @@ pub struct StateKey {
     text: Arc<str>,
     start: usize,
     end: usize,
+    /// Where a store that keeps a layer's identifier-wide limits together (the Redis
+    /// store) finds this limit's state instead; the key itself names it all the same.
+    group: Option<GroupPlace>,
+}
+
+/// A limit's place in the value its identifier's grouped limits share: that value's key
+/// (a range of the same text as the limit's own key), the limit's index among the
+/// group's members, and how many members the group has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GroupPlace {
+    start: u32,
+    end: u32,
+    pub(crate) member: u8,
+    pub(crate) members: u8,
 }
 
 impl StateKey {
@@ -40,6 +54,31 @@ impl StateKey {
         // In bounds and on character boundaries: both are set only from the lengths of
         // whole strings pushed into `text` (see `SharedKeys`).
         &self.text[self.start..self.end]
+    }
+
+    /// Benchmarks only (feature `test-util`): the key `key` of a limit whose state is
+    /// member `member` of `members` in the value at `group`, as a layer plans the limits
+    /// that all its calls have (for printing and measuring the script that reads them).
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn grouped(key: &str, group: &str, member: u8, members: u8) -> StateKey {
+        let text: Arc<str> = [key, group].concat().into();
+        let members = members.max(1);
+        SharedKeys::grouped_key(
+            &text,
+            0..key.len(),
+            key.len()..text.len(),
+            member.min(members - 1),
+            members,
+        )
+    }
+
+    /// The key of the value this limit's state shares with its group, and its place
+    /// there; `None` for a limit with a key of its own.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn group(&self) -> Option<(&str, GroupPlace)> {
+        let g = self.group?;
+        Some((&self.text[g.start as usize..g.end as usize], g))
     }
 }
 
@@ -71,6 +110,7 @@ impl From<Arc<str>> for StateKey {
             text,
             start: 0,
             end,
+            group: None,
         }
     }
 }
@@ -199,7 +239,29 @@ impl SharedKeys<'_> {
             text: text.clone(),
             start: range.start,
             end: range.end,
+            group: None,
         }
+    }
+
+    /// The key at `range` of `text`, whose state is member `member` of `members` in the
+    /// value at `group` of the same text (see [`StateKey::group`]).
+    pub(crate) fn grouped_key(
+        text: &Arc<str>,
+        range: Range<usize>,
+        group: Range<usize>,
+        member: u8,
+        members: u8,
+    ) -> StateKey {
+        debug_assert!(text.get(group.clone()).is_some() && member < members);
+        let mut key = Self::key(text, range);
+        // Keys are a few hundred bytes at most (a prefix of 128 and a tag of 64).
+        key.group = Some(GroupPlace {
+            start: group.start as u32,
+            end: group.end as u32,
+            member,
+            members,
+        });
+        key
     }
 }
 

@@ -1,31 +1,48 @@
 -- acquire_shaped.lua: what acquire.lua does, for calls that all have the same rate limits
 -- in the same order (a "shape": each limit's algorithm, window or refill and interval,
--- and whether it takes), with that shape written into the script as constants. The
--- client generates one script per shape from the sections below (clock.lua and
--- state.lua are prepended): `head` once, `read` per limit, `reply`, `write` per limit
--- that takes, then `tail`. In a section, $N stands for the shape's limit count, $i for
--- the limit's place in it (1-based), $ALG for its algorithm (1 fixed window, 2 sliding
--- window, 3 token bucket), $P2 and $P3 for its window (µs) or refill and interval (µs);
--- $QUOTAS for "q1, c1, ..., qN, cN", $FORMAT for the struct format of 2N doubles,
--- $SLOTS for "reply[len + 2], ..., reply[len + 1 + N]", $FAILED for N times "false" and
--- $RAWS for "r1, ..., rN".
+-- whether it takes, and its place in its identifier's group, if it is grouped), with
+-- that shape written into the script as constants. The client generates one script per
+-- shape from the sections below (clock.lua and state.lua are prepended): `head` once,
+-- `read` per limit with a state of its own, and for a shape with grouped limits
+-- `group_read` once and `member_read` per member; then `reply`, `write` per limit of its
+-- own that takes, `group_write` once if a member takes (with `member_place` per member
+-- in it, at $PLACES), then `tail`. In a section, $N stands for the shape's limit count,
+-- $K for its keys per call (its limits of their own, and one for the group's value),
+-- $i for the limit's place in the shape (1-based), $j for its key's place, $G for the
+-- group value's key's place, $ALG for its algorithm (1 fixed window, 2 sliding window,
+-- 3 token bucket), $P2 and $P3 for its window (us) or refill and interval (us), $USED
+-- for what it has used once the call took; $QUOTAS for "q1, c1, ..., qN, cN", $FORMAT
+-- for the struct format of 2N doubles, $SLOTS for "reply[len + 2], ...,
+-- reply[len + 1 + N]", $FAILED for N times "false", $RAWS for each limit's value as
+-- read (a grouped limit: the group's value for the first member, false for the rest);
+-- and for the group: $GLEN its value's length, $GFORMAT that value's struct format,
+-- $GVARS its members' numbers, $GZEROS as many zeros, $GSQUARES the sum of their
+-- squares, $GCLAMPS a line clamping each member's, $GTAKES whether a member takes
+-- something, $GSAME whether every member that takes is in the window its value holds,
+-- $SPANAT, $SPANFORMAT and $SPAN the byte offset, format and numbers that rewrite their
+-- counts in place then.
 --
 -- (Why: acquire.lua reads every limit's algorithm and window from its arguments and
 -- keeps each limit's values in a table between its two passes. Here they are constants
--- and locals: ~30 % less work for Redis per call; see BENCHMARKS.md.)
+-- and locals: ~30 % less work for Redis per call; and a group's members cost one read
+-- and at most one write whatever their number; see BENCHMARKS.md.)
 --
--- KEYS     the state keys of every call, call after call, N per call in shape order.
+-- KEYS     per call, call after call: the state key of each limit of its own, in shape
+--          order, then the group's value's key if the shape has grouped limits.
 --          One call's keys share one hash tag; on a Redis Cluster a script carries one
 --          call.
 -- ARGV[1]  one string of little-endian doubles: the number of calls, then per call, per
---          limit in key order: its limit (or capacity), then the cost.
+--          limit in shape order: its limit (or capacity), then the cost.
 -- ARGV[2]  (builds with the `test-util` feature only) "now" in microseconds instead of
 --          the server's TIME.
 -- Reply    as acquire.lua's: "now", then per call its flag (1 allowed, 0 denied, -1 a
 --          key holds something else than a limiter state) and per limit its key's
---          value as read before the call (nil: none, or the flag is -1).
+--          value as read before the call (nil: none, or the flag is -1); for grouped
+--          limits, the group's value as read in the first member's place and nil in
+--          the others'.
 -- Writes   as acquire.lua's: for each call that every limit allows, each taking
---          limit's cost (a state with a TTL); nothing for a denied call.
+--          limit's cost (a state with a TTL, or its place in the group's value, which
+--          lives as long as its longest-lived member needs); nothing for a denied call.
 
 --@ head
 local records = ARGV[1]
@@ -40,8 +57,37 @@ for call = 1, calls do
   $QUOTAS, at = struct.unpack('$FORMAT', records, at)
 --@ read
   -- Limit $i: its view (see view in state.lua); nil if its key holds another type.
-  local a$i, u$i, p$i, w$i, s$i, t$i, r$i = view(KEYS[k + $i], $ALG, $P2, $P3, now)
+  local a$i, u$i, p$i, w$i, s$i, t$i, r$i = view(KEYS[k + $j], $ALG, $P2, $P3, now)
   if a$i == nil then all = -1 elseif all == 1 and w$i + c$i > q$i then all = 0 end
+--@ group_read
+  -- The group's value (see state.lua): one read for all its members. A value of
+  -- another length or marker reads as no state, and is replaced when written.
+  local graw = redis.pcall('GET', KEYS[k + $G])
+  local gok = false
+  local $GVARS = $GZEROS
+  if graw then
+    if #graw == $GLEN then
+      local marker
+      marker, $GVARS = struct.unpack('$GFORMAT', graw)
+      gok = marker == 2
+      if not gok then
+        $GVARS = $GZEROS
+      else
+        -- A number no script writes (see clamped in state.lua) makes this sum of squares
+        -- NaN or more than (2^52)^2: the usual values then cost no function call.
+        local squares = $GSQUARES
+        if squares ~= squares or squares > 20282409603651670423947251286016 then
+$GCLAMPS
+        end
+      end
+    elseif type(graw) == 'table' then
+      all = -1
+    end
+  end
+--@ member_read
+  -- Limit $i: its view, from its place in the group's value.
+  local a$i, u$i, p$i, w$i, s$i, t$i = view_of(g$iA, g$iB, g$iC, gok, $ALG, $P2, $P3, now)
+  if all == 1 and w$i + c$i > q$i then all = 0 end
 --@ reply
   if all == -1 then
     reply[len + 1], $SLOTS = -1, $FAILED
@@ -54,13 +100,30 @@ for call = 1, calls do
     -- Limit $i takes: exactly its cost is added to what is used (as in acquire.lua).
     if c$i > 0 then
       if s$i then
-        redis.call('SETRANGE', KEYS[k + $i], USED_AT, struct.pack('<d', u$i + c$i))
+        redis.call('SETRANGE', KEYS[k + $j], USED_AT, struct.pack('<d', u$i + c$i))
       else
-        persist(KEYS[k + $i], $ALG, a$i, u$i + c$i, p$i, reset_after($ALG, $P2, $P3, a$i, u$i + c$i, p$i, t$i) + t$i - now)
+        persist(KEYS[k + $j], $ALG, a$i, u$i + c$i, p$i, reset_after($ALG, $P2, $P3, a$i, u$i + c$i, p$i, t$i) + t$i - now)
       end
     end
+--@ group_write
+    -- The group, if a member takes: when every member that takes is in the window the
+    -- value holds (with something used there), their counts are rewritten in place (the
+    -- value's TTL already covers them); else the whole value, each member's view as
+    -- persist would store it, living as long as its longest-lived member needs.
+    if $GTAKES then
+      if $GSAME then
+        redis.call('SETRANGE', KEYS[k + $G], '$SPANAT', struct.pack('$SPANFORMAT', $SPAN))
+      else
+        local ttl, reset = 0, 0
+$PLACES
+        redis.call('SET', KEYS[k + $G], struct.pack('$GFORMAT', 2, $GVARS), 'PX', string.format('%d', ttl_ms(ttl)))
+      end
+    end
+--@ member_place
+        g$iA, g$iB, g$iC, reset = placed($ALG, a$i, $USED, p$i, reset_after($ALG, $P2, $P3, a$i, $USED, p$i, t$i) + t$i - now)
+        if reset > ttl then ttl = reset end
 --@ tail
   end
-  k = k + $N
+  k = k + $K
 end
 return reply

@@ -18,7 +18,9 @@
 --          release; a refund never goes beyond a full budget), window (the window index
 --          that paid for a refund, -1: none; see `algorithm::adjust` for where a refund
 --          lands once that window has rolled). For concurrency, p3 is the slot id's high
---          32 bits and the window field its low 32 bits.
+--          32 bits and the window field its low 32 bits. A limit whose state is a member
+--          of a group's shared value (see state.lua) has that value's key in KEYS, and
+--          16 * (its place + 1) + 256 * (the group's members) added to its algorithm.
 -- Reply    an array: "now" (us), then per settlement, concatenated: 1 if applied, 0 if
 --          its id was applied before (nothing changed), -1 if one of its keys holds
 --          something else than a limiter state (neither applied nor recorded); then per
@@ -39,6 +41,15 @@ local reply, len = { now, 0, 0 }, 1
 -- view (anchor, cur, prev, same window, decision time) and its key's value as read (for
 -- slots, nothing).
 local V = { 0, 0, 0, 0, 0, 0 }
+-- A limit's algorithm field: the algorithm, and for a group's member its place (0-based)
+-- and the group's size (-1, 0: a state of its own).
+local function placement(alg)
+  if alg < 16 then return alg, -1, 0 end
+  local code = alg % 16
+  local place = (alg - code) / 16
+  local member = place % 16
+  return code, member - 1, (place - member) / 16
+end
 local records = ARGV[4]
 -- KEYS index before the current settlement's keys, and where its limits start in
 -- `records` (limit i at o + PACKED_LIMIT_BYTES * (i - 1)).
@@ -53,10 +64,17 @@ for s = 1, settlements do
   for i = 1, n do
     local key = KEYS[k + i]
     local alg, _, p2, p3 = struct.unpack(PACKED_LIMIT, records, o + PACKED_LIMIT_BYTES * (i - 1))
+    local member, members
+    alg, member, members = placement(alg)
     if alg == 4 then
       failed = failed or type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) ~= 'number'
     else
-      local anchor, cur, prev, _, same, at, raw = view(key, alg, p2, p3, now)
+      local anchor, cur, prev, _, same, at, raw
+      if member >= 0 then
+        anchor, cur, prev, _, same, at, raw = member_view(key, member, members, alg, p2, p3, now)
+      else
+        anchor, cur, prev, _, same, at, raw = view(key, alg, p2, p3, now)
+      end
       if anchor == nil then failed = true end
       local v = 6 * i
       V[v - 5], V[v - 4], V[v - 3], V[v - 2], V[v - 1], V[v] = anchor, cur, prev, same, at, raw
@@ -80,6 +98,8 @@ for s = 1, settlements do
   for i = 1, n do
     local key = KEYS[k + i]
     local alg, p1, p2, p3, delta, window = struct.unpack(PACKED_LIMIT, records, o + PACKED_LIMIT_BYTES * (i - 1))
+    local member, members
+    alg, member, members = placement(alg)
     len = len + 1
     if failed then
       reply[len] = false
@@ -149,7 +169,12 @@ for s = 1, settlements do
           end
         end
       end
-      if changed and same and delta > 0 then
+      if changed and member >= 0 then
+        local reset = reset_after(alg, p2, p3, anchor, cur, prev, now) + late
+        local x, y, z
+        x, y, z, reset = placed(alg, anchor, cur, prev, reset)
+        persist_member(key, member, members, x, y, z, reset)
+      elseif changed and same and delta > 0 then
         -- A charge into this very window of a state with something used: its TTL
         -- already ends where the new state's does, so only "used" changes.
         redis.call('SETRANGE', key, USED_AT, struct.pack('<d', cur))

@@ -40,7 +40,9 @@ local USED_AT = '9'
 -- One limit's six numbers, packed by the client (see the scripts' headers).
 local PACKED_LIMIT = '<dddddd'
 local PACKED_LIMIT_BYTES = 48
--- The state of `key` normalized to `now` (View in algorithm.rs), as five values:
+-- A state's three numbers (a nil: no state) normalized to `now` (View in algorithm.rs);
+-- `packed`: they were read from a packed state (not text), `raw`: the value they were
+-- read from, returned last. view (below) reads them from a key. As five values:
 --   fixed:   window index, used, 0, used
 --   sliding: window index, used in it, used in the one before, weighted use
 --   bucket:  last refill time, used after refilling, 0, used
@@ -49,40 +51,11 @@ local PACKED_LIMIT_BYTES = 48
 -- the new state's does), the time the decision is made at: `now`, or the start of the
 -- state's window (its last refill for a bucket) if later (`effective` in
 -- algorithm.rs: a state from "the future" was written by a caller whose clock read later;
--- deciding in its window keeps its count there). Nothing (nil) if the key holds another
--- type.
+-- deciding in its window keeps its count there). view returns nothing (nil) if the key
+-- holds another type.
 -- alg: 1 fixed, 2 sliding, 3 bucket; p2 window us or refill per interval; p3 bucket
 -- interval us.
-local function view(key, alg, p2, p3, now)
-  -- pcall: a key of another type (a misconfigured prefix) fails its own call only, as
-  -- nil, before the script has written anything for that call.
-  local raw = redis.pcall('GET', key)
-  local a, b, c
-  local packed = false
-  if raw then
-    -- The length first: the usual packed state then costs no C call to tell from an
-    -- error reply (a table, whose length is 0) or text.
-    local marker
-    if #raw == 25 then marker, a, b, c = struct.unpack(PACK, raw) end
-    if marker == 1 then
-      packed = true
-    elseif type(raw) == 'table' then
-      return nil
-    else
-      a, b, c = string.match(raw, '^(-?%d+):(-?%d+):(-?%d+)$')
-      if a then a, b, c = a + 0, b + 0, c + 0 end
-    end
-    -- A number no script writes (NaN, or beyond +-2^52: a key set by something else)
-    -- reads as the client reads it (parse_state in src/store/redis/mod.rs): NaN as 0,
-    -- the rest clamped to +-2^52. Both then decide alike, and nothing written back from
-    -- it is NaN or infinite (a NaN TTL would fail the whole script, after the writes of
-    -- the calls before it in a batch).
-    if a then
-      if a ~= a then a = 0 elseif a > MAX then a = MAX elseif a < -MAX then a = -MAX end
-      if b ~= b then b = 0 elseif b > MAX then b = MAX elseif b < -MAX then b = -MAX end
-      if c ~= c then c = 0 elseif c > MAX then c = MAX elseif c < -MAX then c = -MAX end
-    end
-  end
+local function view_of(a, b, c, packed, alg, p2, p3, now, raw)
   if alg == 3 then
     if not a then return now, 0, 0, 0, false, now, raw end
     if b > now then now = b end
@@ -113,6 +86,99 @@ local function view(key, alg, p2, p3, now)
   local f = w % 1
   if f > 0 then w = w - f + 1 end
   return idx, cur, prev, cur + w, same, now, raw
+end
+
+-- A number no script writes (NaN, or beyond +-2^52: a key set by something else)
+-- reads as the client reads it (parse_state in src/store/redis/mod.rs): NaN as 0,
+-- the rest clamped to +-2^52. Both then decide alike, and nothing written back from
+-- it is NaN or infinite (a NaN TTL would fail the whole script, after the writes of
+-- the calls before it in a batch).
+local function clamped(a, b, c)
+  if a ~= a then a = 0 elseif a > MAX then a = MAX elseif a < -MAX then a = -MAX end
+  if b ~= b then b = 0 elseif b > MAX then b = MAX elseif b < -MAX then b = -MAX end
+  if c ~= c then c = 0 elseif c > MAX then c = MAX elseif c < -MAX then c = -MAX end
+  return a, b, c
+end
+
+local function view(key, alg, p2, p3, now)
+  -- pcall: a key of another type (a misconfigured prefix) fails its own call only, as
+  -- nil, before the script has written anything for that call.
+  local raw = redis.pcall('GET', key)
+  local a, b, c
+  local packed = false
+  if raw then
+    -- The length first: the usual packed state then costs no C call to tell from an
+    -- error reply (a table, whose length is 0) or text.
+    local marker
+    if #raw == 25 then marker, a, b, c = struct.unpack(PACK, raw) end
+    if marker == 1 then
+      packed = true
+    elseif type(raw) == 'table' then
+      return nil
+    else
+      a, b, c = string.match(raw, '^(-?%d+):(-?%d+):(-?%d+)$')
+      if a then a, b, c = a + 0, b + 0, c + 0 end
+    end
+    if a then a, b, c = clamped(a, b, c) end
+  end
+  return view_of(a, b, c, packed, alg, p2, p3, now, raw)
+end
+
+-- Grouped limits: an identifier's limits that every call of a layer has share one
+-- value, a byte 2 and then each member's state as three little-endian doubles (as in a
+-- state of its own, without the byte 1); three zeros stand for no state. The value's
+-- length says how many members it has.
+local GROUP_MARKER = 2
+
+-- Member `member` (0-based) of `members` in the value at `key`, as view reads a state
+-- of its own (the value as read is the last result); nil if the key holds another type.
+-- A value of another length or marker reads as no state (and is replaced when written).
+local function member_view(key, member, members, alg, p2, p3, now)
+  local raw = redis.pcall('GET', key)
+  local a, b, c
+  local packed = false
+  if raw then
+    if type(raw) == 'table' then return nil end
+    if #raw == 1 + 24 * members and string.byte(raw, 1) == GROUP_MARKER then
+      a, b, c = struct.unpack('<ddd', raw, 2 + 24 * member)
+      a, b, c = clamped(a, b, c)
+      packed = true
+      if a == 0 and b == 0 and c == 0 then a = nil end
+    end
+  end
+  return view_of(a, b, c, packed, alg, p2, p3, now, raw)
+end
+
+-- What a grouped member's place holds for a view (anchor, cur, prev) whose budget is
+-- restored after `reset` us: its three numbers, and how long the value must live for
+-- them (0: no state, three zeros). As persist stores a state of its own.
+local function placed(alg, anchor, cur, prev, reset)
+  if cur == 0 and prev == 0 or alg == 3 and cur <= 0 then return 0, 0, 0, 0 end
+  if reset < 1 then reset = 1 elseif reset > MAX then reset = MAX end
+  if alg == 3 then
+    if cur > MAX then cur = MAX end
+    return cur, anchor, 0, reset
+  end
+  return anchor, cur, prev, reset
+end
+
+-- Write one member's place in the value at `key` (see placed), creating the value if
+-- it is not one of `members` members, and making it live at least `reset` us.
+local function persist_member(key, member, members, x, y, z, reset)
+  local raw = redis.call('GET', key)
+  if raw and #raw == 1 + 24 * members and string.byte(raw, 1) == GROUP_MARKER then
+    redis.call('SETRANGE', key, string.format('%d', 1 + 24 * member), struct.pack('<ddd', x, y, z))
+    if reset > 0 then
+      local ms = ttl_ms(reset)
+      local left = redis.call('PTTL', key)
+      if left >= 0 and left < ms then redis.call('PEXPIRE', key, string.format('%d', ms)) end
+    end
+    return
+  end
+  if reset <= 0 then return end
+  local value = string.char(GROUP_MARKER) .. string.rep('\0', 24 * member) ..
+    struct.pack('<ddd', x, y, z) .. string.rep('\0', 24 * (members - member - 1))
+  redis.call('SET', key, value, 'PX', string.format('%d', ttl_ms(reset)))
 end
 
 -- Time (us) until the budget of a view (anchor, cur, prev) is fully restored.

@@ -17,6 +17,8 @@ use crate::error::StoreError;
 
 mod shaped;
 
+use shaped::Carrier;
+
 /// The scripts' clock and TTLs: the server's time, or in `test-util` builds only, a
 /// test's "now" when one is sent (and TTLs padded to outlast the test).
 #[cfg(not(feature = "test-util"))]
@@ -539,6 +541,38 @@ fn parse_state(raw: &[u8]) -> Option<State> {
     fields.next().is_none().then_some(State { a, b, c })
 }
 
+/// Why a call of grouped limits that no generated script carries fails (a layer never
+/// plans one: it groups limits only when every call can have its script).
+fn ungroupable() -> StoreError {
+    StoreError::new(
+        "a call of grouped limits that no generated acquire script can carry (more than \
+         eight limits, a concurrency limit, or too many shapes of calls)",
+    )
+}
+
+/// A grouped limit's state in its group's value as a script read it (see `state.lua`):
+/// a byte 2, then three little-endian doubles per member. Its three numbers, clamped as
+/// [`parse_state`] clamps them; none if the value is not one of `members` members (the
+/// scripts read that as no state, and replace it) or the member's place is three zeros.
+fn member_state(raw: &[u8], member: u8, members: u8) -> Option<State> {
+    const LIMIT: f64 = algorithm::MAX_COUNTER as f64;
+    if raw.len() != 1 + 24 * usize::from(members) || raw[0] != 2 || member >= members {
+        return None;
+    }
+    let at = |i: usize| {
+        let start = 1 + 24 * usize::from(member) + 8 * i;
+        let bytes: [u8; 8] = raw[start..start + 8].try_into().unwrap_or([0; 8]);
+        // NaN (a byte pattern no script writes) reads as 0.
+        f64::from_le_bytes(bytes).clamp(-LIMIT, LIMIT) as i64
+    };
+    let state = State {
+        a: at(0),
+        b: at(1),
+        c: at(2),
+    };
+    (state != State { a: 0, b: 0, c: 0 }).then_some(state)
+}
+
 /// A concurrency limit's decision as the scripts send it: six little-endian doubles,
 /// allowed, max, held, reset_after_us, retry_after_us (-1: none), -1.
 fn parse_slots(raw: &[u8]) -> Result<Decision, StoreError> {
@@ -570,6 +604,20 @@ fn state_of(value: redis::Value) -> Result<Option<State>, StoreError> {
         redis::Value::BulkString(raw) => Ok(parse_state(&raw)),
         _ => Err(StoreError::new(
             "malformed script reply: a limit without its state",
+        )),
+    }
+}
+
+/// The state of a grouped limit at `place`, from its group's value as a script sent it.
+fn grouped_state_of(
+    value: &redis::Value,
+    place: super::key::GroupPlace,
+) -> Result<Option<State>, StoreError> {
+    match value {
+        redis::Value::Nil => Ok(None),
+        redis::Value::BulkString(raw) => Ok(member_state(raw, place.member, place.members)),
+        _ => Err(StoreError::new(
+            "malformed script reply: a grouped limit without its group's value",
         )),
     }
 }
@@ -615,14 +663,23 @@ impl ScriptReply {
     /// arithmetic, so each limit reads as if decided here. A denied call reports every
     /// limit as it is (nothing was taken).
     fn acquire(&mut self, checks: &[LimitCheck]) -> Result<Vec<Decision>, StoreError> {
-        let (flag, values) = self.next_part(checks.len())?;
+        let (flag, mut values) = self.next_part(checks.len())?;
         let all = flag == 1;
+        // Grouped limits: the group's value is in the first member's place.
+        let group_value = checks
+            .iter()
+            .position(|c| c.key.group().is_some())
+            .map(|first| std::mem::replace(&mut values[first], redis::Value::Nil));
         let mut decisions = Vec::with_capacity(checks.len());
         for (c, value) in checks.iter().zip(values) {
             decisions.push(match &c.rule {
                 Rule::Rate(alg) => {
+                    let state = match (c.key.group(), &group_value) {
+                        (Some((_, place)), Some(group)) => grouped_state_of(group, place)?,
+                        _ => state_of(value)?,
+                    };
                     let (outcome, _) =
-                        algorithm::decide(alg, state_of(value)?, self.now, c.cost, c.take && all);
+                        algorithm::decide(alg, state, self.now, c.cost, c.take && all);
                     Decision::from(outcome)
                 }
                 Rule::Concurrency(_) => slots_of(value)?,
@@ -660,8 +717,11 @@ impl ScriptReply {
                 Ok(match &a.rule {
                     Rule::Rate(alg) => {
                         let delta = if applied { a.delta } else { 0 };
-                        let (outcome, _) =
-                            algorithm::adjust(alg, state_of(value)?, self.now, delta, a.window);
+                        let state = match a.key.group() {
+                            Some((_, place)) => grouped_state_of(&value, place)?,
+                            None => state_of(value)?,
+                        };
+                        let (outcome, _) = algorithm::adjust(alg, state, self.now, delta, a.window);
                         Decision::from(outcome)
                     }
                     Rule::Concurrency(_) => slots_of(value)?,
@@ -884,6 +944,14 @@ fn adjustment_packed(a: &Adjustment) -> PackedLimit {
     match &a.rule {
         super::Rule::Rate(alg) => {
             let [code, p1, p2, p3] = alg.script_params().map(|p| p as f64);
+            // A grouped limit's place and its group's size travel in the algorithm field
+            // (see adjust.lua).
+            let code = match a.key.group() {
+                Some((_, place)) => {
+                    code + 16.0 * f64::from(place.member + 1) + 256.0 * f64::from(place.members)
+                }
+                None => code,
+            };
             packed([
                 code,
                 p1,
@@ -954,10 +1022,11 @@ impl ScriptArgs {
         for checks in calls {
             if shaped {
                 shaped::push_call(&mut args.records, checks);
+                shaped::push_keys(&mut keys, checks);
             } else {
                 args.push_call(checks);
+                keys.extend(checks.iter().map(|c| c.key.clone()));
             }
-            keys.extend(checks.iter().map(|c| c.key.clone()));
         }
         (keys, args)
     }
@@ -967,7 +1036,11 @@ impl RedisStore {
     /// One call's acquire as its own script, with the caller-facing timeout.
     fn acquire_unbatched(&self, checks: Vec<LimitCheck>) -> StoreFuture<Vec<Decision>> {
         // A batch of one call.
-        let shaped = shaped::script_for(&checks);
+        let shaped = match shaped::script_for(&checks) {
+            Some(Carrier::Shaped(script)) => Some(script),
+            Some(Carrier::Any) => None,
+            None => return StoreFuture::ready(Err(ungroupable())),
+        };
         let (keys, mut args) = ScriptArgs::acquires(std::iter::once(&checks[..]), shaped.is_some());
         self.push_test_clock(&mut args);
         let script = shaped.unwrap_or(&ACQUIRE);
@@ -993,7 +1066,17 @@ impl RedisStore {
         let address = |script: Option<&'static Script>| script.map(std::ptr::from_ref);
         let mut groups: Vec<(Option<&'static Script>, Vec<_>)> = Vec::with_capacity(1);
         for call in batch {
-            let script = shaped::script_for(&call.0);
+            let script = match shaped::script_for(&call.0) {
+                Some(Carrier::Shaped(script)) => Some(script),
+                Some(Carrier::Any) => None,
+                None => {
+                    let _ = call.1.send(AcquireAnswer {
+                        result: Some(Err(ungroupable())),
+                        undo: None,
+                    });
+                    continue;
+                }
+            };
             match groups
                 .iter_mut()
                 .find(|(s, _)| address(*s) == address(script))
@@ -1008,7 +1091,9 @@ impl RedisStore {
             // script saves on one call.
             let mut any = Vec::new();
             groups.retain_mut(|(script, calls)| {
-                let keep = script.is_some() && calls.len() > 1;
+                // (Not a call of grouped limits: only its generated script reads them.)
+                let grouped = calls[0].0.iter().any(|c| c.key.group().is_some());
+                let keep = script.is_some() && (calls.len() > 1 || grouped);
                 if !keep {
                     any.append(calls);
                 }
@@ -1128,7 +1213,10 @@ impl RedisStore {
             args.push_count(usize::from(id.is_some() && first.is_some()));
             for a in adjustments.iter() {
                 args.push_limit(adjustment_packed(a));
-                keys.push(a.key.clone());
+                keys.push(match a.key.group() {
+                    Some((group, _)) => StateKey::from(group),
+                    None => a.key.clone(),
+                });
             }
             if let (Some(id), Some(first)) = (id, first) {
                 keys.push(settlement_key(&first.key, *id));
@@ -1399,6 +1487,32 @@ mod tests {
         ] {
             assert_eq!(parse_state(raw), None, "{raw:?}");
         }
+    }
+
+    #[test]
+    fn members_read_from_their_places_as_the_scripts_read_them() {
+        let mut value = vec![2u8];
+        for v in [7.0, 3.0, 0.0, 0.0, 0.0, 0.0, f64::NAN, 1e300, -1e300] {
+            value.extend(f64::to_le_bytes(v));
+        }
+        let max = 1i64 << 52;
+        assert_eq!(member_state(&value, 0, 3), Some(State { a: 7, b: 3, c: 0 }));
+        // Three zeros: no state.
+        assert_eq!(member_state(&value, 1, 3), None);
+        assert_eq!(
+            member_state(&value, 2, 3),
+            Some(State {
+                a: 0,
+                b: max,
+                c: -max
+            })
+        );
+        // Not a value of three members, another marker, a place beyond: no state.
+        assert_eq!(member_state(&value, 0, 2), None);
+        assert_eq!(member_state(&value, 3, 3), None);
+        value[0] = 1;
+        assert_eq!(member_state(&value, 0, 3), None);
+        assert_eq!(member_state(b"", 0, 1), None);
     }
 
     fn reply(parts: Vec<redis::Value>) -> ScriptReply {

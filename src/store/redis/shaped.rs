@@ -14,7 +14,7 @@ use std::sync::{LazyLock, RwLock};
 use redis::Script;
 use smallvec::SmallVec;
 
-use super::super::{LimitCheck, Rule};
+use super::super::{LimitCheck, Rule, StateKey};
 
 /// The most limits of a generated script: each takes nine Lua locals, and a Lua function
 /// has at most 200.
@@ -26,50 +26,100 @@ pub(super) const MAX_SHAPED_LIMITS: usize = 8;
 pub(super) const MAX_SHAPES: usize = 64;
 
 /// Per rate limit, in order: algorithm code, window µs (or refill), interval µs (bucket;
-/// else 0), 1 if it takes.
+/// else 0), 1 if it takes, and its place in its identifier's group plus 1 (0: a state of
+/// its own).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Shape(SmallVec<[[u64; 4]; 4]>);
+struct Shape(SmallVec<[[u64; 5]; 4]>);
 
 impl Shape {
-    /// The shape of a call of these checks, if a generated script can carry it.
+    /// The shape of a call of these checks, if a generated script can carry it: rate
+    /// limits only, at most [`MAX_SHAPED_LIMITS`], and if some are grouped, every member
+    /// of that one group once.
     fn of(checks: &[LimitCheck]) -> Option<Self> {
         if checks.len() > MAX_SHAPED_LIMITS {
             return None;
         }
         let mut limits = SmallVec::new();
+        let mut group: Option<(&str, u8)> = None;
+        let mut seen = 0u32;
         for c in checks {
             let Rule::Rate(algorithm) = &c.rule else {
                 return None;
             };
             let [code, _, p2, p3] = algorithm.script_params();
-            limits.push([code, p2, p3, u64::from(c.take)]);
+            let member = match c.key.group() {
+                Some((key, place)) => {
+                    match group {
+                        None => group = Some((key, place.members)),
+                        Some(g) if g == (key, place.members) => {}
+                        Some(_) => return None,
+                    }
+                    let bit = 1u32 << place.member;
+                    if seen & bit != 0 {
+                        return None;
+                    }
+                    seen |= bit;
+                    u64::from(place.member) + 1
+                }
+                None => 0,
+            };
+            limits.push([code, p2, p3, u64::from(c.take), member]);
+        }
+        if let Some((_, members)) = group
+            && seen.count_ones() != u32::from(members)
+        {
+            return None;
         }
         Some(Self(limits))
+    }
+
+    /// Keys per call: one per limit of its own, one for the group's value.
+    fn keys(&self) -> usize {
+        let own = self.0.iter().filter(|l| l[4] == 0).count();
+        own + usize::from(own < self.0.len())
     }
 }
 
 type Scripts = HashMap<Shape, &'static Script, foldhash::fast::RandomState>;
 
 /// Every script generated so far, by shape. Each lives as long as the process, as the
-/// static scripts do (there are at most [`MAX_SHAPES`]).
+/// static scripts do (there are at most [`MAX_SHAPES`], and at most as many more for
+/// shapes with grouped limits).
 static SCRIPTS: LazyLock<RwLock<Scripts>> = LazyLock::new(RwLock::default);
 
-/// The generated script for calls of these checks; `None`: use `acquire.lua`.
-pub(super) fn script_for(checks: &[LimitCheck]) -> Option<&'static Script> {
-    let shape = Shape::of(checks)?;
-    if let Some(script) = SCRIPTS.read().ok()?.get(&shape) {
-        return Some(script);
+/// What carries an acquire of a call's checks.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Carrier {
+    /// The script generated for their shape.
+    Shaped(&'static Script),
+    /// `acquire.lua`.
+    Any,
+}
+
+/// The script for calls of these checks. Calls with grouped limits always get theirs
+/// (`acquire.lua` does not read a group's value): `None` if they have none, which a
+/// layer never plans (it groups limits only when a generated script can carry its
+/// calls).
+pub(super) fn script_for(checks: &[LimitCheck]) -> Option<Carrier> {
+    let grouped = checks.iter().any(|c| c.key.group().is_some());
+    let Some(shape) = Shape::of(checks) else {
+        return (!grouped).then_some(Carrier::Any);
+    };
+    if let Some(script) = SCRIPTS.read().ok().and_then(|s| s.get(&shape).copied()) {
+        return Some(Carrier::Shaped(script));
     }
-    let mut scripts = SCRIPTS.write().ok()?;
+    let Ok(mut scripts) = SCRIPTS.write() else {
+        return (!grouped).then_some(Carrier::Any);
+    };
     if let Some(script) = scripts.get(&shape) {
-        return Some(script);
+        return Some(Carrier::Shaped(script));
     }
-    if scripts.len() >= MAX_SHAPES {
-        return None;
+    if scripts.len() >= MAX_SHAPES * if grouped { 2 } else { 1 } {
+        return (!grouped).then_some(Carrier::Any);
     }
     let script: &'static Script = Box::leak(Box::new(super::script(&source(&shape))));
     scripts.insert(shape, script);
-    Some(script)
+    Some(Carrier::Shaped(script))
 }
 
 /// Append one call's arguments for its generated script: per limit, its quota and cost.
@@ -77,6 +127,21 @@ pub(super) fn push_call(records: &mut Vec<u8>, checks: &[LimitCheck]) {
     for c in checks {
         records.extend_from_slice(&(c.rule.limit() as f64).to_le_bytes());
         records.extend_from_slice(&super::cost_sent(c).to_le_bytes());
+    }
+}
+
+/// Append one call's KEYS for its generated script: its limits' own keys in order, then
+/// its group's value's key (see [`Shape::keys`]).
+pub(super) fn push_keys(keys: &mut Vec<StateKey>, checks: &[LimitCheck]) {
+    let mut group = None;
+    for c in checks {
+        match c.key.group() {
+            Some((key, _)) => group = group.or(Some(key)),
+            None => keys.push(c.key.clone()),
+        }
+    }
+    if let Some(key) = group {
+        keys.push(StateKey::from(key));
     }
 }
 
@@ -95,34 +160,154 @@ fn section(name: &str) -> &'static str {
 fn source(shape: &Shape) -> String {
     let n = shape.0.len();
     let list = |item: &dyn Fn(usize) -> String| (1..=n).map(item).collect::<Vec<_>>().join(", ");
+    // The grouped limits (1-based places in the shape), by their place in the group.
+    let mut members: Vec<(usize, [u64; 5])> = (1..=n)
+        .map(|i| (i, shape.0[i - 1]))
+        .filter(|(_, l)| l[4] > 0)
+        .collect();
+    members.sort_by_key(|(_, l)| l[4]);
+    // The first grouped limit in the shape's order: its place in the reply carries the
+    // group's value.
+    let first_member = (1..=n).find(|&i| shape.0[i - 1][4] > 0);
+    let member_list = |item: &dyn Fn(usize) -> String, join: &str| {
+        members
+            .iter()
+            .map(|(i, _)| item(*i))
+            .collect::<Vec<_>>()
+            .join(join)
+    };
+    let key_index = {
+        let mut own = 0;
+        shape
+            .0
+            .iter()
+            .map(|l| {
+                if l[4] == 0 {
+                    own += 1;
+                    own
+                } else {
+                    0
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let group_at = shape.keys();
     let quotas = list(&|i| format!("q{i}, c{i}"));
     let format = format!("<{}", "dd".repeat(n));
     let slots = list(&|i| format!("reply[len + {}]", i + 1));
     let failed = list(&|_| "false".to_owned());
-    let raws = list(&|i| format!("r{i}"));
+    let raws = list(&|i| match shape.0[i - 1][4] {
+        0 => format!("r{i}"),
+        _ if Some(i) == first_member => "graw".to_owned(),
+        _ => "false".to_owned(),
+    });
+    let gvars = member_list(&|i| format!("g{i}A, g{i}B, g{i}C"), ", ");
+    let gzeros = vec!["0"; 3 * members.len()].join(", ");
+    let gformat = format!("<B{}", "ddd".repeat(members.len()));
+    let gsquares = member_list(
+        &|i| format!("g{i}A * g{i}A + g{i}B * g{i}B + g{i}C * g{i}C"),
+        " + ",
+    );
+    let gclamps = member_list(
+        &|i| format!("          g{i}A, g{i}B, g{i}C = clamped(g{i}A, g{i}B, g{i}C)"),
+        "\n",
+    );
+    let takers: Vec<(usize, [u64; 5])> =
+        members.iter().copied().filter(|(_, l)| l[3] == 1).collect();
+    let gtakes = takers
+        .iter()
+        .map(|(i, _)| format!("c{i} > 0"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    // In place only when every member that takes counts in windows (a bucket's take
+    // moves its refill time too): the doubles from the first taker's count to the last
+    // one's, each taker's new count and the rest as read.
+    let gsame = if takers.iter().any(|(_, l)| l[0] == 3) {
+        "false".to_owned()
+    } else {
+        takers
+            .iter()
+            .map(|(i, _)| format!("s{i}"))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    let (span_at, span) = match (takers.first(), takers.last()) {
+        (Some((_, first)), Some((_, last))) => {
+            let (from, to) = (first[4] as usize - 1, last[4] as usize - 1);
+            // Member m's numbers are doubles 3m, 3m + 1, 3m + 2 after the marker byte;
+            // its count is the second.
+            let mut span = Vec::new();
+            for d in 3 * from + 1..=3 * to + 1 {
+                let (m, field) = (d / 3, d % 3);
+                let (i, l) = members[m];
+                span.push(match field {
+                    1 if l[3] == 1 => format!("u{i} + c{i}"),
+                    0 => format!("g{i}A"),
+                    1 => format!("g{i}B"),
+                    _ => format!("g{i}C"),
+                });
+            }
+            (1 + 8 * (3 * from + 1), span)
+        }
+        _ => (0, Vec::new()),
+    };
+    let span_format = format!("<{}", "d".repeat(span.len()));
+    let span = span.join(", ");
     let whole = |text: &str| {
         text.replace("$QUOTAS", &quotas)
             .replace("$FORMAT", &format)
             .replace("$SLOTS", &slots)
             .replace("$FAILED", &failed)
             .replace("$RAWS", &raws)
+            .replace("$GVARS", &gvars)
+            .replace("$GZEROS", &gzeros)
+            .replace("$GFORMAT", &gformat)
+            .replace("$GLEN", &(1 + 24 * members.len()).to_string())
+            .replace("$GSQUARES", &gsquares)
+            .replace("$GCLAMPS", &gclamps)
+            .replace("$GTAKES", &gtakes)
+            .replace("$GSAME", &gsame)
+            .replace("$SPANAT", &span_at.to_string())
+            .replace("$SPANFORMAT", &span_format)
+            .replace("$SPAN", &span)
+            .replace("$G", &group_at.to_string())
             .replace("$N", &n.to_string())
+            .replace("$K", &shape.keys().to_string())
     };
-    let limit = |text: &str, i: usize, [code, p2, p3, _]: [u64; 4]| {
+    let limit = |text: &str, i: usize| {
+        let [code, p2, p3, take, _] = shape.0[i - 1];
+        let used = if take == 1 {
+            format!("u{i} + c{i}")
+        } else {
+            format!("u{i}")
+        };
         text.replace("$ALG", &code.to_string())
             .replace("$P2", &p2.to_string())
             .replace("$P3", &p3.to_string())
+            .replace("$USED", &used)
+            .replace("$j", &key_index[i - 1].to_string())
             .replace("$i", &i.to_string())
     };
     let mut out = whole(section("head"));
-    for (i, l) in shape.0.iter().enumerate() {
-        out.push_str(&limit(section("read"), i + 1, *l));
+    for i in (1..=n).filter(|&i| shape.0[i - 1][4] == 0) {
+        out.push_str(&limit(section("read"), i));
+    }
+    if !members.is_empty() {
+        out.push_str(&whole(section("group_read")));
+        for (i, _) in &members {
+            out.push_str(&limit(section("member_read"), *i));
+        }
     }
     out.push_str(&whole(section("reply")));
-    for (i, l) in shape.0.iter().enumerate() {
-        if l[3] == 1 {
-            out.push_str(&limit(section("write"), i + 1, *l));
-        }
+    for i in (1..=n).filter(|&i| shape.0[i - 1][4] == 0 && shape.0[i - 1][3] == 1) {
+        out.push_str(&limit(section("write"), i));
+    }
+    if !takers.is_empty() {
+        let places: String = members
+            .iter()
+            .map(|(i, _)| limit(section("member_place"), *i))
+            .collect();
+        out.push_str(&whole(section("group_write")).replace("$PLACES\n", &places));
     }
     out.push_str(&whole(section("tail")));
     out
@@ -176,6 +361,107 @@ mod tests {
         assert!(lua.contains("struct.unpack('<dddd', records, at)"), "{lua}");
         // Only the limit that takes is written.
         assert!(lua.contains("persist(KEYS[k + 1]") && !lua.contains("persist(KEYS[k + 2]"));
+    }
+
+    fn member(rule: Rule, take: bool, group: &str, member: u8, members: u8) -> LimitCheck {
+        LimitCheck {
+            key: {
+                let text: std::sync::Arc<str> = ["k:{t}", group].concat().into();
+                crate::store::SharedKeys::grouped_key(&text, 0..5, 5..text.len(), member, members)
+            },
+            ..check(rule, take)
+        }
+    }
+
+    #[test]
+    fn a_group_is_read_once_and_written_once() {
+        let minute = FixedWindow::new(10, Duration::from_secs(60)).unwrap();
+        let bucket = TokenBucket::new(100, 5, Duration::from_secs(1)).unwrap();
+        // Limit 1 of its own; limits 2 to 4 the group's members 0, 1, 2 (2 and 4 take).
+        let checks = [
+            check(minute.into(), true),
+            member(minute.into(), true, "g:{t}", 0, 3),
+            member(bucket.into(), false, "g:{t}", 1, 3),
+            member(minute.into(), true, "g:{t}", 2, 3),
+        ];
+        let shape = Shape::of(&checks).unwrap();
+        assert_eq!(shape.keys(), 2);
+        let lua = source(&shape);
+        assert!(!lua.contains('$'), "unfilled placeholder in:\n{lua}");
+        assert_eq!(lua.matches("redis.pcall('GET'").count(), 1, "{lua}");
+        assert!(
+            lua.contains("view(KEYS[k + 1], 1, 60000000, 0, now)"),
+            "{lua}"
+        );
+        assert!(lua.contains("redis.pcall('GET', KEYS[k + 2])"), "{lua}");
+        assert!(lua.contains("#graw == 73"), "{lua}");
+        assert!(
+            lua.contains("view_of(g3A, g3B, g3C, gok, 3, 5, 1000000, now)"),
+            "{lua}"
+        );
+        // The group's value in the first member's place of the reply.
+        assert!(lua.contains("= all, r1, graw, false, false"), "{lua}");
+        // In place: from member 0's count (byte 9) to member 2's, the bucket's numbers
+        // between them as read.
+        assert!(
+            lua.contains("'SETRANGE', KEYS[k + 2], '9', struct.pack('<ddddddd', u2 + c2, g2C, g3A, g3B, g3C, g4A, u4 + c4)"),
+            "{lua}"
+        );
+        assert!(lua.contains("if s2 and s4 then"), "{lua}");
+        assert!(lua.contains("k = k + 2"), "{lua}");
+        // A bucket that takes moves its refill time: never in place.
+        let checks = [
+            member(minute.into(), false, "g:{t}", 0, 2),
+            member(bucket.into(), true, "g:{t}", 1, 2),
+        ];
+        let lua = source(&Shape::of(&checks).unwrap());
+        assert!(lua.contains("if false then"), "{lua}");
+        assert!(
+            lua.contains("struct.pack('<Bdddddd', 2, g1A, g1B, g1C, g2A, g2B, g2C)"),
+            "{lua}"
+        );
+        // No member takes: nothing is written.
+        let checks = [
+            member(minute.into(), false, "g:{t}", 0, 2),
+            member(bucket.into(), false, "g:{t}", 1, 2),
+        ];
+        let lua = source(&Shape::of(&checks).unwrap());
+        assert!(!lua.contains("'SET'") && !lua.contains("SETRANGE"), "{lua}");
+    }
+
+    #[test]
+    fn a_shape_has_every_member_of_one_group_once() {
+        let minute = FixedWindow::new(10, Duration::from_secs(60)).unwrap();
+        let rule = Rule::from(minute);
+        assert!(
+            Shape::of(&[
+                member(rule, true, "g:{t}", 0, 2),
+                member(rule, true, "g:{t}", 1, 2)
+            ])
+            .is_some()
+        );
+        // A member missing, twice, or of two groups: no script reads that right.
+        assert!(Shape::of(&[member(rule, true, "g:{t}", 0, 2)]).is_none());
+        assert!(
+            Shape::of(&[
+                member(rule, true, "g:{t}", 0, 2),
+                member(rule, true, "g:{t}", 0, 2)
+            ])
+            .is_none()
+        );
+        assert!(
+            Shape::of(&[
+                member(rule, true, "g:{t}", 0, 2),
+                member(rule, true, "h:{t}", 1, 2)
+            ])
+            .is_none()
+        );
+        // And no carrier at all: acquire.lua does not read groups.
+        assert!(script_for(&[member(rule, true, "g:{t}", 0, 2)]).is_none());
+        assert!(matches!(
+            script_for(&[check(rule, true)]),
+            Some(Carrier::Shaped(_))
+        ));
     }
 
     #[test]
