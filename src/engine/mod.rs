@@ -137,9 +137,12 @@ impl LimitGroup {
         if limits.len() > MAX_GROUPED_LIMITS || limits.iter().any(|l| l.rule.is_concurrency()) {
             return None;
         }
-        let members: Vec<usize> = (0..limits.len())
+        let mut members: Vec<usize> = (0..limits.len())
             .filter(|&i| !limits[i].per_model && limits[i].models.is_empty())
             .collect();
+        // Request limits first: every call takes from them, and the value keeps the
+        // members' counts side by side, so their takes rewrite one run of bytes.
+        members.sort_by_key(|&i| limits[i].kind != LimitKind::Requests);
         if members.len() < 2 {
             return None;
         }

@@ -4,7 +4,7 @@
 -- that shape written into the script as constants. The client generates one script per
 -- shape from the sections below (clock.lua and state.lua are prepended): `head` once,
 -- `read` per limit with a state of its own, and for a shape with grouped limits
--- `group_read` once and `member_read` per member; then `reply`, `write` per limit of its
+-- `group_read` once and `member_read_<algorithm>` per member; then `reply`, `write` per limit of its
 -- own that takes, `group_write` once if a member takes (with `member_place` per member
 -- in it, at $PLACES), then `tail`. In a section, $N stands for the shape's limit count,
 -- $K for its keys per call (its limits of their own, and one for the group's value),
@@ -13,14 +13,14 @@
 -- 3 token bucket), $P2 and $P3 for its window (us) or refill and interval (us), $USED
 -- for what it has used once the call took; $QUOTAS for "q1, c1, ..., qN, cN", $FORMAT
 -- for the struct format of 2N doubles, $SLOTS for "reply[len + 2], ...,
--- reply[len + 1 + N]", $FAILED for N times "false", $RAWS for each limit's value as
--- read (a grouped limit: the group's value for the first member, false for the rest);
+-- reply[len + 1 + R]", $FAILED for R times "false", $RAWS for each value as read (each
+-- limit's of its own, then the group's);
 -- and for the group: $GLEN its value's length, $GFORMAT that value's struct format,
--- $GVARS its members' numbers, $GZEROS as many zeros, $GSQUARES the sum of their
--- squares, $GCLAMPS a line clamping each member's, $GTAKES whether a member takes
+-- $GVARS its members' numbers (by columns, as the value holds them), $GZEROS as many
+-- zeros, $GSUM their sum, $GCLAMPS a line clamping each member's, $GTAKES whether a member takes
 -- something, $GSAME whether every member that takes is in the window its value holds,
 -- $SPANAT, $SPANFORMAT and $SPAN the byte offset, format and numbers that rewrite their
--- counts in place then.
+-- counts in place then; $R the values per call in the reply.
 --
 -- (Why: acquire.lua reads every limit's algorithm and window from its arguments and
 -- keeps each limit's values in a table between its two passes. Here they are constants
@@ -37,9 +37,8 @@
 --          the server's TIME.
 -- Reply    as acquire.lua's: "now", then per call its flag (1 allowed, 0 denied, -1 a
 --          key holds something else than a limiter state) and per limit its key's
---          value as read before the call (nil: none, or the flag is -1); for grouped
---          limits, the group's value as read in the first member's place and nil in
---          the others'.
+--          value as read before the call (nil: none, or the flag is -1), skipping the
+--          grouped limits, whose group's value as read comes last.
 -- Writes   as acquire.lua's: for each call that every limit allows, each taking
 --          limit's cost (a state with a TTL, or its place in the group's value, which
 --          lives as long as its longest-lived member needs); nothing for a denied call.
@@ -73,10 +72,14 @@ for call = 1, calls do
       if not gok then
         $GVARS = $GZEROS
       else
-        -- A number no script writes (see clamped in state.lua) makes this sum of squares
-        -- NaN or more than (2^52)^2: the usual values then cost no function call.
-        local squares = $GSQUARES
-        if squares ~= squares or squares > 20282409603651670423947251286016 then
+        -- A number no script writes (NaN or an infinity; see clamped in state.lua) makes
+        -- this sum NaN or an infinity, and one beyond +-2^52 makes it more than 2^57 (24
+        -- numbers within 2^52 sum to less) unless another cancels it (which leaves the
+        -- decisions as the client's: beyond 2^52 a count never fits and a window or a
+        -- refill time lies centuries ahead, clamped or not). The usual values then cost
+        -- no function call.
+        local sum = $GSUM
+        if sum ~= sum or sum > 144115188075855872 or sum < -144115188075855872 then
 $GCLAMPS
         end
       end
@@ -84,9 +87,48 @@ $GCLAMPS
       all = -1
     end
   end
---@ member_read
-  -- Limit $i: its view, from its place in the group's value.
-  local a$i, u$i, p$i, w$i, s$i, t$i = view_of(g$iA, g$iB, g$iC, gok, $ALG, $P2, $P3, now)
+--@ member_read_1
+  -- Limit $i, a fixed window: its view from its place in the group's value (view_of in
+  -- state.lua, inline and with its window as a constant: a call of a Lua function costs
+  -- Redis ~900 instructions, more than the view; -1 stands for no state).
+  local a$i, u$i, p$i, w$i, s$i, t$i = 0, 0, 0, 0, false, now
+  do
+    local x = g$iA
+    if x * $P2 > now + $P2 then x = -1 end
+    if x * $P2 > now then t$i = x * $P2 end
+    a$i = (t$i - t$i % $P2) / $P2
+    if x >= a$i then u$i, w$i, s$i = g$iB, g$iB, gok and x == a$i and g$iB > 0 end
+  end
+  if all == 1 and w$i + c$i > q$i then all = 0 end
+--@ member_read_2
+  -- Limit $i, a sliding window: as member_read_1 (-2 stands for no state).
+  local a$i, u$i, p$i, w$i, s$i, t$i = 0, 0, 0, 0, false, now
+  do
+    local x = g$iA
+    if x * $P2 > now + $P2 then x = -2 end
+    if x * $P2 > now then t$i = x * $P2 end
+    a$i = (t$i - t$i % $P2) / $P2
+    if x >= a$i then u$i, p$i = g$iB, g$iC elseif x == a$i - 1 then p$i = g$iB end
+    s$i, w$i = gok and x == a$i and u$i > 0, u$i
+    if p$i > 0 then
+      local w = p$i * ($P2 - (t$i - a$i * $P2)) / $P2
+      local f = w % 1
+      if f > 0 then w = w - f + 1 end
+      w$i = u$i + w
+    end
+  end
+  if all == 1 and w$i + c$i > q$i then all = 0 end
+--@ member_read_3
+  -- Limit $i, a token bucket: as member_read_1 (three zeros read as a full bucket).
+  local a$i, u$i, p$i, w$i, s$i, t$i = now, 0, 0, 0, false, now
+  do
+    local last = g$iB
+    if last > now then a$i, t$i = last, last end
+    local elapsed = t$i - last
+    local intervals = (elapsed - elapsed % $P3) / $P3
+    local left = g$iA - intervals * $P2
+    if left > 0 then a$i, u$i, w$i = last + intervals * $P3, left, left end
+  end
   if all == 1 and w$i + c$i > q$i then all = 0 end
 --@ reply
   if all == -1 then
@@ -94,7 +136,7 @@ $GCLAMPS
   else
     reply[len + 1], $SLOTS = all, $RAWS
   end
-  len = len + 1 + $N
+  len = len + 1 + $R
   if all == 1 then
 --@ write
     -- Limit $i takes: exactly its cost is added to what is used (as in acquire.lua).

@@ -541,6 +541,10 @@ fn parse_state(raw: &[u8]) -> Option<State> {
     fields.next().is_none().then_some(State { a, b, c })
 }
 
+fn short_reply() -> StoreError {
+    StoreError::new("short script reply")
+}
+
 /// Why a call of grouped limits that no generated script carries fails (a layer never
 /// plans one: it groups limits only when every call can have its script).
 fn ungroupable() -> StoreError {
@@ -551,7 +555,8 @@ fn ungroupable() -> StoreError {
 }
 
 /// A grouped limit's state in its group's value as a script read it (see `state.lua`):
-/// a byte 2, then three little-endian doubles per member. Its three numbers, clamped as
+/// a byte 2, then each member's first number, each one's second, each one's third, as
+/// little-endian doubles. Its three numbers, clamped as
 /// [`parse_state`] clamps them; none if the value is not one of `members` members (the
 /// scripts read that as no state, and replace it) or the member's place is three zeros.
 fn member_state(raw: &[u8], member: u8, members: u8) -> Option<State> {
@@ -560,7 +565,7 @@ fn member_state(raw: &[u8], member: u8, members: u8) -> Option<State> {
         return None;
     }
     let at = |i: usize| {
-        let start = 1 + 24 * usize::from(member) + 8 * i;
+        let start = 1 + 8 * (i * usize::from(members) + usize::from(member));
         let bytes: [u8; 8] = raw[start..start + 8].try_into().unwrap_or([0; 8]);
         // NaN (a byte pattern no script writes) reads as 0.
         f64::from_le_bytes(bytes).clamp(-LIMIT, LIMIT) as i64
@@ -663,26 +668,26 @@ impl ScriptReply {
     /// arithmetic, so each limit reads as if decided here. A denied call reports every
     /// limit as it is (nothing was taken).
     fn acquire(&mut self, checks: &[LimitCheck]) -> Result<Vec<Decision>, StoreError> {
-        let (flag, mut values) = self.next_part(checks.len())?;
+        // Grouped limits: one value for all of them, after the others' values.
+        let own = checks.iter().filter(|c| c.key.group().is_none()).count();
+        let grouped = own < checks.len();
+        let (flag, values) = self.next_part(own + usize::from(grouped))?;
         let all = flag == 1;
-        // Grouped limits: the group's value is in the first member's place.
-        let group_value = checks
-            .iter()
-            .position(|c| c.key.group().is_some())
-            .map(|first| std::mem::replace(&mut values[first], redis::Value::Nil));
+        let mut values = values.into_iter();
+        let group_value = if grouped { values.next_back() } else { None };
         let mut decisions = Vec::with_capacity(checks.len());
-        for (c, value) in checks.iter().zip(values) {
+        for c in checks {
             decisions.push(match &c.rule {
                 Rule::Rate(alg) => {
                     let state = match (c.key.group(), &group_value) {
                         (Some((_, place)), Some(group)) => grouped_state_of(group, place)?,
-                        _ => state_of(value)?,
+                        _ => state_of(values.next().ok_or_else(short_reply)?)?,
                     };
                     let (outcome, _) =
                         algorithm::decide(alg, state, self.now, c.cost, c.take && all);
                     Decision::from(outcome)
                 }
-                Rule::Concurrency(_) => slots_of(value)?,
+                Rule::Concurrency(_) => slots_of(values.next().ok_or_else(short_reply)?)?,
             });
         }
         let allowed = decisions.iter().all(|d| d.allowed);
@@ -1492,7 +1497,8 @@ mod tests {
     #[test]
     fn members_read_from_their_places_as_the_scripts_read_them() {
         let mut value = vec![2u8];
-        for v in [7.0, 3.0, 0.0, 0.0, 0.0, 0.0, f64::NAN, 1e300, -1e300] {
+        // By columns: the members' first numbers, then their second, then their third.
+        for v in [7.0, 0.0, f64::NAN, 3.0, 0.0, 1e300, 0.0, 0.0, -1e300] {
             value.extend(f64::to_le_bytes(v));
         }
         let max = 1i64 << 52;

@@ -166,9 +166,6 @@ fn source(shape: &Shape) -> String {
         .filter(|(_, l)| l[4] > 0)
         .collect();
     members.sort_by_key(|(_, l)| l[4]);
-    // The first grouped limit in the shape's order: its place in the reply carries the
-    // group's value.
-    let first_member = (1..=n).find(|&i| shape.0[i - 1][4] > 0);
     let member_list = |item: &dyn Fn(usize) -> String, join: &str| {
         members
             .iter()
@@ -176,38 +173,46 @@ fn source(shape: &Shape) -> String {
             .collect::<Vec<_>>()
             .join(join)
     };
-    let key_index = {
-        let mut own = 0;
-        shape
-            .0
-            .iter()
-            .map(|l| {
-                if l[4] == 0 {
-                    own += 1;
-                    own
-                } else {
-                    0
-                }
-            })
-            .collect::<Vec<_>>()
-    };
+    // Each limit's key's place among the call's keys (0 for a grouped one).
+    let key_index: Vec<usize> = shape
+        .0
+        .iter()
+        .scan(0, |own, l| {
+            if l[4] == 0 {
+                *own += 1;
+                Some(*own)
+            } else {
+                Some(0)
+            }
+        })
+        .collect();
     let group_at = shape.keys();
     let quotas = list(&|i| format!("q{i}, c{i}"));
     let format = format!("<{}", "dd".repeat(n));
-    let slots = list(&|i| format!("reply[len + {}]", i + 1));
-    let failed = list(&|_| "false".to_owned());
-    let raws = list(&|i| match shape.0[i - 1][4] {
-        0 => format!("r{i}"),
-        _ if Some(i) == first_member => "graw".to_owned(),
-        _ => "false".to_owned(),
-    });
-    let gvars = member_list(&|i| format!("g{i}A, g{i}B, g{i}C"), ", ");
+    // The reply's values per call: each limit's of its own, then the group's.
+    let mut raws: Vec<String> = (1..=n)
+        .filter(|&i| shape.0[i - 1][4] == 0)
+        .map(|i| format!("r{i}"))
+        .collect();
+    if !members.is_empty() {
+        raws.push("graw".to_owned());
+    }
+    let replied = raws.len();
+    let raws = raws.join(", ");
+    let slots = (1..=replied)
+        .map(|i| format!("reply[len + {}]", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let failed = vec!["false"; replied].join(", ");
+    // The value holds its members' numbers by columns: every first one, every second,
+    // every third.
+    let column = |name: char| member_list(&|i| format!("g{i}{name}"), ", ");
+    let gvars = [column('A'), column('B'), column('C')].join(", ");
+    let gsum = [column('A'), column('B'), column('C')]
+        .join(", ")
+        .replace(", ", " + ");
     let gzeros = vec!["0"; 3 * members.len()].join(", ");
     let gformat = format!("<B{}", "ddd".repeat(members.len()));
-    let gsquares = member_list(
-        &|i| format!("g{i}A * g{i}A + g{i}B * g{i}B + g{i}C * g{i}C"),
-        " + ",
-    );
     let gclamps = member_list(
         &|i| format!("          g{i}A, g{i}B, g{i}C = clamped(g{i}A, g{i}B, g{i}C)"),
         "\n",
@@ -234,20 +239,15 @@ fn source(shape: &Shape) -> String {
     let (span_at, span) = match (takers.first(), takers.last()) {
         (Some((_, first)), Some((_, last))) => {
             let (from, to) = (first[4] as usize - 1, last[4] as usize - 1);
-            // Member m's numbers are doubles 3m, 3m + 1, 3m + 2 after the marker byte;
-            // its count is the second.
-            let mut span = Vec::new();
-            for d in 3 * from + 1..=3 * to + 1 {
-                let (m, field) = (d / 3, d % 3);
-                let (i, l) = members[m];
-                span.push(match field {
-                    1 if l[3] == 1 => format!("u{i} + c{i}"),
-                    0 => format!("g{i}A"),
-                    1 => format!("g{i}B"),
-                    _ => format!("g{i}C"),
-                });
-            }
-            (1 + 8 * (3 * from + 1), span)
+            // The counts are the second column: member m's at double M + m.
+            let span: Vec<String> = members[from..=to]
+                .iter()
+                .map(|(i, l)| match l[3] {
+                    1 => format!("u{i} + c{i}"),
+                    _ => format!("g{i}B"),
+                })
+                .collect();
+            (1 + 8 * (members.len() + from), span)
         }
         _ => (0, Vec::new()),
     };
@@ -263,7 +263,7 @@ fn source(shape: &Shape) -> String {
             .replace("$GZEROS", &gzeros)
             .replace("$GFORMAT", &gformat)
             .replace("$GLEN", &(1 + 24 * members.len()).to_string())
-            .replace("$GSQUARES", &gsquares)
+            .replace("$GSUM", &gsum)
             .replace("$GCLAMPS", &gclamps)
             .replace("$GTAKES", &gtakes)
             .replace("$GSAME", &gsame)
@@ -272,6 +272,7 @@ fn source(shape: &Shape) -> String {
             .replace("$SPAN", &span)
             .replace("$G", &group_at.to_string())
             .replace("$N", &n.to_string())
+            .replace("$R", &replied.to_string())
             .replace("$K", &shape.keys().to_string())
     };
     let limit = |text: &str, i: usize| {
@@ -294,8 +295,13 @@ fn source(shape: &Shape) -> String {
     }
     if !members.is_empty() {
         out.push_str(&whole(section("group_read")));
-        for (i, _) in &members {
-            out.push_str(&limit(section("member_read"), *i));
+        for (i, l) in &members {
+            let read = match l[0] {
+                1 => "member_read_1",
+                2 => "member_read_2",
+                _ => "member_read_3",
+            };
+            out.push_str(&limit(section(read), *i));
         }
     }
     out.push_str(&whole(section("reply")));
@@ -395,16 +401,33 @@ mod tests {
         );
         assert!(lua.contains("redis.pcall('GET', KEYS[k + 2])"), "{lua}");
         assert!(lua.contains("#graw == 73"), "{lua}");
+        // By columns: the members' first numbers, second numbers, third numbers.
         assert!(
-            lua.contains("view_of(g3A, g3B, g3C, gok, 3, 5, 1000000, now)"),
+            lua.contains("struct.unpack('<Bddddddddd', graw)")
+                && lua.contains("marker, g2A, g3A, g4A, g2B, g3B, g4B, g2C, g3C, g4C ="),
             "{lua}"
         );
-        // The group's value in the first member's place of the reply.
-        assert!(lua.contains("= all, r1, graw, false, false"), "{lua}");
-        // In place: from member 0's count (byte 9) to member 2's, the bucket's numbers
-        // between them as read.
+        // Each member's view inline, its window a constant.
         assert!(
-            lua.contains("'SETRANGE', KEYS[k + 2], '9', struct.pack('<ddddddd', u2 + c2, g2C, g3A, g3B, g3C, g4A, u4 + c4)"),
+            lua.contains("local intervals = (elapsed - elapsed % 1000000) / 1000000"),
+            "{lua}"
+        );
+        assert!(
+            lua.contains("if x * 60000000 > now + 60000000 then x = -1 end"),
+            "{lua}"
+        );
+        // The reply: the limit of its own's value, then the group's.
+        assert!(
+            lua.contains("reply[len + 1], reply[len + 2], reply[len + 3] = all, r1, graw"),
+            "{lua}"
+        );
+        assert!(lua.contains("len = len + 1 + 2"), "{lua}");
+        // In place: the counts column from member 0's (byte 1 + 8 * 3) to member 2's, the
+        // bucket's between them as read.
+        assert!(
+            lua.contains(
+                "'SETRANGE', KEYS[k + 2], '25', struct.pack('<ddd', u2 + c2, g3B, u4 + c4)"
+            ),
             "{lua}"
         );
         assert!(lua.contains("if s2 and s4 then"), "{lua}");
@@ -417,7 +440,7 @@ mod tests {
         let lua = source(&Shape::of(&checks).unwrap());
         assert!(lua.contains("if false then"), "{lua}");
         assert!(
-            lua.contains("struct.pack('<Bdddddd', 2, g1A, g1B, g1C, g2A, g2B, g2C)"),
+            lua.contains("struct.pack('<Bdddddd', 2, g1A, g2A, g1B, g2B, g1C, g2C)"),
             "{lua}"
         );
         // No member takes: nothing is written.
