@@ -12,7 +12,8 @@
 //! concurrent acquires, default on), `--limits 1|2|4` (through the layer: requests,
 //! then tokens, then a second request and token window; every call reports 150 tokens
 //! used, so a token limit also costs a settlement write; `--no-usage`: none is reported
-//! and nothing settled), `--threads N` (runtime worker
+//! and nothing settled; `--group-states on|off`: the layer's identifier-wide limits in one
+//! value per identifier, its default, or a key each), `--threads N` (runtime worker
 //! threads, 1: current-thread). The last line is exactly
 //! `decisions_per_sec=<number> p50_us=<number> p99_us=<number> decisions=<number>
 //! client_cpu_us_per_decision=<number>` (client CPU: this process's user + system time,
@@ -57,6 +58,10 @@ struct Cli {
     /// in a settlement write).
     #[arg(long)]
     no_usage: bool,
+    /// Through the layer on Redis: keep its identifier-wide limits' states in one value
+    /// per identifier (`on`, the layer's default) or a key per limit (`off`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    group_states: String,
     /// Runtime worker threads (1: a current-thread runtime).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
@@ -72,6 +77,7 @@ struct Args {
     limits: usize,
     threads: usize,
     no_usage: bool,
+    group_states: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -89,6 +95,7 @@ fn parse() -> Result<Args, String> {
         limits: cli.limits,
         threads: cli.threads as usize,
         no_usage: cli.no_usage,
+        group_states: cli.group_states == "on",
     })
 }
 
@@ -165,6 +172,7 @@ async fn run(args: Args) {
     let mut builder = RatelimitLayer::builder()
         .shared_store(store)
         .prefix(prefix.clone())
+        .group_states(args.group_states)
         .limit("rpm", Limit::requests(never_denies));
     if args.limits >= 2 {
         builder = builder.limit("tpm", Limit::tokens(never_denies));
