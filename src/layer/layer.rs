@@ -218,7 +218,8 @@ impl<X> RatelimitLayerBuilder<X> {
     /// upgrade (they count apart otherwise), or to read a limit through a separate
     /// [`Ratelimit`](crate::Ratelimit) on its key. Adding, removing, renaming or
     /// reordering those limits changes the fingerprint: their counts start afresh (a
-    /// changed quota keeps them). The memory store and custom stores keep a
+    /// changed quota keeps them). Two layers on one prefix share a limit only if both
+    /// group it the same way or neither does. The memory store and custom stores keep a
     /// state per limit whatever this says.
     pub fn group_states(mut self, group: bool) -> Self {
         self.settings.group_states = group;

@@ -105,6 +105,7 @@ pub struct File {
     pub admin_token: Option<String>,
     pub prefix: Option<String>,
     pub include_output_tokens: Option<bool>,
+    pub group_states: Option<bool>,
     pub shutdown_grace: Option<String>,
     #[serde(default)]
     pub limits: Vec<LimitFile>,
@@ -211,6 +212,9 @@ pub struct Settings {
     pub include_output_tokens: bool,
     pub admin_token: Option<String>,
     pub prefix: String,
+    /// On Redis: the limits every call has share one value per identifier (see
+    /// `RatelimitLayerBuilder::group_states`).
+    pub group_states: bool,
     pub shutdown_grace: Duration,
     pub limits: Vec<LimitSpec>,
     /// Tier name → (limit name → quota).
@@ -553,6 +557,7 @@ pub fn settings(cli: &Cli, file: File, env: Env<'_>) -> Result<Settings, ConfigE
         include_output_tokens: include_output_tokens && has_tokens,
         admin_token,
         prefix: pick(&cli.prefix, &file.prefix).unwrap_or_else(|| "gateway".into()),
+        group_states: file.group_states.unwrap_or(true),
         shutdown_grace,
         limits,
         tiers,
@@ -647,6 +652,10 @@ quotas = { rpm = 600 }
         assert_eq!(s.limits[0].window, Duration::from_secs(60));
         assert_eq!(s.tiers["pro"]["rpm"], 600);
         assert_eq!(s.tier_of["alice"], "pro");
+        assert!(s.group_states, "grouped by default");
+        let s =
+            parse(&EXAMPLE.replace("admin_token", "group_states = false\nadmin_token")).unwrap();
+        assert!(!s.group_states);
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub fn runtime(settings: Settings, store: Arc<dyn Store>) -> Result<Runtime, Box
     let mut builder = RatelimitLayer::builder()
         .shared_store(store)
         .prefix(settings.prefix.clone())
+        .group_states(settings.group_states)
         .on_store_error(policy)
         .store_timeout(settings.store_timeout)
         .include_output_tokens(settings.include_output_tokens)

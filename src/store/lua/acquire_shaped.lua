@@ -10,9 +10,10 @@
 -- $K for its keys per call (its limits of their own, and one for the group's value),
 -- $i for the limit's place in the shape (1-based), $j for its key's place, $G for the
 -- group value's key's place, $ALG for its algorithm (1 fixed window, 2 sliding window,
--- 3 token bucket), $P2 and $P3 for its window (us) or refill and interval (us), $USED
--- for what it has used once the call took; $QUOTAS for "q1, c1, ..., qN, cN", $FORMAT
--- for the struct format of 2N doubles, $SLOTS for "reply[len + 2], ...,
+-- 3 token bucket), $P2 and $P3 for its window (us) or refill (the variable f$i: an
+-- argument, which a tier's quota scales) and interval (us), $USED
+-- for what it has used once the call took; $QUOTAS for "q1, c1, ..., qN, cN" (with f$i after a
+-- bucket's), $FORMAT for their struct format, $SLOTS for "reply[len + 2], ...,
 -- reply[len + 1 + R]", $FAILED for R times "false", $RAWS for each value as read (each
 -- limit's of its own, then the group's);
 -- and for the group: $GLEN its value's length, $GFORMAT that value's struct format,
@@ -32,7 +33,8 @@
 --          One call's keys share one hash tag; on a Redis Cluster a script carries one
 --          call.
 -- ARGV[1]  one string of little-endian doubles: the number of calls, then per call, per
---          limit in shape order: its limit (or capacity), then the cost.
+--          limit in shape order: its limit (or capacity), then the cost, and for a
+--          token bucket then its refill per interval.
 -- ARGV[2]  (builds with the `test-util` feature only) "now" in microseconds instead of
 --          the server's TIME.
 -- Reply    as acquire.lua's: "now", then per call its flag (1 allowed, 0 denied, -1 a

@@ -3,10 +3,14 @@
 //! constants (`acquire_shaped.lua` holds the sections they are made of and says why).
 //!
 //! A shape is what stays the same from call to call of one set of limits: per rate
-//! limit, in order, its algorithm, window (or refill and interval), and whether it takes.
-//! The quotas (which a tenant's override may change) and the costs travel as arguments.
-//! Calls with a concurrency limit, more than [`MAX_SHAPED_LIMITS`] limits, or a shape
-//! beyond the first [`MAX_SHAPES`] of the process use `acquire.lua`.
+//! limit, in order, its algorithm, window (or a bucket's interval), whether it takes,
+//! and its place in its identifier's group of limits that share one value. The quotas
+//! and a bucket's refill (which a tenant's override may change) and the costs travel as
+//! arguments. Calls with a concurrency limit, more than [`MAX_SHAPED_LIMITS`] limits, or
+//! a shape beyond the first [`MAX_SHAPES`] of the process use `acquire.lua`, except calls
+//! of grouped limits, which only a generated script reads: they get theirs up to twice
+//! that many shapes, and fail beyond (a layer has a few shapes: one per way its calls
+//! take, with usage reads and reservations).
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, RwLock};
@@ -20,13 +24,13 @@ use super::super::{LimitCheck, Rule, StateKey};
 /// has at most 200.
 pub(super) const MAX_SHAPED_LIMITS: usize = 8;
 
-/// The most shapes generated in one process (each is loaded into Redis once, a few KiB
-/// there and here). An application has one shape per set of limits it configures (and
-/// per tier whose override changes a window); further shapes use `acquire.lua`.
+/// The most shapes generated in one process for calls without grouped limits (each is
+/// loaded into Redis once, a few KiB there and here). An application has a shape or a
+/// few per set of limits it configures; further shapes use `acquire.lua`.
 pub(super) const MAX_SHAPES: usize = 64;
 
-/// Per rate limit, in order: algorithm code, window µs (or refill), interval µs (bucket;
-/// else 0), 1 if it takes, and its place in its identifier's group plus 1 (0: a state of
+/// Per rate limit, in order: algorithm code, window µs (a bucket: 0, its refill is an
+/// argument), interval µs (bucket; else 0), 1 if it takes, and its place in its identifier's group plus 1 (0: a state of
 /// its own).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Shape(SmallVec<[[u64; 5]; 4]>);
@@ -47,6 +51,9 @@ impl Shape {
                 return None;
             };
             let [code, _, p2, p3] = algorithm.script_params();
+            // A bucket's refill travels with its quota (a tier's quota scales it): tiers
+            // add no shapes.
+            let p2 = if code == 3 { 0 } else { p2 };
             let member = match c.key.group() {
                 Some((key, place)) => {
                     match group {
@@ -122,11 +129,17 @@ pub(super) fn script_for(checks: &[LimitCheck]) -> Option<Carrier> {
     Some(Carrier::Shaped(script))
 }
 
-/// Append one call's arguments for its generated script: per limit, its quota and cost.
+/// Append one call's arguments for its generated script: per limit, its quota and cost,
+/// and for a token bucket its refill per interval.
 pub(super) fn push_call(records: &mut Vec<u8>, checks: &[LimitCheck]) {
     for c in checks {
         records.extend_from_slice(&(c.rule.limit() as f64).to_le_bytes());
         records.extend_from_slice(&super::cost_sent(c).to_le_bytes());
+        if let Rule::Rate(algorithm) = &c.rule
+            && let [3, _, refill, _] = algorithm.script_params()
+        {
+            records.extend_from_slice(&(refill as f64).to_le_bytes());
+        }
     }
 }
 
@@ -187,8 +200,17 @@ fn source(shape: &Shape) -> String {
         })
         .collect();
     let group_at = shape.keys();
-    let quotas = list(&|i| format!("q{i}, c{i}"));
-    let format = format!("<{}", "dd".repeat(n));
+    let bucket = |i: usize| shape.0[i - 1][0] == 3;
+    let quotas = list(&|i| match bucket(i) {
+        true => format!("q{i}, c{i}, f{i}"),
+        false => format!("q{i}, c{i}"),
+    });
+    let format = format!(
+        "<{}",
+        (1..=n)
+            .map(|i| if bucket(i) { "ddd" } else { "dd" })
+            .collect::<String>()
+    );
     // The reply's values per call: each limit's of its own, then the group's.
     let mut raws: Vec<String> = (1..=n)
         .filter(|&i| shape.0[i - 1][4] == 0)
@@ -282,8 +304,13 @@ fn source(shape: &Shape) -> String {
         } else {
             format!("u{i}")
         };
+        // A bucket's refill is an argument (see `Shape::of`).
+        let p2 = match code {
+            3 => format!("f{i}"),
+            _ => p2.to_string(),
+        };
         text.replace("$ALG", &code.to_string())
-            .replace("$P2", &p2.to_string())
+            .replace("$P2", &p2)
             .replace("$P3", &p3.to_string())
             .replace("$USED", &used)
             .replace("$j", &key_index[i - 1].to_string())
@@ -361,10 +388,15 @@ mod tests {
             "{lua}"
         );
         assert!(
-            lua.contains("view(KEYS[k + 2], 3, 5, 1000000, now)"),
+            lua.contains("view(KEYS[k + 2], 3, f2, 1000000, now)"),
             "{lua}"
         );
-        assert!(lua.contains("struct.unpack('<dddd', records, at)"), "{lua}");
+        // The bucket's refill travels with its quota and cost.
+        assert!(lua.contains("local q1, c1, q2, c2, f2"), "{lua}");
+        assert!(
+            lua.contains("struct.unpack('<ddddd', records, at)"),
+            "{lua}"
+        );
         // Only the limit that takes is written.
         assert!(lua.contains("persist(KEYS[k + 1]") && !lua.contains("persist(KEYS[k + 2]"));
     }
@@ -409,7 +441,8 @@ mod tests {
         );
         // Each member's view inline, its window a constant.
         assert!(
-            lua.contains("local intervals = (elapsed - elapsed % 1000000) / 1000000"),
+            lua.contains("local intervals = (elapsed - elapsed % 1000000) / 1000000")
+                && lua.contains("local left = g3A - intervals * f3"),
             "{lua}"
         );
         assert!(
@@ -497,7 +530,14 @@ mod tests {
             .collect();
         assert!(Shape::of(&many[..MAX_SHAPED_LIMITS]).is_some());
         assert!(Shape::of(&many).is_none());
-        // The quota is an argument, not part of the shape.
+        // The quota is an argument, not part of the shape, and so is a bucket's refill
+        // (a tier's quota scales it).
+        let tier = TokenBucket::new(500, 25, Duration::from_secs(1)).unwrap();
+        let free = TokenBucket::new(100, 5, Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            Shape::of(&[check(tier.into(), true)]),
+            Shape::of(&[check(free.into(), true)])
+        );
         let other_quota = FixedWindow::new(99, Duration::from_secs(60)).unwrap();
         assert_eq!(
             Shape::of(&[check(minute.into(), true)]),
