@@ -171,6 +171,9 @@ impl LimitGroup {
     }
 }
 
+/// Where each applicable limit's key is in a plan's key buffer: (limit index, range).
+type KeyRanges = SmallVec<[(usize, Range<usize>); 4]>;
+
 /// Everything the middleware shares across clones.
 pub(crate) struct Engine {
     pub store: Arc<dyn Store>,
@@ -352,8 +355,7 @@ impl Engine {
             self.plan_checks(
                 SharedKeys::key(&text, tag_at),
                 &text,
-                at,
-                group_at,
+                (at, group_at),
                 model,
                 quotas,
                 estimate,
@@ -361,7 +363,8 @@ impl Engine {
         })
     }
 
-    /// [`Engine::plan`] once the keys are written: limit `i` at `range` of `text`. (The
+    /// [`Engine::plan`] once the keys are written: limit `i` at `range` of `text`, the
+    /// group's value's key (if the layer groups limits) at `group_at`. (The
     /// plan is put in its `Arc` here: returned by value through the key buffer's closure,
     /// it would be copied at each step.)
     #[inline(always)]
@@ -369,8 +372,7 @@ impl Engine {
         &self,
         tag: StateKey,
         text: &Arc<str>,
-        at: SmallVec<[(usize, Range<usize>); 4]>,
-        group_at: Option<Range<usize>>,
+        (at, group_at): (KeyRanges, Option<Range<usize>>),
         model: Option<&str>,
         quotas: Option<&Quotas>,
         estimate: Option<Usage>,
