@@ -283,6 +283,46 @@ async fn identifier_wide_limits_share_one_redis_value_read_once_per_call() {
     assert!(common::redis_keys(&server.url, &prefix).is_empty());
 }
 
+/// Found by review: each tier's quota on a grouped token bucket scales its refill; when
+/// the refill was part of a generated script's shape, every tier made a new script, and
+/// past the process's cap grouped calls failed (172 of 300 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tiers_on_a_grouped_bucket_share_one_script() {
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&common::redis_url()).await.unwrap());
+    let layer = RatelimitLayer::builder()
+        .shared_store(store)
+        .prefix(common::unique_prefix("tiers-grouped"))
+        .limit("rpm", Limit::requests(FixedWindow::new(100, LONG).unwrap()))
+        .limit(
+            "tpm",
+            Limit::tokens(TokenBucket::new(1000, 1000, LONG).unwrap()),
+        )
+        .quotas(quota_fn(|id: &[u8]| {
+            let n: u64 = std::str::from_utf8(id)
+                .ok()?
+                .strip_prefix('u')?
+                .parse()
+                .ok()?;
+            Some(Quotas::new().set("tpm", 1000 + n))
+        }))
+        .build()
+        .unwrap();
+    let svc = layer.layer(llm(Usage::new(1, 1)));
+    for n in 0..300u64 {
+        let id = format!("u{n}");
+        svc.clone()
+            .oneshot(LlmRequest::new(id.clone(), "x"))
+            .await
+            .unwrap_or_else(|e| panic!("call of {id}: {e}"));
+        let usage = layer.usage(&id).await.unwrap();
+        assert_eq!(
+            left(&usage),
+            map(&[("rpm", 99), ("tpm", 1000 + n - 1)]),
+            "{id}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grouped_limits_count_across_models_beside_per_model_and_filtered_ones() {
     for (name, store) in stores().await {

@@ -213,7 +213,10 @@ impl<X> RatelimitLayerBuilder<X> {
     /// limits' names in order. A call then reads and writes one key for all of them, so
     /// four limits cost Redis about as much as two.
     ///
-    /// Decisions are the same either way. Turn it off to keep a key per limit, as
+    /// Decisions are the same either way but in one case: after an identifier's quota
+    /// on a token bucket is lowered, a key of its own can expire on the TTL the higher
+    /// refill gave it and forget what was used, where the shared value keeps it until
+    /// the bucket has refilled at the new rate. Turn it off to keep a key per limit, as
     /// releases before this one did: to run this release beside those during a rolling
     /// upgrade (they count apart otherwise), or to read a limit through a separate
     /// [`Ratelimit`](crate::Ratelimit) on its key. Adding, removing, renaming or
